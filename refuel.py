@@ -1,0 +1,464 @@
+"""refuel.py: REFUEL, REgressing the RElative FUturE (Gao et al., "Regressing the Relative Future: Efficient Policy
+Optimization for Multi-turn RLHF", ICLR 2025), one self-contained CleanRL-style script.
+
+Algorithm 1, per iteration t:
+  1. collect D with pi_t: x_1 ~ rho, H ~ U{1..H_max}, h ~ U{1..H}; roll in with pi_t and the user for H turns
+     (s_h ~ d_h^{pi_t}); reset to s_h and sample y'_h ~ pi_t(.|s_h); roll both branches out to turn H; score both
+     whole conversations with the conversation-level reward r(s_{H+1}).         -> `rollin`, `reset_and_rollout`
+  2. regress the relative future reward, Eq. (1):
+        min_pi  E_D ( (1/eta) [ ln pi(y_h|s_h)/pi_t(y_h|s_h) - ln pi(y'_h|s_h)/pi_t(y'_h|s_h) ]
+                      - ( r(s_{H+1}) - r(s'_{H+1}) ) )^2                        -> `refuel_loss`
+     Only turn h's tokens carry gradient.
+Options from the paper (Appendix C.1): Eq. (11) KL reward shaping r = RM - gamma (ln pi_t(y_h) - ln pi_0(y_h))
+against the frozen initial policy; a length penalty Gamma replacing the reward of a turn h that hit the token
+budget; setting one (one large collection per iteration, several epochs of minibatches) and setting two (small
+online batches) are the same loop with different sizes.
+
+Branch y_h keeps the roll-in's own continuation: it is already an independent rollout of (s_h, y_h) to H, so only
+branch y'_h is generated anew. This is equal in distribution to rolling both out afresh and costs no extra tokens.
+
+Runs as `python refuel.py` (CPU, the embedded tutor task) or `accelerate launch [--config_file configs/...]
+refuel.py --model_name_or_path ... --env chat ...`. Each rank collects its own shard; pairs are then balanced so
+every rank takes the same number of optimizer steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import simulator as sim
+
+
+@dataclass
+class Args:
+    exp_name: str = "refuel"
+    """experiment name, the first part of run_name"""
+    run_name: Optional[str] = None
+    """runs/<run_name>/ holds metrics, checkpoints and rollouts (default: exp_name__env__seed__time)"""
+    resume: bool = False
+    """continue runs/<run_name>/checkpoint (needs --run_name)"""
+    seed: int = 1
+    """random seed (rank r uses seed + r for sampling)"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+    # environment
+    env: Literal["tutor", "chat"] = "tutor"
+    """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF reward model"""
+    prompts_path: Optional[str] = None
+    """chat: JSONL of message lists (or {"messages": ..., "questions": [...]}, pre-sampled user turns)"""
+    user_model: Optional[str] = None
+    """chat: HF model prompted as the user (REFUEL App. C.2); None = pre-sampled questions (setting two)"""
+    reward_model: Optional[str] = None
+    """chat: HF sequence-classification reward model"""
+    max_turns: int = 5
+    """H_max: H ~ U{1..H_max}"""
+
+    # policy and sampling
+    model_name_or_path: str = "tutor"
+    """initial policy pi_0 ('tutor' = the embedded SFT base policy, built on first use)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed on logits / temperature everywhere"""
+    max_new_tokens: int = 12
+    """per-turn token budget"""
+    gen_batch_size: int = 256
+    """max sequences per sampling call (memory)"""
+
+    # REFUEL
+    eta: float = 3.0
+    """eta of Eq. (1)"""
+    gamma: float = 0.0
+    """Eq. (11) KL shaping coefficient against the frozen initial policy (0 = off)"""
+    length_penalty: Optional[float] = None
+    """Gamma: the reward of a conversation whose turn h hit the token budget (None = off)"""
+    drop_identical: bool = True
+    """drop pairs whose y_h and y'_h are identical (they carry no signal)"""
+
+    # optimisation
+    num_iterations: int = 300
+    """iterations t of Algorithm 1"""
+    prompts_per_iteration: int = 256
+    """|D| per iteration across all ranks (setting one: the whole prompt set; setting two: 32)"""
+    num_epochs: int = 2
+    """passes over D per iteration"""
+    minibatch_size: int = 128
+    """pairs per optimizer step across all ranks"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 3e-4
+    """AdamW learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """cosine = the paper's cosine decay over num_iterations"""
+    warmup_ratio: float = 0.0
+    """share of optimizer steps spent in linear warm-up (paper: 0.1)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    train_top_layers: int = 0
+    """train only the top N transformer layers (paper's setting two: 4); 0 = all parameters"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on large models"""
+    bf16: Optional[bool] = None
+    """bf16 mixed precision (default: on when CUDA is available)"""
+    time_budget_minutes: float = 12.0
+    """stop after the iteration that passes this wall time (then evaluate and save); 0 = no limit"""
+
+    # evaluation, logging, checkpoints
+    eval_every: int = 10
+    """evaluate every N iterations (and at the start and the end)"""
+    num_eval: int = 512
+    """held-out contexts per evaluation (each played for H_max turns)"""
+    save_every: int = 10
+    """write an atomic checkpoint every N iterations (and at the end)"""
+    save_rollouts: Optional[str] = None
+    """append every collected pair to this JSONL file"""
+    tensorboard: bool = False
+    """also write TensorBoard scalars (needs the tensorboard package)"""
+    output_dir: str = "runs"
+    """parent of runs/<run_name>/"""
+
+    # derived after parsing
+    world_size: int = 0
+    local_prompts: int = 0
+    local_minibatch: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithm 1, step 1: data collection
+# ----------------------------------------------------------------------------------------------------------------
+def rollin(policy, tokenizer, env, contexts, H, rng, args):
+    """Roll in with pi_t and the user for H[i] turns from each context (batched across different lengths)."""
+    return sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], [c.user for c in contexts],
+                                  H, rng, args.max_new_tokens, args.temperature, args.gen_batch_size)
+
+
+def reset_and_rollout(policy, tokenizer, env, rolled_in, contexts, H, h, rng, args):
+    """Reset to s_h, sample y'_h ~ pi_t(.|s_h) and roll the new branch out to turn H with fresh user turns."""
+    s_h = [sim.prefix_to_turn(c, hi) for c, hi in zip(rolled_in, h)]
+    return sim.continue_dialogues(policy, tokenizer, env, s_h, [c.user for c in contexts], H, rng,
+                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
+
+
+def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None):
+    """D for one iteration: a list of pair dicts, and counts. Batched at every turn, no per-sample generation."""
+    n = len(contexts)
+    H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max}
+    h = np.array([rng.integers(1, Hi + 1) for Hi in H])  # h ~ U{1..H}
+    conv_a, info_a = rollin(policy, tokenizer, env, contexts, H, rng, args)  # s_h ~ d_h^{pi_t}, y_h, its future
+    conv_b, info_b = reset_and_rollout(policy, tokenizer, env, conv_a, contexts, H, h, rng, args)  # y'_h, its future
+    r_a, r_b = env.reward(conv_a), env.reward(conv_b)
+    if not (torch.isfinite(r_a).all() and torch.isfinite(r_b).all()):
+        raise FloatingPointError("the reward is NaN or infinite for some conversations")
+    turn = lambda c, hi: c[sim.assistant_turn_index(c, hi)]["content"]
+    keep = [i for i in range(n) if not (args.drop_identical and turn(conv_a[i], h[i]) == turn(conv_b[i], h[i]))]
+    pairs = []
+    if keep:
+        convs = [conv_a[i] for i in keep] + [conv_b[i] for i in keep]
+        turns = [int(h[i]) for i in keep] * 2
+        with torch.no_grad():  # log pi_t(y_h|s_h) through the same tokenisation as the loss
+            old = sim.turn_logprob(policy, tokenizer, convs, turns, args.temperature).cpu()
+            ref = sim.turn_logprob(ref_policy, tokenizer, convs, turns, args.temperature).cpu() \
+                if ref_policy is not None else None
+        k = len(keep)
+        for j, i in enumerate(keep):
+            p = dict(prompt_index=contexts[i].index, H=int(H[i]), h=int(h[i]), conv_a=conv_a[i], conv_b=conv_b[i],
+                     reward_a=float(r_a[i]), reward_b=float(r_b[i]), logprob_a=float(old[j]),
+                     logprob_b=float(old[k + j]), hit_budget_a=info_a[i][h[i]][1], hit_budget_b=info_b[i][h[i]][1])
+            if ref is not None:
+                p["ref_logprob_a"], p["ref_logprob_b"] = float(ref[j]), float(ref[k + j])
+            pairs.append(p)
+    stats = dict(collected=n, dropped_identical=n - len(keep), reward=float(r_a.mean()),
+                 hit_budget=float(np.mean([info_a[i][h[i]][1] for i in range(n)])))
+    return pairs, stats
+
+
+def training_rewards(pair, gamma=0.0, length_penalty=None):
+    """The regression targets' rewards of a pair: Eq. (11) shaping and the length penalty Gamma."""
+    out = []
+    for side in "ab":
+        r = pair[f"reward_{side}"]
+        if gamma:
+            r -= gamma * (pair[f"logprob_{side}"] - pair[f"ref_logprob_{side}"])  # Eq. (11)
+        if length_penalty is not None and pair[f"hit_budget_{side}"]:
+            r = length_penalty  # Gamma: a turn h that ran out of tokens
+        out.append(r)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Algorithm 1, step 2: regression to the relative future reward
+# ----------------------------------------------------------------------------------------------------------------
+def refuel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
+    """Eq. (1): mean over pairs of ((1/eta)(ln pi/pi_t(y_h) - ln pi/pi_t(y'_h)) - (r - r'))^2."""
+    predicted = ((logp_a - old_logp_a) - (logp_b - old_logp_b)) / eta  # Eq. (1), relative future predicted by pi
+    return ((predicted - (reward_a - reward_b)) ** 2).mean()  # Eq. (1), regressed onto the relative future reward
+
+
+def train_on_pairs(model, tokenizer, pairs, optimizer, scheduler, accelerator, rng, args):
+    """num_epochs passes over this rank's pairs in minibatches; returns mean loss and diagnostics."""
+    logs = []
+    micro = max(1, args.local_minibatch // args.gradient_accumulation_steps)
+    for _ in range(args.num_epochs):
+        order = rng.permutation(len(pairs))
+        for s in range(0, len(order), micro):
+            batch = [pairs[i] for i in order[s:s + micro]]
+            with accelerator.accumulate(model):
+                convs = [p["conv_a"] for p in batch] + [p["conv_b"] for p in batch]
+                logp = sim.turn_logprob(model, tokenizer, convs, [p["h"] for p in batch] * 2, args.temperature)
+                t = lambda key: torch.tensor([p[key] for p in batch], device=logp.device)
+                rewards = torch.tensor([training_rewards(p, args.gamma, args.length_penalty) for p in batch],
+                                       device=logp.device)
+                k = len(batch)
+                loss = refuel_loss(logp[:k], logp[k:], t("logprob_a"), t("logprob_b"), rewards[:, 0], rewards[:, 1],
+                                   args.eta)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            with torch.no_grad():
+                ratio = (logp[:k] - t("logprob_a")) - (logp[k:] - t("logprob_b"))
+                logs.append((loss.item(), ratio.abs().mean().item(), (logp[:k] - t("logprob_a")).mean().item()))
+    return np.mean(logs, 0) if logs else np.zeros(3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: balancing across ranks, generation under ZeRO-3, checkpoints, logging
+# ----------------------------------------------------------------------------------------------------------------
+def balance_pairs(pairs, accelerator):
+    """Gather every rank's pairs and give each rank an equal share, so all ranks take the same optimizer steps."""
+    if accelerator.num_processes == 1:
+        return pairs
+    from accelerate.utils import gather_object
+
+    everything = gather_object([pairs])  # one list per rank
+    flat = [p for rank_pairs in everything for p in rank_pairs]
+    share = len(flat) // accelerator.num_processes
+    return flat[accelerator.process_index * share:(accelerator.process_index + 1) * share]
+
+
+@contextlib.contextmanager
+def generation_model(model, accelerator):
+    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per collection, not per
+    layer per token (which would also deadlock ranks whose decode loops stop at different steps)."""
+    unwrapped = accelerator.unwrap_model(model)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None and ds.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            yield unwrapped
+    else:
+        yield unwrapped
+
+
+def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
+    """runs/<run>/checkpoint/{policy (save_pretrained), state (accelerate), meta.json}, replaced atomically."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "policy", state_dict=state_dict)
+        tokenizer.save_pretrained(tmp / "policy")
+    accelerator.save_state(str(tmp / "state"))
+    (tmp / "state").mkdir(parents=True, exist_ok=True)
+    with open(tmp / "state" / f"numpy_rng_{accelerator.process_index}.json", "w") as f:
+        json.dump(rng.bit_generator.state, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class Logger:
+    """Scalars to runs/<run>/metrics.jsonl (and TensorBoard when asked), one console line per call."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        print(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                                           if not k.startswith("eval/learned")), flush=True)
+
+
+def evaluate(model, tokenizer, env, accelerator, args, seed):
+    """Mean reward (and per-turn detail on the tutor) on held-out contexts; each rank plays its share."""
+    n = max(1, args.num_eval // accelerator.num_processes)
+    with generation_model(model, accelerator) as policy:
+        out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
+                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
+    keys = sorted(k for k in out if k != "eval/reward_stderr")
+    vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
+    res = dict(zip(keys, vals.tolist()))
+    res["eval/reward_stderr"] = out["eval/reward_stderr"] / math.sqrt(accelerator.num_processes)
+    if isinstance(env, sim.TutorEnv):
+        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    return res
+
+
+def main(args: Args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if args.bf16 is None else args.bf16
+    # On a CPU-only machine a plain Accelerator lets each launched rank train alone, unsynced; cpu=True makes the
+    # ranks join one gloo group (measured, see ../shared/REFERENCE.md).
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.world_size = accelerator.num_processes
+    if args.prompts_per_iteration % args.world_size or args.minibatch_size % args.world_size:
+        raise ValueError("prompts_per_iteration and minibatch_size must be divisible by the number of processes")
+    args.local_prompts = args.prompts_per_iteration // args.world_size
+    args.local_minibatch = args.minibatch_size // args.world_size
+    if args.resume and not args.run_name:
+        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
+    args.run_name = args.run_name or f"{args.exp_name}__{args.env}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output_dir) / args.run_name
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
+    rng = np.random.default_rng(args.seed + accelerator.process_index)
+
+    if args.model_name_or_path == "tutor":
+        with accelerator.main_process_first():  # one rank builds and caches mu, the others load it
+            policy, tokenizer = sim.load_tutor_base_policy()
+    else:
+        policy, tokenizer = sim.load_policy(args.model_name_or_path)
+    env_dtype = torch.bfloat16 if bf16 else torch.float32
+    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                       str(accelerator.device), env_dtype)
+    ref_policy = None
+    if args.gamma:  # pi_0 for Eq. (11), frozen
+        ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()
+        ref_policy.requires_grad_(False)
+    if args.train_top_layers:
+        layers = policy.get_decoder().layers
+        policy.requires_grad_(False)
+        for layer in layers[-args.train_top_layers:]:
+            layer.requires_grad_(True)
+    if args.gradient_checkpointing:
+        policy.gradient_checkpointing_enable()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
+    steps_per_iter = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
+    total, warm = args.num_iterations * steps_per_iter, int(args.warmup_ratio * args.num_iterations * steps_per_iter)
+    sched = lambda s: min(1.0, (s + 1) / max(1, warm)) * (
+        0.5 * (1 + math.cos(math.pi * min(s, total) / total)) if args.lr_schedule == "cosine" else 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched)
+    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+
+    start_iter, elapsed_before, global_pairs = 0, 0.0, 0
+    if args.resume:
+        ckpt = run_dir / "checkpoint"
+        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+        accelerator.load_state(str(ckpt / "state"))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        start_iter, elapsed_before, global_pairs = meta["iteration"], meta["elapsed"], meta["pairs"]
+        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+        if rng_file.exists():
+            rng.bit_generator.state = json.loads(rng_file.read_text())
+        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
+
+    logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
+    eval_seed = 10_000 + args.seed
+    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+    logger.log(start_iter, first_eval)
+    start = time.time() - elapsed_before
+    it = start_iter
+    bar = tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc="refuel")
+    for it in bar:
+        t0 = time.time()
+        contexts = env.contexts(args.local_prompts, "train", rng)
+        with generation_model(policy, accelerator) as pi_t:  # Algorithm 1, line 3
+            pairs, stats = collect_pairs(pi_t, tokenizer, env, contexts, rng, args, ref_policy)
+        t_collect = time.time() - t0
+        if args.save_rollouts:
+            for rank_pairs in (__import__("accelerate").utils.gather_object([pairs]) if args.world_size > 1 else [pairs]):
+                if accelerator.is_main_process:
+                    with open(args.save_rollouts, "a") as f:
+                        f.writelines(json.dumps({"iteration": it, **p}) + "\n" for p in rank_pairs)
+        pairs = balance_pairs(pairs, accelerator)
+        loss = ratio = logratio = 0.0
+        if pairs:  # same on every rank after balancing
+            loss, ratio, logratio = train_on_pairs(policy, tokenizer, pairs, optimizer, scheduler, accelerator, rng,
+                                                   args)  # Algorithm 1, line 4
+        global_pairs += len(pairs) * args.world_size
+        counts = accelerator.reduce(torch.tensor([stats["collected"], stats["dropped_identical"], stats["reward"],
+                                                  stats["hit_budget"], loss, ratio], device=accelerator.device,
+                                                 dtype=torch.float64), "mean")
+        dt = time.time() - t0
+        metrics = {"losses/refuel_loss": counts[4].item(), "losses/abs_logratio_diff": counts[5].item(),
+                   "losses/mean_logratio_a": float(logratio),
+                   "charts/rollin_reward": counts[2].item(), "charts/dropped_identical_frac": (counts[1] / counts[0]).item(),
+                   "charts/hit_budget_frac": counts[3].item(), "charts/pairs_trained": global_pairs,
+                   "charts/lr": scheduler.get_last_lr()[0], "charts/iterations_per_sec": 1 / dt,
+                   "charts/pairs_per_sec": len(pairs) * args.world_size / dt, "charts/collect_share": t_collect / dt,
+                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()}
+        out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
+        last = it == args.num_iterations - 1 or out_of_time
+        if (it + 1) % args.eval_every == 0 or last:
+            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+            metrics.update(latest_eval)
+        logger.log(it + 1, metrics)
+        if (it + 1) % args.save_every == 0 or last:
+            save_checkpoint(accelerator, policy, tokenizer, run_dir,
+                            dict(iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs), rng)
+        if out_of_time:
+            break
+    final = latest_eval  # the last iteration always evaluates
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
+               "final_stderr": final["eval/reward_stderr"], "iterations": it + 1, "minutes": (time.time() - start) / 60,
+               "run_dir": str(run_dir)}
+    if accelerator.is_main_process:
+        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
+        print(f"mean reward: initial policy {summary['initial_reward']:.3f} -> REFUEL {summary['final_reward']:.3f} "
+              f"+- {summary['final_stderr']:.3f} after {summary['iterations']} iterations, "
+              f"{summary['minutes']:.1f} min{v_star}")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

@@ -1,0 +1,843 @@
+"""simulator.py: the environments every algorithm script in this repository trains in.
+
+A conversation is a list of {"role", "content"} messages (user x_1, assistant y_1, user x_2, ...). The policy
+plays the assistant; an environment supplies
+  * initial contexts            (x_1 from a prompt source, plus the user's hidden state),
+  * `user_turn(convs, users)`   the next user messages x_{h+1} ~ T(.|s_h, y_h), batched and random,
+  * `reward(convs)`             a conversation-level reward r(s_{H+1}), read off the conversation alone,
+  * `preference(a, b)`          P(a preferred to b).
+
+Two families live here:
+  * "tutor", the embedded default (a small cousin of the MTPO paper's Education Dialogue). A teacher (the policy)
+    teaches a student with a hidden learning style and a hidden patience over H = 5 teacher turns. Everything is
+    built in code: a word-level tokenizer with a chat template, a tiny Llama-architecture reference policy mu
+    trained by SFT on a scripted reference teacher, an offline dataset D_off, and the exact values V*
+    (expectimax over beliefs), V(reference) and the last-turn-only bound, so learning is measured against a
+    known optimum.
+  * "chat", the papers' setting: a JSONL prompt source, an HF causal LM prompted as the user (REFUEL paper,
+    Appendix C.2 format: a justification line, then a "Question:" line), pre-sampled user turns (setting two), and
+    an HF sequence-classification reward model scoring the chat-templated conversation.
+
+Tokens are made only through `tokenizer.apply_chat_template`. log pi(y_h|s_h) is always the sum over the tokens
+of assistant turn h, its end-of-turn token included and its role header excluded, with logits / temperature.
+
+Run `python simulator.py` to build (or load) the tutor's reference policy and print its value beside the
+scripted reference, V* and the last-turn-only bound.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Conversation = list  # list[dict[str, str]]
+ROOT = Path(__file__).resolve().parent
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversations and chat templates
+# ----------------------------------------------------------------------------------------------------------------
+class ChatTemplateError(ValueError):
+    """A tokenizer's chat template is missing or cannot be used to cut a conversation into turns."""
+
+
+def model_name(tokenizer) -> str:
+    return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+
+
+def validate_conversation(messages: Sequence[dict], where: str = "conversation") -> None:
+    """Roles must be an optional system message, then user/assistant alternating, starting with the user."""
+    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
+        raise ValueError(f"{where}: expected a non-empty list of messages, got {messages!r:.200}")
+    start = 1 if messages[0].get("role") == "system" else 0
+    if start == len(messages):
+        raise ValueError(f"{where}: only a system message, no user message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise ValueError(f"{where}: message {i} must be a dict with string 'role' and 'content', got {m!r:.200}")
+        if i >= start:
+            want = "user" if (i - start) % 2 == 0 else "assistant"
+            if m["role"] != want:
+                raise ValueError(f"{where}: roles must alternate user/assistant starting with user; "
+                                 f"message {i} has role {m['role']!r}, expected {want!r}")
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """The token that closes an assistant turn: the template's own end-of-turn marker if it has one, else EOS."""
+    vocab = tokenizer.get_vocab()
+    for name in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<eot>"):
+        if name in vocab and name in (tokenizer.chat_template or ""):
+            return vocab[name]
+    if tokenizer.eos_token_id is None:
+        raise ChatTemplateError(f"{model_name(tokenizer)}: no end-of-turn token found and no eos_token set")
+    return tokenizer.eos_token_id
+
+
+def render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of a chat-templated conversation (the template's own BOS included, no extra one added)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"{model_name(tokenizer)} has no chat template; set tokenizer.chat_template "
+                                f"(or pass a chat model) before using it as a policy")
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def assistant_turn_index(messages: Sequence[dict], h: int) -> int:
+    """Index in `messages` of assistant turn h (1-based)."""
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not 1 <= h <= len(idx):
+        raise ValueError(f"turn h={h} requested but the conversation has {len(idx)} assistant turns")
+    return idx[h - 1]
+
+
+def split_turn(tokenizer, messages: Sequence[dict], h: int, eot_id: Optional[int] = None,
+               check_full: bool = True) -> tuple[list[int], list[int]]:
+    """(ids of s_h with the generation prompt, ids of assistant turn h: content + end-of-turn).
+
+    Checks prefix consistency: the tokens of s_h + y_h must start with the tokens of s_h, and (check_full) the
+    whole conversation's tokens must start with s_h + y_h. Templates that rewrite earlier turns break both.
+    """
+    eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
+    i = assistant_turn_index(messages, h)
+    prompt = render_ids(tokenizer, messages[:i], add_generation_prompt=True)
+    with_turn = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+    if with_turn[: len(prompt)] != prompt:
+        raise ChatTemplateError(f"{model_name(tokenizer)}: the chat template is not prefix-consistent: tokens of "
+                                f"the conversation up to turn {h} do not start with the tokens of its prompt")
+    rest = with_turn[len(prompt):]
+    if eot_id not in rest:
+        raise ChatTemplateError(f"{model_name(tokenizer)}: assistant turn {h} does not end with the end-of-turn "
+                                f"token id {eot_id} in the chat template")
+    turn = rest[: rest.index(eot_id) + 1]  # content + end-of-turn; template whitespace after it is not generated
+    if check_full and len(messages) > i + 1:
+        full = render_ids(tokenizer, messages, add_generation_prompt=False)
+        if full[: len(prompt) + len(turn)] != prompt + turn:
+            raise ChatTemplateError(f"{model_name(tokenizer)}: the chat template is not prefix-consistent: whole-"
+                                    f"conversation tokens differ from the tokens of the prefix up to turn {h}")
+    return prompt, turn
+
+
+def turn_batch(tokenizer, convs: Sequence[Conversation], turns: Sequence[int], pad_id: int,
+               check_full: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, turn_mask) for s_h + y_h, turn_mask over y_h's tokens."""
+    pieces = [split_turn(tokenizer, c, h, check_full=check_full) for c, h in zip(convs, turns)]
+    length = max(len(p) + len(t) for p, t in pieces)
+    ids = torch.full((len(pieces), length), pad_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    mask = torch.zeros_like(ids, dtype=torch.bool)
+    for b, (p, t) in enumerate(pieces):
+        ids[b, : len(p) + len(t)] = torch.tensor(p + t)
+        attn[b, : len(p) + len(t)] = 1
+        mask[b, len(p): len(p) + len(t)] = True
+    return ids, attn, mask
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t >= 1 (shape B x (L-1)), with logits / temperature."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
+    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
+
+
+def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, max_batch_size=64) -> torch.Tensor:
+    """Sum of log pi(y_h|s_h) over turn h's tokens for each (conversation, h). Differentiable."""
+    pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
+    device = next(model.parameters()).device
+    out = []
+    for s in range(0, len(convs), max_batch_size):
+        ids, attn, mask = turn_batch(tokenizer, convs[s:s + max_batch_size], turns[s:s + max_batch_size], pad_id)
+        lp = token_logprobs(model, ids.to(device), attn.to(device), temperature)
+        out.append((lp * mask[:, 1:].to(device)).sum(-1))
+    return torch.cat(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batched turn sampling
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class TurnSamples:
+    texts: list  # decoded turn contents
+    token_ids: list  # per sample, the sampled ids (end-of-turn included when it was produced)
+    logprobs: list  # per sample, per-token log-probs under the sampling distribution (logits / temperature)
+    hit_budget: torch.Tensor  # bool, True where the turn ran out of tokens before the end-of-turn token
+
+
+@torch.no_grad()
+def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens: int, temperature: float = 1.0,
+                 max_batch_size: int = 256, eot_id: Optional[int] = None) -> TurnSamples:
+    """Sample the next assistant turn of every conversation: left-padded, batched, KV-cached decoding.
+
+    A hand decode loop instead of `model.generate`: the sampling distribution is exactly softmax(logits / T)
+    whatever a hub model's generation_config says (top-p, top-k, repetition penalty), and its log-probs come out
+    of the same computation. Chunked by max_batch_size for memory.
+    """
+    eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    texts, ids_out, lps_out, hit = [], [], [], []
+    for s in range(0, len(convs), max_batch_size):
+        prompts = [render_ids(tokenizer, c, add_generation_prompt=True) for c in convs[s:s + max_batch_size]]
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding: every row's next token sits at column L
+            ids[b, L - len(p):] = torch.tensor(p)
+            attn[b, L - len(p):] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+        past, logits, next_pos = out.past_key_values, out.logits[:, -1], pos[:, -1:] + 1
+        toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        lps = torch.zeros((B, max_new_tokens), device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for t in range(max_new_tokens):
+            logp = (logits.float() / temperature).log_softmax(-1)
+            tok = torch.multinomial(logp.exp(), 1).squeeze(1)
+            toks[:, t] = torch.where(done, pad_id, tok)
+            lps[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
+            done = done | (tok == eot_id)
+            n = t + 1
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
+            out = model(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos,
+                        past_key_values=past, use_cache=True)
+            past, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+        toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
+        is_eot = toks == eot_id
+        has_eot = is_eot.any(1)
+        length = torch.where(has_eot, is_eot.float().argmax(1) + 1, torch.full((B,), n))
+        for b in range(B):  # bookkeeping on finished tensors, not generation
+            ids_out.append(toks[b, : length[b]].tolist())
+            lps_out.append(lps[b, : length[b]])
+        content = [row[:-1] if has_eot[i] else row for i, row in enumerate(ids_out[-B:])]
+        texts += [t.strip() for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
+        hit.append(~has_eot)
+    model.train(was_training)
+    return TurnSamples(texts, ids_out, lps_out, torch.cat(hit))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The environment interface
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Context:
+    index: int  # position in the prompt source (for logging and pairing)
+    messages: list  # the conversation so far: x_1 (an optional system message before it)
+    user: Any = None  # the user's hidden state: the tutor's student profile, a list of pre-sampled questions, None
+
+
+class Environment:
+    """Base class: a prompt source, a user, a reward and a preference. Batched calls everywhere."""
+    name = "env"
+    max_turns = 5  # H_max
+    scores_final_user_reply = False  # True when r(s_{H+1}) needs the user's reaction to y_H (the tutor's)
+
+    def contexts(self, n: int, split: str, rng: np.random.Generator) -> list[Context]:
+        raise NotImplementedError
+
+    def user_turn(self, convs: Sequence[Conversation], users: Sequence[Any], rng: np.random.Generator) -> list[str]:
+        raise NotImplementedError
+
+    def reward(self, convs: Sequence[Conversation]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def preference(self, convs_a, convs_b, scale: float = 4.0) -> torch.Tensor:
+        """Bradley-Terry on rewards: P(a > b) = sigmoid(scale * (r(a) - r(b)))."""
+        return torch.sigmoid(scale * (self.reward(convs_a) - self.reward(convs_b)))
+
+    def metrics(self) -> dict:
+        return {}
+
+
+def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: list, n_turns: Sequence[int],
+            rng: np.random.Generator, max_new_tokens: int, temperature: float = 1.0,
+            max_batch_size: int = 256) -> tuple[list, list]:
+    """Continue each conversation (ending with a user message) until it has n_turns[i] assistant turns.
+
+    Conversations of different lengths advance together: one batched sampler call per step over every
+    conversation still short of its target, then one batched user call. Returns (conversations, per conversation
+    a list {turn h: (summed log-prob, hit_budget)} of the turns sampled here).
+    """
+    convs = [list(c) for c in convs]
+    info = [dict() for _ in convs]
+    while True:
+        active = [i for i, c in enumerate(convs) if sum(m["role"] == "assistant" for m in c) < n_turns[i]]
+        if not active:
+            return convs, info
+        out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
+                           max_batch_size)
+        for j, i in enumerate(active):
+            convs[i].append({"role": "assistant", "content": out.texts[j]})
+            h = sum(m["role"] == "assistant" for m in convs[i])
+            info[i][h] = (float(out.logprobs[j].sum()), bool(out.hit_budget[j]))
+        talk = [i for i in active if sum(m["role"] == "assistant" for m in convs[i]) < n_turns[i]
+                or env.scores_final_user_reply]
+        if talk:
+            replies = env.user_turn([convs[i] for i in talk], [users[i] for i in talk], rng)
+            for i, r in zip(talk, replies):
+                convs[i].append({"role": "user", "content": r})
+
+
+def prefix_to_turn(conv: Conversation, h: int) -> Conversation:
+    """s_h: every message before assistant turn h (ends with the user message x_h)."""
+    return list(conv[: assistant_turn_index(conv, h)])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The embedded task "tutor"
+# ----------------------------------------------------------------------------------------------------------------
+STYLES = ("pictures", "stories", "songs", "puzzles")
+TOPICS = ("fractions", "planets", "volcanoes", "grammar", "rivers", "insects", "magnets", "poems")
+ASK = "how do you like to learn ?"
+TEACH = "let us learn with {} ."
+GREETING = "hello teacher , please teach me {} ."
+NAMED, NOT_SURE = "i like {} best .", "i am not sure ."
+LEARNED, NEUTRAL, BORED = "i learned it , thank you !", "hmm , i did not get that .", "this is boring ."
+ASLEEP, CONFUSED = "zzz ... i am asleep .", "i do not understand you ."
+_TEACH_RE = re.compile(r"^let us learn with (\w+) \.$")
+
+
+@dataclass(frozen=True)
+class TutorRules:
+    """Constants of the tutor task; the exact values below are computed from them."""
+    p_name_style: float = 0.7  # an asked student names its style, else says it is not sure
+    p_learn_match: float = 0.9  # a lesson in the student's style is learned
+    p_learn_mismatch: float = 0.1  # a lesson in another style is learned (and uses one unit of patience)
+    p_bored: float = 0.7  # an unlearned mismatched lesson makes the student say it is bored
+    patience: tuple = (1, 2)  # mismatched lessons tolerated, drawn uniformly; then the student is asleep
+    max_turns: int = 5  # H: teacher turns; reward = lessons learned / (H - 1)
+    ref_ask: float = 0.2  # reference teacher: asks at turn 1 with this probability
+    ref_repeat: float = 0.6  # reference teacher: repeats a style whose lesson was just learned
+    ref_follow_answer: bool = True  # "V1": after asking at turn 1 and hearing a style, teach it at turn 2
+
+
+def parse_teacher(text: str) -> tuple[str, int]:
+    """('ask', -1) | ('teach', style index) | ('other', -1)."""
+    text = " ".join(text.split())
+    if text == ASK:
+        return "ask", -1
+    m = _TEACH_RE.match(text)
+    if m and m.group(1) in STYLES:
+        return "teach", STYLES.index(m.group(1))
+    return "other", -1
+
+
+def student_reply(conv: Conversation, style: int, patience: int, rules: TutorRules, u: np.ndarray) -> str:
+    """The student's answer to the last teacher turn; u holds 3 uniforms. Patience is replayed from history."""
+    left = patience
+    teacher = [m["content"] for m in conv if m["role"] == "assistant"]
+    for text in teacher[:-1]:
+        kind, s = parse_teacher(text)
+        if left > 0 and kind == "teach" and s != style:
+            left -= 1
+    if left == 0:
+        return ASLEEP
+    kind, s = parse_teacher(teacher[-1])
+    if kind == "ask":
+        return NAMED.format(STYLES[style]) if u[0] < rules.p_name_style else NOT_SURE
+    if kind == "other":
+        return CONFUSED
+    if s == style:
+        return LEARNED if u[0] < rules.p_learn_match else NEUTRAL
+    if u[0] < rules.p_learn_mismatch:
+        return LEARNED
+    return BORED if u[1] < rules.p_bored else NEUTRAL
+
+
+def lessons_learned(conv: Conversation) -> list[int]:
+    """Per teacher turn, 1 if the student's next message says the lesson was learned."""
+    out, teacher_seen = [], False
+    for m in conv:
+        if m["role"] == "assistant":
+            out.append(0)
+            teacher_seen = True
+        elif m["role"] == "user" and teacher_seen:
+            out[-1] = int(" ".join(m["content"].split()) == LEARNED)
+    return out
+
+
+def reference_teacher(conv: Conversation, rules: TutorRules, u: np.ndarray) -> str:
+    """The scripted reference teacher's next turn (the behaviour mu imitates); u holds 2 uniforms."""
+    teacher = [m["content"] for m in conv if m["role"] == "assistant"]
+    t = len(teacher) + 1
+    if t == 1:
+        return ASK if u[0] < rules.ref_ask else TEACH.format(STYLES[int(u[1] * 4)])
+    last_kind, last_style = parse_teacher(teacher[-1])
+    reply = " ".join(conv[-1]["content"].split())
+    if t == 2 and rules.ref_follow_answer and last_kind == "ask":
+        named = [s for s in STYLES if reply == NAMED.format(s)]
+        if named:
+            return TEACH.format(named[0])
+    if last_kind == "teach" and reply == LEARNED and u[0] < rules.ref_repeat:
+        return TEACH.format(STYLES[last_style])
+    return TEACH.format(STYLES[int(u[1] * 4)])
+
+
+class TutorEnv(Environment):
+    """The embedded teacher/student task. user = (style, patience), hidden from the policy."""
+    name = "tutor"
+    scores_final_user_reply = True
+
+    def __init__(self, rules: TutorRules = TutorRules()):
+        self.rules = rules
+        self.max_turns = rules.max_turns
+
+    def contexts(self, n, split, rng):
+        # "train" and "eval" prompts differ only in their randomness; the topic does not matter to the student
+        topics = rng.integers(len(TOPICS), size=n)
+        styles = rng.integers(len(STYLES), size=n)
+        patience = rng.choice(self.rules.patience, size=n)
+        return [Context(i, [{"role": "user", "content": GREETING.format(TOPICS[topics[i]])}],
+                        (int(styles[i]), int(patience[i]))) for i in range(n)]
+
+    def user_turn(self, convs, users, rng):
+        u = rng.random((len(convs), 3))
+        return [student_reply(c, s, p, self.rules, u[i]) for i, (c, (s, p)) in enumerate(zip(convs, users))]
+
+    def reward(self, convs):
+        return torch.tensor([sum(lessons_learned(c)) / (self.max_turns - 1) for c in convs], dtype=torch.float32)
+
+    def reference_dialogues(self, n: int, rng: np.random.Generator, n_turns: Optional[int] = None) -> list:
+        """D_off: full dialogues of the scripted reference teacher (batched over n, turn by turn)."""
+        ctx = self.contexts(n, "offline", rng)
+        convs, users = [list(c.messages) for c in ctx], [c.user for c in ctx]
+        for _ in range(n_turns or self.max_turns):
+            u = rng.random((n, 2))
+            for i, c in enumerate(convs):
+                c.append({"role": "assistant", "content": reference_teacher(c, self.rules, u[i])})
+            for c, r in zip(convs, self.user_turn(convs, users, rng)):
+                c.append({"role": "user", "content": r})
+        return convs
+
+
+# Exact values by expectimax over beliefs on the hidden (style, patience left).
+def _obs_model(rules: TutorRules, state: tuple, action: int) -> list:
+    """[(observation, probability, next state)]; action -1 = ask, 0..3 = teach that style."""
+    style, left = state
+    if left == 0:
+        return [("asleep", 1.0, state)]
+    if action < 0:
+        return [(f"named{style}", rules.p_name_style, state), ("notsure", 1 - rules.p_name_style, state)]
+    if action == style:
+        return [("learned", rules.p_learn_match, state), ("neutral", 1 - rules.p_learn_match, state)]
+    nxt = (style, left - 1)
+    pl, pb = rules.p_learn_mismatch, rules.p_bored
+    return [("learned", pl, nxt), ("bored", (1 - pl) * pb, nxt), ("neutral", (1 - pl) * (1 - pb), nxt)]
+
+
+def _reference_policy(rules: TutorRules, t: int, memory: tuple) -> dict:
+    """Action distribution of the scripted reference at turn t; memory = (turn-1 named style, last action, obs)."""
+    named, last_a, last_o = memory
+    uniform = {a: 1 / len(STYLES) for a in range(len(STYLES))}
+    if t == 1:
+        return {-1: rules.ref_ask, **{a: (1 - rules.ref_ask) / len(STYLES) for a in uniform}}
+    if t == 2 and rules.ref_follow_answer and named is not None:
+        return {named: 1.0}
+    if last_a >= 0 and last_o == "learned":
+        return {a: (1 - rules.ref_repeat) / len(STYLES) + (rules.ref_repeat if a == last_a else 0) for a in uniform}
+    return uniform
+
+
+def tutor_value(rules: TutorRules = TutorRules(), policy: str = "optimal") -> float:
+    """Exact expected reward of: 'optimal' (V*), 'reference', 'last_turn' (reference, then a Bayes-optimal last
+    turn: the best any last-turn-only method can reach from the reference's states) or 'never_ask' (best policy
+    that only teaches)."""
+    H = rules.max_turns
+    states = [(s, p) for s in range(len(STYLES)) for p in range(max(rules.patience) + 1)]
+    prior = tuple(1 / (len(STYLES) * len(rules.patience)) if p in rules.patience else 0.0 for s, p in states)
+
+    @functools.lru_cache(maxsize=None)
+    def value(belief: tuple, t: int, memory: tuple) -> float:
+        if t > H:
+            return 0.0
+
+        def q(a):  # expected learned lessons from action a onwards
+            obs = {}
+            for (st, b) in zip(states, belief):
+                if b > 0:
+                    for o, p, nxt in _obs_model(rules, st, a):
+                        post, tot = obs.setdefault(o, ([0.0] * len(states), [0.0]))
+                        post[states.index(nxt)] += b * p
+                        tot[0] += b * p
+            total = 0.0
+            for o, (post, tot) in obs.items():
+                nb = tuple(round(x / tot[0], 12) for x in post)
+                named = int(o[5:]) if (t == 1 and o.startswith("named")) else memory[0]
+                total += tot[0] * ((o == "learned") + value(nb, t + 1, (named, a, o)))
+            return total
+
+        teach = range(len(STYLES))
+        if policy == "optimal" or (policy == "last_turn" and t == H):
+            return max(q(a) for a in [-1, *teach])
+        if policy == "never_ask":
+            return max(q(a) for a in teach)
+        return sum(p * q(a) for a, p in _reference_policy(rules, t, memory).items())
+
+    return value(prior, 1, (None, None, None)) / (H - 1)
+
+
+# The word-level tokenizer and the tiny Llama reference policy mu.
+def build_tutor_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<unk>", "<bos>", "<eot>", "<|user|>", "<|assistant|>", "<|system|>"]
+    texts = [ASK, TEACH, GREETING, NAMED, NOT_SURE, LEARNED, NEUTRAL, BORED, ASLEEP, CONFUSED]
+    words = sorted({w for t in texts for w in t.split()} - {"{}"} | set(STYLES) | set(TOPICS))
+    vocab = {w: i for i, w in enumerate(special + words)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                  bos_token="<bos>", eos_token="<eot>", clean_up_tokenization_spaces=False,
+                                  additional_special_tokens=special[4:])
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <eot> "
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    tok.name_or_path = "tutor-wordlevel"
+    return tok
+
+
+def tutor_model_config(tokenizer):
+    from transformers import LlamaConfig
+
+    # initializer_range 0.1, not HF's 0.02: with 0.02 SFT stalls and never learns "repeat the style that worked"
+    # (a copy from context), whatever the lr or steps (see ../shared/REFERENCE.md).
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                       initializer_range=0.1, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def sft_batch(tokenizer, convs: Sequence[Conversation]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids, attention mask, and a mask over every assistant turn's tokens (for SFT)."""
+    rows = []
+    for c in convs:
+        full = render_ids(tokenizer, c, add_generation_prompt=False)
+        mask = [False] * len(full)
+        eot = end_of_turn_id(tokenizer)
+        for i in (i for i, m in enumerate(c) if m["role"] == "assistant"):
+            start = len(render_ids(tokenizer, c[:i], add_generation_prompt=True))
+            end = full.index(eot, start) + 1
+            mask[start:end] = [True] * (end - start)
+        rows.append((full, mask))
+    L = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    attn, mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+    for b, (full, m) in enumerate(rows):
+        ids[b, : len(full)], attn[b, : len(full)], mask[b, : len(full)] = torch.tensor(full), 1, torch.tensor(m)
+    return ids, attn, mask
+
+
+def atomic_save_pretrained(objs: Sequence, path: Path) -> None:
+    """save_pretrained every object into path via a temporary sibling and a rename: never a half-written dir."""
+    path = Path(path)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    for o in objs:
+        o.save_pretrained(tmp)
+    old = path.with_name(path.name + ".old")
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def train_base_policy(env: TutorEnv, steps: int = 1500, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+                      pool: int = 12800, log_every: int = 250):
+    """SFT of a tiny Llama on D_off (the scripted reference teacher's dialogues); returns (model, tokenizer)."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    tok = build_tutor_tokenizer()
+    model = LlamaForCausalLM(tutor_model_config(tok))
+    data = env.reference_dialogues(pool, rng)
+    batches = [sft_batch(tok, data[i:i + batch_size]) for i in range(0, pool, batch_size)]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    model.train()
+    start = time.time()
+    for step in range(steps):
+        ids, attn, mask = batches[rng.integers(len(batches))]
+        lp = token_logprobs(model, ids, attn)
+        loss = -(lp * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            print(f"[sft] step {step:5d} loss {loss.item():.4f} ({time.time() - start:.0f}s)", flush=True)
+    model.eval()
+    return model, tok
+
+
+DEFAULT_BASE_POLICY = ROOT / "runs" / "tutor_base_policy"
+
+
+def load_tutor_base_policy(path: Path = DEFAULT_BASE_POLICY, rebuild: bool = False, **sft_kwargs):
+    """mu for the tutor task: loaded from `path` when present, else built by SFT and saved there atomically."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    path = Path(path)
+    if rebuild or not (path / "config.json").exists():
+        print(f"[simulator] building the tutor base policy by SFT into {path} (once; about 2 minutes on CPU)")
+        model, tok = train_base_policy(TutorEnv(), **sft_kwargs)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_pretrained([model, tok], path)
+    tok = PreTrainedTokenizerFast.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), tok
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The papers' setting: prompt files, LLM users, pre-sampled users, reward models
+# ----------------------------------------------------------------------------------------------------------------
+def load_prompts_jsonl(path: str) -> list[list[dict]]:
+    """A JSONL file, one record per line: a list of messages, or {"messages": [...]} (a {"questions": [...]}
+    field, when present, holds pre-sampled later user turns for setting two)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"prompt file {path} does not exist")
+    records = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        msgs = rec.get("messages") if isinstance(rec, dict) else rec
+        validate_conversation(msgs, where=f"{path}:{n}")
+        if msgs[-1]["role"] != "user":
+            raise ValueError(f"{path}:{n}: a prompt must end with a user message")
+        records.append({"messages": msgs, "questions": rec.get("questions") if isinstance(rec, dict) else None})
+    if not records:
+        raise ValueError(f"prompt file {path} holds no prompts")
+    return records
+
+
+USER_PROMPT = """Below is a dialogue between a user and an AI assistant. Play the user: what would you ask next?
+
+### Dialogue:
+{dialogue}
+
+### Instructions:
+First give a one-sentence justification of the question you want to ask. Then, on a new line, state only the question.
+Use exactly this format:
+Justification: <one sentence>
+Question: <the question to ask next>"""
+
+
+def parse_user_question(text: str) -> tuple[str, bool]:
+    """The text after the last 'Question:' (case-insensitive); falls back to the last non-empty line.
+    Returns (question, parsed)."""
+    m = re.findall(r"question\s*:\s*(.+)", text, flags=re.IGNORECASE)
+    if m and m[-1].strip():
+        return m[-1].strip(), True
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lower().startswith("justification")]
+    return (lines[-1] if lines else text.strip()), False
+
+
+class PromptedUser:
+    """An HF chat model playing the user, prompted in the REFUEL paper's Appendix C.2 format. Batched."""
+
+    def __init__(self, model, tokenizer, prompt_template: str = USER_PROMPT, max_new_tokens: int = 128,
+                 temperature: float = 1.0, max_batch_size: int = 64):
+        self.model, self.tokenizer, self.template = model, tokenizer, prompt_template
+        self.max_new_tokens, self.temperature, self.max_batch_size = max_new_tokens, temperature, max_batch_size
+        self.n_calls = self.n_fallbacks = 0
+
+    def __call__(self, convs, users, rng):
+        asks = [[{"role": "user", "content": self.template.format(dialogue="\n\n".join(
+            f"{m['role'].capitalize()}: {m['content']}" for m in c if m["role"] != "system"))}] for c in convs]
+        out = sample_turns(self.model, self.tokenizer, asks, self.max_new_tokens, self.temperature,
+                           self.max_batch_size)
+        parsed = [parse_user_question(t) for t in out.texts]
+        self.n_calls += len(parsed)
+        self.n_fallbacks += sum(not ok for _, ok in parsed)
+        return [q for q, _ in parsed]
+
+
+class HFRewardModel:
+    """An HF sequence-classification reward model scoring the chat-templated conversation (right-truncated)."""
+
+    def __init__(self, model, tokenizer, max_length: int = 4096, max_batch_size: int = 16):
+        self.model, self.tokenizer, self.max_length, self.max_batch_size = model.eval(), tokenizer, max_length, max_batch_size
+        self.n_truncated = 0
+
+    @torch.no_grad()
+    def __call__(self, convs) -> torch.Tensor:
+        device = next(self.model.parameters()).device
+        scores = []
+        for s in range(0, len(convs), self.max_batch_size):
+            rows = [render_ids(self.tokenizer, c, add_generation_prompt=False) for c in convs[s:s + self.max_batch_size]]
+            self.n_truncated += sum(len(r) > self.max_length for r in rows)
+            rows = [r[: self.max_length] for r in rows]
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            L = max(len(r) for r in rows)
+            ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=device)
+            attn = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
+            logits = self.model(input_ids=ids, attention_mask=attn).logits
+            scores.append(logits[:, 0].float().cpu())
+        out = torch.cat(scores)
+        if not torch.isfinite(out).all():
+            raise FloatingPointError(f"reward model returned non-finite scores: {out.tolist()}")
+        return out
+
+
+class ChatEnv(Environment):
+    """Prompts from a JSONL file; the user is a PromptedUser or pre-sampled questions; reward from a reward model."""
+    name = "chat"
+
+    def __init__(self, records: list, reward_model, user=None, max_turns: int = 5, eval_fraction: float = 0.1):
+        self.records, self.reward_model, self.user, self.max_turns = records, reward_model, user, max_turns
+        n_eval = max(1, int(len(records) * eval_fraction)) if len(records) > 1 else 0
+        self.splits = {"eval": list(range(n_eval)) or [0], "train": list(range(n_eval, len(records))) or [0]}
+        self.presampled_used = 0
+
+    def contexts(self, n, split, rng):
+        idx = rng.choice(self.splits[split], size=n, replace=n > len(self.splits[split]))
+        return [Context(int(i), list(self.records[i]["messages"]), self.records[i]["questions"]) for i in idx]
+
+    def user_turn(self, convs, users, rng):
+        if self.user is not None:
+            return self.user(convs, users, rng)
+        out = []  # setting two: the next pre-sampled question
+        for c, qs in zip(convs, users):
+            k = sum(m["role"] == "assistant" for m in c) - 1
+            if not qs or k >= len(qs):
+                raise ValueError("pre-sampled user turns ran out: the prompt record needs a 'questions' list with "
+                                 "one entry per later turn (or pass --user_model)")
+            out.append(qs[k])
+        return out
+
+    def reward(self, convs):
+        return self.reward_model(convs)
+
+    def metrics(self):
+        m = {}
+        if isinstance(self.user, PromptedUser) and self.user.n_calls:
+            m["charts/user_parse_fallback_rate"] = self.user.n_fallbacks / self.user.n_calls
+        if isinstance(self.reward_model, HFRewardModel):
+            m["charts/reward_truncated"] = self.reward_model.n_truncated
+        return m
+
+
+def load_policy(name: str, dtype=torch.float32):
+    """(model, tokenizer) for a policy: 'tutor' = the embedded base policy, else an HF hub name or local path."""
+    if name == "tutor":
+        return load_tutor_base_policy()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as e:
+        raise ValueError(f"could not load policy model {name!r}: {e}") from None
+    if not getattr(tok, "chat_template", None):
+        raise ChatTemplateError(f"{name} has no chat template; use an instruct/chat model or set one")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
+             reward_model: Optional[str] = None, max_turns: int = 5, device: str = "cpu",
+             dtype=torch.float32) -> Environment:
+    """The environment named by the scripts' flags."""
+    if env == "tutor":
+        return TutorEnv(TutorRules(max_turns=max_turns))
+    if env != "chat":
+        raise ValueError(f"unknown env {env!r}: expected 'tutor' or 'chat'")
+    if not prompts_path or not reward_model:
+        raise ValueError("--env chat needs --prompts_path (JSONL) and --reward_model")
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    rm_tok = AutoTokenizer.from_pretrained(reward_model)
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=dtype).to(device)
+    user = None
+    if user_model:
+        u_tok = AutoTokenizer.from_pretrained(user_model)
+        if u_tok.pad_token_id is None:
+            u_tok.pad_token = u_tok.eos_token
+        user = PromptedUser(AutoModelForCausalLM.from_pretrained(user_model, dtype=dtype).to(device), u_tok)
+    return ChatEnv(load_prompts_jsonl(prompts_path), HFRewardModel(rm, rm_tok), user, max_turns)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation shared by the scripts: the policy plays H turns from held-out contexts
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate_policy(model, tokenizer, env: Environment, n: int, seed: int, max_new_tokens: int,
+                    temperature: float = 1.0, max_batch_size: int = 256) -> dict:
+    rng = np.random.default_rng(seed)
+    ctx = env.contexts(n, "eval", rng)
+    convs, _ = continue_dialogues(model, tokenizer, env, [c.messages for c in ctx], [c.user for c in ctx],
+                       [env.max_turns] * n, rng, max_new_tokens, temperature, max_batch_size)
+    r = env.reward(convs)
+    out = {"eval/mean_reward": float(r.mean()), "eval/reward_stderr": float(r.std() / math.sqrt(n))}
+    if isinstance(env, TutorEnv):
+        per_turn = np.array([lessons_learned(c) for c in convs]).mean(0)
+        out.update({f"eval/learned_turn{h + 1}": float(v) for h, v in enumerate(per_turn)})
+        out["eval/ask_rate"] = float(np.mean([[parse_teacher(m["content"])[0] == "ask" for m in c
+                                               if m["role"] == "assistant"] for c in convs]))
+    return out
+
+
+@dataclass
+class Args:
+    base_policy_path: str = str(DEFAULT_BASE_POLICY)
+    """where the tutor's reference policy mu is cached (built by SFT when missing)"""
+    rebuild: bool = False
+    """retrain mu even if a cached copy exists"""
+    sft_steps: int = 1500
+    """SFT steps for mu (batch 64)"""
+    num_eval: int = 4000
+    """dialogues sampled to measure mu and the scripted reference"""
+    seed: int = 0
+    """random seed"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+
+def main(args: Args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    env = TutorEnv()
+    t0 = time.time()
+    model, tok = load_tutor_base_policy(Path(args.base_policy_path), args.rebuild, steps=args.sft_steps, seed=args.seed)
+    t_build = time.time() - t0
+    mu = evaluate_policy(model, tok, env, args.num_eval, seed=args.seed + 1, max_new_tokens=12)
+    ref = env.reward(env.reference_dialogues(args.num_eval, np.random.default_rng(args.seed + 2)))
+    values = {p: tutor_value(env.rules, p) for p in ("optimal", "reference", "last_turn", "never_ask")}
+    se = lambda x: x.std().item() / math.sqrt(len(x))
+    print(f"mu (SFT base policy, {args.num_eval} dialogues): {mu['eval/mean_reward']:.4f} +- {mu['eval/reward_stderr']:.4f}"
+          f"   (loaded/built in {t_build:.0f}s)")
+    print(f"scripted reference, sampled:                   {ref.mean().item():.4f} +- {se(ref):.4f}")
+    print(f"scripted reference, exact:                     {values['reference']:.4f}")
+    print(f"reference with a Bayes-optimal last turn:      {values['last_turn']:.4f}   (last-turn-only bound)")
+    print(f"best never-ask policy:                         {values['never_ask']:.4f}")
+    print(f"V* (Bayes-optimal, expectimax over beliefs):   {values['optimal']:.4f}")
+    return {"mu": mu["eval/mean_reward"], "reference_sampled": ref.mean().item(), **values}
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
