@@ -1,0 +1,276 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import simulator as sim
+from conftest import ROOT, subprocess_env
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+# A template that only shows the last three messages: not prefix-consistent.
+WINDOW_TEMPLATE = ("{% for m in messages[-3:] %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                   "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def word_tokenizer(template, specials, name):
+    """A word-level tokenizer over the tutor's words plus a real-model-style set of special tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    base = sim.build_tutor_tokenizer()
+    words = [w for w in base.get_vocab() if not w.startswith("<")] + ["user", "assistant", "system"]
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *specials, *sorted(set(words))])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                  additional_special_tokens=specials, clean_up_tokenization_spaces=False)
+    tok.chat_template = template
+    tok.name_or_path = name
+    return tok
+
+
+def llama3_tokenizer():
+    tok = word_tokenizer(LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                           "<|eot_id|>"], "tiny-llama3-template")
+    tok.bos_token = "<|begin_of_text|>"
+    return tok
+
+
+def chatml_tokenizer(template=CHATML_TEMPLATE, name="tiny-chatml"):
+    return word_tokenizer(template, ["<|im_start|>", "<|im_end|>"], name)
+
+
+def tiny_llama(tok, seed=0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      pad_token_id=tok.pad_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def dialogue(n_turns=3):
+    env = sim.TutorEnv()
+    return env.reference_dialogues(1, np.random.default_rng(3), n_turns)[0]
+
+
+# ---------------------------------------------------------------- chat templates and turn masks
+@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer, chatml_tokenizer])
+def test_turn_masks_match_whole_conversation(make):
+    tok = make()
+    conv = dialogue(3)
+    eot = sim.end_of_turn_id(tok)
+    full = sim.render_ids(tok, conv, add_generation_prompt=False)
+    ids, attn, mask = sim.turn_batch(tok, [conv] * 3, [1, 2, 3], tok.pad_token_id)
+    for h in (1, 2, 3):
+        prompt, turn = sim.split_turn(tok, conv, h)
+        content = conv[sim.assistant_turn_index(conv, h)]["content"]
+        assert full[: len(prompt) + len(turn)] == prompt + turn  # consistent with whole-conversation tokens
+        assert turn[-1] == eot and eot not in turn[:-1]  # content + end-of-turn, nothing after it
+        assert tok.decode(turn[:-1], skip_special_tokens=True).strip() == content  # role header excluded
+        row = ids[h - 1][attn[h - 1].bool()].tolist()
+        assert row == prompt + turn
+        assert ids[h - 1][mask[h - 1]].tolist() == turn
+
+
+def test_template_errors_name_the_model():
+    tok = chatml_tokenizer(WINDOW_TEMPLATE, name="my-windowed-model")
+    with pytest.raises(sim.ChatTemplateError, match="my-windowed-model.*prefix-consistent"):
+        sim.split_turn(tok, dialogue(3), 2)
+    tok = chatml_tokenizer(name="no-template-model")
+    tok.chat_template = None
+    with pytest.raises(sim.ChatTemplateError, match="no-template-model has no chat template"):
+        sim.render_ids(tok, dialogue(1), True)
+
+
+def test_roles_must_alternate():
+    with pytest.raises(ValueError, match="alternate"):
+        sim.validate_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+    with pytest.raises(ValueError, match="non-empty"):
+        sim.validate_conversation([])
+    sim.validate_conversation([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                               {"role": "assistant", "content": "b"}])
+
+
+# ---------------------------------------------------------------- batched sampling
+@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer])
+def test_sampled_logprobs_equal_a_separate_forward_pass(make):
+    tok = make()
+    model = tiny_llama(tok)
+    convs = [dialogue(0)[:1], dialogue(2)[:3], dialogue(3)[:5]]  # different lengths: left padding in play
+    torch.manual_seed(0)
+    out = sim.sample_turns(model, tok, convs * 4, max_new_tokens=6, temperature=0.7)
+    assert len(out.texts) == 12
+    for ids, lps, conv in zip(out.token_ids, out.logprobs, convs * 4):
+        prompt = sim.render_ids(tok, conv, add_generation_prompt=True)
+        x = torch.tensor([prompt + ids])
+        ref = sim.token_logprobs(model, x, torch.ones_like(x), temperature=0.7)[0, len(prompt) - 1:]
+        torch.testing.assert_close(lps, ref, atol=1e-4, rtol=0)
+    # a random model rarely emits the end-of-turn token in 6 tokens: the budget flag says so
+    eot = sim.end_of_turn_id(tok)
+    assert out.hit_budget.tolist() == [eot not in ids for ids in out.token_ids]
+    assert all(len(ids) == 6 for ids, hit in zip(out.token_ids, out.hit_budget) if hit)
+
+
+def test_sampler_chunks_and_stops_at_end_of_turn(base_policy):
+    model, tok = base_policy
+    convs = [dialogue(2)[:3]] * 10
+    torch.manual_seed(0)
+    out = sim.sample_turns(model, tok, convs, max_new_tokens=12, max_batch_size=3)
+    eot = sim.end_of_turn_id(tok)
+    assert len(out.texts) == 10 and not out.hit_budget.any()
+    assert all(ids[-1] == eot and eot not in ids[:-1] for ids in out.token_ids)
+    assert all(sim.parse_teacher(t)[0] in ("ask", "teach") for t in out.texts)
+
+
+# ---------------------------------------------------------------- the student follows the rules
+def replies(conv, style, patience, n=20000, seed=0):
+    rules, rng = sim.TutorRules(), np.random.default_rng(seed)
+    u = rng.random((n, 3))
+    out = [sim.student_reply(conv, style, patience, rules, u[i]) for i in range(n)]
+    return {r: out.count(r) / n for r in set(out)}
+
+
+def conv_with(*teacher_turns):
+    conv = [{"role": "user", "content": sim.GREETING.format("planets")}]
+    for t in teacher_turns:
+        conv += [{"role": "assistant", "content": t}, {"role": "user", "content": sim.NEUTRAL}]
+    return conv[:-1]
+
+
+def teach(style):
+    return sim.TEACH.format(sim.STYLES[style])
+
+
+def test_student_answer_frequencies():
+    tol = 0.015
+    f = replies(conv_with(sim.ASK), style=2, patience=1)
+    assert abs(f[sim.NAMED.format("songs")] - 0.7) < tol and abs(f[sim.NOT_SURE] - 0.3) < tol
+    f = replies(conv_with(teach(2)), style=2, patience=1)
+    assert abs(f[sim.LEARNED] - 0.9) < tol and abs(f[sim.NEUTRAL] - 0.1) < tol
+    f = replies(conv_with(teach(0)), style=2, patience=1)
+    assert abs(f[sim.LEARNED] - 0.1) < tol and abs(f[sim.BORED] - 0.63) < tol and abs(f[sim.NEUTRAL] - 0.27) < tol
+
+
+def test_student_patience_rules():
+    # patience 1: the first mismatch still gets a normal reply, everything after it gets "asleep"
+    assert sim.ASLEEP not in replies(conv_with(teach(0)), 2, 1, n=200)
+    assert replies(conv_with(teach(0), teach(2)), 2, 1, n=200) == {sim.ASLEEP: 1.0}
+    assert replies(conv_with(teach(0), sim.ASK), 2, 1, n=200) == {sim.ASLEEP: 1.0}
+    # patience 2 tolerates two mismatches; asking and unparseable turns use none
+    assert sim.ASLEEP not in replies(conv_with(teach(0), sim.ASK, "blah blah", teach(1)), 2, 2, n=200)
+    assert replies(conv_with(teach(0), teach(1), teach(2)), 2, 2, n=200) == {sim.ASLEEP: 1.0}
+    assert replies(conv_with("let us learn with dragons ."), 2, 2, n=200) == {sim.CONFUSED: 1.0}
+
+
+def test_reward_is_read_off_the_conversation():
+    conv = conv_with(teach(1), teach(1), sim.ASK)
+    conv[2]["content"], conv[4]["content"] = sim.LEARNED, sim.BORED
+    conv.append({"role": "user", "content": sim.LEARNED})  # the learned-looking reply to an ask still counts as text
+    env = sim.TutorEnv()
+    assert sim.lessons_learned(conv) == [1, 0, 1]
+    assert env.reward([conv]).item() == pytest.approx(2 / 4)
+    p = env.preference([conv], [conv_with(teach(1))])
+    assert p.item() == pytest.approx(torch.sigmoid(torch.tensor(4 * 0.5)).item())
+
+
+# ---------------------------------------------------------------- exact values
+def test_exact_values():
+    v1 = sim.TutorRules()
+    assert sim.tutor_value(v1, "optimal") == pytest.approx(0.8050, abs=5e-5)
+    assert sim.tutor_value(v1, "reference") == pytest.approx(0.2800, abs=5e-5)
+    assert sim.tutor_value(v1, "last_turn") == pytest.approx(0.2969, abs=5e-5)
+    assert sim.tutor_value(v1, "never_ask") == pytest.approx(0.3914, abs=5e-5)
+    original = sim.TutorRules(ref_follow_answer=False)
+    assert sim.tutor_value(original, "reference") == pytest.approx(0.2290, abs=5e-5)
+    assert sim.tutor_value(original, "last_turn") == pytest.approx(0.2412, abs=5e-5)
+
+
+def test_sampled_reference_matches_exact_value():
+    env = sim.TutorEnv()
+    r = env.reward(env.reference_dialogues(20000, np.random.default_rng(0)))
+    se = r.std().item() / np.sqrt(len(r))
+    assert abs(r.mean().item() - sim.tutor_value(env.rules, "reference")) < 3 * se
+
+
+def test_base_policy_value_matches_reference(base_policy):
+    model, tok = base_policy
+    env = sim.TutorEnv()
+    torch.manual_seed(0)
+    out = sim.evaluate_policy(model, tok, env, 3000, seed=123, max_new_tokens=12)
+    exact = sim.tutor_value(env.rules, "reference")
+    assert abs(out["eval/mean_reward"] - exact) < 3 * out["eval/reward_stderr"] + 0.01
+
+
+# ---------------------------------------------------------------- the papers' setting: parsing and bad input
+def test_user_question_parsing_and_counted_fallback():
+    assert sim.parse_user_question("Justification: curious.\nQuestion: Why is the sky blue?") == \
+        ("Why is the sky blue?", True)
+    assert sim.parse_user_question("justification: x\nquestion:  how?  ") == ("how?", True)
+    assert sim.parse_user_question("Justification: hmm\nI want more detail.") == ("I want more detail.", False)
+    tok = chatml_tokenizer()
+    user = sim.PromptedUser(tiny_llama(tok), tok, max_new_tokens=5)
+    torch.manual_seed(0)
+    out = user([dialogue(1)] * 4, [None] * 4, np.random.default_rng(0))
+    assert len(out) == 4 and user.n_calls == 4
+    assert user.n_fallbacks == 4  # this vocabulary has no "Question:", so every reply falls back and is counted
+    env = sim.ChatEnv([{"messages": dialogue(0), "questions": None}], reward_model=None, user=user)
+    assert env.metrics()["charts/user_parse_fallback_rate"] == 1.0
+
+
+def test_prompt_file_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sim.load_prompts_jsonl(str(tmp_path / "missing.jsonl"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="holds no prompts"):
+        sim.load_prompts_jsonl(str(empty))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('[{"role": "user", "content": "hi"}]\n{not json\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
+        sim.load_prompts_jsonl(str(bad))
+    roles = tmp_path / "roles.jsonl"
+    roles.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
+    with pytest.raises(ValueError, match="roles.jsonl:1: roles must alternate"):
+        sim.load_prompts_jsonl(str(roles))
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "questions": ["and then?"]}) + "\n")
+    recs = sim.load_prompts_jsonl(str(good))
+    env = sim.ChatEnv(recs, reward_model=None)
+    conv = recs[0]["messages"] + [{"role": "assistant", "content": "hello"}]
+    assert env.user_turn([conv], [recs[0]["questions"]], None) == ["and then?"]
+
+
+def test_reward_model_scores_chat_templated_conversations_and_rejects_nan():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = llama3_tokenizer()
+    torch.manual_seed(0)
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id)).eval()
+    scorer = sim.HFRewardModel(rm, tok, max_length=20)
+    convs = [dialogue(1), dialogue(3)]
+    s = scorer(convs)
+    assert s.shape == (2,) and torch.isfinite(s).all()
+    assert scorer.n_truncated == 2  # both conversations exceed 20 tokens
+    with torch.no_grad():
+        rm.score.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        scorer(convs)
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, "simulator.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env=subprocess_env(), timeout=120)
+    assert out.returncode == 0 and "--base-policy-path" in out.stdout
