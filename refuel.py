@@ -302,7 +302,7 @@ class Logger:
 
             self.tb = SummaryWriter(str(run_dir))
 
-    def log(self, step: int, metrics: dict) -> None:
+    def log(self, step: int, metrics: dict, echo: bool = True) -> None:
         if not self.enabled:
             return
         with open(self.path, "a") as f:
@@ -310,8 +310,9 @@ class Logger:
         if self.tb:
             for k, v in metrics.items():
                 self.tb.add_scalar(k, v, step)
-        print(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
-                                           if not k.startswith("eval/learned")), flush=True)
+        if echo:
+            tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                                           if not k.startswith("eval/learned")))
 
 
 def evaluate(model, tokenizer, env, accelerator, args, seed):
@@ -438,19 +439,24 @@ def main(args: Args) -> dict:
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
             metrics.update(latest_eval)
-        logger.log(it + 1, metrics)
+        logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
         if (it + 1) % args.save_every == 0 or last:
             save_checkpoint(accelerator, policy, tokenizer, run_dir,
                             dict(iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs), rng)
         if out_of_time:
             break
     final = latest_eval  # the last iteration always evaluates
+    # ranks must hold the same weights after synced updates; a silent unsynced multi-process run shows up here
+    checksum = torch.tensor([sum(p.detach().double().sum() for p in policy.parameters()).item()],
+                            device=accelerator.device)
+    sums = accelerator.gather(checksum)
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
                "final_stderr": final["eval/reward_stderr"], "iterations": it + 1, "minutes": (time.time() - start) / 60,
-               "run_dir": str(run_dir)}
+               "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
+               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))}
     if accelerator.is_main_process:
         v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
-        print(f"mean reward: initial policy {summary['initial_reward']:.3f} -> REFUEL {summary['final_reward']:.3f} "
+        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> REFUEL {summary['final_reward']:.3f} "
               f"+- {summary['final_stderr']:.3f} after {summary['iterations']} iterations, "
               f"{summary['minutes']:.1f} min{v_star}")
         (run_dir / "summary.json").write_text(json.dumps(summary))
