@@ -62,6 +62,8 @@ class Args:
     """chat: HF model prompted as the user (REFUEL App. C.2); None = pre-sampled questions (setting two)"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model"""
+    reward_trust_remote_code: bool = False
+    """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
     max_turns: int = 5
     """H_max: H ~ U{1..H_max}"""
 
@@ -332,7 +334,7 @@ def evaluate(model, tokenizer, env, accelerator, args, seed):
 
 def main(args: Args) -> dict:
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import gather_object, set_seed
 
     cuda = torch.cuda.is_available()
     bf16 = cuda if args.bf16 is None else args.bf16
@@ -364,7 +366,7 @@ def main(args: Args) -> dict:
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
     env_dtype = torch.bfloat16 if bf16 else torch.float32
     env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), env_dtype)
+                       str(accelerator.device), env_dtype, args.reward_trust_remote_code)
     ref_policy = None
     if args.gamma:  # pi_0 for Eq. (11), frozen
         ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()
@@ -374,8 +376,8 @@ def main(args: Args) -> dict:
         policy.requires_grad_(False)
         for layer in layers[-args.train_top_layers:]:
             layer.requires_grad_(True)
-    if args.gradient_checkpointing:
-        policy.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
     steps_per_iter = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
@@ -412,11 +414,11 @@ def main(args: Args) -> dict:
         with generation_model(policy, accelerator) as pi_t:  # Algorithm 1, line 3
             pairs, stats = collect_pairs(pi_t, tokenizer, env, contexts, rng, args, ref_policy)
         t_collect = time.time() - t0
-        if args.save_rollouts:
-            for rank_pairs in (__import__("accelerate").utils.gather_object([pairs]) if args.world_size > 1 else [pairs]):
-                if accelerator.is_main_process:
-                    with open(args.save_rollouts, "a") as f:
-                        f.writelines(json.dumps({"iteration": it, **p}) + "\n" for p in rank_pairs)
+        if args.save_rollouts:  # every rank's pairs, written by the main process
+            everything = gather_object([pairs]) if args.world_size > 1 else [pairs]
+            if accelerator.is_main_process:
+                with open(args.save_rollouts, "a") as f:
+                    f.writelines(json.dumps({"iteration": it, **p}) + "\n" for rank in everything for p in rank)
         pairs = balance_pairs(pairs, accelerator)
         loss = ratio = logratio = 0.0
         if pairs:  # same on every rank after balancing

@@ -692,8 +692,9 @@ class HFRewardModel:
             L = max(len(r) for r in rows)
             ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=device)
             attn = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
-            logits = self.model(input_ids=ids, attention_mask=attn).logits
-            scores.append(logits[:, 0].float().cpu())
+            out = self.model(input_ids=ids, attention_mask=attn)
+            score = getattr(out, "score", None)  # ArmoRM-style custom outputs carry the preference score here
+            scores.append((score if score is not None else out.logits[:, 0]).reshape(-1).float().cpu())
         out = torch.cat(scores)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"reward model returned non-finite scores: {out.tolist()}")
@@ -758,7 +759,7 @@ def load_policy(name: str, dtype=torch.float32):
 
 def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
              reward_model: Optional[str] = None, max_turns: int = 5, device: str = "cpu",
-             dtype=torch.float32) -> Environment:
+             dtype=torch.float32, trust_remote_code: bool = False) -> Environment:
     """The environment named by the scripts' flags."""
     if env == "tutor":
         return TutorEnv(TutorRules(max_turns=max_turns))
@@ -769,7 +770,8 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     rm_tok = AutoTokenizer.from_pretrained(reward_model)
-    rm = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=dtype).to(device)
+    rm = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=dtype,
+                                                            trust_remote_code=trust_remote_code).to(device)
     user = None
     if user_model:
         u_tok = AutoTokenizer.from_pretrained(user_model)
@@ -813,6 +815,10 @@ class Args:
     """random seed"""
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
+    write_offline: Optional[str] = None
+    """also write D_off (scripted reference dialogues, one JSON message list per line) to this path"""
+    num_offline: int = 10000
+    """dialogues in D_off"""
 
 
 def main(args: Args) -> dict:
@@ -834,6 +840,11 @@ def main(args: Args) -> dict:
     print(f"reference with a Bayes-optimal last turn:      {values['last_turn']:.4f}   (last-turn-only bound)")
     print(f"best never-ask policy:                         {values['never_ask']:.4f}")
     print(f"V* (Bayes-optimal, expectimax over beliefs):   {values['optimal']:.4f}")
+    if args.write_offline:
+        with open(args.write_offline, "w") as f:
+            for c in env.reference_dialogues(args.num_offline, np.random.default_rng(args.seed + 3)):
+                f.write(json.dumps(c) + "\n")
+        print(f"wrote {args.num_offline} reference dialogues (D_off) to {args.write_offline}")
     return {"mu": mu["eval/mean_reward"], "reference_sampled": ref.mean().item(), **values}
 
 

@@ -110,6 +110,29 @@ def test_collect_pairs_batches_every_turn(base_policy, monkeypatch):
     assert stats["collected"] == 64 and len(pairs) == 64 - stats["dropped_identical"]
 
 
+def test_paper_options_run_end_to_end(tmp_path, base_policy):
+    """Eq. (11) shaping, Gamma, top-layer training, gradient checkpointing/accumulation, cosine schedule."""
+    path = tmp_path / "pairs.jsonl"
+    run(["--num_iterations", "1", "--run_name", "opts", "--gamma", "0.05", "--length_penalty", "-1",
+         "--max_new_tokens", "7", "--train_top_layers", "1", "--gradient_checkpointing",
+         "--gradient_accumulation_steps", "2", "--lr_schedule", "cosine", "--warmup_ratio", "0.1",
+         "--save_rollouts", str(path), *TINY, "--prompts_per_iteration", "64"], tmp_path)
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert all("ref_logprob_a" in p for p in pairs)
+    # pi_t = pi_0 at the first iteration, so the Eq. (11) log-ratio is zero up to numerics
+    assert max(abs(p["logprob_a"] - p["ref_logprob_a"]) for p in pairs) < 1e-4
+    # 7 tokens fit a lesson (6 words + end-of-turn) but not the 7-word question: those turns get Gamma
+    hit = [p for p in pairs if p["hit_budget_a"] != p["hit_budget_b"]]
+    assert hit and all(refuel.training_rewards(p, 0.0, -1.0)[p["hit_budget_b"]] == -1.0 for p in hit)
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "opts" / "checkpoint" / "policy")
+    mu, _ = base_policy
+    before, after = dict(mu.named_parameters()), dict(trained.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before if ".layers.1." not in k)  # frozen below the top
+    assert any(not torch.equal(before[k], after[k]) for k in before if ".layers.1." in k)
+
+
 # ---------------------------------------------------------------- the loop: processes, resume, learning
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
