@@ -135,8 +135,11 @@ class Args:
 
     # derived after parsing
     world_size: int = 0
+    """number of processes (computed at runtime)"""
     local_prompts: int = 0
+    """prompts collected per rank per iteration (computed at runtime)"""
     local_minibatch: int = 0
+    """pairs per optimizer step per rank (computed at runtime)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------

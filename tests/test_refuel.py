@@ -133,6 +133,36 @@ def test_paper_options_run_end_to_end(tmp_path, base_policy):
     assert any(not torch.equal(before[k], after[k]) for k in before if ".layers.1." in k)
 
 
+def test_chat_env_with_hf_models_and_presampled_questions(tmp_path):
+    """The papers' path by flags only: a local HF policy, an HF reward model, a JSONL of prompts with pre-sampled
+    user turns (setting two). Tiny random-init models built here; nothing reaches the network."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from test_simulator import llama3_tokenizer, tiny_llama
+
+    tok = llama3_tokenizer()
+    tiny_llama(tok).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
+                                           "questions": ["i am not sure .", "this is boring .", "i like songs best ."]})
+                               + "\n" for t in sim.TOPICS))
+    pairs = tmp_path / "pairs.jsonl"
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--prompts_path", str(prompts), "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "1",
+         "--run_name", "chat", "--save_rollouts", str(pairs), *TINY, "--num_eval", "4"], tmp_path)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert rows and all(len(p["conv_a"]) == 2 * p["H"] for p in rows)  # no user reply after y_H here
+    for p in rows:  # later user turns are the pre-sampled questions, in order
+        assert [m["content"] for m in p["conv_b"][2::2]] == ["i am not sure .", "this is boring ."][: p["H"] - 1]
+    assert summary(tmp_path, "chat")["iterations"] == 1
+
+
 # ---------------------------------------------------------------- the loop: processes, resume, learning
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
