@@ -556,7 +556,7 @@ def atomic_save_pretrained(objs: Sequence, path: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def train_base_policy(env: TutorEnv, steps: int = 1500, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
+def train_base_policy(env: TutorEnv, steps: int = 900, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
                       pool: int = 12800, log_every: int = 250):
     """SFT of a tiny Llama on D_off (the scripted reference teacher's dialogues); returns (model, tokenizer)."""
     from transformers import LlamaForCausalLM
@@ -807,7 +807,7 @@ class Args:
     """where the tutor's reference policy mu is cached (built by SFT when missing)"""
     rebuild: bool = False
     """retrain mu even if a cached copy exists"""
-    sft_steps: int = 1500
+    sft_steps: int = 900
     """SFT steps for mu (batch 64)"""
     num_eval: int = 4000
     """dialogues sampled to measure mu and the scripted reference"""
