@@ -26,6 +26,7 @@ scripted reference, V* and the last-turn-only bound.
 """
 from __future__ import annotations
 
+import abc
 import functools
 import json
 import math
@@ -240,20 +241,32 @@ class Context:
     user: Any = None  # the user's hidden state: the tutor's student profile, a list of pre-sampled questions, None
 
 
-class Environment:
+class Environment(abc.ABC):
     """Base class: a prompt source, a user, a reward and a preference. Batched calls everywhere."""
     name = "env"
     max_turns = 5  # H_max
     scores_final_user_reply = False  # True when r(s_{H+1}) needs the user's reaction to y_H (the tutor's)
 
+    @abc.abstractmethod
     def contexts(self, n: int, split: str, rng: np.random.Generator) -> list[Context]:
-        raise NotImplementedError
+        """n initial contexts from the 'train' or 'eval' prompts."""
 
+    @abc.abstractmethod
     def user_turn(self, convs: Sequence[Conversation], users: Sequence[Any], rng: np.random.Generator) -> list[str]:
-        raise NotImplementedError
+        """The next user message of each conversation (each ends with an assistant turn)."""
 
+    @abc.abstractmethod
     def reward(self, convs: Sequence[Conversation]) -> torch.Tensor:
-        raise NotImplementedError
+        """r(s_{H+1}) of each whole conversation."""
+
+    def offline(self, n: int, rng: np.random.Generator) -> tuple[list[Context], list[Conversation]]:
+        """n draws from the offline dataset D_off: (contexts whose index is the D_off row, full dialogues)."""
+        raise ValueError(f"env {self.name!r} has no offline dataset D_off")
+
+    def offline_alternative(self, contexts: Sequence[Context], prefixes: Sequence[Conversation],
+                            rng: np.random.Generator) -> list[str]:
+        """A second reply of D_off's behaviour policy at each state s_h (for LT-OFFLINE)."""
+        raise ValueError(f"env {self.name!r} has no alternative offline replies")
 
     def preference(self, convs_a, convs_b, scale: float = 4.0) -> torch.Tensor:
         """Bradley-Terry on rewards: P(a > b) = sigmoid(scale * (r(a) - r(b)))."""
@@ -392,9 +405,27 @@ class TutorEnv(Environment):
     name = "tutor"
     scores_final_user_reply = True
 
-    def __init__(self, rules: TutorRules = TutorRules()):
+    def __init__(self, rules: TutorRules = TutorRules(), offline_size: int = 10000, offline_seed: int = 0):
         self.rules = rules
         self.max_turns = rules.max_turns
+        self.offline_size, self.offline_seed, self._pool = offline_size, offline_seed, None
+
+    def offline_pool(self) -> tuple[list[Context], list[Conversation]]:
+        """D_off: a fixed set of full reference-teacher dialogues (same seed, same rows), with their students."""
+        if self._pool is None:
+            rng = np.random.default_rng(self.offline_seed)
+            ctx = self.contexts(self.offline_size, "offline", rng)
+            self._pool = ctx, self.reference_dialogues(ctx, rng)
+        return self._pool
+
+    def offline(self, n, rng):
+        ctx, convs = self.offline_pool()
+        idx = rng.integers(len(convs), size=n)
+        return [ctx[i] for i in idx], [convs[i] for i in idx]
+
+    def offline_alternative(self, contexts, prefixes, rng):
+        u = rng.random((len(prefixes), 2))  # D_off's behaviour policy (the scripted reference), resampled
+        return [reference_teacher(p, self.rules, u[i]) for i, p in enumerate(prefixes)]
 
     def contexts(self, n, split, rng):
         # "train" and "eval" prompts differ only in their randomness; the topic does not matter to the student
@@ -411,9 +442,10 @@ class TutorEnv(Environment):
     def reward(self, convs):
         return torch.tensor([sum(lessons_learned(c)) / (self.max_turns - 1) for c in convs], dtype=torch.float32)
 
-    def reference_dialogues(self, n: int, rng: np.random.Generator, n_turns: Optional[int] = None) -> list:
-        """D_off: full dialogues of the scripted reference teacher (batched over n, turn by turn)."""
-        ctx = self.contexts(n, "offline", rng)
+    def reference_dialogues(self, n_or_contexts, rng: np.random.Generator, n_turns: Optional[int] = None) -> list:
+        """Full dialogues of the scripted reference teacher from n new contexts (or the given ones)."""
+        ctx = self.contexts(n_or_contexts, "offline", rng) if isinstance(n_or_contexts, int) else n_or_contexts
+        n = len(ctx)
         convs, users = [list(c.messages) for c in ctx], [c.user for c in ctx]
         for _ in range(n_turns or self.max_turns):
             u = rng.random((n, 2))
@@ -631,6 +663,35 @@ def load_prompts_jsonl(path: str) -> list[list[dict]]:
     return records
 
 
+def load_offline_jsonl(path: str) -> list[dict]:
+    """D_off for the chat env: per line a full conversation (a message list or {"messages": [...]}) ending with an
+    assistant turn, or an Anthropic-HH-style {"chosen": [...], "rejected": [...]} pair differing in the last turn."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"offline dataset {path} does not exist")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        msgs = rec if isinstance(rec, list) else rec.get("messages", rec.get("chosen"))
+        validate_conversation(msgs, where=f"{path}:{n}")
+        if msgs[-1]["role"] != "assistant":
+            raise ValueError(f"{path}:{n}: an offline dialogue must end with an assistant turn")
+        alt = rec.get("rejected") if isinstance(rec, dict) else None
+        if alt is not None:
+            validate_conversation(alt, where=f"{path}:{n} (rejected)")
+            if len(alt) != len(msgs) or alt[:-1] != msgs[:-1] or alt[-1]["role"] != "assistant":
+                raise ValueError(f"{path}:{n}: 'chosen' and 'rejected' must differ only in the last assistant turn")
+        rows.append({"messages": msgs, "alternative": alt[-1]["content"] if alt else None})
+    if not rows:
+        raise ValueError(f"offline dataset {path} holds no dialogues")
+    return rows
+
+
 USER_PROMPT = """Below is a dialogue between a user and an AI assistant. Play the user: what would you ask next?
 
 ### Dialogue:
@@ -705,8 +766,10 @@ class ChatEnv(Environment):
     """Prompts from a JSONL file; the user is a PromptedUser or pre-sampled questions; reward from a reward model."""
     name = "chat"
 
-    def __init__(self, records: list, reward_model, user=None, max_turns: int = 5, eval_fraction: float = 0.1):
+    def __init__(self, records: list, reward_model, user=None, max_turns: int = 5, eval_fraction: float = 0.1,
+                 offline_records: Optional[list] = None):
         self.records, self.reward_model, self.user, self.max_turns = records, reward_model, user, max_turns
+        self.offline_records = offline_records
         n_eval = max(1, int(len(records) * eval_fraction)) if len(records) > 1 else 0
         self.splits = {"eval": list(range(n_eval)) or [0], "train": list(range(n_eval, len(records))) or [0]}
         self.presampled_used = 0
@@ -729,6 +792,26 @@ class ChatEnv(Environment):
 
     def reward(self, convs):
         return self.reward_model(convs)
+
+    def offline(self, n, rng):
+        if not self.offline_records:
+            raise ValueError("this mode needs an offline dataset D_off: pass --offline_path")
+        idx = rng.integers(len(self.offline_records), size=n)
+        rows = [self.offline_records[i]["messages"] for i in idx]
+        # without a user model, later user turns are the dialogue's own (pre-sampled, setting two)
+        later = [[m["content"] for m in r[2:] if m["role"] == "user"] for r in rows]
+        return [Context(int(i), list(r[:1]), q) for i, r, q in zip(idx, rows, later)], [list(r) for r in rows]
+
+    def offline_alternative(self, contexts, prefixes, rng):
+        out = []
+        for c, p in zip(contexts, prefixes):
+            rec = self.offline_records[c.index]
+            if rec["alternative"] is None or len(p) != len(rec["messages"]) - 1:
+                raise ValueError(f"offline row {c.index} has no alternative reply for turn "
+                                 f"{sum(m['role'] == 'assistant' for m in p) + 1} (needs chosen/rejected pairs, "
+                                 f"and the state at their last turn)")
+            out.append(rec["alternative"])
+        return out
 
     def metrics(self):
         m = {}
@@ -759,7 +842,7 @@ def load_policy(name: str, dtype=torch.float32):
 
 def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
              reward_model: Optional[str] = None, max_turns: int = 5, device: str = "cpu",
-             dtype=torch.float32, trust_remote_code: bool = False) -> Environment:
+             dtype=torch.float32, trust_remote_code: bool = False, offline_path: Optional[str] = None) -> Environment:
     """The environment named by the scripts' flags."""
     if env == "tutor":
         return TutorEnv(TutorRules(max_turns=max_turns))
@@ -778,7 +861,8 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
         if u_tok.pad_token_id is None:
             u_tok.pad_token = u_tok.eos_token
         user = PromptedUser(AutoModelForCausalLM.from_pretrained(user_model, dtype=dtype).to(device), u_tok)
-    return ChatEnv(load_prompts_jsonl(prompts_path), HFRewardModel(rm, rm_tok), user, max_turns)
+    return ChatEnv(load_prompts_jsonl(prompts_path), HFRewardModel(rm, rm_tok), user, max_turns,
+                   offline_records=load_offline_jsonl(offline_path) if offline_path else None)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,451 @@
+"""baselines_dpo_rebel.py: the single-turn and multi-turn baselines of the REFUEL paper (Gao et al., ICLR 2025,
+Section 4.1): DPO (Rafailov et al., 2023) and REBEL (Gao et al., 2024), each with four data schemes.
+
+Where the state comes from, which turn is trained, and whether the replies are rolled out:
+  LT-OFFLINE  s_H, y_H, y'_H all from the offline dataset D_off; reward on the two one-turn completions.
+  LT-MIXED    s_H from D_off; y_H, y'_H ~ pi_t; reward on the two one-turn completions.
+  LT-ONLINE   s_H rolled in on-policy with pi_t and the user; y_H, y'_H ~ pi_t; one-turn completions.
+  MT-MIXED    h ~ U{1..H}, s_h from D_off; y_h, y'_h ~ pi_t, each rolled out to H with pi_t and the user.
+(REFUEL = on-policy roll-in + every turn + rollouts to H; see refuel.py.) H ~ U{1..H_max} everywhere, so "last turn"
+means the last turn of a conversation of H turns: LT-* methods optimise each turn for its immediate reward only.
+
+Losses, over the pairs of one iteration:
+  DPO    -log sigmoid( beta [ ln pi(y_w)/pi_ref(y_w) - ln pi(y_l)/pi_ref(y_l) ] ), y_w the higher-reward reply
+         (ties dropped), pi_ref the frozen initial policy.                                   -> `dpo_loss`
+  REBEL  ( (1/eta) [ ln pi(y)/pi_t(y) - ln pi(y')/pi_t(y') ] - (r - r') )^2, REFUEL's Eq. (1) on one turn.
+                                                                                             -> `rebel_loss`
+On the tutor task D_off is the simulator's fixed set of scripted-reference dialogues, and LT-OFFLINE's second reply
+is the reference teacher resampled at s_H; on `--env chat` it is `--offline_path` (chosen/rejected pairs).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+import simulator as sim
+
+
+@dataclass
+class Args:
+    loss: Literal["dpo", "rebel"] = "rebel"
+    """the pairwise loss"""
+    mode: Literal["lt-offline", "lt-mixed", "lt-online", "mt-mixed"] = "lt-online"
+    """the data scheme (see the module docstring)"""
+    exp_name: str = "baseline"
+    """experiment name, the first part of run_name"""
+    run_name: Optional[str] = None
+    """runs/<run_name>/ holds metrics, checkpoints and rollouts (default: loss-mode__env__seed__time)"""
+    resume: bool = False
+    """continue runs/<run_name>/checkpoint (needs --run_name)"""
+    seed: int = 1
+    """random seed (rank r uses seed + r for sampling)"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+    # environment
+    env: Literal["tutor", "chat"] = "tutor"
+    """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF reward model"""
+    prompts_path: Optional[str] = None
+    """chat: JSONL of message lists (or {"messages": ..., "questions": [...]}, pre-sampled user turns)"""
+    offline_path: Optional[str] = None
+    """chat: D_off, JSONL of full dialogues or {"chosen": [...], "rejected": [...]} pairs"""
+    user_model: Optional[str] = None
+    """chat: HF model prompted as the user; None = pre-sampled questions"""
+    reward_model: Optional[str] = None
+    """chat: HF sequence-classification reward model"""
+    reward_trust_remote_code: bool = False
+    """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
+    max_turns: int = 5
+    """H_max: H ~ U{1..H_max}"""
+
+    # policy and sampling
+    model_name_or_path: str = "tutor"
+    """initial policy pi_0 = pi_ref of DPO ('tutor' = the embedded SFT base policy)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed on logits / temperature everywhere"""
+    max_new_tokens: int = 12
+    """per-turn token budget"""
+    gen_batch_size: int = 256
+    """max sequences per sampling call (memory)"""
+
+    # losses
+    beta: float = 0.1
+    """DPO's beta"""
+    eta: float = 3.0
+    """REBEL's eta"""
+    length_penalty: Optional[float] = None
+    """Gamma: the reward of a sampled reply that hit the token budget (None = off)"""
+
+    # optimisation
+    num_iterations: int = 150
+    """collect-then-train iterations"""
+    prompts_per_iteration: int = 256
+    """pairs collected per iteration across all ranks"""
+    num_epochs: int = 2
+    """passes over each iteration's pairs"""
+    minibatch_size: int = 128
+    """pairs per optimizer step across all ranks"""
+    gradient_accumulation_steps: int = 1
+    """micro-batches per optimizer step"""
+    lr: float = 3e-4
+    """AdamW learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on large models"""
+    bf16: Optional[bool] = None
+    """bf16 mixed precision (default: on when CUDA is available)"""
+    time_budget_minutes: float = 8.0
+    """stop after the iteration that passes this wall time (then evaluate and save); 0 = no limit"""
+
+    # evaluation, logging, checkpoints
+    eval_every: int = 10
+    """evaluate every N iterations (and at the start and the end)"""
+    num_eval: int = 512
+    """held-out contexts per evaluation (each played for H_max turns)"""
+    save_every: int = 10
+    """write an atomic checkpoint every N iterations (and at the end)"""
+    save_rollouts: Optional[str] = None
+    """append every collected pair to this JSONL file"""
+    output_dir: str = "runs"
+    """parent of runs/<run_name>/"""
+
+    # derived after parsing
+    world_size: int = 0
+    """number of processes (computed at runtime)"""
+    local_prompts: int = 0
+    """pairs collected per rank per iteration (computed at runtime)"""
+    local_minibatch: int = 0
+    """pairs per optimizer step per rank (computed at runtime)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: where s_h comes from, which turn, whether the replies are rolled out
+# ----------------------------------------------------------------------------------------------------------------
+def states(policy, tokenizer, env, n, h, rng, args):
+    """(contexts, s_h, the D_off dialogues or None): s_h from D_off (offline roll-in), or rolled in on-policy with
+    pi_t and the user (LT-ONLINE). Each s_h ends with the user's x_h."""
+    if args.mode == "lt-online":
+        contexts = env.contexts(n, "train", rng)
+        convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
+                                          [c.user for c in contexts], h - 1, rng, args.max_new_tokens,
+                                          args.temperature, args.gen_batch_size)
+        return contexts, convs, None
+    contexts, dialogues = env.offline(n, rng)
+    return contexts, [sim.prefix_to_turn(d, hi) for d, hi in zip(dialogues, h)], dialogues
+
+
+def replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args):
+    """The two branches from s_h, each a conversation and {turn: (log-prob, hit_budget)} for sampled turns."""
+    users = [c.user for c in contexts]
+    if args.mode == "lt-offline":  # D_off's own y_h and a second reply of its behaviour policy; none from pi_t
+        own = [d[sim.assistant_turn_index(d, hi)]["content"] for d, hi in zip(dialogues, h)]
+        alt = env.offline_alternative(contexts, s_h, rng)
+        branches = []
+        for ys in (own, alt):
+            convs = [s + [{"role": "assistant", "content": y}] for s, y in zip(s_h, ys)]
+            if env.scores_final_user_reply:  # the tutor's reward reads the student's reaction
+                for c, x in zip(convs, env.user_turn(convs, users, rng)):
+                    c.append({"role": "user", "content": x})
+            branches.append((convs, [{hi: (float("nan"), False)} for hi in h]))
+        return branches
+    target = H if args.mode == "mt-mixed" else h  # MT-MIXED rolls out to H; LT-* stop after the trained turn
+    return [sim.continue_dialogues(policy, tokenizer, env, s_h, users, target, rng, args.max_new_tokens,
+                                   args.temperature, args.gen_batch_size) for _ in range(2)]
+
+
+def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None):
+    """One iteration's pairs (dicts) and counts. Batched at every turn."""
+    n = args.local_prompts
+    H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max}
+    h = (rng.random(n) * H).astype(int) + 1 if args.mode == "mt-mixed" else H  # h ~ U{1..H}, or the last turn
+    contexts, s_h, dialogues = states(policy, tokenizer, env, n, h, rng, args)
+    (conv_a, info_a), (conv_b, info_b) = replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args)
+    r_a, r_b = env.reward(conv_a), env.reward(conv_b)
+    if not (torch.isfinite(r_a).all() and torch.isfinite(r_b).all()):
+        raise FloatingPointError("the reward is NaN or infinite for some conversations")
+    turn = lambda c, hi: c[sim.assistant_turn_index(c, hi)]["content"]
+    same = [turn(conv_a[i], h[i]) == turn(conv_b[i], h[i]) for i in range(n)]
+    keep = [i for i in range(n) if not same[i] and (args.loss == "rebel" or r_a[i] != r_b[i])]  # DPO drops ties
+    pairs = []
+    if keep:
+        convs = [conv_a[i] for i in keep] + [conv_b[i] for i in keep]
+        turns = [int(h[i]) for i in keep] * 2
+        with torch.no_grad():  # through the same tokenisation as the loss
+            old = sim.turn_logprob(policy, tokenizer, convs, turns, args.temperature).cpu()
+            ref = sim.turn_logprob(ref_policy, tokenizer, convs, turns, args.temperature).cpu() \
+                if ref_policy is not None else old
+        k = len(keep)
+        for j, i in enumerate(keep):
+            pairs.append(dict(mode=args.mode, prompt_index=contexts[i].index, H=int(H[i]), h=int(h[i]),
+                              state_source="online" if args.mode == "lt-online" else "offline",
+                              conv_a=conv_a[i], conv_b=conv_b[i], reward_a=float(r_a[i]), reward_b=float(r_b[i]),
+                              logprob_a=float(old[j]), logprob_b=float(old[k + j]), ref_logprob_a=float(ref[j]),
+                              ref_logprob_b=float(ref[k + j]), hit_budget_a=info_a[i][h[i]][1],
+                              hit_budget_b=info_b[i][h[i]][1]))
+    stats = dict(collected=n, dropped_identical=sum(same), dropped_ties=n - len(keep) - sum(same),
+                 reward=float(torch.cat([r_a, r_b]).mean()))
+    return pairs, stats
+
+
+def pair_rewards(pair, length_penalty=None):
+    """The pair's rewards, with the length penalty Gamma for a sampled reply that hit the token budget."""
+    return [length_penalty if length_penalty is not None and pair[f"hit_budget_{s}"] else pair[f"reward_{s}"]
+            for s in "ab"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses
+# ----------------------------------------------------------------------------------------------------------------
+def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta):
+    """DPO: -log sigmoid(beta [ln pi/pi_ref (y_w) - ln pi/pi_ref (y_l)]), mean over pairs."""
+    return -F.logsigmoid(beta * ((logp_w - ref_logp_w) - (logp_l - ref_logp_l))).mean()
+
+
+def rebel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
+    """REBEL: ((1/eta)(ln pi/pi_t (y) - ln pi/pi_t (y')) - (r - r'))^2, mean over pairs (REFUEL Eq. (1), one turn)."""
+    predicted = ((logp_a - old_logp_a) - (logp_b - old_logp_b)) / eta
+    return ((predicted - (reward_a - reward_b)) ** 2).mean()
+
+
+def pair_loss(logp_a, logp_b, batch, args):
+    t = lambda key: torch.tensor([p[key] for p in batch], device=logp_a.device)
+    rewards = torch.tensor([pair_rewards(p, args.length_penalty) for p in batch], device=logp_a.device)
+    if args.loss == "rebel":
+        return rebel_loss(logp_a, logp_b, t("logprob_a"), t("logprob_b"), rewards[:, 0], rewards[:, 1], args.eta)
+    a_wins = rewards[:, 0] > rewards[:, 1]  # ties were dropped at collection
+    logp_w, logp_l = torch.where(a_wins, logp_a, logp_b), torch.where(a_wins, logp_b, logp_a)
+    ref_w = torch.where(a_wins, t("ref_logprob_a"), t("ref_logprob_b"))
+    ref_l = torch.where(a_wins, t("ref_logprob_b"), t("ref_logprob_a"))
+    return dpo_loss(logp_w, logp_l, ref_w, ref_l, args.beta)
+
+
+def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args):
+    losses = []
+    micro = max(1, args.local_minibatch // args.gradient_accumulation_steps)
+    for _ in range(args.num_epochs):
+        order = rng.permutation(len(pairs))
+        for s in range(0, len(order), micro):
+            batch = [pairs[i] for i in order[s:s + micro]]
+            with accelerator.accumulate(model):
+                convs = [p["conv_a"] for p in batch] + [p["conv_b"] for p in batch]
+                logp = sim.turn_logprob(model, tokenizer, convs, [p["h"] for p in batch] * 2, args.temperature)
+                loss = pair_loss(logp[: len(batch)], logp[len(batch):], batch, args)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            losses.append(loss.item())
+    return float(np.mean(losses)) if losses else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: balancing across ranks, generation under ZeRO-3, checkpoints, logging, evaluation
+# ----------------------------------------------------------------------------------------------------------------
+def balance_pairs(pairs, accelerator):
+    """Gather every rank's pairs and give each rank an equal share, so all ranks take the same optimizer steps."""
+    if accelerator.num_processes == 1:
+        return pairs
+    from accelerate.utils import gather_object
+
+    flat = [p for rank_pairs in gather_object([pairs]) for p in rank_pairs]
+    share = len(flat) // accelerator.num_processes
+    return flat[accelerator.process_index * share:(accelerator.process_index + 1) * share]
+
+
+@contextlib.contextmanager
+def generation_model(model, accelerator):
+    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per collection."""
+    unwrapped = accelerator.unwrap_model(model)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None and ds.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            yield unwrapped
+    else:
+        yield unwrapped
+
+
+def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
+    """runs/<run>/checkpoint/{policy (save_pretrained), state (accelerate), meta.json}, replaced atomically."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "policy", state_dict=state_dict)
+        tokenizer.save_pretrained(tmp / "policy")
+    accelerator.save_state(str(tmp / "state"))
+    (tmp / "state").mkdir(parents=True, exist_ok=True)
+    (tmp / "state" / f"numpy_rng_{accelerator.process_index}.json").write_text(json.dumps(rng.bit_generator.state))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def evaluate(model, tokenizer, env, accelerator, args, seed):
+    """Mean reward (and per-turn detail on the tutor) on held-out contexts; each rank plays its share."""
+    n = max(1, args.num_eval // accelerator.num_processes)
+    with generation_model(model, accelerator) as policy:
+        out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
+                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
+    keys = sorted(k for k in out if k != "eval/reward_stderr")
+    vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
+    res = dict(zip(keys, vals.tolist()))
+    res["eval/reward_stderr"] = out["eval/reward_stderr"] / math.sqrt(accelerator.num_processes)
+    if isinstance(env, sim.TutorEnv):
+        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    return res
+
+
+def log(run_dir: Path, step: int, metrics: dict, echo: bool) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")
+    if echo:
+        tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                                               if not k.startswith("eval/learned")))
+
+
+def main(args: Args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import gather_object, set_seed
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if args.bf16 is None else args.bf16
+    # cpu=True on a CPU-only machine: launched ranks join one gloo group instead of training alone, unsynced
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
+                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.world_size = accelerator.num_processes
+    if args.prompts_per_iteration % args.world_size or args.minibatch_size % args.world_size:
+        raise ValueError("prompts_per_iteration and minibatch_size must be divisible by the number of processes")
+    args.local_prompts = args.prompts_per_iteration // args.world_size
+    args.local_minibatch = args.minibatch_size // args.world_size
+    if args.resume and not args.run_name:
+        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
+    args.run_name = args.run_name or f"{args.loss}-{args.mode}__{args.env}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output_dir) / args.run_name
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    set_seed(args.seed + accelerator.process_index)
+    rng = np.random.default_rng(args.seed + accelerator.process_index)
+
+    with accelerator.main_process_first():  # one rank builds and caches the tutor's mu, the others load it
+        policy, tokenizer = sim.load_policy(args.model_name_or_path)
+    env_dtype = torch.bfloat16 if bf16 else torch.float32
+    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                       str(accelerator.device), env_dtype, args.reward_trust_remote_code, args.offline_path)
+    ref_policy = None
+    if args.loss == "dpo":  # pi_ref, frozen
+        ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()
+        ref_policy.requires_grad_(False)
+    if args.gradient_checkpointing:
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas,
+                                  weight_decay=args.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+
+    start_iter, elapsed_before, global_pairs = 0, 0.0, 0
+    if args.resume:
+        ckpt = run_dir / "checkpoint"
+        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+        accelerator.load_state(str(ckpt / "state"))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        start_iter, elapsed_before, global_pairs = meta["iteration"], meta["elapsed"], meta["pairs"]
+        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+        if rng_file.exists():
+            rng.bit_generator.state = json.loads(rng_file.read_text())
+        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
+
+    main_rank = accelerator.is_main_process
+    eval_seed = 10_000 + args.seed
+    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+    if main_rank:
+        log(run_dir, start_iter, first_eval, echo=True)
+    start, it = time.time() - elapsed_before, start_iter
+    for it in tqdm(range(start_iter, args.num_iterations), disable=not main_rank, desc=f"{args.loss}-{args.mode}"):
+        t0 = time.time()
+        with generation_model(policy, accelerator) as pi_t:
+            pairs, stats = collect_pairs(pi_t, tokenizer, env, rng, args, ref_policy)
+        t_collect = time.time() - t0
+        if args.save_rollouts:  # every rank's pairs, written by the main process
+            everything = gather_object([pairs]) if args.world_size > 1 else [pairs]
+            if main_rank:
+                with open(args.save_rollouts, "a") as f:
+                    f.writelines(json.dumps({"iteration": it, **p}) + "\n" for rank in everything for p in rank)
+        pairs = balance_pairs(pairs, accelerator)
+        loss = train_on_pairs(policy, tokenizer, pairs, optimizer, accelerator, rng, args) if pairs else 0.0
+        global_pairs += len(pairs) * args.world_size
+        red = accelerator.reduce(torch.tensor([stats["collected"], stats["dropped_identical"], stats["dropped_ties"],
+                                               stats["reward"], loss], device=accelerator.device,
+                                              dtype=torch.float64), "mean")
+        dt = time.time() - t0
+        metrics = {f"losses/{args.loss}_loss": red[4].item(), "charts/pair_reward": red[3].item(),
+                   "charts/dropped_identical_frac": (red[1] / red[0]).item(),
+                   "charts/dropped_ties_frac": (red[2] / red[0]).item(), "charts/pairs_trained": global_pairs,
+                   "charts/iterations_per_sec": 1 / dt, "charts/pairs_per_sec": len(pairs) * args.world_size / dt,
+                   "charts/collect_share": t_collect / dt, "charts/elapsed_min": (time.time() - start) / 60,
+                   **env.metrics()}
+        out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
+        last = it == args.num_iterations - 1 or out_of_time
+        if (it + 1) % args.eval_every == 0 or last:
+            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+            metrics.update(latest_eval)
+        if main_rank:
+            log(run_dir, it + 1, metrics, echo="eval/mean_reward" in metrics)
+        if (it + 1) % args.save_every == 0 or last:
+            save_checkpoint(accelerator, policy, tokenizer, run_dir,
+                            dict(iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs), rng)
+        if out_of_time:
+            break
+    checksum = torch.tensor([sum(p.detach().double().sum() for p in policy.parameters()).item()],
+                            device=accelerator.device)
+    sums = accelerator.gather(checksum)  # ranks must hold the same weights after synced updates
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": latest_eval["eval/mean_reward"],
+               "final_stderr": latest_eval["eval/reward_stderr"], "iterations": it + 1,
+               "minutes": (time.time() - start) / 60, "run_dir": str(run_dir),
+               "num_processes": accelerator.num_processes,
+               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max())),
+               **{k: v for k, v in latest_eval.items() if k.startswith("eval/learned")}}
+    if main_rank:
+        print(f"mean reward ({args.loss}, {args.mode}): start of run {summary['initial_reward']:.3f} -> "
+              f"{summary['final_reward']:.3f} +- {summary['final_stderr']:.3f} after {summary['iterations']} "
+              f"iterations, {summary['minutes']:.1f} min")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
