@@ -180,7 +180,7 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
 
     A hand decode loop instead of `model.generate`: the sampling distribution is exactly softmax(logits / T)
     whatever a hub model's generation_config says (top-p, top-k, repetition penalty), and its log-probs come out
-    of the same computation. Chunked by max_batch_size for memory.
+    of the same computation. Chunked by max_batch_size for memory. temperature 0 = greedy (log-probs at T = 1).
     """
     eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
@@ -205,8 +205,8 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n = 0
         for t in range(max_new_tokens):
-            logp = (logits.float() / temperature).log_softmax(-1)
-            tok = torch.multinomial(logp.exp(), 1).squeeze(1)
+            logp = (logits.float() / (temperature or 1.0)).log_softmax(-1)
+            tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(1)
             toks[:, t] = torch.where(done, pad_id, tok)
             lps[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
             done = done | (tok == eot_id)
@@ -732,6 +732,44 @@ class PromptedUser:
         self.n_calls += len(parsed)
         self.n_fallbacks += sum(not ok for _, ok in parsed)
         return [q for q, _ in parsed]
+
+
+class OpenAIChatClient:
+    """Completions from an OpenAI-compatible chat endpoint (vLLM, TGI, OpenAI): a 70B user or a GPT-4 judge that
+    does not fit beside the policy. Standard library only; requests go out concurrently, not one by one."""
+
+    def __init__(self, api_base: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_workers: int = 32,
+                 timeout: float = 120.0, retries: int = 3):
+        self.url = api_base.rstrip("/") + "/chat/completions"
+        self.model, self.api_key = model, os.environ.get(api_key_env, "EMPTY")
+        self.max_workers, self.timeout, self.retries = max_workers, timeout, retries
+
+    def _one(self, prompt: str, max_tokens: int, temperature: float) -> str:
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
+                           "max_tokens": max_tokens, "temperature": temperature}).encode()
+        req = urllib.request.Request(self.url, body, {"Content-Type": "application/json",
+                                                       "Authorization": f"Bearer {self.api_key}"})
+        for attempt in range(self.retries):
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    reply = json.loads(r.read())
+                return reply["choices"][0]["message"]["content"] or ""
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.retries - 1:
+                    raise ConnectionError(f"endpoint {self.url} (model {self.model}) failed after "
+                                          f"{self.retries} tries: {e}") from None
+                time.sleep(2 ** attempt)
+            except (KeyError, IndexError, json.JSONDecodeError) as e:
+                raise ValueError(f"endpoint {self.url} returned an unexpected reply ({e!r})") from None
+
+    def complete(self, prompts: Sequence[str], max_tokens: int = 256, temperature: float = 0.0) -> list[str]:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(self.max_workers) as pool:
+            return list(pool.map(lambda p: self._one(p, max_tokens, temperature), prompts))
 
 
 class HFRewardModel:

@@ -1,0 +1,361 @@
+"""evaluate.py: one evaluation for every method of this repository.
+
+What it measures (REFUEL paper, Gao et al., ICLR 2025, Sections 4.2-4.3 and Appendix C.5; MTPO paper, Shani et al.,
+2024, Table 1):
+  - Per-turn win rate against the reference policy: the policy and the reference each play H_max turns with the
+    simulated user from the same held-out contexts; for every turn h a judge compares the two dialogues up to turn
+    h (the user's reaction to turn h included where the environment's reward reads it), the A/B order drawn at
+    random for each comparison and undone afterwards; a tie counts half. Reported per h and averaged over h, each
+    with a 95% confidence interval (normal approximation; the average's interval is taken over per-context means,
+    so the correlation between the turns of one context is accounted for).
+  - Judges: `oracle` (the environment's own reward of each prefix, higher wins: on the tutor task the lessons
+    learned so far), `reward_model` (an HF sequence-classification model, higher score wins), `llm` (a judge model
+    prompted in the paper's App. C.5 format, from an HF model or an OpenAI-compatible endpoint; replies that miss
+    the format go through a counted fallback, and replies that still do not parse count as ties and are counted).
+  - The reward of the final conversation (the environment's reward model), and on the tutor task its fraction of V*.
+  - KL(pi || pi_ref) on the policy's own samples: for a dialogue tau ~ pi,
+        k(tau) = sum_h [ ln pi(y_h | s_h) - ln pi_ref(y_h | s_h) ],
+    whose mean is an unbiased estimate of KL(P_pi || P_ref) over whole dialogues, that is of
+    E_{tau ~ pi} sum_h KL(pi(.|s_h) || pi_ref(.|s_h)) (the user's turns are the same under both and cancel).
+    Log-probs at the sampling temperature, as everywhere in this repository, both teacher-forced on the turn's
+    text (as the training losses score it, so a rare sampled token path that re-tokenizes differently counts the
+    same under pi and pi_ref); reported with its standard error.
+  - A pairwise preference matrix across any list of policies (MTPO paper Table 1 format): row i, column j is the
+    rate at which i's final dialogue is preferred to j's from the same context.
+
+    python evaluate.py --policies runs/refuel__tutor__1__X runs/baseline__tutor__1__Y --names refuel rebel-lt-online
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal, Optional, Sequence
+
+import numpy as np
+import torch
+
+import simulator as sim
+
+# ----------------------------------------------------------------------------------------------------------------
+# Judges: __call__(convs_a, convs_b) -> array of "A wins" scores in {1, 0.5, 0}
+# ----------------------------------------------------------------------------------------------------------------
+JUDGE_PROMPT = """I require a leaderboard for various chatbots. I'll provide you with dialogues with these chatbots. \
+Your task is to assess these dialogues, and select the dialogue that produces the best outputs from a human \
+perspective.
+
+Dialogue A:
+
+{dialogue_a}
+
+Dialogue B:
+
+{dialogue_b}
+
+Instructions:
+
+FIRST provide a one-sentence comparison of the two dialogues, explaining which you prefer and why. SECOND, on a new \
+line, state only "A" or "B" to indicate your choice. Your response should use the format:
+Comparison: <one-sentence comparison and explanation>
+Preferred: <"A" or "B">"""  # REFUEL paper, App. C.5 (UltraInteract prompt)
+
+
+def parse_judge_reply(text: str) -> tuple[Optional[str], str]:
+    """('A' | 'B' | None, how): how = 'format' (a 'Preferred: X' line), 'fallback' (a last line that is only A or B,
+    or a 'Dialogue X' named in the last line), 'failed'."""
+    m = re.findall(r"preferred\s*:\s*[\"'(\[*<]*\s*([AB])\b", text, flags=re.IGNORECASE)
+    if m:
+        return m[-1].upper(), "format"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines:
+        bare = re.fullmatch(r"[\"'(\[*<\s]*([AB])[\"')\]*>.\s]*", lines[-1])
+        if bare:
+            return bare.group(1), "fallback"
+        named = set(re.findall(r"dialogue\s+([AB])\b", lines[-1], flags=re.IGNORECASE))
+        if len(named) == 1:
+            return named.pop().upper(), "fallback"
+    return None, "failed"
+
+
+def format_dialogue(conv: sim.Conversation) -> str:
+    return "\n\n".join(f"{'User' if m['role'] == 'user' else 'Chatbot'}: {m['content']}" for m in conv
+                       if m["role"] != "system")
+
+
+class ScoreJudge:
+    """Higher score wins, equal scores tie. score_fn(convs) -> tensor: the env's reward (oracle) or an HF RM."""
+
+    def __init__(self, score_fn: Callable):
+        self.score_fn = score_fn
+
+    def __call__(self, convs_a, convs_b) -> np.ndarray:
+        s = self.score_fn(list(convs_a) + list(convs_b)).double().numpy()
+        sa, sb = s[: len(convs_a)], s[len(convs_a):]
+        return np.where(sa > sb, 1.0, np.where(sa < sb, 0.0, 0.5))
+
+
+class LLMJudge:
+    """A judge model prompted with JUDGE_PROMPT; generate(prompts) -> replies (an HF model or an endpoint)."""
+
+    def __init__(self, generate: Callable[[list], list]):
+        self.generate, self.counts = generate, Counter()
+
+    def __call__(self, convs_a, convs_b) -> np.ndarray:
+        prompts = [JUDGE_PROMPT.format(dialogue_a=format_dialogue(a), dialogue_b=format_dialogue(b))
+                   for a, b in zip(convs_a, convs_b)]
+        parsed = [parse_judge_reply(t) for t in self.generate(prompts)]
+        self.counts.update(how for _, how in parsed)
+        return np.array([1.0 if c == "A" else 0.0 if c == "B" else 0.5 for c, _ in parsed])
+
+
+def hf_judge_generate(model, tokenizer, max_new_tokens: int = 256, max_batch_size: int = 16) -> Callable:
+    """Greedy replies of an HF chat model, batched through the repository's sampler."""
+    def generate(prompts):
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        return sim.sample_turns(model, tokenizer, convs, max_new_tokens, temperature=0.0,
+                                max_batch_size=max_batch_size).texts
+    return generate
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Playing, judging per turn, KL
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def play(model, tokenizer, env: sim.Environment, contexts: Sequence[sim.Context], rng: np.random.Generator,
+         max_new_tokens: int, temperature: float = 1.0, max_batch_size: int = 256) -> list:
+    """H_max turns from each context, batched per turn (torch's sampler draws from torch's seeded generator)."""
+    convs, _ = sim.continue_dialogues(model, tokenizer, env, [c.messages for c in contexts],
+                                      [c.user for c in contexts], [env.max_turns] * len(contexts), rng,
+                                      max_new_tokens, temperature, max_batch_size)
+    return convs
+
+
+def dialogue_to_turn(conv: sim.Conversation, h: int, env: sim.Environment) -> sim.Conversation:
+    """The dialogue up to assistant turn h, with the user's reaction to it when the env's reward reads that."""
+    end = sim.assistant_turn_index(conv, h) + 1
+    if env.scores_final_user_reply and end < len(conv) and conv[end]["role"] == "user":
+        end += 1
+    return list(conv[:end])
+
+
+def judge_turns(judge, convs_pi: Sequence, convs_ref: Sequence, env: sim.Environment,
+                rng: np.random.Generator) -> np.ndarray:
+    """n x H array of the policy's win score (1 win, 0.5 tie, 0 loss) at each turn; one batched judge call."""
+    n, H = len(convs_pi), env.max_turns
+    pi_first = rng.random((n, H)) < 0.5  # A/B order drawn per comparison
+    a, b = [], []
+    for i in range(n):
+        for h in range(1, H + 1):
+            p, r = dialogue_to_turn(convs_pi[i], h, env), dialogue_to_turn(convs_ref[i], h, env)
+            a.append(p if pi_first[i, h - 1] else r)
+            b.append(r if pi_first[i, h - 1] else p)
+    a_wins = judge(a, b).reshape(n, H)
+    return np.where(pi_first, a_wins, 1.0 - a_wins)  # undo the order
+
+
+def win_rates(policy_wins: np.ndarray) -> dict:
+    """Per-turn win rate and the average over turns, each with a 95% CI half-width."""
+    n = policy_wins.shape[0]
+    ci = lambda x: 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
+    return {"per_turn": policy_wins.mean(0).tolist(), "per_turn_ci": [ci(policy_wins[:, h]) for h in
+            range(policy_wins.shape[1])], "average": float(policy_wins.mean()), "average_ci": ci(policy_wins.mean(1)),
+            "n": n}
+
+
+def kl_estimate(logp_pi: np.ndarray, logp_ref: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of sum_h [ln pi - ln pi_ref] over dialogues sampled from pi (unbiased for the KL)."""
+    k = (np.asarray(logp_pi) - np.asarray(logp_ref)).reshape(len(logp_pi), -1).sum(1)
+    return float(k.mean()), float(k.std(ddof=1) / math.sqrt(len(k))) if len(k) > 1 else float("nan")
+
+
+@torch.no_grad()
+def dialogue_logprobs(model, tokenizer, convs: Sequence, H: int, temperature: float = 1.0,
+                      max_batch_size: int = 64) -> np.ndarray:
+    """ln pi(y_h|s_h) of every turn of every dialogue (n x H), teacher-forced on the turn's text in batches."""
+    turns = [h for _ in convs for h in range(1, H + 1)]
+    rows = [c for c in convs for _ in range(H)]
+    lp = sim.turn_logprob(model, tokenizer, rows, turns, temperature, max_batch_size=max_batch_size)
+    return lp.float().cpu().numpy().reshape(len(convs), H)
+
+
+def preference_matrix(dialogues: Sequence[Sequence], judge, rng: np.random.Generator) -> np.ndarray:
+    """M[i, j] = rate at which policy i's final dialogue beats policy j's from the same context (ties half)."""
+    k = len(dialogues)
+    M = np.full((k, k), 0.5)
+    for i in range(k):
+        for j in range(i + 1, k):
+            n = len(dialogues[i])
+            i_first = rng.random(n) < 0.5
+            a = [dialogues[i][s] if i_first[s] else dialogues[j][s] for s in range(n)]
+            b = [dialogues[j][s] if i_first[s] else dialogues[i][s] for s in range(n)]
+            a_wins = judge(a, b)
+            M[i, j] = float(np.where(i_first, a_wins, 1 - a_wins).mean())
+            M[j, i] = 1 - M[i, j]
+    return M
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables
+# ----------------------------------------------------------------------------------------------------------------
+def results_table(rows: Sequence[dict], H: int) -> str:
+    head = "| policy | " + " | ".join(f"h={h}" for h in range(1, H + 1)) + " | avg win rate | reward | of V* | KL |"
+    lines = [head, "|" + "---|" * (H + 6)]
+    for r in rows:
+        w = r["win_rate"]
+        v = f"{r['fraction_of_v_star']:.2f}" if r.get("fraction_of_v_star") is not None else "-"
+        kl = f"{r['kl']:.2f}" if r.get("kl") is not None else "-"
+        lines.append(f"| {r['name']} | " + " | ".join(f"{100 * x:.1f}" for x in w["per_turn"]) +
+                     f" | {100 * w['average']:.1f} ± {100 * w['average_ci']:.1f} | {r['reward']:.3f} | {v} | {kl} |")
+    return "\n".join(lines)
+
+
+def matrix_table(names: Sequence[str], M: np.ndarray) -> str:
+    lines = ["| row beats column | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
+    for i, n in enumerate(names):
+        lines.append(f"| {n} | " + " | ".join("-" if i == j else f"{100 * M[i, j]:.1f}" for j in range(len(names)))
+                     + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    policies: list[str] = field(default_factory=lambda: ["tutor"])
+    """policies to evaluate: run directories (their checkpoint/policy is used), save_pretrained dirs, hub names,
+    or 'tutor' (the embedded reference policy mu)"""
+    names: Optional[list[str]] = None
+    """a display name per policy (default: the paths)"""
+    reference: str = "tutor"
+    """the reference policy of the win rates and of the KL (the papers: the initial policy)"""
+    judge: Literal["oracle", "reward_model", "llm"] = "oracle"
+    """oracle: the env's own reward; reward_model: --judge_model as an HF reward model; llm: --judge_model prompted"""
+    judge_model: Optional[str] = None
+    """the judge's HF model (or, with --judge_api_base, the endpoint's model name, e.g. gpt-4-0613)"""
+    judge_api_base: Optional[str] = None
+    """an OpenAI-compatible endpoint for the llm judge (e.g. http://localhost:8000/v1); key from $OPENAI_API_KEY"""
+    judge_max_new_tokens: int = 256
+    """the llm judge's reply budget"""
+    matrix: bool = False
+    """also write the pairwise preference matrix across the policies and the reference (final dialogues)"""
+    num_contexts: int = 1024
+    """held-out contexts (each played by every policy and the reference)"""
+    seed: int = 1234
+    """seed of the contexts, the users and the judge's A/B order"""
+    env: Literal["tutor", "chat"] = "tutor"
+    """as in the training scripts"""
+    prompts_path: Optional[str] = None
+    """chat: JSONL prompts (the 'eval' split is used)"""
+    user_model: Optional[str] = None
+    """chat: HF model prompted as the user"""
+    reward_model: Optional[str] = None
+    """chat: the env's reward model (the reward column, and the oracle judge)"""
+    reward_trust_remote_code: bool = False
+    """chat: load the reward model's own code"""
+    max_turns: int = 5
+    """H_max: turns played by each policy"""
+    temperature: float = 1.0
+    """sampling temperature (also the temperature of the KL's log-probs)"""
+    max_new_tokens: int = 12
+    """per-turn token budget"""
+    gen_batch_size: int = 256
+    """max sequences per sampling call"""
+    device: str = "auto"
+    """'auto' = cuda when available"""
+    bf16: bool = False
+    """load models in bfloat16"""
+    output: Optional[str] = None
+    """write the results as JSON here"""
+
+
+def load_any_policy(path: str, dtype, device):
+    p = Path(path)
+    if (p / "checkpoint" / "policy").is_dir():
+        path = str(p / "checkpoint" / "policy")
+    model, tok = sim.load_policy(path, dtype)
+    return model.to(device).eval(), tok
+
+
+def evaluate(args: Args) -> dict:
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    names = args.names or args.policies
+    if len(names) != len(args.policies):
+        raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
+    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns, device, dtype,
+                       args.reward_trust_remote_code)
+    if args.judge == "oracle":
+        judge = ScoreJudge(env.reward)
+    elif not args.judge_model:
+        raise ValueError(f"--judge {args.judge} needs --judge_model")
+    elif args.judge == "reward_model":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        rm = AutoModelForSequenceClassification.from_pretrained(args.judge_model, dtype=dtype).to(device)
+        judge = ScoreJudge(sim.HFRewardModel(rm, AutoTokenizer.from_pretrained(args.judge_model)))
+    elif args.judge_api_base:
+        client = sim.OpenAIChatClient(args.judge_api_base, args.judge_model)
+        judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0))
+    else:
+        jm, jt = sim.load_policy(args.judge_model, dtype)
+        judge = LLMJudge(hf_judge_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens))
+
+    rng = np.random.default_rng(args.seed)
+    contexts = env.contexts(args.num_contexts, "eval", rng)
+    ref_model, ref_tok = load_any_policy(args.reference, dtype, device)
+    play_kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   max_batch_size=args.gen_batch_size)
+    torch.manual_seed(args.seed)
+    ref_convs = play(ref_model, ref_tok, env, contexts, np.random.default_rng(args.seed + 1), **play_kw)
+    v_star = sim.tutor_value(env.rules) if isinstance(env, sim.TutorEnv) else None
+    rows, all_convs = [], []
+    for k, (name, path) in enumerate(zip(names, args.policies)):
+        t0 = time.time()
+        model, tok = load_any_policy(path, dtype, device)
+        torch.manual_seed(args.seed + 2 + k)
+        convs = play(model, tok, env, contexts, np.random.default_rng(args.seed + 2 + k), **play_kw)
+        wins = judge_turns(judge, convs, ref_convs, env, np.random.default_rng(args.seed + 100 + k))
+        reward = float(env.reward(convs).mean())
+        kl = kl_se = None
+        if tok.get_vocab() == ref_tok.get_vocab():  # the KL needs a shared token space
+            kl, kl_se = kl_estimate(dialogue_logprobs(model, tok, convs, env.max_turns, args.temperature),
+                                    dialogue_logprobs(ref_model, ref_tok, convs, env.max_turns, args.temperature))
+        rows.append(dict(name=name, policy=path, win_rate=win_rates(wins), reward=reward,
+                         fraction_of_v_star=reward / v_star if v_star else None, kl=kl, kl_stderr=kl_se,
+                         seconds=time.time() - t0))
+        all_convs.append(convs)
+        del model
+    ref_reward = float(env.reward(ref_convs).mean())
+    out = {"rows": rows, "reference": args.reference, "reference_reward": ref_reward, "judge": args.judge,
+           "num_contexts": args.num_contexts, "v_star": v_star, "table": results_table(rows, env.max_turns)}
+    if isinstance(judge, LLMJudge):
+        out["judge_parse"] = dict(judge.counts)
+    if args.matrix:
+        M = preference_matrix(all_convs + [ref_convs], judge, np.random.default_rng(args.seed + 999))
+        out["matrix"], out["matrix_names"] = M.tolist(), [*names, f"reference ({args.reference})"]
+        out["matrix_table"] = matrix_table(out["matrix_names"], M)
+    return out
+
+
+def main(args: Args) -> dict:
+    out = evaluate(args)
+    print(f"win rate (%) against {args.reference} per turn h, judge: {args.judge}, {args.num_contexts} contexts; "
+          f"reference reward {out['reference_reward']:.3f}" + (f", V* {out['v_star']:.4f}" if out["v_star"] else ""))
+    print(out["table"])
+    if "judge_parse" in out:
+        print(f"judge replies: {out['judge_parse']}")
+    if "matrix_table" in out:
+        print("\n" + out["matrix_table"])
+    if args.output:
+        Path(args.output).write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))
