@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -44,48 +43,6 @@ import simulator as sim
 # ----------------------------------------------------------------------------------------------------------------
 # Judges: __call__(convs_a, convs_b) -> array of "A wins" scores in {1, 0.5, 0}
 # ----------------------------------------------------------------------------------------------------------------
-JUDGE_PROMPT = """I require a leaderboard for various chatbots. I'll provide you with dialogues with these chatbots. \
-Your task is to assess these dialogues, and select the dialogue that produces the best outputs from a human \
-perspective.
-
-Dialogue A:
-
-{dialogue_a}
-
-Dialogue B:
-
-{dialogue_b}
-
-Instructions:
-
-FIRST provide a one-sentence comparison of the two dialogues, explaining which you prefer and why. SECOND, on a new \
-line, state only "A" or "B" to indicate your choice. Your response should use the format:
-Comparison: <one-sentence comparison and explanation>
-Preferred: <"A" or "B">"""  # REFUEL paper, App. C.5 (UltraInteract prompt)
-
-
-def parse_judge_reply(text: str) -> tuple[Optional[str], str]:
-    """('A' | 'B' | None, how): how = 'format' (a 'Preferred: X' line), 'fallback' (a last line that is only A or B,
-    or a 'Dialogue X' named in the last line), 'failed'."""
-    m = re.findall(r"preferred\s*:\s*[\"'(\[*<]*\s*([AB])\b", text, flags=re.IGNORECASE)
-    if m:
-        return m[-1].upper(), "format"
-    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
-    if lines:
-        bare = re.fullmatch(r"[\"'(\[*<\s]*([AB])[\"')\]*>.\s]*", lines[-1])
-        if bare:
-            return bare.group(1), "fallback"
-        named = set(re.findall(r"dialogue\s+([AB])\b", lines[-1], flags=re.IGNORECASE))
-        if len(named) == 1:
-            return named.pop().upper(), "fallback"
-    return None, "failed"
-
-
-def format_dialogue(conv: sim.Conversation) -> str:
-    return "\n\n".join(f"{'User' if m['role'] == 'user' else 'Chatbot'}: {m['content']}" for m in conv
-                       if m["role"] != "system")
-
-
 class ScoreJudge:
     """Higher score wins, equal scores tie. score_fn(convs) -> tensor: the env's reward (oracle) or an HF RM."""
 
@@ -99,26 +56,17 @@ class ScoreJudge:
 
 
 class LLMJudge:
-    """A judge model prompted with JUDGE_PROMPT; generate(prompts) -> replies (an HF model or an endpoint)."""
+    """A judge model prompted with sim.JUDGE_PROMPT; generate(prompts) -> replies (an HF model or an endpoint)."""
 
     def __init__(self, generate: Callable[[list], list]):
         self.generate, self.counts = generate, Counter()
 
     def __call__(self, convs_a, convs_b) -> np.ndarray:
-        prompts = [JUDGE_PROMPT.format(dialogue_a=format_dialogue(a), dialogue_b=format_dialogue(b))
+        prompts = [sim.JUDGE_PROMPT.format(dialogue_a=sim.format_dialogue(a), dialogue_b=sim.format_dialogue(b))
                    for a, b in zip(convs_a, convs_b)]
-        parsed = [parse_judge_reply(t) for t in self.generate(prompts)]
+        parsed = [sim.parse_judge_reply(t) for t in self.generate(prompts)]
         self.counts.update(how for _, how in parsed)
         return np.array([1.0 if c == "A" else 0.0 if c == "B" else 0.5 for c, _ in parsed])
-
-
-def hf_judge_generate(model, tokenizer, max_new_tokens: int = 256, max_batch_size: int = 16) -> Callable:
-    """Greedy replies of an HF chat model, batched through the repository's sampler."""
-    def generate(prompts):
-        convs = [[{"role": "user", "content": p}] for p in prompts]
-        return sim.sample_turns(model, tokenizer, convs, max_new_tokens, temperature=0.0,
-                                max_batch_size=max_batch_size).texts
-    return generate
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,7 +250,7 @@ def evaluate(args: Args) -> dict:
         judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0))
     else:
         jm, jt = sim.load_policy(args.judge_model, dtype)
-        judge = LLMJudge(hf_judge_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens))
+        judge = LLMJudge(sim.hf_greedy_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens))
 
     rng = np.random.default_rng(args.seed)
     contexts = env.contexts(args.num_contexts, "eval", rng)

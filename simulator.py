@@ -268,8 +268,13 @@ class Environment(abc.ABC):
         """A second reply of D_off's behaviour policy at each state s_h (for LT-OFFLINE)."""
         raise ValueError(f"env {self.name!r} has no alternative offline replies")
 
+    judge = None  # a JudgePreference; None = Bradley-Terry on the reward
+
     def preference(self, convs_a, convs_b, scale: float = 4.0) -> torch.Tensor:
-        """Bradley-Terry on rewards: P(a > b) = sigmoid(scale * (r(a) - r(b)))."""
+        """P(a preferred to b): the prompted judge when one is set, else Bradley-Terry on rewards,
+        sigmoid(scale * (r(a) - r(b)))."""
+        if self.judge is not None:
+            return self.judge(convs_a, convs_b)
         return torch.sigmoid(scale * (self.reward(convs_a) - self.reward(convs_b)))
 
     def metrics(self) -> dict:
@@ -690,6 +695,88 @@ def load_offline_jsonl(path: str) -> list[dict]:
     if not rows:
         raise ValueError(f"offline dataset {path} holds no dialogues")
     return rows
+
+
+JUDGE_PROMPT = """I require a leaderboard for various chatbots. I'll provide you with dialogues with these chatbots. \
+Your task is to assess these dialogues, and select the dialogue that produces the best outputs from a human \
+perspective.
+
+Dialogue A:
+
+{dialogue_a}
+
+Dialogue B:
+
+{dialogue_b}
+
+Instructions:
+
+FIRST provide a one-sentence comparison of the two dialogues, explaining which you prefer and why. SECOND, on a new \
+line, state only "A" or "B" to indicate your choice. Your response should use the format:
+Comparison: <one-sentence comparison and explanation>
+Preferred: <"A" or "B">"""  # REFUEL paper, App. C.5 (UltraInteract prompt)
+
+
+def parse_judge_reply(text: str) -> tuple[Optional[str], str]:
+    """('A' | 'B' | None, how): how = 'format' (a 'Preferred: X' line), 'fallback' (a last line that is only A or B,
+    or a 'Dialogue X' named in the last line), 'failed'."""
+    m = re.findall(r"preferred\s*:\s*[\"'(\[*<]*\s*([AB])\b", text, flags=re.IGNORECASE)
+    if m:
+        return m[-1].upper(), "format"
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    if lines:
+        bare = re.fullmatch(r"[\"'(\[*<\s]*([AB])[\"')\]*>.\s]*", lines[-1])
+        if bare:
+            return bare.group(1), "fallback"
+        named = set(re.findall(r"dialogue\s+([AB])\b", lines[-1], flags=re.IGNORECASE))
+        if len(named) == 1:
+            return named.pop().upper(), "fallback"
+    return None, "failed"
+
+
+def format_dialogue(conv: sim.Conversation) -> str:
+    return "\n\n".join(f"{'User' if m['role'] == 'user' else 'Chatbot'}: {m['content']}" for m in conv
+                       if m["role"] != "system")
+
+
+class JudgePreference:
+    """P(a preferred to b) from a prompted judge (JUDGE_PROMPT): both orders are asked and the two verdicts
+    averaged, which removes position bias; p is then 0, 1/2 or 1. generate(prompts) -> replies: an HF chat model
+    (`hf_greedy_generate`) or `OpenAIChatClient(...).complete`. Unparsed verdicts count as ties and are counted."""
+
+    def __init__(self, generate):
+        self.generate, self.n_verdicts, self.n_fallbacks, self.n_failed = generate, 0, 0, 0
+
+    def __call__(self, convs_a, convs_b) -> torch.Tensor:
+        n = len(convs_a)
+        prompts = [JUDGE_PROMPT.format(dialogue_a=format_dialogue(x), dialogue_b=format_dialogue(y))
+                   for x, y in [*zip(convs_a, convs_b), *zip(convs_b, convs_a)]]
+        parsed = [parse_judge_reply(t) for t in self.generate(prompts)]
+        self.n_verdicts += len(parsed)
+        self.n_fallbacks += sum(how == "fallback" for _, how in parsed)
+        self.n_failed += sum(how == "failed" for _, how in parsed)
+        first = torch.tensor([{"A": 1.0, "B": 0.0}.get(c, 0.5) for c, _ in parsed[:n]])
+        second = torch.tensor([{"A": 0.0, "B": 1.0}.get(c, 0.5) for c, _ in parsed[n:]])  # a was shown as B
+        return (first + second) / 2
+
+
+def hf_greedy_generate(model, tokenizer, max_new_tokens: int = 256, max_batch_size: int = 16):
+    """generate(prompts) -> greedy replies of an HF chat model, batched through sample_turns."""
+    def generate(prompts):
+        convs = [[{"role": "user", "content": p}] for p in prompts]
+        return sample_turns(model, tokenizer, convs, max_new_tokens, temperature=0.0,
+                            max_batch_size=max_batch_size).texts
+    return generate
+
+
+def make_judge_preference(judge_model: str, api_base: Optional[str] = None, device: str = "cpu",
+                          dtype=torch.float32, max_new_tokens: int = 256) -> JudgePreference:
+    """A JudgePreference from flags: an OpenAI-compatible endpoint's model when api_base is set, else an HF model."""
+    if api_base:
+        client = OpenAIChatClient(api_base, judge_model)
+        return JudgePreference(lambda prompts: client.complete(prompts, max_new_tokens, temperature=0.0))
+    model, tok = load_policy(judge_model, dtype)
+    return JudgePreference(hf_greedy_generate(model.to(device).eval(), tok, max_new_tokens))
 
 
 USER_PROMPT = """Below is a dialogue between a user and an AI assistant. Play the user: what would you ask next?

@@ -105,7 +105,7 @@ def test_kl_of_the_reference_to_itself_is_zero_and_to_another_policy_is_positive
     ("", None, "failed"),
 ])
 def test_judge_reply_parser(reply, choice, how):
-    assert ev.parse_judge_reply(reply) == (choice, how)
+    assert sim.parse_judge_reply(reply) == (choice, how)
 
 
 def test_llm_judge_uses_the_papers_format_and_counts_parses():
@@ -124,7 +124,7 @@ def test_llm_judge_uses_the_papers_format_and_counts_parses():
 
 def test_hf_llm_judge_runs_batched_and_greedy():
     tok = chatml_tokenizer()
-    judge = ev.LLMJudge(ev.hf_judge_generate(tiny_llama(tok), tok, max_new_tokens=6, max_batch_size=2))
+    judge = ev.LLMJudge(sim.hf_greedy_generate(tiny_llama(tok), tok, max_new_tokens=6, max_batch_size=2))
     a, b = dialogues(*[["good"]] * 3), dialogues(*[["bad"]] * 3)
     first, second = judge(a, b), judge(a, b)
     assert first.tolist() == second.tolist()  # greedy: the same verdicts twice
@@ -155,3 +155,23 @@ def test_cli_on_the_tutor_task(tmp_path, base_policy):
     bad = subprocess.run([sys.executable, "evaluate.py", "--judge", "llm"], cwd=ROOT, capture_output=True,
                          text=True, env=subprocess_env(), timeout=600)
     assert bad.returncode != 0 and "--judge_model" in bad.stderr
+
+
+def test_judge_preference_averages_both_orders():
+    calls = []
+
+    def always_a(prompts):  # a judge with total position bias
+        calls.append(len(prompts))
+        return ["Comparison: first.\nPreferred: A"] * len(prompts)
+
+    pref = sim.JudgePreference(always_a)
+    a, b = dialogues(["good"], ["bad"]), dialogues(["bad"], ["good"])
+    assert pref(a, b).tolist() == [0.5, 0.5] and calls == [4]  # both orders, in one batched call
+
+    def knows_good(prompts):
+        return ["Preferred: A" if p.split("Dialogue B:")[0].count("good") > p.split("Dialogue B:")[1].count("good")
+                else "Preferred: B" for p in prompts]
+
+    env = TwoTurnEnv()
+    env.judge = sim.JudgePreference(knows_good)
+    assert env.preference(a, b).tolist() == [1.0, 0.0]

@@ -1,0 +1,174 @@
+"""The comparison study (REFUEL paper Table 1, MTPO paper Table 1) on the embedded tutor task.
+
+Trains every method with the same budget (the same iterations x prompts per iteration, so the same number of
+trained pairs / conversations started, and the same seeds), evaluates every final policy with `evaluate.py`
+(per-turn win rate against mu with the oracle judge, mean reward as a fraction of V*, KL to mu), and writes the
+markdown tables to benchmarks/study_results.md (and into README.md between the study markers with --update_readme).
+
+    python benchmarks/study.py --seeds 1 2 3 --iterations 60 --parallel 2 --update_readme
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tyro
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# name -> (script, flags); a method whose script is not in the repository yet is reported as missing
+METHODS = {"REFUEL": ("refuel.py", [])}
+for loss in ("rebel", "dpo"):
+    for mode in ("lt-offline", "lt-mixed", "lt-online", "mt-mixed"):
+        METHODS[f"{loss.upper()}-{mode.upper()}"] = ("baselines_dpo_rebel.py", ["--loss", loss, "--mode", mode])
+METHODS["MTPO"] = ("mtpo.py", ["--variant", "mtpo"])
+METHODS["MTPO-tau"] = ("mtpo.py", ["--variant", "mtpo-tau"])
+METHODS["multi-turn RLHF"] = ("mtpo.py", ["--variant", "rlhf"])
+METHODS["Iterative PPO"] = ("iterative_ppo.py", [])
+
+
+@dataclass
+class Args:
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    """methods to train (names as in the table)"""
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    """one run per method per seed"""
+    iterations: int = 60
+    """iterations per run (every method: the same iterations x prompts per iteration)"""
+    prompts_per_iteration: int = 256
+    """conversations started per iteration"""
+    parallel: int = 2
+    """runs at a time"""
+    threads: int = 1
+    """torch threads per run"""
+    num_contexts: int = 1024
+    """held-out contexts per evaluation"""
+    output_dir: str = "runs/study"
+    """where the runs go"""
+    update_readme: bool = False
+    """replace the README's study section with the new tables"""
+    skip_training: bool = False
+    """only evaluate the runs already in output_dir"""
+
+
+def train_all(args: Args) -> dict:
+    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    procs, done = {}, {}
+    while jobs or procs:
+        while jobs and len(procs) < args.parallel:
+            method, seed = jobs.pop(0)
+            script, flags = METHODS[method]
+            name = f"{method.replace(' ', '_')}__seed{seed}"
+            cmd = [sys.executable, script, *flags, "--seed", str(seed), "--run_name", name, "--output_dir",
+                   args.output_dir, "--num_iterations", str(args.iterations), "--prompts_per_iteration",
+                   str(args.prompts_per_iteration), "--time_budget_minutes", "0", "--eval_every",
+                   str(args.iterations), "--num_eval", "256", "--threads", str(args.threads)]
+            (ROOT / args.output_dir).mkdir(parents=True, exist_ok=True)
+            log = open(ROOT / args.output_dir / f"{name}.log", "w")
+            procs[(method, seed)] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+            print(f"started {name}", flush=True)
+        time.sleep(2)
+        for key, p in list(procs.items()):
+            if p.poll() is not None:
+                del procs[key]
+                done[key] = p.returncode
+                print(f"finished {key}: exit {p.returncode}", flush=True)
+    return done
+
+
+def run_dir(args: Args, method: str, seed: int) -> Path:
+    return ROOT / args.output_dir / f"{method.replace(' ', '_')}__seed{seed}"
+
+
+def main(args: Args) -> None:
+    import evaluate as ev
+
+    missing = [m for m in args.methods if not (ROOT / METHODS[m][0]).exists()]
+    if missing:
+        print(f"not in the repository yet, left out: {', '.join(missing)}")
+    args.methods = [m for m in args.methods if m not in missing]
+    t0 = time.time()
+    if not args.skip_training:
+        failed = {k: rc for k, rc in train_all(args).items() if rc != 0}
+        if failed:
+            raise SystemExit(f"runs failed (see their logs in {args.output_dir}): {failed}")
+    train_min = (time.time() - t0) / 60
+    runs = [(m, s) for m in args.methods for s in args.seeds]
+    out = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, s)) for m, s in runs],
+                              names=[f"{m} seed {s}" for m, s in runs], num_contexts=args.num_contexts,
+                              matrix=False))
+    by = {(m, s): r for (m, s), r in zip(runs, out["rows"])}
+    H = len(out["rows"][0]["win_rate"]["per_turn"])
+    lines = ["| method | " + " | ".join(f"h={h}" for h in range(1, H + 1)) +
+             " | avg win rate | reward | of V* | KL to mu | minutes per run |", "|" + "---|" * (H + 6)]
+    table = {}
+    for m in args.methods:
+        rows = [by[(m, s)] for s in args.seeds]
+        per_turn = np.mean([r["win_rate"]["per_turn"] for r in rows], 0)
+        avg = np.array([r["win_rate"]["average"] for r in rows])
+        rew = np.array([r["reward"] for r in rows])
+        kl = np.mean([r["kl"] for r in rows])
+        minutes = np.mean([json.loads((run_dir(args, m, s) / "summary.json").read_text())["minutes"]
+                           for s in args.seeds])
+        sd = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
+        table[m] = dict(per_turn=per_turn.tolist(), average=avg.mean(), average_sd=sd(avg), reward=rew.mean(),
+                        reward_sd=sd(rew), kl=kl, minutes=minutes)
+        lines.append(f"| {m} | " + " | ".join(f"{100 * x:.1f}" for x in per_turn) +
+                     f" | {100 * avg.mean():.1f} ± {100 * sd(avg):.1f} | {rew.mean():.3f} ± {sd(rew):.3f} | "
+                     f"{rew.mean() / out['v_star']:.2f} | {kl:.2f} | {minutes:.1f} |")
+    # MTPO paper Table 1 format, on the first seed's final dialogues
+    seed0 = args.seeds[0]
+    mat = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, seed0)) for m in args.methods], names=args.methods,
+                              num_contexts=args.num_contexts, matrix=True))
+    cmd = "python benchmarks/study.py " + " ".join(sys.argv[1:])
+    text = (f"Win rate (%) against mu per turn h (oracle judge: lessons learned so far, ties half; "
+            f"{args.num_contexts} held-out contexts), mean over seeds {args.seeds} (± sd across seeds); reward = "
+            f"mean final reward (mu: {out['reference_reward']:.3f}, V* = {out['v_star']:.4f}); every method "
+            f"trained for {args.iterations} iterations x {args.prompts_per_iteration} conversations, "
+            f"{args.parallel} runs at a time with {args.threads} thread(s) each; whole study "
+            f"{(time.time() - t0) / 60:.0f} min ({train_min:.0f} training). `{cmd}`\n\n" + "\n".join(lines) +
+            f"\n\nPreference matrix (seed {seed0}, final dialogues, row beats column, %):\n\n" + mat["matrix_table"])
+    if missing:
+        text += f"\n\nNot yet in the repository: {', '.join(missing)}."
+    print("\n" + text)
+    (ROOT / "benchmarks" / "study_results.md").write_text(text + "\n")
+    (ROOT / args.output_dir / "study.json").write_text(json.dumps(table, indent=1))
+    plot(table, H, ROOT / "benchmarks" / "study_win_rate.png")
+    if args.update_readme:
+        readme = (ROOT / "README.md").read_text()
+        a, b = "<!-- study:begin -->", "<!-- study:end -->"
+        if a not in readme or b not in readme:
+            raise SystemExit("README.md has no study markers")
+        head, rest = readme.split(a, 1)
+        (ROOT / "README.md").write_text(head + a + "\n" + text + "\n" + b + rest.split(b, 1)[1])
+
+
+def plot(table: dict, H: int, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for m, r in table.items():
+        ax.plot(range(1, H + 1), [100 * x for x in r["per_turn"]], marker="o", label=m,
+                linewidth=2.5 if m == "REFUEL" else 1.2)
+    ax.axhline(50, color="grey", linestyle=":")
+    ax.set(xlabel="turn h", ylabel="win rate vs mu (%)", title="tutor task: win rate per turn")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
