@@ -644,20 +644,24 @@ def load_tutor_base_policy(path: Path = DEFAULT_BASE_POLICY, rebuild: bool = Fal
 # ----------------------------------------------------------------------------------------------------------------
 # The papers' setting: prompt files, LLM users, pre-sampled users, reward models
 # ----------------------------------------------------------------------------------------------------------------
+def read_jsonl(path: str, what: str):
+    """(line number, record) for each non-empty line; errors name the file and the line."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+
+
 def load_prompts_jsonl(path: str) -> list[list[dict]]:
     """A JSONL file, one record per line: a list of messages, or {"messages": [...]} (a {"questions": [...]}
     field, when present, holds pre-sampled later user turns for setting two)."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
     records = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, rec in read_jsonl(path, "prompt file"):
         msgs = rec.get("messages") if isinstance(rec, dict) else rec
         validate_conversation(msgs, where=f"{path}:{n}")
         if msgs[-1]["role"] != "user":
@@ -671,17 +675,8 @@ def load_prompts_jsonl(path: str) -> list[list[dict]]:
 def load_offline_jsonl(path: str) -> list[dict]:
     """D_off for the chat env: per line a full conversation (a message list or {"messages": [...]}) ending with an
     assistant turn, or an Anthropic-HH-style {"chosen": [...], "rejected": [...]} pair differing in the last turn."""
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"offline dataset {path} does not exist")
     rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+    for n, rec in read_jsonl(path, "offline dataset"):
         msgs = rec if isinstance(rec, list) else rec.get("messages", rec.get("chosen"))
         validate_conversation(msgs, where=f"{path}:{n}")
         if msgs[-1]["role"] != "assistant":

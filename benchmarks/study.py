@@ -54,11 +54,12 @@ class Args:
     update_readme: bool = False
     """replace the README's study section with the new tables"""
     skip_training: bool = False
-    """only evaluate the runs already in output_dir"""
+    """only evaluate the runs already in output_dir (finished runs are never retrained anyway)"""
 
 
 def train_all(args: Args) -> dict:
-    jobs = [(m, s) for m in args.methods for s in args.seeds]
+    # a run that already finished (its summary.json exists) is kept: the study can be extended or resumed
+    jobs = [(m, s) for m in args.methods for s in args.seeds if not (run_dir(args, m, s) / "summary.json").exists()]
     procs, done = {}, {}
     while jobs or procs:
         while jobs and len(procs) < args.parallel:

@@ -251,6 +251,35 @@ def test_prompt_file_errors(tmp_path):
     assert env.user_turn([conv], [recs[0]["questions"]], None) == ["and then?"]
 
 
+def test_offline_dataset_file(tmp_path):
+    u, a, b = ({"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+               {"role": "assistant", "content": "go away"})
+    path = tmp_path / "off.jsonl"
+    path.write_text(json.dumps({"chosen": [u, a], "rejected": [u, b]}) + "\n" + json.dumps([u, a, u, a]) + "\n")
+    rows = sim.load_offline_jsonl(str(path))
+    assert rows[0] == {"messages": [u, a], "alternative": "go away"} and rows[1]["alternative"] is None
+    env = sim.ChatEnv([{"messages": [u], "questions": None}], reward_model=None, offline_records=rows)
+    ctx, convs = env.offline(8, np.random.default_rng(0))
+    assert all(c == rows[x.index]["messages"] for x, c in zip(ctx, convs))
+    ctx0 = [x for x in ctx if x.index == 0][:1]
+    assert env.offline_alternative(ctx0, [[u]], None) == ["go away"]
+    with pytest.raises(ValueError, match="no alternative reply"):
+        env.offline_alternative([x for x in ctx if x.index == 1][:1], [[u, a, u]], None)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"chosen": [u, a], "rejected": [u, a, u, b]}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl:1: 'chosen' and 'rejected' must differ only in the last"):
+        sim.load_offline_jsonl(str(bad))
+    ends_with_user = tmp_path / "user.jsonl"
+    ends_with_user.write_text(json.dumps([u]) + "\n")
+    with pytest.raises(ValueError, match="must end with an assistant turn"):
+        sim.load_offline_jsonl(str(ends_with_user))
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(ValueError, match="holds no dialogues"):
+        sim.load_offline_jsonl(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ValueError, match="--offline_path"):
+        sim.ChatEnv([{"messages": [u], "questions": None}], reward_model=None).offline(1, np.random.default_rng(0))
+
+
 def test_reward_model_scores_chat_templated_conversations_and_rejects_nan():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
