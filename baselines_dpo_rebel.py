@@ -63,6 +63,11 @@ class Args:
     """chat: D_off, JSONL of full dialogues or {"chosen": [...], "rejected": [...]} pairs"""
     user_model: Optional[str] = None
     """chat: HF model prompted as the user; None = pre-sampled questions"""
+    user_api_base: Optional[str] = None
+    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
+    names the served model; key from $OPENAI_API_KEY)"""
+    user_prompt_path: Optional[str] = None
+    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model"""
     reward_trust_remote_code: bool = False
@@ -361,7 +366,8 @@ def main(args: Args) -> dict:
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
     env_dtype = torch.bfloat16 if bf16 else torch.float32
     env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), env_dtype, args.reward_trust_remote_code, args.offline_path)
+                       str(accelerator.device), env_dtype, args.reward_trust_remote_code, args.offline_path,
+                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path)
     ref_policy = None
     if args.loss == "dpo":  # pi_ref, frozen
         ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()

@@ -201,6 +201,11 @@ class Args:
     """chat: JSONL prompts (the 'eval' split is used)"""
     user_model: Optional[str] = None
     """chat: HF model prompted as the user"""
+    user_api_base: Optional[str] = None
+    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
+    names the served model; key from $OPENAI_API_KEY)"""
+    user_prompt_path: Optional[str] = None
+    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
     reward_model: Optional[str] = None
     """chat: the env's reward model (the reward column, and the oracle judge)"""
     reward_trust_remote_code: bool = False
@@ -236,7 +241,8 @@ def evaluate(args: Args) -> dict:
     if len(names) != len(args.policies):
         raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
     env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns, device, dtype,
-                       args.reward_trust_remote_code)
+                       args.reward_trust_remote_code, user_api_base=args.user_api_base,
+                       user_prompt_path=args.user_prompt_path)
     if args.judge == "oracle":
         judge = ScoreJudge(env.reward)
     elif not args.judge_model:

@@ -60,6 +60,11 @@ class Args:
     """chat: JSONL of message lists (or {"messages": ..., "questions": [...]}, pre-sampled user turns)"""
     user_model: Optional[str] = None
     """chat: HF model prompted as the user (REFUEL App. C.2); None = pre-sampled questions (setting two)"""
+    user_api_base: Optional[str] = None
+    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
+    names the served model; key from $OPENAI_API_KEY)"""
+    user_prompt_path: Optional[str] = None
+    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model"""
     reward_trust_remote_code: bool = False
@@ -369,7 +374,8 @@ def main(args: Args) -> dict:
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
     env_dtype = torch.bfloat16 if bf16 else torch.float32
     env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), env_dtype, args.reward_trust_remote_code)
+                       str(accelerator.device), env_dtype, args.reward_trust_remote_code,
+                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path)
     ref_policy = None
     if args.gamma:  # pi_0 for Eq. (11), frozen
         ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()

@@ -797,20 +797,29 @@ def parse_user_question(text: str) -> tuple[str, bool]:
 
 
 class PromptedUser:
-    """An HF chat model playing the user, prompted in the REFUEL paper's Appendix C.2 format. Batched."""
+    """A chat model playing the user, prompted in the REFUEL paper's Appendix C.2 format; batched. Either an HF
+    model in-process (model, tokenizer) or an OpenAI-compatible endpoint (client=OpenAIChatClient(...)), which is how
+    a 70B user served by vLLM or TGI runs beside an 8B policy."""
 
-    def __init__(self, model, tokenizer, prompt_template: str = USER_PROMPT, max_new_tokens: int = 128,
-                 temperature: float = 1.0, max_batch_size: int = 64):
-        self.model, self.tokenizer, self.template = model, tokenizer, prompt_template
+    def __init__(self, model=None, tokenizer=None, prompt_template: str = USER_PROMPT, max_new_tokens: int = 128,
+                 temperature: float = 1.0, max_batch_size: int = 64, client: Optional["OpenAIChatClient"] = None):
+        if "{dialogue}" not in prompt_template:
+            raise ValueError("the user prompt template must contain a {dialogue} placeholder")
+        if client is None and (model is None or tokenizer is None):
+            raise ValueError("PromptedUser needs an HF model and tokenizer, or an endpoint client")
+        self.model, self.tokenizer, self.template, self.client = model, tokenizer, prompt_template, client
         self.max_new_tokens, self.temperature, self.max_batch_size = max_new_tokens, temperature, max_batch_size
         self.n_calls = self.n_fallbacks = 0
 
     def __call__(self, convs, users, rng):
-        asks = [[{"role": "user", "content": self.template.format(dialogue="\n\n".join(
-            f"{m['role'].capitalize()}: {m['content']}" for m in c if m["role"] != "system"))}] for c in convs]
-        out = sample_turns(self.model, self.tokenizer, asks, self.max_new_tokens, self.temperature,
-                           self.max_batch_size)
-        parsed = [parse_user_question(t) for t in out.texts]
+        asks = [self.template.format(dialogue="\n\n".join(f"{m['role'].capitalize()}: {m['content']}"
+                                                            for m in c if m["role"] != "system")) for c in convs]
+        if self.client is not None:
+            texts = self.client.complete(asks, self.max_new_tokens, self.temperature)
+        else:
+            texts = sample_turns(self.model, self.tokenizer, [[{"role": "user", "content": a}] for a in asks],
+                                 self.max_new_tokens, self.temperature, self.max_batch_size).texts
+        parsed = [parse_user_question(t) for t in texts]
         self.n_calls += len(parsed)
         self.n_fallbacks += sum(not ok for _, ok in parsed)
         return [q for q, _ in parsed]
@@ -821,10 +830,11 @@ class OpenAIChatClient:
     does not fit beside the policy. Standard library only; requests go out concurrently, not one by one."""
 
     def __init__(self, api_base: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_workers: int = 32,
-                 timeout: float = 120.0, retries: int = 3):
+                 timeout: float = 120.0, retries: int = 3, backoff: float = 1.0):
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.api_key = model, os.environ.get(api_key_env, "EMPTY")
-        self.max_workers, self.timeout, self.retries = max_workers, timeout, retries
+        self.max_workers, self.timeout, self.retries, self.backoff = max_workers, timeout, retries, backoff
+        self.n_requests = self.n_retries = 0
 
     def _one(self, prompt: str, max_tokens: int, temperature: float) -> str:
         import urllib.error
@@ -835,17 +845,27 @@ class OpenAIChatClient:
         req = urllib.request.Request(self.url, body, {"Content-Type": "application/json",
                                                        "Authorization": f"Bearer {self.api_key}"})
         for attempt in range(self.retries):
+            self.n_requests += 1
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    reply = json.loads(r.read())
-                return reply["choices"][0]["message"]["content"] or ""
+                    raw = r.read()
+                break
+            except urllib.error.HTTPError as e:
+                if e.code < 500 and e.code != 429:  # the request itself is wrong: retrying will not help
+                    raise ValueError(f"endpoint {self.url} refused the request (HTTP {e.code}): "
+                                     f"{e.read()[:300].decode(errors='replace')}") from None
+                err = f"HTTP {e.code}"
             except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                if attempt == self.retries - 1:
-                    raise ConnectionError(f"endpoint {self.url} (model {self.model}) failed after "
-                                          f"{self.retries} tries: {e}") from None
-                time.sleep(2 ** attempt)
-            except (KeyError, IndexError, json.JSONDecodeError) as e:
-                raise ValueError(f"endpoint {self.url} returned an unexpected reply ({e!r})") from None
+                err = repr(getattr(e, "reason", e))
+            if attempt == self.retries - 1:
+                raise ConnectionError(f"endpoint {self.url} (model {self.model}) failed after {self.retries} "
+                                      f"tries (timeout {self.timeout}s): {err}")
+            self.n_retries += 1
+            time.sleep(self.backoff * 2 ** attempt)  # exponential backoff
+        try:
+            return json.loads(raw)["choices"][0]["message"]["content"] or ""
+        except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
+            raise ValueError(f"endpoint {self.url} returned an unexpected reply ({e!r}): {raw[:200]!r}") from None
 
     def complete(self, prompts: Sequence[str], max_tokens: int = 256, temperature: float = 0.0) -> list[str]:
         from concurrent.futures import ThreadPoolExecutor
@@ -962,25 +982,34 @@ def load_policy(name: str, dtype=torch.float32):
 
 def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
              reward_model: Optional[str] = None, max_turns: int = 5, device: str = "cpu",
-             dtype=torch.float32, trust_remote_code: bool = False, offline_path: Optional[str] = None) -> Environment:
-    """The environment named by the scripts' flags."""
+             dtype=torch.float32, trust_remote_code: bool = False, offline_path: Optional[str] = None,
+             user_api_base: Optional[str] = None, user_prompt_path: Optional[str] = None) -> Environment:
+    """The environment named by the scripts' flags. The user: --user_model in-process, or served at
+    --user_api_base (an OpenAI-compatible endpoint; --user_model names the served model), or, with neither, the
+    pre-sampled questions of the prompt file."""
     if env == "tutor":
         return TutorEnv(TutorRules(max_turns=max_turns))
     if env != "chat":
         raise ValueError(f"unknown env {env!r}: expected 'tutor' or 'chat'")
     if not prompts_path or not reward_model:
         raise ValueError("--env chat needs --prompts_path (JSONL) and --reward_model")
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    if user_api_base and not user_model:
+        raise ValueError("--user_api_base needs --user_model, the model name the endpoint serves")
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    rm_tok = AutoTokenizer.from_pretrained(reward_model)
-    rm = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=dtype,
-                                                            trust_remote_code=trust_remote_code).to(device)
+    try:
+        rm_tok = AutoTokenizer.from_pretrained(reward_model)
+        rm = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=dtype,
+                                                                trust_remote_code=trust_remote_code).to(device)
+    except OSError as e:
+        raise ValueError(f"could not load reward model {reward_model!r}: {e}") from None
+    template = Path(user_prompt_path).read_text() if user_prompt_path else USER_PROMPT
     user = None
-    if user_model:
-        u_tok = AutoTokenizer.from_pretrained(user_model)
-        if u_tok.pad_token_id is None:
-            u_tok.pad_token = u_tok.eos_token
-        user = PromptedUser(AutoModelForCausalLM.from_pretrained(user_model, dtype=dtype).to(device), u_tok)
+    if user_api_base:
+        user = PromptedUser(prompt_template=template, client=OpenAIChatClient(user_api_base, user_model))
+    elif user_model:
+        u_model, u_tok = load_policy(user_model, dtype)
+        user = PromptedUser(u_model.to(device).eval(), u_tok, prompt_template=template)
     return ChatEnv(load_prompts_jsonl(prompts_path), HFRewardModel(rm, rm_tok), user, max_turns,
                    offline_records=load_offline_jsonl(offline_path) if offline_path else None)
 

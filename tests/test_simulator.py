@@ -59,6 +59,21 @@ def tiny_llama(tok, seed=0):
     return LlamaForCausalLM(cfg).eval()
 
 
+def save_tiny_policy_and_reward_model(path):
+    """A tiny Llama-3-template policy at path/policy and a sequence-classification reward model at path/rm."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    tok = llama3_tokenizer()
+    tiny_llama(tok).save_pretrained(path / "policy")
+    tok.save_pretrained(path / "policy")
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(path / "rm")
+    tok.save_pretrained(path / "rm")
+    return tok
+
+
 def dialogue(n_turns=3):
     env = sim.TutorEnv()
     return env.reference_dialogues(1, np.random.default_rng(3), n_turns)[0]

@@ -1,0 +1,115 @@
+"""The OpenAI-compatible client (user simulator and judge backend) against a small local HTTP server."""
+import json
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import simulator as sim
+from conftest import ROOT, subprocess_env
+
+
+class Handler(BaseHTTPRequestHandler):
+    seen: dict = {}
+
+    def log_message(self, *a):  # keep pytest output clean
+        pass
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        model, prompt = body["model"], body["messages"][-1]["content"]
+        n = Handler.seen[prompt] = Handler.seen.get(prompt, 0) + 1
+        if model == "slow":
+            time.sleep(1.0)
+        if model == "flaky" and n == 1:
+            return self.reply(503, b"overloaded")
+        if model == "unknown":
+            return self.reply(404, b'{"error": "model unknown not found"}')
+        if model == "garbage":
+            return self.reply(200, b"<html>not json</html>")
+        lines = prompt.strip().splitlines()
+        tail = ([line for line in lines if line.startswith("Assistant:")] or lines)[-1]  # what it answers
+        text = f"Justification: keep going.\nQuestion: what about {tail[-20:]}?"
+        self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
+
+    def reply(self, code, data):
+        try:
+            self.send_response(code)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        except BrokenPipeError:  # the client gave up (timeout test)
+            pass
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+
+
+def test_batched_completions_keep_their_order(server):
+    client = sim.OpenAIChatClient(server, "ok", max_workers=8)
+    prompts = [f"prompt number {i:03d}" for i in range(40)]
+    out = client.complete(prompts)
+    assert out == [f"Justification: keep going.\nQuestion: what about prompt number {i:03d}?" for i in range(40)]
+    assert client.n_requests == 40 and client.n_retries == 0
+
+
+def test_server_errors_are_retried_with_backoff(server):
+    client = sim.OpenAIChatClient(server, "flaky", retries=3, backoff=0.05)
+    assert client.complete(["flaky one", "flaky two"])[1].endswith("two?")
+    assert client.n_retries == 2 and client.n_requests == 4
+
+
+def test_timeouts_end_in_a_clear_error(server):
+    client = sim.OpenAIChatClient(server, "slow", timeout=0.2, retries=2, backoff=0.05)
+    with pytest.raises(ConnectionError, match=r"model slow\) failed after 2 tries \(timeout 0.2s\)"):
+        client.complete(["slow prompt"])
+
+
+def test_refused_and_malformed_replies(server):
+    with pytest.raises(ValueError, match="refused the request \\(HTTP 404\\).*model unknown not found"):
+        sim.OpenAIChatClient(server, "unknown", backoff=0.05).complete(["x"])
+    with pytest.raises(ValueError, match="unexpected reply.*not json"):
+        sim.OpenAIChatClient(server, "garbage").complete(["y"])
+
+
+def test_prompted_user_over_the_endpoint(server):
+    user = sim.PromptedUser(client=sim.OpenAIChatClient(server, "ok"), max_new_tokens=32)
+    env = sim.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "questions": None}], reward_model=None,
+                      user=user)
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(5)]
+    replies = env.user_turn(convs, [None] * 5, None)
+    assert replies == [f"what about Assistant: answer {i}?" for i in range(5)]  # parsed off "Question:", in order
+    assert user.n_calls == 5 and user.n_fallbacks == 0
+    with pytest.raises(ValueError, match="dialogue"):
+        sim.PromptedUser(client=user.client, prompt_template="no placeholder")
+
+
+def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
+    """A full REFUEL iteration by flags only: tiny HF policy, HF reward model, user at --user_api_base."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps([{"role": "user", "content": f"hello teacher , teach me {t} ."}]) + "\n"
+                               for t in sim.TOPICS))
+    pairs = tmp_path / "pairs.jsonl"
+    cmd = [sys.executable, "refuel.py", "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
+           "--reward_model", str(tmp_path / "rm"), "--prompts_path", str(prompts), "--user_api_base", server,
+           "--user_model", "ok", "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "1",
+           "--prompts_per_iteration", "8", "--minibatch_size", "4", "--num_eval", "4", "--threads", "1",
+           "--output_dir", str(tmp_path), "--run_name", "endpoint", "--save_rollouts", str(pairs)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert rows
+    for r in rows:  # every later user turn came from the endpoint, parsed off its "Question:" line
+        assert all(m["content"].startswith("what about ") for m in r["conv_b"][2::2]), r["conv_b"]
+    assert json.loads((tmp_path / "endpoint" / "summary.json").read_text())["iterations"] == 1
