@@ -1,0 +1,731 @@
+"""iterative_ppo.py: Iterative PPO (Jiang, Bhandari, Yang, Munos, Lu, "Aligning LLMs Toward Multi-Turn Conversational
+Outcomes Using Iterative PPO", arXiv 2511.21638, 2025), one self-contained CleanRL-style script.
+
+Batch-online policy iteration (paper Algorithm 1), per outer iteration i:
+  4. deploy pi_i: collect N whole conversations with the user (batched at every turn)        -> `rollout`
+  5. Monte Carlo policy evaluation (Observation 2): one example per agent turn,
+        ((s_h, y_h), G_h),  G_h = sum_{j>=0} gamma^j r_{h+j},  r = 0 except r_H = r(s_{H+1})   -> `monte_carlo_returns`
+     and fit a response-level Q_i(s, y) by regression (MSE): an LM backbone with a scalar head read at the last
+     token of the chat-templated s_h + y_h, i.e. a reward-model-shaped network. Conversations are split into a
+     fit and a held-out part; held-out MSE picks the epoch (early stopping) and is logged.   -> `fit_q_model`
+  6. D_single = the states s_h visited by pi_i, as prompts (the very serialisation pi_i saw)
+  7. pi_{i+1} = PPO(D_single, reward model = Q_i): ordinary single-turn token-level PPO (Observation 1), maximising
+        E_{y~pi(.|s)} Q_i(s, y) - beta KL(pi(.|s) || pi_i(.|s))          (Theorem 2: the KL anchor is pi_i, not mu)
+     per token: r_t = -beta (ln pi_old(y_t) - ln pi_i(y_t)), plus Q_i(s, y) at the last token    -> `ppo_rewards`
+     GAE over the response tokens with PPO's own token-level critic (initialised from Q_i)     -> `token_gae`
+     whitened advantages, clipped surrogate and clipped value loss.                -> `whiten`, `ppo_clipped_loss`
+     No environment step happens inside PPO: the future turns are compressed into Q_i.
+  9. "until Q_i has converged": with --q_converged_tol, stop when Q_i's estimate of V^{pi_i}(s_1) (mean Q_i over
+     held-out first turns) moves less than the tolerance between iterations; otherwise run num_iterations.
+
+Runs as `python iterative_ppo.py` (CPU, the embedded tutor task) or `accelerate launch [--config_file configs/...]
+iterative_ppo.py --model_name_or_path ... --env chat ...`. The policy goes through accelerate (DDP / DeepSpeed);
+the Q-model and the critic are replicated on every rank and kept in sync by an all-reduce of their gradients.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import simulator as sim
+
+
+@dataclass
+class Args:
+    exp_name: str = "iterative_ppo"
+    """experiment name, the first part of run_name"""
+    run_name: Optional[str] = None
+    """runs/<run_name>/ holds metrics, checkpoints and rollouts (default: exp_name__env__seed__time)"""
+    resume: bool = False
+    """continue runs/<run_name>/checkpoint (needs --run_name)"""
+    seed: int = 1
+    """random seed (rank r uses seed + r for sampling)"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+    # environment
+    env: Literal["tutor", "chat"] = "tutor"
+    """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF RM"""
+    prompts_path: Optional[str] = None
+    """chat: JSONL of message lists (or {"messages": ..., "questions": [...]}, pre-sampled user turns)"""
+    user_model: Optional[str] = None
+    """chat: HF model prompted as the user; None = pre-sampled questions"""
+    reward_model: Optional[str] = None
+    """chat: HF sequence-classification reward model (scores the whole conversation: the only reward)"""
+    reward_trust_remote_code: bool = False
+    """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
+    max_turns: int = 5
+    """H: agent turns per collected conversation"""
+
+    # policy and sampling
+    model_name_or_path: str = "tutor"
+    """initial policy pi_0 ('tutor' = the embedded SFT base policy mu, built on first use)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed on logits / temperature everywhere"""
+    max_new_tokens: int = 12
+    """per-turn token budget"""
+    gen_batch_size: int = 256
+    """max sequences per sampling call (memory)"""
+
+    # step 5: Monte Carlo Q-model
+    gamma: float = 1.0
+    """discount of the Monte Carlo return G_h (Observation 2)"""
+    q_model_name_or_path: Optional[str] = None
+    """Q's backbone (AutoModelForSequenceClassification, 1 label, the policy's vocabulary); None = the policy's"""
+    q_warm_start: bool = True
+    """start Q_i from Q_{i-1} (False: a fresh head on the initial backbone every iteration)"""
+    q_epochs: int = 4
+    """max passes over the fit split (early-stopped on the held-out MSE)"""
+    q_patience: int = 2
+    """stop fitting after this many epochs without a held-out improvement; the best epoch's weights are kept"""
+    q_heldout_fraction: float = 0.1
+    """share of conversations held out to measure Q's error"""
+    q_lr: float = 1e-3
+    """AdamW lr of Q (and of the token critic)"""
+    q_minibatch_size: int = 128
+    """Q examples per optimizer step across all ranks"""
+    q_converged_tol: float = 0.0
+    """Algorithm 1 line 9: stop once |V_hat(Q_i) - V_hat(Q_{i-1})| < tol (0 = run num_iterations)"""
+
+    # step 7: token-level PPO against Q_i
+    kl_coef: float = 0.05
+    """beta of the per-token KL penalty to pi_i (Theorem 2)"""
+    ppo_batches: int = 2
+    """D_single is shuffled and cut into this many PPO batches; each is sampled anew from the current policy"""
+    ppo_epochs: int = 2
+    """PPO epochs over each batch of sampled responses"""
+    ppo_minibatch_size: int = 128
+    """responses per optimizer step across all ranks"""
+    cliprange: float = 0.2
+    """PPO ratio clip epsilon"""
+    cliprange_value: float = 0.2
+    """clip of the critic's value change"""
+    target_kl: float = 0.02
+    """stop a PPO batch's epochs once the mean per-token approx KL to the sampling policy exceeds this (0 = off)"""
+    lam: float = 0.95
+    """GAE lambda over tokens"""
+    ppo_gamma: float = 1.0
+    """GAE discount over tokens (1 = the single-turn RLHF convention)"""
+    whiten_rewards: bool = False
+    """also whiten the token rewards before GAE (advantages are always whitened)"""
+    lr: float = 3e-4
+    """AdamW lr of the policy"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    weight_decay: float = 1e-6
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (policy, Q and critic)"""
+    bf16: Optional[bool] = None
+    """bf16 mixed precision for the policy (default: on when CUDA is available)"""
+
+    # loop
+    num_iterations: int = 30
+    """outer iterations i (policy-iteration steps)"""
+    prompts_per_iteration: int = 256
+    """conversations collected per outer iteration across all ranks"""
+    time_budget_minutes: float = 10.0
+    """stop after the outer iteration that passes this wall time; 0 = no limit"""
+    eval_every: int = 1
+    """evaluate with the real user every N outer iterations (and at the start and the end)"""
+    num_eval: int = 512
+    """held-out contexts per evaluation (each played for max_turns turns)"""
+    save_every: int = 5
+    """atomic checkpoint every N outer iterations (and at the end)"""
+    save_rollouts: Optional[str] = None
+    """append every PPO sample (prompt, response, Q score, old and reference log-probs) to this JSONL file"""
+    tensorboard: bool = False
+    """also write TensorBoard scalars"""
+    output_dir: str = "runs"
+    """parent of runs/<run_name>/"""
+
+    # derived after parsing
+    world_size: int = 0
+    """number of processes (computed at runtime)"""
+    local_prompts: int = 0
+    """conversations per rank per outer iteration (computed at runtime)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Steps 4-5: rollouts and Monte Carlo returns
+# ----------------------------------------------------------------------------------------------------------------
+def rollout(policy, tokenizer, env, contexts, rng, args):
+    """Algorithm 1 line 4: whole conversations of pi_i with the user, batched at every turn; and their rewards."""
+    if not contexts:
+        raise ValueError("rollout: no contexts")
+    convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
+                                      [c.user for c in contexts], [env.max_turns] * len(contexts), rng,
+                                      args.max_new_tokens, args.temperature, args.gen_batch_size)
+    rewards = env.reward(convs)
+    if not torch.isfinite(rewards).all():
+        raise FloatingPointError("the reward is NaN or infinite for some conversations")
+    return convs, rewards
+
+
+def monte_carlo_returns(turn_rewards, gamma: float = 1.0) -> list:
+    """Observation 2: G_h = sum_{j>=0} gamma^j r_{h+j} for every turn of every trajectory (lengths may differ)."""
+    out = []
+    for rs in turn_rewards:
+        g, gs = 0.0, []
+        for r in reversed([float(r) for r in rs]):
+            if not math.isfinite(r):
+                raise FloatingPointError(f"non-finite reward {r} in a trajectory")
+            g = r + gamma * g
+            gs.append(g)
+        out.append(gs[::-1])
+    return out
+
+
+def q_examples(convs, rewards, gamma: float) -> list:
+    """D^pi: ((s_h, y_h), G_h) per agent turn; the conversation reward is the last turn's reward, the others are 0."""
+    turn_rewards = []
+    for c, r in zip(convs, rewards):
+        n = sum(m["role"] == "assistant" for m in c)
+        turn_rewards.append([0.0] * (n - 1) + [float(r)])
+    examples = []
+    for g, (c, gs) in enumerate(zip(convs, monte_carlo_returns(turn_rewards, gamma))):
+        for h, G in enumerate(gs, 1):
+            i = sim.assistant_turn_index(c, h)
+            examples.append(dict(messages=c[:i + 1], h=h, group=g, G=G))  # Q's input: s_h + y_h, chat-templated
+    if not examples:
+        raise ValueError("no Q examples: the conversations have no agent turns")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step 5: the response-level Q-model (and the token-level critic that shares its architecture)
+# ----------------------------------------------------------------------------------------------------------------
+def build_q_model(name_or_path: str, tokenizer):
+    """An LM backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if name_or_path != str(sim.DEFAULT_BASE_POLICY):
+        q_tok = AutoTokenizer.from_pretrained(name_or_path)
+        if q_tok.get_vocab() != tokenizer.get_vocab():
+            raise ValueError(f"Q model {name_or_path} must share the policy's vocabulary (its input is tokenized "
+                             f"with the policy's chat template)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point
+    q = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32)
+    hf_logging.set_verbosity(verbosity)
+    q.config.pad_token_id = tokenizer.pad_token_id
+    return q
+
+
+def token_scores(model, input_ids, attention_mask) -> torch.Tensor:
+    """The scalar head applied at every position (B x L): hidden state of tokens <= t -> a value."""
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        raise ValueError(f"{type(model).__name__}: no 'score' or 'classifier' head found")
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return head(hidden).squeeze(-1).float()
+
+
+def q_inputs(tokenizer, messages_list, rows=None):
+    """Right-padded ids of the chat-templated (s_h + y_h) and the index of each row's last token."""
+    rows = rows or [sim.render_ids(tokenizer, m, add_generation_prompt=False) for m in messages_list]
+    L = max(len(r) for r in rows)
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, :len(r)], attn[b, :len(r)] = torch.tensor(r), 1
+    return ids, attn, torch.tensor([len(r) - 1 for r in rows])
+
+
+def q_forward(q_model, tokenizer, messages_list, rows=None) -> torch.Tensor:
+    """Q(s, y) of each (s + y) message list: the scalar head at the response's last token. Differentiable."""
+    device = next(q_model.parameters()).device
+    ids, attn, last = q_inputs(tokenizer, messages_list, rows)
+    scores = token_scores(q_model, ids.to(device), attn.to(device))
+    return scores.gather(1, last.to(device)[:, None]).squeeze(1)
+
+
+@torch.no_grad()
+def q_predict(q_model, tokenizer, messages_list, batch_size: int = 256, rows=None) -> torch.Tensor:
+    if not messages_list:
+        raise ValueError("q_predict: empty input")
+    was = q_model.training
+    q_model.eval()
+    out = torch.cat([q_forward(q_model, tokenizer, messages_list[s:s + batch_size],
+                               rows[s:s + batch_size] if rows else None).cpu()
+                     for s in range(0, len(messages_list), batch_size)])
+    q_model.train(was)
+    if not torch.isfinite(out).all():
+        raise FloatingPointError("the Q-model returned NaN or infinite values")
+    return out
+
+
+def sync_gradients(model, accelerator) -> None:
+    """All-reduce (mean) the gradients of a replicated, un-prepared model, so every rank takes the same step."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = accelerator.reduce(flat, "mean")
+    n = 0
+    for p in params:
+        p.grad = flat[n:n + p.numel()].view_as(p).clone()
+        n += p.numel()
+
+
+def split_heldout(examples, fraction: float, rng):
+    """Hold out whole conversations (no turn of a held-out conversation is fitted)."""
+    groups = sorted({e["group"] for e in examples})
+    k = min(len(groups) - 1, max(1, round(fraction * len(groups)))) if fraction > 0 and len(groups) > 1 else 0
+    held = set(rng.permutation(groups)[:k].tolist())
+    return [e for e in examples if e["group"] not in held], [e for e in examples if e["group"] in held]
+
+
+def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_size=128, heldout_fraction=0.1,
+                patience=2, max_grad_norm=1.0, accelerator=None, weight_decay=0.0, optimizer=None) -> dict:
+    """Step 5: regress Q(s_h, y_h) onto G_h (MSE), early-stopped on the held-out MSE; keeps the best epoch."""
+    if not examples:
+        raise ValueError("fit_q_model: no examples")
+    if not all(math.isfinite(e["G"]) for e in examples):
+        raise FloatingPointError("fit_q_model: non-finite Monte Carlo return")
+    for e in examples:  # tokenize once per fit, not once per epoch
+        e.setdefault("ids", sim.render_ids(tokenizer, e["messages"], add_generation_prompt=False))
+    fit, held = split_heldout(examples, heldout_fraction, rng)
+    reduce = (lambda x: accelerator.reduce(torch.tensor(x, device=accelerator.device), "mean").item()) \
+        if accelerator is not None and accelerator.num_processes > 1 else (lambda x: x)
+    device = next(q_model.parameters()).device
+
+    def heldout_mse():
+        if not held:
+            return float("nan")
+        pred = q_predict(q_model, tokenizer, [e["messages"] for e in held], rows=[e["ids"] for e in held])
+        return reduce(float(((pred - torch.tensor([e["G"] for e in held])) ** 2).mean()))
+
+    opt = optimizer or torch.optim.AdamW([p for p in q_model.parameters() if p.requires_grad], lr=lr,
+                                         weight_decay=weight_decay)
+    q_model.train()
+    before = best = heldout_mse()
+    best_state, bad, train_mse, epochs_run = copy.deepcopy(q_model.state_dict()), 0, float("nan"), 0
+    for epoch in range(epochs):
+        order, losses = rng.permutation(len(fit)), []
+        for s in range(0, len(order), minibatch_size):
+            batch = [fit[i] for i in order[s:s + minibatch_size]]
+            pred = q_forward(q_model, tokenizer, None, [e["ids"] for e in batch])
+            loss = ((pred - torch.tensor([e["G"] for e in batch], device=device)) ** 2).mean()  # "standard regression"
+            if not torch.isfinite(loss):
+                raise FloatingPointError("fit_q_model: the Q loss is NaN or infinite")
+            opt.zero_grad()
+            loss.backward()
+            sync_gradients(q_model, accelerator)
+            torch.nn.utils.clip_grad_norm_(q_model.parameters(), max_grad_norm)
+            opt.step()
+            losses.append(loss.item())
+        train_mse, epochs_run = reduce(float(np.mean(losses))), epoch + 1
+        if not held:
+            continue
+        mse = heldout_mse()
+        if mse < best:  # the held-out error is the "Q has converged" signal of the fit
+            best, bad, best_state = mse, 0, copy.deepcopy(q_model.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    if held:
+        q_model.load_state_dict(best_state)
+    q_model.eval()
+    first = [e for e in held if e["h"] == 1] or [e for e in fit if e["h"] == 1] or held or fit
+    v_hat = reduce(float(q_predict(q_model, tokenizer, [e["messages"] for e in first]).mean()))
+    v_mc = reduce(float(np.mean([e["G"] for e in first])))
+    return {"q/heldout_mse_before": before, "q/heldout_mse": best, "q/train_mse": train_mse, "q/epochs": epochs_run,
+            "q/v_hat": v_hat, "q/v_monte_carlo": v_mc, "q/examples": len(fit), "q/heldout_examples": len(held)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Step 7: single-turn token-level PPO with Q_i as the reward model and pi_i as the KL anchor
+# ----------------------------------------------------------------------------------------------------------------
+def masked_mean(x, mask):
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
+    """(x - mean) / std over the masked entries (mean kept when shift_mean=False), masked entries left at 0."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def ppo_rewards(q_scores, logprobs, ref_logprobs, mask, kl_coef):
+    """Per-token reward: -beta (ln pi_old - ln pi_i) on every response token, plus Q_i(s, y) at the last one."""
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = -kl_coef * kl
+    last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # one-hot at each row's last token
+    return rewards + last * q_scores[:, None], kl
+
+
+def token_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
+    """GAE over the response tokens (left-aligned, mask = 1 on real tokens): advantages and returns (B x T)."""
+    T = rewards.shape[1]
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(T)):
+        nxt_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(mask[:, 0])
+        nxt_v = values[:, t + 1] * nxt_mask if t + 1 < T else torch.zeros_like(values[:, 0])
+        delta = rewards[:, t] + gamma * nxt_v - values[:, t]
+        last = (delta + gamma * lam * last * nxt_mask) * mask[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * mask
+
+
+def ppo_clipped_loss(logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2):
+    """PPO's clipped surrogate, masked mean over tokens: max(-A r, -A clip(r, 1-eps, 1+eps))."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
+    clipfrac = masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
+    return masked_mean(loss, mask), clipfrac
+
+
+def value_loss(values, old_values, returns, mask, cliprange_value: float = 0.2):
+    """PPO's clipped value loss: 0.5 max((V - R)^2, (clip(V, V_old +- c) - R)^2)."""
+    clipped = old_values + (values - old_values).clamp(-cliprange_value, cliprange_value)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
+
+
+def response_batch(tokenizer, prompts, responses):
+    """Right-padded prompt+response ids and an index (B x T) of each response token's predicting position."""
+    rows = [(sim.render_ids(tokenizer, p, add_generation_prompt=True), list(r)) for p, r in zip(prompts, responses)]
+    L, T = max(len(p) + len(r) for p, r in rows), max(len(r) for _, r in rows)
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    attn, idx, mask = torch.zeros_like(ids), torch.zeros((len(rows), T), dtype=torch.long), torch.zeros(len(rows), T)
+    for b, (p, r) in enumerate(rows):
+        ids[b, :len(p) + len(r)], attn[b, :len(p) + len(r)] = torch.tensor(p + r), 1
+        idx[b, :len(r)], mask[b, :len(r)] = torch.arange(len(p) - 1, len(p) + len(r) - 1), 1
+    return ids, attn, idx, mask
+
+
+def response_logprobs(model, ids, attn, idx, temperature):
+    lp = sim.token_logprobs(model, ids, attn, temperature)  # position j predicts token j + 1
+    return lp.gather(1, idx.to(lp.device))
+
+
+def response_values(critic, ids, attn, idx):
+    return token_scores(critic, ids, attn).gather(1, idx.to(ids.device))
+
+
+def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer, accelerator,
+                   rng, args, log_rows=None):
+    """One PPO batch: sample y ~ pi(.|s) for every prompt (batched), score with Q_i, GAE, ppo_epochs of updates."""
+    dev = accelerator.device
+    with generation_model(policy, accelerator) as pi:
+        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, args.temperature, args.gen_batch_size)
+    ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
+    chunks = [slice(s, s + args.gen_batch_size) for s in range(0, len(prompts), args.gen_batch_size)]  # memory
+    with torch.no_grad():
+        old_lp = torch.cat([response_logprobs(policy, ids[c], attn[c], idx[c], args.temperature)
+                            for c in chunks]) * mask
+        ref_lp = torch.cat([response_logprobs(ref_policy, ids[c], attn[c], idx[c], args.temperature)
+                            for c in chunks]) * mask  # pi_i (Theorem 2)
+        old_v = torch.cat([response_values(critic, ids[c], attn[c], idx[c]) for c in chunks]) * mask
+        q = q_predict(q_model, tokenizer, [p + [{"role": "assistant", "content": t}]
+                                           for p, t in zip(prompts, samples.texts)]).to(dev)  # reward model = Q_i
+        rewards, kl = ppo_rewards(q, old_lp, ref_lp, mask, args.kl_coef)
+        if args.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        adv, returns = token_gae(rewards, old_v, mask, args.ppo_gamma, args.lam)
+        adv = whiten(adv, mask)
+    if log_rows is not None:
+        log_rows += [dict(prompt=p, response=t, token_ids=r, q=float(q[b]), old_logprob=float(old_lp[b].sum()),
+                          ref_logprob=float(ref_lp[b].sum())) for b, (p, t, r) in
+                     enumerate(zip(prompts, samples.texts, samples.token_ids))]
+    mb = max(1, args.ppo_minibatch_size // args.world_size)
+    logs = []
+    for _ in range(args.ppo_epochs):
+        order = torch.as_tensor(rng.permutation(len(prompts)), device=dev)
+        for s in range(0, len(prompts), mb):
+            j = order[s:s + mb]
+            lp = response_logprobs(policy, ids[j], attn[j], idx[j], args.temperature)
+            pg_loss, clipfrac = ppo_clipped_loss(lp, old_lp[j], adv[j], mask[j], args.cliprange)
+            accelerator.backward(pg_loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            v = response_values(critic, ids[j], attn[j], idx[j])
+            vf_loss = value_loss(v, old_v[j], returns[j], mask[j], args.cliprange_value)
+            critic_opt.zero_grad()
+            vf_loss.backward()
+            sync_gradients(critic, accelerator)
+            torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
+            critic_opt.step()
+            with torch.no_grad():
+                approx_kl = accelerator.reduce(masked_mean(0.5 * (lp - old_lp[j]) ** 2, mask[j]), "mean")
+            logs.append((pg_loss.item(), vf_loss.item(), clipfrac.item(), approx_kl.item()))
+            if args.target_kl and approx_kl.item() > args.target_kl:  # same decision on every rank
+                break
+        else:
+            continue
+        break
+    pg, vf, cf, akl = np.mean(logs, 0)
+    return {"losses/policy_loss": pg, "losses/value_loss": vf, "losses/clipfrac": cf, "losses/approx_kl": akl,
+            "ppo/q_score": float(q.mean()), "ppo/kl_to_pi_i": float(kl.sum(1).mean()),
+            "ppo/response_tokens": float(mask.sum(1).mean()),
+            "ppo/hit_budget": float(samples.hit_budget.float().mean())}
+
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing (as in refuel.py: each script is self-contained): ZeRO-3 generation, checkpoints, logging, evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def generation_model(model, accelerator):
+    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per sampling call."""
+    unwrapped = accelerator.unwrap_model(model)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None and ds.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            yield unwrapped
+    else:
+        yield unwrapped
+
+
+def save_checkpoint(accelerator, model, tokenizer, q_state: dict, run_dir: Path, meta: dict, rng) -> None:
+    """runs/<run>/checkpoint/{policy (save_pretrained), q_model.pt, state (accelerate), meta.json}, atomic."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(tmp / "policy", state_dict=state_dict)
+        tokenizer.save_pretrained(tmp / "policy")
+    accelerator.save_state(str(tmp / "state"))
+    (tmp / "state").mkdir(parents=True, exist_ok=True)
+    with open(tmp / "state" / f"numpy_rng_{accelerator.process_index}.json", "w") as f:
+        json.dump(rng.bit_generator.state, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        torch.save(q_state, tmp / "q_model.pt")  # Q_i and its optimizer: the warm start of Q_{i+1}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class Logger:
+    """Scalars to runs/<run>/metrics.jsonl (and TensorBoard when asked), one console line per call."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir))
+
+    def log(self, step: int, metrics: dict, keys=None) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                                           if keys is None or k in keys))
+
+
+def evaluate(model, tokenizer, env, accelerator, args, seed):
+    """Mean reward with the real user (and per-turn detail on the tutor) on held-out contexts; ranks share it."""
+    n = max(1, args.num_eval // accelerator.num_processes)
+    with generation_model(model, accelerator) as policy:
+        out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
+                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
+    keys = sorted(k for k in out if k != "eval/reward_stderr")
+    vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
+    res = dict(zip(keys, vals.tolist()))
+    res["eval/reward_stderr"] = out["eval/reward_stderr"] / math.sqrt(accelerator.num_processes)
+    if isinstance(env, sim.TutorEnv):
+        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The outer loop
+# ----------------------------------------------------------------------------------------------------------------
+SHOW = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/v_hat", "q/v_monte_carlo",
+        "ppo/q_score", "ppo/kl_to_pi_i", "losses/clipfrac", "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")
+
+
+def main(args: Args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if args.bf16 is None else args.bf16
+    # cpu=True on a CPU-only machine: launched ranks join one gloo group instead of training alone (REFERENCE.md)
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.world_size = W = accelerator.num_processes
+    if args.prompts_per_iteration % W or args.ppo_minibatch_size % W or args.q_minibatch_size % W:
+        raise ValueError("prompts_per_iteration, ppo_minibatch_size and q_minibatch_size must be divisible by the "
+                         "number of processes")
+    args.local_prompts = args.prompts_per_iteration // W
+    if args.local_prompts < 2 or args.ppo_batches < 1:
+        raise ValueError("need at least 2 conversations per rank per iteration and ppo_batches >= 1")
+    if args.resume and not args.run_name:
+        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
+    args.run_name = args.run_name or f"{args.exp_name}__{args.env}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output_dir) / args.run_name
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    set_seed(args.seed)  # the same fresh Q head on every rank
+    rng = np.random.default_rng(args.seed + accelerator.process_index)
+    fit_rng = np.random.default_rng(args.seed)  # shared by all ranks: same held-out split sizes and stopping epochs
+
+    with accelerator.main_process_first():  # one rank builds and caches mu, the others load it
+        policy, tokenizer = sim.load_policy(args.model_name_or_path)
+    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                       str(accelerator.device), torch.bfloat16 if bf16 else torch.float32,
+                       args.reward_trust_remote_code)
+    q_path = args.q_model_name_or_path or (str(sim.DEFAULT_BASE_POLICY) if args.model_name_or_path == "tutor"
+                                           else args.model_name_or_path)
+    q_model = build_q_model(q_path, tokenizer).to(accelerator.device)
+    q_init = copy.deepcopy(q_model.state_dict())
+    critic = copy.deepcopy(q_model)
+    q_opt = torch.optim.AdamW(q_model.parameters(), lr=args.q_lr, weight_decay=0.0)  # kept across iterations
+    ref_policy = copy.deepcopy(policy).to(accelerator.device).eval().requires_grad_(False)  # pi_i, reloaded per i
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas,
+                                  weight_decay=args.weight_decay)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
+
+    start_iter, elapsed_before, v_prev = 0, 0.0, None
+    if args.resume:
+        ckpt = run_dir / "checkpoint"
+        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+        accelerator.load_state(str(ckpt / "state"))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        start_iter, elapsed_before, v_prev = meta["iteration"], meta["elapsed"], meta.get("v_hat")
+        if (ckpt / "q_model.pt").exists():
+            q_state = torch.load(ckpt / "q_model.pt", map_location=accelerator.device)
+            q_model.load_state_dict(q_state["model"])
+            q_opt.load_state_dict(q_state["opt"])
+        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+        if rng_file.exists():
+            rng.bit_generator.state = json.loads(rng_file.read_text())
+        fit_rng = np.random.default_rng(args.seed + 7 * start_iter)
+        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
+
+    logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
+    eval_seed = 10_000 + args.seed
+    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+    logger.log(start_iter, first_eval)
+    start = time.time() - elapsed_before
+    it = start_iter
+    bar = tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc="iterative_ppo")
+    for it in bar:
+        t0 = time.time()
+        # line 4: deploy pi_i and collect conversations with the user
+        contexts = env.contexts(args.local_prompts, "train", rng)
+        with generation_model(policy, accelerator) as pi_i:
+            convs, rewards = rollout(pi_i, tokenizer, env, contexts, rng, args)
+        t_collect = time.time() - t0
+        # line 5: Monte Carlo policy evaluation, Q_i by regression on G_h
+        examples = q_examples(convs, rewards, args.gamma)
+        if not args.q_warm_start:
+            q_model.load_state_dict(q_init)
+            q_opt = torch.optim.AdamW(q_model.parameters(), lr=args.q_lr, weight_decay=0.0)
+        q_stats = fit_q_model(q_model, tokenizer, examples, fit_rng, args.q_epochs, args.q_lr,
+                              args.q_minibatch_size // W, args.q_heldout_fraction, args.q_patience,
+                              args.max_grad_norm, accelerator, optimizer=q_opt)
+        t_q = time.time() - t0 - t_collect
+        # line 6: D_single = the states visited by pi_i, as pi_i's prompts
+        prompts = [e["messages"][:-1] for e in examples]
+        # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and a critic initialised from Q_i
+        with generation_model(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
+            ref_policy.load_state_dict(pi_i.state_dict())
+        critic.load_state_dict(q_model.state_dict())
+        critic.train()
+        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr, weight_decay=0.0)
+        rows = [] if args.save_rollouts else None
+        order, ppo_logs = rng.permutation(len(prompts)), []
+        for b, chunk in enumerate(np.array_split(order, args.ppo_batches)):
+            n_rows = len(rows or [])
+            ppo_logs.append(ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer,
+                                           [prompts[k] for k in chunk], optimizer, accelerator, rng, args, rows))
+            for row in (rows or [])[n_rows:]:
+                row["ppo_batch"] = b
+        if rows is not None:
+            from accelerate.utils import gather_object
+
+            rows = gather_object([rows]) if W > 1 else [rows]
+            if accelerator.is_main_process:
+                with open(args.save_rollouts, "a") as f:
+                    f.writelines(json.dumps({"iteration": it, "rank": r, **row}) + "\n"
+                                 for r, rank_rows in enumerate(rows) for row in rank_rows)
+        ppo = {k: float(np.mean([p[k] for p in ppo_logs])) for k in ppo_logs[0]}
+        ppo.update({f"{k}_first_batch": ppo_logs[0][k] for k in ("ppo/kl_to_pi_i",)})
+        red = accelerator.reduce(torch.tensor([float(rewards.mean()), *ppo.values()], device=accelerator.device,
+                                              dtype=torch.float64), "mean").tolist()
+        dt = time.time() - t0
+        metrics = {"charts/rollout_reward": red[0], **dict(zip(ppo, red[1:])), **q_stats,
+                   "charts/outer_iterations_per_sec": 1 / dt, "charts/conversations_per_sec":
+                   args.prompts_per_iteration / dt,
+                   "charts/ppo_samples_per_sec": len(prompts) * W / max(1e-9, dt - t_collect - t_q),
+                   "charts/collect_share": t_collect / dt, "charts/q_fit_share": t_q / dt,
+                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()}
+        out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
+        converged = bool(args.q_converged_tol and v_prev is not None and
+                         abs(q_stats["q/v_hat"] - v_prev) < args.q_converged_tol)  # line 9
+        v_prev = q_stats["q/v_hat"]
+        last = it == args.num_iterations - 1 or out_of_time or converged
+        if (it + 1) % args.eval_every == 0 or last:
+            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)  # real user, not Q
+            metrics.update(latest_eval)
+        logger.log(it + 1, metrics, SHOW)
+        if (it + 1) % args.save_every == 0 or last:
+            save_checkpoint(accelerator, policy, tokenizer, dict(model=q_model.state_dict(), opt=q_opt.state_dict()),
+                            run_dir, dict(iteration=it + 1, elapsed=time.time() - start, v_hat=v_prev), rng)
+        if out_of_time or converged:
+            break
+    final = latest_eval
+    checksum = torch.tensor([sum(p.detach().double().sum() for p in policy.parameters()).item() +
+                             sum(p.detach().double().sum() for p in q_model.parameters()).item()],
+                            device=accelerator.device)
+    sums = accelerator.gather(checksum)
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
+               "final_stderr": final["eval/reward_stderr"], "iterations": it + 1, "minutes": (time.time() - start) / 60,
+               "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
+               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))}
+    if accelerator.is_main_process:
+        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
+        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> Iterative PPO {summary['final_reward']:.3f}"
+              f" +- {summary['final_stderr']:.3f} after {summary['iterations']} outer iterations, "
+              f"{summary['minutes']:.1f} min{v_star}")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

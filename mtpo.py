@@ -1,0 +1,629 @@
+"""mtpo.py: MTPO, MTPO-tau and the multi-turn RLHF baseline (Shani et al., "Multi-turn Reinforcement Learning from
+Preference Human Feedback", NeurIPS 2024; notes: ../shared/papers/mtpo_and_iterative_ppo_notes.md, Part A), one
+self-contained CleanRL-style script.
+
+The game (notes A.1-A.2): the regularised preference P_a(pi > pi') = P(pi > pi') - a KL_p(pi||mu) + a KL_p(pi'||mu);
+its Nash equilibrium is the target. Self-play mirror descent, Eq. (1)/(2): pi_{t+1}(y|x) ~ mu^(a eta) pi_t^(1 - a eta)
+exp(eta Q_a^{pi_t,pi_t}(x, y)), with Q_a(x_h, y_h) = E[P(x_{H+1} > pi') - a sum_{h'>=h} KL(pi||mu)[x_h']]: the opponent's
+conversation starts afresh from the context (no shared prefix). The deep version (notes A.7.1) is an actor-critic:
+  --variant mtpo      per context two whole conversations from pi_theta; p = P(conv 1 > conv 2) from the preference
+                      oracle; rewards p and 1 - p ("2 generations, 2 updates per context").       -> `rollout`
+  --variant mtpo-tau  the same, both conversations sampled from the geometric mixture pi^tau ~ pi^(1-tau) mu^tau
+                      (notes A.4), per token: softmax((1 - tau) logits_pi + tau logits_mu), a two-model KV-cached
+                      decode loop batched over all conversations.                          -> `mixture_sample_turns`
+  --variant rlhf      one conversation per context, the conversation-level reward instead (notes A.5).
+Losses for agent turn y_h at state x_h (notes A.7.1, item 5):
+  L_policy = -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h]                                       -> `policy_loss`
+  L_value  = (V_hat_h - V(x_h))^2                                                           -> `value_loss`
+with log pi(y_h|x_h) the SUM of the turn's token log-probs, a turn-level value (one scalar per agent state), GAE with
+lambda = 0.95, gamma = 1 over agent turns (`gae`), advantages normalised over the batch, and the value trained alone
+for the first --value_warmup_iterations ("policy learning delay"). No mirror-descent term to pi_t (the paper drops it).
+
+Choices the paper leaves open, and why:
+  * KL without double counting (notes A.7.3). The explicit +a KL(pi||mu)[x_h] of L_policy supplies the gradient of
+    the CURRENT state's KL; GAE must then carry only the FUTURE states' KL: r_h = -a KLhat[x_{h+1}] for h < H and
+    r_H = R (the preference p, 1 - p or the reward), with V(x_h) the value before paying x_h's KL (`turn_rewards`).
+    KLhat[x] = sum over the sampled turn of log pi_t - log mu (unbiased on pi_t's samples). The gradient of the
+    explicit term is the score-function estimator with the token-level reward-to-go of log pi/mu inside the turn,
+    sum_t sg(sum_{t'>=t} log pi/mu) grad log pi(y_t) (unbiased for grad KL(pi(.|x)||mu(.|x)) over whole turns; the
+    per-token analytic KL would miss how early tokens change later tokens' KL). The alternative (r_h = -a log pi/mu
+    of the current turn and no explicit term) has the same expected gradient; the paper's loss as written keeps
+    the current state's KL term out of the advantage normalisation (future states' KL passes through it).
+  * Turn-level value: a scalar head on a SEPARATE copy of the initial policy's backbone (as the paper, which
+    initialises V from a pretrained checkpoint), read at the last token of x_h (its generation prompt). One forward
+    over each whole conversation yields every turn's log-prob and every state's value (causal attention), so the
+    batch costs one pass per conversation, not one per turn.
+  * MTPO-tau trains on mixture samples with the on-policy loss (tau is small; the paper does the same, notes A.7.3).
+  * The preference probability p is used as the reward (the paper's model "outputs the probability"), not a
+    Bernoulli draw. The oracle is the simulator's: Bradley-Terry sigmoid(4 (r_a - r_b)) on the tutor task, or a
+    prompted judge (--judge_model [--judge_api_base]) asked in both orders and averaged (sim.JudgePreference).
+  * Value targets are not renormalised: p lies in [0, 1], so the value loss is already O(1).
+Hyperparameters (the paper's a = 0.01/0.005/0.0025, lr 4e-5, 16 contexts are for T5 models): tuned on the tutor task,
+see the Args defaults and README.
+
+Runs as `python mtpo.py --variant mtpo-tau` (CPU, the tutor task) or `accelerate launch [--config_file configs/...]
+mtpo.py ...`; every rank collects its own contexts and all ranks take the same optimizer steps.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import simulator as sim
+
+
+@dataclass
+class Args:
+    variant: Literal["mtpo", "mtpo-tau", "rlhf"] = "mtpo-tau"
+    """mtpo: self-play from pi; mtpo-tau: self-play from the geometric mixture; rlhf: one conversation, the reward"""
+    exp_name: str = "mtpo"
+    """experiment name, the first part of run_name"""
+    run_name: Optional[str] = None
+    """runs/<run_name>/ holds metrics and checkpoints (default: exp_name-variant__env__seed__time)"""
+    resume: bool = False
+    """continue runs/<run_name>/checkpoint (needs --run_name)"""
+    seed: int = 1
+    """random seed (rank r uses seed + r for sampling)"""
+    threads: int = 0
+    """torch CPU threads (0 = torch's default)"""
+
+    # environment and preference oracle
+    env: Literal["tutor", "chat"] = "tutor"
+    """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF reward model"""
+    prompts_path: Optional[str] = None
+    """chat: JSONL of message lists (or {"messages": ..., "questions": [...]}, pre-sampled user turns)"""
+    user_model: Optional[str] = None
+    """chat: HF model prompted as the user; None = pre-sampled questions"""
+    reward_model: Optional[str] = None
+    """chat: HF sequence-classification reward model (rlhf's reward; Bradley-Terry oracle when no judge is set)"""
+    reward_trust_remote_code: bool = False
+    """chat: load the reward model's own code"""
+    judge_model: Optional[str] = None
+    """preference oracle: a prompted judge model comparing two conversations (both orders averaged); None = the
+    environment's Bradley-Terry oracle sigmoid(4 (r_a - r_b))"""
+    judge_api_base: Optional[str] = None
+    """an OpenAI-compatible endpoint serving --judge_model (key from $OPENAI_API_KEY); None = a local HF model"""
+    max_turns: int = 5
+    """H: agent turns per conversation"""
+
+    # policy and sampling
+    model_name_or_path: str = "tutor"
+    """initial policy = reference mu ('tutor' = the embedded SFT base policy)"""
+    temperature: float = 1.0
+    """sampling temperature; log-probs are computed on logits / temperature everywhere"""
+    max_new_tokens: int = 12
+    """per-turn token budget"""
+    gen_batch_size: int = 256
+    """max sequences per sampling call (memory)"""
+
+    # MTPO
+    alpha: float = 0.02
+    """KL(pi||mu) coefficient a (paper: 0.01 RLHF / 0.005 MTPO / 0.0025 MTPO-tau at T5 scale)"""
+    tau: float = 0.0375
+    """mtpo-tau: mixing coefficient of pi^tau ~ pi^(1-tau) mu^tau (paper 0.0375); ignored by the other variants"""
+    gae_lambda: float = 0.95
+    """GAE lambda over agent turns (paper 0.95)"""
+    gamma: float = 1.0
+    """discount over agent turns (1: finite horizon)"""
+    value_warmup_iterations: int = 3
+    """policy learning delay: the value trains alone for this many iterations"""
+
+    # optimisation
+    num_iterations: int = 1000
+    """iterations (collect, then update)"""
+    prompts_per_iteration: int = 128
+    """contexts per iteration across all ranks (mtpo/mtpo-tau play two conversations per context, rlhf one)"""
+    num_epochs: int = 1
+    """passes over each batch (1 = on-policy, as the paper)"""
+    num_minibatches: int = 1
+    """optimizer steps per epoch"""
+    lr: float = 3e-4
+    """policy AdamW learning rate"""
+    value_lr: float = 1e-3
+    """value model AdamW learning rate"""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping"""
+    bf16: Optional[bool] = None
+    """bf16 mixed precision (default: on when CUDA is available)"""
+    time_budget_minutes: float = 8.0
+    """stop after the iteration that passes this wall time (then evaluate and save); 0 = no limit"""
+
+    # evaluation, logging, checkpoints
+    eval_every: int = 20
+    """evaluate every N iterations (and at the start and the end)"""
+    num_eval: int = 512
+    """held-out contexts per evaluation (policy and mu each play them; the oracle compares)"""
+    save_every: int = 20
+    """write an atomic checkpoint every N iterations (and at the end)"""
+    tensorboard: bool = False
+    """also write TensorBoard scalars"""
+    output_dir: str = "runs"
+    """parent of runs/<run_name>/"""
+
+    # derived after parsing
+    world_size: int = 0
+    """number of processes (computed at runtime)"""
+    local_prompts: int = 0
+    """contexts per rank per iteration (computed at runtime)"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampling: the geometric mixture pi^(1-tau) mu^tau, two KV caches, batched
+# ----------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, temperature: float = 1.0,
+                         tau: float = 0.0, max_batch_size: int = 256) -> sim.TurnSamples:
+    """Next assistant turn of every conversation from softmax(((1 - tau) logits_pi + tau logits_mu) / T), the
+    per-token normalised geometric mixture pi^(1-tau) mu^tau (notes A.4, A.6). Both models keep their KV cache;
+    tau = 0 runs the policy alone (= sim.sample_turns). Log-probs are under the mixture."""
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must lie in [0, 1], got {tau}")
+    if tau == 0 or ref is None:
+        return sim.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, max_batch_size)
+    eot_id = sim.end_of_turn_id(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
+    device = next(policy.parameters()).device
+    models, modes = (policy, ref), [m.training for m in (policy, ref)]
+    [m.eval() for m in models]
+    texts, ids_out, lps_out, hit = [], [], [], []
+    for s in range(0, len(convs), max_batch_size):
+        prompts = [sim.render_ids(tokenizer, c, add_generation_prompt=True) for c in convs[s:s + max_batch_size]]
+        B, L = len(prompts), max(len(p) for p in prompts)
+        ids = torch.full((B, L), pad_id, dtype=torch.long)
+        attn = torch.zeros((B, L), dtype=torch.long)
+        for b, p in enumerate(prompts):  # left padding
+            ids[b, L - len(p):] = torch.tensor(p)
+            attn[b, L - len(p):] = 1
+        ids, attn = ids.to(device), attn.to(device)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        outs = [m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True) for m in models]
+        pasts, next_pos = [o.past_key_values for o in outs], pos[:, -1:] + 1
+        logits = [o.logits[:, -1].float() for o in outs]
+        toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+        lps = torch.zeros((B, max_new_tokens), device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        n = 0
+        for t in range(max_new_tokens):
+            mixed = (1 - tau) * logits[0] + tau * logits[1]  # notes A.6: log pi^tau = (1-tau) log pi + tau log mu + c
+            logp = (mixed / (temperature or 1.0)).log_softmax(-1)
+            tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(1)
+            toks[:, t] = torch.where(done, pad_id, tok)
+            lps[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
+            done = done | (tok == eot_id)
+            n = t + 1
+            if bool(done.all()) or t == max_new_tokens - 1:
+                break
+            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
+            outs = [m(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos, past_key_values=pk,
+                      use_cache=True) for m, pk in zip(models, pasts)]
+            pasts, next_pos = [o.past_key_values for o in outs], next_pos + 1
+            logits = [o.logits[:, -1].float() for o in outs]
+        toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
+        is_eot = toks == eot_id
+        has_eot = is_eot.any(1)
+        length = torch.where(has_eot, is_eot.float().argmax(1) + 1, torch.full((B,), n))
+        for b in range(B):  # bookkeeping on finished tensors
+            ids_out.append(toks[b, : length[b]].tolist())
+            lps_out.append(lps[b, : length[b]])
+        content = [row[:-1] if has_eot[i] else row for i, row in enumerate(ids_out[-B:])]
+        texts += [x.strip() for x in tokenizer.batch_decode(content, skip_special_tokens=True)]
+        hit.append(~has_eot)
+    [m.train(mode) for m, mode in zip(models, modes)]
+    return sim.TurnSamples(texts, ids_out, lps_out, torch.cat(hit))
+
+
+def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0):
+    """Whole conversations of H agent turns from the start (no shared prefix): one batched sampler call and one
+    batched user call per turn over every conversation. Returns (conversations, hit_budget N x H)."""
+    convs = [list(m) for m in messages]
+    hit = []
+    for h in range(args.max_turns):
+        out = mixture_sample_turns(policy, ref, tokenizer, convs, args.max_new_tokens, args.temperature, tau,
+                                   args.gen_batch_size)
+        for c, text in zip(convs, out.texts):
+            c.append({"role": "assistant", "content": text})
+        hit.append(out.hit_budget)
+        if h < args.max_turns - 1 or env.scores_final_user_reply:
+            for c, r in zip(convs, env.user_turn(convs, users, rng)):
+                c.append({"role": "user", "content": r})
+    return convs, torch.stack(hit, 1)
+
+
+def preference(env, convs_a, convs_b) -> torch.Tensor:
+    """p = P(a preferred to b) from the environment's oracle, checked: a NaN or out-of-range p is an error."""
+    p = torch.as_tensor(env.preference(convs_a, convs_b), dtype=torch.float32).flatten()
+    if p.shape[0] != len(convs_a):
+        raise ValueError(f"preference oracle returned {p.shape[0]} values for {len(convs_a)} pairs")
+    if not torch.isfinite(p).all() or (p < 0).any() or (p > 1).any():
+        raise ValueError(f"preference oracle returned NaN or a value outside [0, 1]: {p[~((p >= 0) & (p <= 1))][:5]}")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches: one forward per whole conversation gives every turn's log-prob and every state's value
+# ----------------------------------------------------------------------------------------------------------------
+def conversation_batch(tokenizer, convs, H: int):
+    """Right-padded (input_ids N x L, attention_mask, token_turn N x (L-1): h for target tokens of assistant turn h
+    else 0, state_pos N x H: position of x_h's last token (its generation prompt), turn_mask N x H)."""
+    eot = sim.end_of_turn_id(tokenizer)
+    rows = []
+    for c in convs:
+        full = sim.render_ids(tokenizer, c, add_generation_prompt=False)
+        n_turns = sum(m["role"] == "assistant" for m in c)
+        spans = []
+        for h in range(1, min(n_turns, H) + 1):
+            prompt, turn = sim.split_turn(tokenizer, c, h, eot, check_full=False)
+            if full[: len(prompt) + len(turn)] != prompt + turn:
+                raise sim.ChatTemplateError(f"{sim.model_name(tokenizer)}: the chat template is not prefix-consistent")
+            spans.append((len(prompt), len(turn)))
+        rows.append((full, spans))
+    L = max(len(f) for f, _ in rows)
+    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    token_turn = torch.zeros((len(rows), L - 1), dtype=torch.long)
+    state_pos = torch.zeros((len(rows), H), dtype=torch.long)
+    turn_mask = torch.zeros((len(rows), H), dtype=torch.bool)
+    for i, (full, spans) in enumerate(rows):
+        ids[i, : len(full)] = torch.tensor(full)
+        attn[i, : len(full)] = 1
+        for h, (start, length) in enumerate(spans, 1):
+            token_turn[i, start - 1: start - 1 + length] = h  # target index j predicts ids[j + 1]
+            state_pos[i, h - 1], turn_mask[i, h - 1] = start - 1, True
+    return ids, attn, token_turn, state_pos, turn_mask
+
+
+def per_turn(x, token_turn, H: int):
+    """Sum of a per-token quantity (N x T) over each assistant turn's tokens -> N x H."""
+    out = torch.zeros((x.shape[0], H + 1), dtype=x.dtype, device=x.device)
+    return out.scatter_add(1, token_turn.to(x.device), x * (token_turn > 0).to(x.device))[:, 1:]
+
+
+class ActorCritic(torch.nn.Module):
+    """The policy pi_theta and a turn-level value V_phi on its own backbone (a copy of the initial policy's) with a
+    scalar head read at each state's last token; one module so DDP / DeepSpeed wrap one model."""
+
+    def __init__(self, policy, value_backbone):
+        super().__init__()
+        self.policy, self.value_backbone = policy, value_backbone
+        self.value_head = torch.nn.Linear(value_backbone.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.constant_(self.value_head.bias, 0.5)
+
+    def forward(self, input_ids, attention_mask, state_pos, temperature: float = 1.0):
+        """(per-token log pi at logits / T, N x (L-1); V(x_h), N x H)."""
+        lp = sim.token_logprobs(self.policy, input_ids, attention_mask, temperature)
+        hidden = self.value_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        h = hidden.gather(1, state_pos[..., None].expand(-1, -1, hidden.shape[-1]))
+        return lp, self.value_head(h.float()).squeeze(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards, GAE, losses
+# ----------------------------------------------------------------------------------------------------------------
+def turn_rewards(final_reward, logratio_turn, turn_mask, alpha: float):
+    """r_h = -a KLhat[x_{h+1}] for h < H_k, r_{H_k} = R (notes A.7.3): the KL of a state is paid on the turn before
+    it, the current state's KL is the explicit term of L_policy, so none is counted twice."""
+    r = torch.zeros_like(logratio_turn)
+    r[:, :-1] = -alpha * logratio_turn[:, 1:] * turn_mask[:, 1:]
+    last = turn_mask.long().sum(1) - 1  # H_k - 1
+    r[torch.arange(len(r)), last] = final_reward.to(r.dtype)
+    return r * turn_mask
+
+
+def gae(rewards, values, turn_mask, gamma: float = 1.0, lam: float = 0.95):
+    """GAE over agent turns (Schulman et al. 2016; notes A.7.3): delta_h = r_h + gamma V(x_{h+1}) - V(x_h), V = 0
+    after the last turn; A_h = sum_l (gamma lam)^l delta_{h+l}; returns (A, V_hat = A + V)."""
+    N, H = rewards.shape
+    adv = torch.zeros_like(rewards)
+    last = torch.zeros(N, dtype=rewards.dtype, device=rewards.device)
+    for h in reversed(range(H)):
+        nxt = turn_mask[:, h + 1].to(rewards.dtype) if h + 1 < H else torch.zeros_like(last)
+        next_v = values[:, h + 1] * nxt if h + 1 < H else torch.zeros_like(last)
+        delta = rewards[:, h] + gamma * next_v - values[:, h]
+        last = (delta + gamma * lam * nxt * last) * turn_mask[:, h]
+        adv[:, h] = last
+    return adv, (adv + values) * turn_mask
+
+
+def normalize(adv, turn_mask, eps: float = 1e-8):
+    """Advantage normalisation over the batch's valid turns (notes A.7.1: "batch-normalize ... advantage")."""
+    a = adv[turn_mask]
+    return ((adv - a.mean()) / (a.std() + eps)) * turn_mask if a.numel() > 1 else adv
+
+
+def policy_loss(logp_tokens, ref_logp_tokens, token_turn, advantages, turn_mask, alpha: float):
+    """Mean over agent turns of -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h] (notes A.7.1, item 5). The KL term's
+    gradient is the turn's score-function estimator with the in-turn reward-to-go of log pi/mu."""
+    H = advantages.shape[1]
+    logp_turn = per_turn(logp_tokens, token_turn, H)
+    pg = -(advantages.detach() * logp_turn)  # -A_h log pi(y_h|x_h)
+    lr = (logp_tokens.detach() - ref_logp_tokens) * (token_turn > 0)
+    rtg = torch.zeros_like(lr)
+    for h in range(1, H + 1):  # sum_{t' >= t, same turn} log pi/mu (t')
+        m = token_turn == h
+        rtg = rtg + (lr * m).flip(1).cumsum(1).flip(1) * m
+    kl = per_turn(rtg * logp_tokens, token_turn, H)  # grad = E[grad KL(pi||mu)[x_h]]
+    n = turn_mask.sum().clamp(min=1)
+    return ((pg + alpha * kl) * turn_mask).sum() / n
+
+
+def value_loss(values, returns, turn_mask):
+    """Mean over agent states of (V_hat_h - V(x_h))^2 (notes A.7.1, item 5)."""
+    return (((values - returns.detach()) ** 2) * turn_mask).sum() / turn_mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plumbing: generation under ZeRO-3, checkpoints, logging, evaluation
+# ----------------------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def generation_policy(model, accelerator):
+    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per collection."""
+    unwrapped = accelerator.unwrap_model(model).policy
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is not None and ds.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
+            yield unwrapped
+    else:
+        yield unwrapped
+
+
+def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
+    """runs/<run>/checkpoint/{policy (save_pretrained), state (accelerate: policy, value, optimizer), meta.json},
+    replaced atomically."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
+    if accelerator.is_main_process:
+        policy_sd = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
+        accelerator.unwrap_model(model).policy.save_pretrained(tmp / "policy", state_dict=policy_sd)
+        tokenizer.save_pretrained(tmp / "policy")
+    accelerator.save_state(str(tmp / "state"))
+    (tmp / "state").mkdir(parents=True, exist_ok=True)
+    with open(tmp / "state" / f"numpy_rng_{accelerator.process_index}.json", "w") as f:
+        json.dump(rng.bit_generator.state, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+class Logger:
+    """Scalars to runs/<run>/metrics.jsonl (and TensorBoard when asked), one console line per call."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir))
+
+    def log(self, step: int, metrics: dict, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if echo:
+            tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                                           if not k.startswith("eval/learned")))
+
+
+@torch.no_grad()
+def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache):
+    """On held-out contexts: the policy's mean reward, and its win rate against mu under the preference oracle
+    (mean of P(pi's conversation > mu's), same contexts and students). mu's conversations are sampled once."""
+    n = max(1, args.num_eval // accelerator.num_processes)
+    s = seed + 7919 * accelerator.process_index
+    ctx = env.contexts(n, "eval", np.random.default_rng(s))
+    msgs, users = [c.messages for c in ctx], [c.user for c in ctx]
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):  # evaluation leaves the training sampler's RNG untouched
+        if "mu" not in cache:
+            torch.manual_seed(s + 2)
+            cache["mu"] = rollout(ref, None, tokenizer, env, msgs, users, np.random.default_rng(s + 2), args)[0]
+        torch.manual_seed(s + 1)
+        with generation_policy(model, accelerator) as policy:
+            convs = rollout(policy, None, tokenizer, env, msgs, users, np.random.default_rng(s + 1), args)[0]
+    r, p = env.reward(convs), preference(env, convs, cache["mu"])
+    out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(), "eval/mu_reward": env.reward(cache["mu"]).mean()}
+    if isinstance(env, sim.TutorEnv):
+        for h, v in enumerate(torch.tensor([sim.lessons_learned(c) for c in convs], dtype=torch.float).mean(0)):
+            out[f"eval/learned_turn{h + 1}"] = v
+        out["eval/ask_rate"] = torch.tensor([sim.parse_teacher(m["content"])[0] == "ask" for c in convs for m in c
+                                             if m["role"] == "assistant"], dtype=torch.float).mean()
+    keys = sorted(out)
+    vals = accelerator.gather(torch.stack([torch.as_tensor(out[k]).float() for k in keys]).to(accelerator.device)[None])
+    res = dict(zip(keys, vals.mean(0).tolist()))
+    world = accelerator.num_processes
+    res["eval/reward_stderr"] = float(r.std() / math.sqrt(n * world))
+    res["eval/win_rate_stderr"] = float(p.std() / math.sqrt(n * world))
+    if isinstance(env, sim.TutorEnv):
+        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training loop
+# ----------------------------------------------------------------------------------------------------------------
+def main(args: Args) -> dict:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda if args.bf16 is None else args.bf16
+    # cpu=True on a CPU-only machine makes launched ranks join one gloo group (../shared/REFERENCE.md)
+    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.world_size = accelerator.num_processes
+    if args.prompts_per_iteration % args.world_size:
+        raise ValueError("prompts_per_iteration must be divisible by the number of processes")
+    args.local_prompts = args.prompts_per_iteration // args.world_size
+    tau = args.tau if args.variant == "mtpo-tau" else 0.0
+    if not 0.0 <= tau <= 1.0 or args.alpha < 0:
+        raise ValueError(f"need 0 <= tau <= 1 and alpha >= 0, got tau={args.tau}, alpha={args.alpha}")
+    if args.resume and not args.run_name:
+        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
+    args.run_name = args.run_name or f"{args.exp_name}-{args.variant}__{args.env}__{args.seed}__{int(time.time())}"
+    run_dir = Path(args.output_dir) / args.run_name
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
+    rng = np.random.default_rng(args.seed + accelerator.process_index)
+
+    with accelerator.main_process_first():  # one rank builds and caches the tutor's mu, the others load it
+        policy, tokenizer = sim.load_policy(args.model_name_or_path)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    ref = sim.load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
+    ref.requires_grad_(False)
+    value_backbone = sim.load_policy(args.model_name_or_path)[0].get_decoder()
+    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                       str(accelerator.device), dtype, args.reward_trust_remote_code)
+    if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
+        env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device), dtype)
+    model = ActorCritic(policy, value_backbone)
+    optimizer = torch.optim.AdamW(
+        [{"params": list(model.policy.parameters()), "lr": args.lr},
+         {"params": list(model.value_backbone.parameters()) + list(model.value_head.parameters()), "lr": args.value_lr}],
+        betas=args.adam_betas, weight_decay=args.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_iter, elapsed_before = 0, 0.0
+    if args.resume:
+        ckpt = run_dir / "checkpoint"
+        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+        if not ckpt.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+        accelerator.load_state(str(ckpt / "state"))
+        meta = json.loads((ckpt / "meta.json").read_text())
+        start_iter, elapsed_before = meta["iteration"], meta["elapsed"]
+        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+        if rng_file.exists():
+            rng.bit_generator.state = json.loads(rng_file.read_text())
+        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
+
+    logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
+    eval_seed, eval_cache = 10_000 + args.seed, {}
+    first_eval = latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache)
+    logger.log(start_iter, first_eval)
+    start = time.time() - elapsed_before
+    H, it = args.max_turns, start_iter
+    bar = tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc=args.variant)
+    for it in bar:
+        t0 = time.time()
+        contexts = env.contexts(args.local_prompts, "train", rng)
+        k = 1 if args.variant == "rlhf" else 2  # two whole conversations per context for self-play
+        msgs, users = [c.messages for c in contexts] * k, [c.user for c in contexts] * k
+        with generation_policy(model, accelerator) as pi:
+            convs, hit = rollout(pi, ref, tokenizer, env, msgs, users, rng, args, tau)
+        n = len(contexts)
+        if args.variant == "rlhf":
+            R = env.reward(convs)  # notes A.5: r_RLHF(x_{H+1})
+            if not torch.isfinite(R).all():
+                raise FloatingPointError("the reward is NaN or infinite for some conversations")
+        else:
+            p = preference(env, convs[:n], convs[n:])  # p = P(conv 1 > conv 2)
+            R = torch.cat([p, 1 - p])  # notes A.7.3: rewards p and 1 - p
+        t_collect = time.time() - t0
+        dev = accelerator.device
+        ids, attn, token_turn, state_pos, turn_mask = [x.to(dev) for x in conversation_batch(tokenizer, convs, H)]
+        with torch.no_grad():  # pi_t's and mu's log-probs and V(x_h), in minibatch-sized chunks (memory)
+            chunks = torch.arange(len(convs), device=dev).chunk(args.num_minibatches)
+            old_lp, old_v = [torch.cat(x) for x in zip(*[model(ids[c], attn[c], state_pos[c], args.temperature)
+                                                        for c in chunks])]
+            ref_lp = torch.cat([sim.token_logprobs(ref, ids[c], attn[c], args.temperature).float() for c in chunks])
+            logratio_turn = per_turn(old_lp - ref_lp, token_turn, H)  # KLhat[x_h] = sum log pi_t/mu over y_h
+            rewards = turn_rewards(R.to(dev), logratio_turn, turn_mask, args.alpha)
+            adv, returns = gae(rewards, old_v, turn_mask, args.gamma, args.gae_lambda)
+            adv_n = normalize(adv, turn_mask)
+        policy_on = it >= args.value_warmup_iterations  # policy learning delay
+        logs = []
+        for _ in range(args.num_epochs):
+            order = torch.as_tensor(rng.permutation(len(convs)), device=dev)
+            for mb in order.chunk(args.num_minibatches):
+                lp, v = model(ids[mb], attn[mb], state_pos[mb], args.temperature)
+                pl = policy_loss(lp, ref_lp[mb], token_turn[mb], adv_n[mb], turn_mask[mb], args.alpha)
+                vl = value_loss(v, returns[mb], turn_mask[mb])
+                loss = (pl if policy_on else 0.0 * pl) + vl  # 0 * pl keeps DDP's gradient hooks in step
+                accelerator.backward(loss)
+                if args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+                logs.append((pl.item(), vl.item()))
+        pl_mean, vl_mean = np.mean(logs, 0)
+        stats = accelerator.reduce(torch.tensor(
+            [pl_mean, vl_mean, float(R.mean()), float(logratio_turn.sum(1).mean()), float(hit.float().mean()),
+             float((R - 0.5).abs().mean()), float(old_v[turn_mask].mean())], device=dev, dtype=torch.float64), "mean")
+        dt = time.time() - t0
+        metrics = {"losses/policy_loss": stats[0].item(), "losses/value_loss": stats[1].item(),
+                   "charts/train_reward": stats[2].item(), "charts/kl_to_mu": stats[3].item(),
+                   "charts/hit_budget_frac": stats[4].item(), "charts/abs_pref_margin": stats[5].item(),
+                   "charts/value_mean": stats[6].item(), "charts/policy_on": float(policy_on),
+                   "charts/iterations_per_sec": 1 / dt, "charts/steps_per_sec": len(logs) / dt,
+                   "charts/conversations_per_sec": len(convs) * args.world_size / dt,
+                   "charts/collect_share": t_collect / dt, "charts/elapsed_min": (time.time() - start) / 60,
+                   **env.metrics()}
+        out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
+        last = it == args.num_iterations - 1 or out_of_time
+        if (it + 1) % args.eval_every == 0 or last:
+            latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache)
+            metrics.update(latest_eval)
+        logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
+        if (it + 1) % args.save_every == 0 or last:
+            save_checkpoint(accelerator, model, tokenizer, run_dir,
+                            dict(iteration=it + 1, elapsed=time.time() - start), rng)
+        if out_of_time:
+            break
+    final = latest_eval
+    checksum = torch.tensor([sum(p.detach().double().sum() for p in model.parameters()).item()], device=accelerator.device)
+    sums = accelerator.gather(checksum)  # ranks must hold the same weights after synced updates
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
+               "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],
+               "initial_win_rate_vs_mu": first_eval["eval/win_rate_vs_mu"],
+               "final_win_rate_vs_mu": final["eval/win_rate_vs_mu"],
+               "final_win_rate_stderr": final["eval/win_rate_stderr"], "variant": args.variant,
+               "iterations": it + 1, "minutes": (time.time() - start) / 60, "run_dir": str(run_dir),
+               "num_processes": accelerator.num_processes,
+               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))}
+    if accelerator.is_main_process:
+        print(f"{args.variant}: mean reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} +- "
+              f"{summary['final_stderr']:.3f} (mu {summary['mu_reward']:.3f}); win rate vs mu under the oracle "
+              f"{summary['final_win_rate_vs_mu']:.3f} +- {summary['final_win_rate_stderr']:.3f}; "
+              f"{summary['iterations']} iterations, {summary['minutes']:.1f} min")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.end_training()
+    return summary
+
+
+if __name__ == "__main__":
+    import tyro
+
+    main(tyro.cli(Args))

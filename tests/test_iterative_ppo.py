@@ -1,0 +1,247 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import iterative_ppo as ippo
+import simulator as sim
+from conftest import ROOT, subprocess_env
+
+TINY = ["--prompts_per_iteration", "16", "--ppo_minibatch_size", "16", "--q_minibatch_size", "16", "--num_eval", "16",
+        "--q_epochs", "2", "--time_budget_minutes", "0", "--threads", "1"]
+LAUNCH_2 = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def run(args, tmp_path, launcher=(sys.executable,), timeout=600):
+    cmd = [*launcher, "iterative_ppo.py", "--output_dir", str(tmp_path), *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def summary(tmp_path, name):
+    return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """In-process training on a shared 2-core machine: one torch thread (oversubscription is 10x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ---------------------------------------------------------------- Observation 2: Monte Carlo returns
+def test_monte_carlo_returns_by_hand():
+    got = ippo.monte_carlo_returns([[0.0, 0.0, 1.0], [0.5, 0.0, 2.0], [3.0]], gamma=0.9)
+    assert got[0] == pytest.approx([0.81, 0.9, 1.0])
+    assert got[1] == pytest.approx([0.5 + 0.9 * 1.8, 1.8, 2.0])  # G_3 = 2, G_2 = 0 + 0.9 * 2, G_1 = 0.5 + 0.9 G_2
+    assert got[2] == [3.0]
+    assert ippo.monte_carlo_returns([[0.0, 1.0]], gamma=1.0) == [[1.0, 1.0]]
+    with pytest.raises(FloatingPointError):
+        ippo.monte_carlo_returns([[0.0, float("nan")]])
+
+
+def test_q_examples_are_states_plus_responses_with_returns():
+    env = sim.TutorEnv()
+    convs = env.reference_dialogues(4, np.random.default_rng(0))
+    rewards = env.reward(convs)
+    ex = ippo.q_examples(convs, rewards, gamma=0.5)
+    assert len(ex) == 4 * 5
+    for e in ex:
+        c, h = convs[e["group"]], e["h"]
+        assert e["messages"][:-1] == sim.prefix_to_turn(c, h)  # s_h, as pi_i's prompt
+        assert e["messages"][-1] == c[sim.assistant_turn_index(c, h)]  # y_h
+        assert e["G"] == pytest.approx(0.5 ** (5 - h) * float(rewards[e["group"]]))  # reward only after turn H
+    with pytest.raises(ValueError):
+        ippo.q_examples([], [], 1.0)
+
+
+# ---------------------------------------------------------------- step 5: the Q-model's regression
+def test_fit_q_model_improves_heldout_error(base_policy, one_thread):
+    _, tok = base_policy
+    torch.manual_seed(0)
+    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    rng = np.random.default_rng(0)
+    target = {"pictures": 0.0, "stories": 0.25, "songs": 1.0, "puzzles": 0.5}
+    ex = []
+    for g in range(240):  # a tiny synthetic set: Q depends on the response only
+        style = sim.STYLES[rng.integers(4)]
+        msgs = [{"role": "user", "content": sim.GREETING.format(sim.TOPICS[rng.integers(8)])},
+                {"role": "assistant", "content": sim.TEACH.format(style)}]
+        ex.append(dict(messages=msgs, h=1, group=g, G=target[style]))
+    stats = ippo.fit_q_model(q, tok, ex, np.random.default_rng(1), epochs=15, lr=3e-3, minibatch_size=32,
+                             heldout_fraction=0.25, patience=3)
+    assert stats["q/heldout_examples"] == 60 and stats["q/examples"] == 180
+    assert stats["q/heldout_mse"] < 0.2 * stats["q/heldout_mse_before"] and stats["q/heldout_mse"] < 0.02, stats
+    pred = ippo.q_predict(q, tok, [[ex[0]["messages"][0], {"role": "assistant", "content": sim.TEACH.format(s)}]
+                                   for s in sim.STYLES])
+    assert pred.argsort().tolist() == [0, 1, 3, 2]  # pictures < stories < puzzles < songs
+    with pytest.raises(ValueError):
+        ippo.fit_q_model(q, tok, [], rng)
+    with torch.no_grad():
+        q.score.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        ippo.q_predict(q, tok, [ex[0]["messages"]])
+
+
+# ---------------------------------------------------------------- step 7: PPO pieces by hand
+def test_ppo_clipped_loss_by_hand():
+    lp = torch.tensor([[math.log(1.5), math.log(0.5), 0.0]])
+    old = torch.zeros(1, 3)
+    adv = torch.tensor([[1.0, 1.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
+    loss, clipfrac = ippo.ppo_clipped_loss(lp, old, adv, mask, cliprange=0.2)
+    # token 1: ratio 1.5, A = 1: max(-1.5, -1.2) = -1.2; token 2: ratio 0.5, A = 1: max(-0.5, -0.8) = -0.5
+    assert loss.item() == pytest.approx((-1.2 - 0.5) / 2)
+    assert clipfrac.item() == pytest.approx(1.0)
+    adv_neg = torch.tensor([[-1.0, -1.0, 0.0]])
+    loss, _ = ippo.ppo_clipped_loss(lp, old, adv_neg, mask, cliprange=0.2)
+    # A = -1: token 1: max(1.5, 1.2) = 1.5; token 2: max(0.5, 0.8) = 0.8
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
+    v = ippo.value_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 1.0]]),
+                        torch.ones(1, 2), 0.2)
+    # token 1: max((1-2)^2, (0.2-2)^2) = 3.24; token 2: max(1, 1) = 1
+    assert v.item() == pytest.approx(0.5 * (3.24 + 1.0) / 2)
+
+
+def test_token_gae_by_hand():
+    r = torch.tensor([[0.1, 0.2, 1.0], [0.5, 2.0, 9.0]])
+    v = torch.tensor([[0.3, 0.4, 0.6], [1.0, 0.5, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 has 2 tokens, then padding
+    g, lam = 0.9, 0.5
+    adv, ret = ippo.token_gae(r, v, mask, gamma=g, lam=lam)
+    d2 = 1.0 - 0.6
+    d1 = 0.2 + g * 0.6 - 0.4
+    d0 = 0.1 + g * 0.4 - 0.3
+    a2, a1 = d2, d1 + g * lam * d2
+    a0 = d0 + g * lam * a1
+    assert adv[0].tolist() == pytest.approx([a0, a1, a2])
+    e1 = 2.0 - 0.5  # the last real token: no bootstrap from the padding
+    e0 = 0.5 + g * 0.5 - 1.0
+    assert adv[1].tolist() == pytest.approx([e0 + g * lam * e1, e1, 0.0])
+    torch.testing.assert_close(ret, (adv + v) * mask)
+
+
+def test_ppo_rewards_and_whiten():
+    q = torch.tensor([0.7, -0.2])
+    lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.1, 0.0]])
+    ref = torch.tensor([[-1.5, -2.0, -0.5], [-0.2, -0.4, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rew, kl = ippo.ppo_rewards(q, lp, ref, mask, kl_coef=0.1)
+    # -beta (ln pi_old - ln pi_i) per token, Q at the last real token only
+    assert rew[0].tolist() == pytest.approx([-0.05, 0.0, 0.7])
+    assert rew[1].tolist() == pytest.approx([0.01, -0.03 - 0.2, 0.0])
+    assert kl.sum(1).tolist() == pytest.approx([0.5, 0.2])
+    x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    w = ippo.whiten(x, m)
+    vals = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert w[m.bool()].tolist() == pytest.approx(((vals - 3) / vals.var(unbiased=False).sqrt()).tolist(), abs=1e-5)
+    assert w[0, 2] == 0
+
+
+def test_rollout_is_batched_per_turn(base_policy, monkeypatch, one_thread):
+    model, tok = base_policy
+    calls = []
+    real = sim.sample_turns
+    monkeypatch.setattr(sim, "sample_turns", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
+    env, rng = sim.TutorEnv(), np.random.default_rng(0)
+    convs, rewards = ippo.rollout(model, tok, env, env.contexts(64, "train", rng), rng, ippo.Args())
+    assert calls == [64] * 5 and len(convs) == 64 and rewards.shape == (64,)
+    assert all(sum(m["role"] == "assistant" for m in c) == 5 and c[-1]["role"] == "user" for c in convs)
+
+
+# ---------------------------------------------------------------- the loop: the KL anchor, processes, resume
+def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
+    """The reference log-probs of iteration i are pi_i's: at the start of each iteration's PPO they equal the sampling
+    policy's own log-probs; at i = 1 they differ from mu's. Anchoring to mu would fail both checks at i = 1."""
+    path = tmp_path / "ppo.jsonl"
+    run(["--num_iterations", "2", "--run_name", "anchor", "--save_rollouts", str(path), "--lr", "3e-3", *TINY],
+        tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {r["iteration"] for r in rows} == {0, 1} and len(rows) == 2 * 16 * 5  # every visited state is a prompt
+    mu, tok = base_policy
+    for it in (0, 1):
+        first = [r for r in rows if r["iteration"] == it and r["ppo_batch"] == 0]
+        ids, attn, idx, mask = ippo.response_batch(tok, [r["prompt"] for r in first], [r["token_ids"] for r in first])
+        with torch.no_grad():
+            mu_lp = (ippo.response_logprobs(mu, ids, attn, idx, 1.0) * mask).sum(1)
+        ref = torch.tensor([r["ref_logprob"] for r in first])
+        old = torch.tensor([r["old_logprob"] for r in first])
+        torch.testing.assert_close(ref, old, atol=1e-4, rtol=0)  # the anchor is the policy PPO starts from
+        if it == 0:
+            torch.testing.assert_close(ref, mu_lp, atol=1e-4, rtol=0)  # pi_0 = mu
+        else:
+            assert (ref - mu_lp).abs().mean() > 1e-2  # pi_1 != mu, and the anchor follows pi_1
+    later = [r for r in rows if r["iteration"] == 1 and r["ppo_batch"] == 1]
+    assert np.mean([abs(r["ref_logprob"] - r["old_logprob"]) for r in later]) > 1e-3  # the policy moved from pi_1
+    metrics = [json.loads(line) for line in (tmp_path / "anchor" / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics[1:]:  # each outer iteration reports the real reward with the user and Q's held-out error
+        assert {"eval/mean_reward", "charts/rollout_reward", "q/heldout_mse", "q/heldout_mse_before",
+                "charts/outer_iterations_per_sec"} <= set(m)
+
+
+def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
+    run(["--num_iterations", "2", "--run_name", "ddp", *TINY], tmp_path, LAUNCH_2)
+    s = summary(tmp_path, "ddp")
+    assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
+
+
+def test_checkpoint_and_resume(tmp_path, base_policy):
+    run(["--num_iterations", "2", "--save_every", "1", "--run_name", "res", *TINY], tmp_path)
+    ckpt = tmp_path / "res" / "checkpoint"
+    assert json.loads((ckpt / "meta.json").read_text())["iteration"] == 2
+    assert (ckpt / "q_model.pt").exists() and not (tmp_path / "res" / "checkpoint.tmp").exists()
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(ckpt / "policy") is not None  # what evaluate.py loads
+    out = run(["--num_iterations", "3", "--run_name", "res", "--resume", *TINY], tmp_path)
+    assert "resumed" in out.stdout + out.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 2, 3]
+    assert summary(tmp_path, "res")["iterations"] == 3
+
+
+def test_chat_env_with_hf_models(tmp_path):
+    """The papers' path by flags only: a local HF policy (its backbone also gives Q and the critic), an HF reward
+    model, pre-sampled user turns. Tiny random-init models built here; nothing reaches the network."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from test_simulator import llama3_tokenizer, tiny_llama
+
+    tok = llama3_tokenizer()
+    tiny_llama(tok).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
+                                           "questions": ["i am not sure .", "this is boring ."]}) + "\n"
+                               for t in sim.TOPICS))
+    rows = tmp_path / "ppo.jsonl"
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--prompts_path", str(prompts), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "1",
+         "--run_name", "chat", "--save_rollouts", str(rows), *TINY, "--num_eval", "4"], tmp_path)
+    got = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert len(got) == 16 * 2 and {len(r["prompt"]) for r in got} == {1, 3}  # s_1 and s_2 as PPO prompts
+    assert summary(tmp_path, "chat")["iterations"] == 1
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("seed", [1, 2])
+def test_default_run_beats_mu(tmp_path, seed, base_policy):
+    """The README's claim, per seed: the default run (10 minutes) ends above mu (0.28) by a margin outside noise
+    (measured: 0.447, 0.421, 0.667 on seeds 1-3, with a stderr of about 0.015 at 1024 contexts)."""
+    run(["--run_name", f"long{seed}", "--seed", str(seed), "--num_eval", "1024"], tmp_path, timeout=1500)
+    s = summary(tmp_path, f"long{seed}")
+    assert s["final_reward"] - s["initial_reward"] > 5 * 0.015 * 2 ** 0.5, s

@@ -1,0 +1,289 @@
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mtpo
+import simulator as sim
+from conftest import ROOT, subprocess_env
+
+TINY = ["--prompts_per_iteration", "16", "--num_eval", "32", "--threads", "1", "--value_warmup_iterations", "1"]
+
+
+def run(args, tmp_path, launcher=(sys.executable,), timeout=600):
+    cmd = [*launcher, "mtpo.py", "--output_dir", str(tmp_path), *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def summary(tmp_path, name):
+    return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- GAE, rewards, losses by hand
+def test_gae_against_hand_computation():
+    r = torch.tensor([[0.0, 0.0, 1.0], [-0.1, 2.0, 0.0]])
+    v = torch.tensor([[0.5, 0.6, 0.7], [1.0, 0.5, 9.0]])
+    m = torch.tensor([[True, True, True], [True, True, False]])  # row 2 ends after two agent turns
+    adv, ret = mtpo.gae(r, v, m, gamma=1.0, lam=0.5)
+    # row 1: deltas 0.1, 0.1, 0.3 -> A3 = 0.3, A2 = 0.1 + 0.5 * 0.3 = 0.25, A1 = 0.1 + 0.5 * 0.25 = 0.225
+    # row 2: V = 0 after its last turn: deltas -0.6, 1.5 -> A2 = 1.5, A1 = -0.6 + 0.5 * 1.5 = 0.15; turn 3 masked
+    torch.testing.assert_close(adv, torch.tensor([[0.225, 0.25, 0.3], [0.15, 1.5, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.725, 0.85, 1.0], [1.15, 2.0, 0.0]]))
+    adv, _ = mtpo.gae(r, v, m)  # the paper's lambda 0.95, gamma 1
+    assert adv[0, 0].item() == pytest.approx(0.1 + 0.95 * (0.1 + 0.95 * 0.3))
+    adv, ret = mtpo.gae(r, v, m, lam=1.0)  # lambda = 1: Monte Carlo return minus the value
+    torch.testing.assert_close(ret, torch.tensor([[1.0, 1.0, 1.0], [1.9, 2.0, 0.0]]))
+    adv, _ = mtpo.gae(r, v, m, gamma=0.5, lam=0.0)  # one-step TD: r + gamma V' - V
+    torch.testing.assert_close(adv, torch.tensor([[0.0 + 0.5 * 0.6 - 0.5, 0.5 * 0.7 - 0.6, 0.3],
+                                                  [-0.1 + 0.5 * 0.5 - 1.0, 1.5, 0.0]]))
+
+
+def test_turn_rewards_pay_next_states_kl_once():
+    R = torch.tensor([0.8, 0.3])
+    lr = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])  # sampled log pi_t/mu of each turn
+    m = torch.tensor([[True, True, True], [True, True, False]])
+    r = mtpo.turn_rewards(R, lr, m, alpha=0.1)
+    # r_h = -a KLhat[x_{h+1}] for h < H_k, r_{H_k} = R; the first state's KL is never in the rewards
+    torch.testing.assert_close(r, torch.tensor([[-0.2, -0.3, 0.8], [-0.5, 0.3, 0.0]]))
+
+
+def test_policy_loss_value_and_gradient_signs():
+    # one conversation, targets: [header, y1 tok, y1 tok, user, y2 tok]
+    token_turn = torch.tensor([[0, 1, 1, 0, 2]])
+    lp = torch.tensor([[-0.3, -1.0, -0.5, -2.0, -0.2]], requires_grad=True)
+    ref = torch.tensor([[-0.3, -1.5, -0.4, -9.0, -0.7]])
+    adv, m = torch.tensor([[2.0, -1.0]]), torch.tensor([[True, True]])
+    loss = mtpo.policy_loss(lp, ref, token_turn, adv, m, alpha=0.1)
+    # -A1 (lp1 + lp2) - A2 lp4; KL part: in-turn reward-to-go of log pi/mu: turn 1: lr = 0.5, -0.1 -> rtg 0.4, -0.1;
+    # turn 2: lr 0.5 -> 0.5. Mean over the two turns.
+    pg = -(2.0 * (-1.0 - 0.5) + -1.0 * -0.2)
+    kl = 0.4 * -1.0 + -0.1 * -0.5 + 0.5 * -0.2
+    assert loss.item() == pytest.approx((pg + 0.1 * kl) / 2)
+    loss.backward()
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0, (-2.0 + 0.04) / 2, (-2.0 - 0.01) / 2, 0.0,
+                                                       (1.0 + 0.05) / 2]]))
+    # signs: a positive advantage raises the turn's log-prob (gradient descent), a negative one lowers it
+    assert lp.grad[0, 1] < 0 and lp.grad[0, 2] < 0 and lp.grad[0, 4] > 0
+    # the KL term alone pushes down tokens more likely under pi than under mu
+    lp.grad = None
+    mtpo.policy_loss(lp, ref, token_turn, torch.zeros(1, 2), m, alpha=1.0).backward()
+    assert lp.grad[0, 1] > 0 and lp.grad[0, 4] > 0 and lp.grad[0, 0] == 0 and lp.grad[0, 3] == 0
+
+
+def test_kl_term_gradient_is_unbiased_for_turn_kl():
+    """Exact expectation over a two-token turn: E_y[grad of the KL term] = grad KL(pi(.|x)||mu(.|x)) of the turn."""
+    torch.manual_seed(0)
+    theta = torch.randn(3, requires_grad=True)  # token 1 logits; token 2's logits depend on token 1 via W
+    W = torch.randn(3, 3)
+    mu1, mu2 = torch.randn(3).log_softmax(0), torch.randn(3, 3).log_softmax(1)
+    p1 = theta.log_softmax(0)
+    p2 = (W + theta[None]).log_softmax(1)  # row = token 1
+    exact = sum((p1[a] + p2[a, b]).exp() * (p1[a] + p2[a, b] - mu1[a] - mu2[a, b]) for a in range(3) for b in range(3))
+    g_exact, = torch.autograd.grad(exact, theta, retain_graph=True)
+    g_est = torch.zeros(3)
+    for a in range(3):
+        for b in range(3):
+            lp = torch.stack([p1[a], p2[a, b]])[None]
+            loss = mtpo.policy_loss(lp, torch.stack([mu1[a], mu2[a, b]])[None], torch.tensor([[1, 1]]),
+                                    torch.zeros(1, 1), torch.tensor([[True]]), alpha=1.0)
+            g, = torch.autograd.grad(loss, theta, retain_graph=True)
+            g_est += (p1[a] + p2[a, b]).exp().detach() * g
+    torch.testing.assert_close(g_est, g_exact, atol=1e-5, rtol=1e-4)
+
+
+def test_value_loss_and_normalize():
+    v = torch.tensor([[0.2, 0.9], [0.5, 7.0]], requires_grad=True)
+    ret, m = torch.tensor([[1.0, 0.4], [0.5, 0.0]]), torch.tensor([[True, True], [True, False]])
+    loss = mtpo.value_loss(v, ret, m)
+    assert loss.item() == pytest.approx((0.64 + 0.25 + 0.0) / 3)
+    loss.backward()
+    assert v.grad[0, 0] < 0 and v.grad[0, 1] > 0 and v.grad[1, 1] == 0  # V moves toward its target; masked: nothing
+    a = mtpo.normalize(torch.tensor([[1.0, 2.0], [3.0, 100.0]]), m)
+    assert a[m].mean().abs() < 1e-6 and a[m].std().item() == pytest.approx(1.0) and a[1, 1] == 0
+
+
+# ---------------------------------------------------------------- the mixture sampler
+def tiny_pair():
+    from test_simulator import chatml_tokenizer, tiny_llama
+
+    tok = chatml_tokenizer()
+    pi, mu = tiny_llama(tok, seed=0), tiny_llama(tok, seed=1)
+    with torch.no_grad():  # random tiny models are near uniform: sharpen them so that pi, mu and the mixture differ
+        for m in (pi, mu):
+            m.lm_head.weight.mul_(60.0)
+    return pi, mu, tok
+
+
+def mixture_logprobs(policy, ref, tok, conv, tokens, tau, temperature):
+    """Teacher-forced, cache-less: log softmax(((1 - tau) logits_pi + tau logits_mu) / T) of each sampled token."""
+    prompt = sim.render_ids(tok, conv, add_generation_prompt=True)
+    ids = torch.tensor([prompt + tokens])
+    with torch.no_grad():
+        lp, lm = policy(input_ids=ids).logits[0], ref(input_ids=ids).logits[0]
+    mixed = (((1 - tau) * lp + tau * lm) / temperature).log_softmax(-1)[len(prompt) - 1: -1]
+    return mixed.gather(1, torch.tensor(tokens)[:, None]).squeeze(1), mixed[0]
+
+
+def test_mixture_sampler_next_token_distribution_is_the_geometric_mixture():
+    policy, ref, tok = tiny_pair()
+    conv = [{"role": "user", "content": "hello teacher , please teach me planets ."}]
+    tau, T, n = 0.4, 0.8, 20000
+    torch.manual_seed(0)
+    out = mtpo.mixture_sample_turns(policy, ref, tok, [conv] * n, max_new_tokens=1, temperature=T, tau=tau,
+                                    max_batch_size=n)
+    _, logp = mixture_logprobs(policy, ref, tok, conv, [0], tau, T)
+    want = logp.exp()
+    # the same distribution from the two models' normalised log-probs: pi^(1-tau) mu^tau / Z
+    with torch.no_grad():
+        ids = torch.tensor([sim.render_ids(tok, conv, add_generation_prompt=True)])
+        a = (policy(input_ids=ids).logits[0, -1] / T).log_softmax(-1)
+        b = (ref(input_ids=ids).logits[0, -1] / T).log_softmax(-1)
+    torch.testing.assert_close(want, ((1 - tau) * a + tau * b).softmax(-1), atol=1e-6, rtol=1e-5)
+    counts = torch.bincount(torch.tensor([t[0] for t in out.token_ids]), minlength=len(want)).float() / n
+    assert 0.5 * (counts - want).abs().sum() < 0.03  # total variation; sampling noise is about 0.015 here
+    assert (want - a.exp()).abs().max() > 0.05 and (want - b.exp()).abs().max() > 0.05  # a real mixture
+
+
+@pytest.mark.parametrize("tau", [0.0, 0.3, 1.0])
+def test_mixture_sampler_logprobs_match_teacher_forcing(tau):
+    """The two-cache decode loop's log-probs equal a cache-less recomputation of the mixture on every sampled token,
+    with conversations of different lengths in one batch (left padding); tau = 0 is pi, tau = 1 is mu."""
+    policy, ref, tok = tiny_pair()
+    convs = [[{"role": "user", "content": "hello teacher , please teach me planets ."}],
+             [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "let us learn with songs ."},
+              {"role": "user", "content": "i am not sure ."}]] * 3
+    torch.manual_seed(1)
+    out = mtpo.mixture_sample_turns(policy, ref, tok, convs, max_new_tokens=6, temperature=0.7, tau=tau)
+    for c, toks, lps in zip(convs, out.token_ids, out.logprobs):
+        want, _ = mixture_logprobs(policy, ref, tok, c, toks, tau, 0.7)
+        torch.testing.assert_close(lps, want, atol=1e-5, rtol=1e-4)
+        only = policy if tau == 0 else ref if tau == 1 else None
+        if only is not None:
+            want_single, _ = mixture_logprobs(only, only, tok, c, toks, 0.0, 0.7)
+            torch.testing.assert_close(lps, want_single, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- rollouts, batches, the oracle
+def test_rollout_is_batched_and_starts_from_the_beginning(base_policy, monkeypatch):
+    model, tok = base_policy
+    calls = []
+    real = mtpo.mixture_sample_turns
+    monkeypatch.setattr(mtpo, "mixture_sample_turns", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
+    env, rng, args = sim.TutorEnv(), np.random.default_rng(0), mtpo.Args()
+    ctx = env.contexts(32, "train", rng)
+    convs, hit = mtpo.rollout(model, model, tok, env, [c.messages for c in ctx] * 2, [c.user for c in ctx] * 2, rng,
+                              args, tau=0.5)
+    assert calls == [64] * 5 and hit.shape == (64, 5)  # one sampler call per turn over every conversation
+    assert all(len(c) == 11 and c[0] == convs[i % 32][0] for i, c in enumerate(convs))  # same context, 5 turns
+    assert any(convs[i][1] != convs[i + 32][1] for i in range(32))  # the two conversations are independent
+
+
+def test_conversation_batch_matches_turn_logprob(base_policy):
+    """One forward per whole conversation gives the same log pi(y_h|s_h) as the per-turn computation."""
+    model, tok = base_policy
+    convs = sim.TutorEnv().reference_dialogues(6, np.random.default_rng(2))
+    ids, attn, token_turn, state_pos, m = mtpo.conversation_batch(tok, convs, 5)
+    with torch.no_grad():
+        lp = mtpo.per_turn(sim.token_logprobs(model, ids, attn), token_turn, 5)
+        want = sim.turn_logprob(model, tok, [c for c in convs for _ in range(5)], [h for _ in convs for h in range(1, 6)])
+    torch.testing.assert_close(lp.flatten(), want, atol=1e-4, rtol=1e-5)
+    assert m.all() and (token_turn[torch.arange(6)[:, None], state_pos] > 0).all()  # x_h's last token precedes y_h
+    ac = mtpo.ActorCritic(model, sim.load_tutor_base_policy()[0].get_decoder())
+    tok_lp, v = ac(ids, attn, state_pos)
+    assert v.shape == (6, 5) and torch.allclose(v, torch.full_like(v, 0.5))  # head starts at 0.5
+
+
+def test_preference_oracle_checks_and_judge_averages_orders():
+    env = sim.TutorEnv()
+    a = env.reference_dialogues(4, np.random.default_rng(0))
+    b = env.reference_dialogues(4, np.random.default_rng(1))
+    p = mtpo.preference(env, a, b)
+    torch.testing.assert_close(p, torch.sigmoid(4 * (env.reward(a) - env.reward(b))))
+    env.preference = lambda x, y: torch.full((len(x),), float("nan"))
+    with pytest.raises(ValueError, match="NaN"):
+        mtpo.preference(env, a, b)
+    env = sim.TutorEnv()
+    env.judge = sim.JudgePreference(lambda prompts: ["Comparison: x\nPreferred: A"] * len(prompts))  # position bias
+    torch.testing.assert_close(mtpo.preference(env, a, b), torch.full((4,), 0.5))  # both orders cancel it
+
+
+def test_chat_env_with_hf_models_and_a_prompted_judge(tmp_path):
+    """The papers' path by flags only: a local HF policy, an HF reward model, pre-sampled user turns, and a prompted
+    judge model as the preference oracle (--judge_model). Tiny random-init models; nothing reaches the network."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from test_simulator import llama3_tokenizer, tiny_llama
+
+    tok = llama3_tokenizer()
+    tiny_llama(tok).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
+                                           "questions": ["i am not sure .", "this is boring ."]}) + "\n"
+                               for t in sim.TOPICS))
+    chat = ["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+            "--prompts_path", str(prompts), "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "1",
+            *TINY, "--num_eval", "4", "--prompts_per_iteration", "4"]
+    run([*chat, "--variant", "rlhf", "--run_name", "chat_rlhf"], tmp_path)
+    run([*chat, "--variant", "mtpo", "--run_name", "chat_judge", "--judge_model", str(tmp_path / "policy")], tmp_path)
+    for name in ("chat_rlhf", "chat_judge"):
+        assert summary(tmp_path, name)["iterations"] == 1
+    # a random judge's replies do not parse: every verdict is a tie, so p = 1/2 exactly
+    rows = [json.loads(line) for line in (tmp_path / "chat_judge" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["eval/win_rate_vs_mu"] == 0.5 and rows[1]["charts/abs_pref_margin"] == 0.0
+
+
+# ---------------------------------------------------------------- the loop: processes, resume, learning
+def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    run(["--variant", "mtpo-tau", "--num_iterations", "2", "--run_name", "ddp", *TINY], tmp_path, launcher)
+    s = summary(tmp_path, "ddp")
+    assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
+
+
+def test_checkpoint_resume_and_loadable_policy(tmp_path, base_policy):
+    run(["--variant", "rlhf", "--num_iterations", "2", "--save_every", "1", "--run_name", "res", *TINY], tmp_path)
+    ckpt = tmp_path / "res" / "checkpoint"
+    assert json.loads((ckpt / "meta.json").read_text())["iteration"] == 2
+    out = run(["--variant", "rlhf", "--num_iterations", "3", "--run_name", "res", "--resume", *TINY], tmp_path)
+    assert "resumed" in out.stdout + out.stderr
+    steps = [json.loads(line)["step"] for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [0, 1, 2, 2, 3]
+    s = summary(tmp_path, "res")
+    assert s["iterations"] == 3 and {"initial_reward", "final_reward", "minutes", "ranks_in_sync"} <= set(s)
+    trained, _ = sim.load_policy(str(ckpt / "policy"))  # what evaluate.py loads
+    mu, _ = base_policy
+    assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), mu.parameters()))
+
+
+def test_short_mtpo_run_beats_mu(tmp_path, base_policy):
+    """CI's short learning check (fixed seed, about 45 s): 15 iterations of MTPO, learning from preferences only,
+    beat mu head to head under the oracle on 512 held-out contexts (measured 0.62 +- 0.014 and 0.61 on seed 2)."""
+    run(["--variant", "mtpo", "--num_iterations", "15", "--eval_every", "15", "--prompts_per_iteration", "64",
+         "--num_eval", "512", "--threads", "1", "--run_name", "learn", "--seed", "1"], tmp_path)
+    s = summary(tmp_path, "learn")
+    assert s["final_win_rate_vs_mu"] - 0.5 > 3 * s["final_win_rate_stderr"], s
+    assert s["final_reward"] > s["mu_reward"], s
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("variant", ["mtpo-tau", "mtpo", "rlhf"])
+def test_default_run_beats_mu(tmp_path, variant, base_policy):
+    """The README's claim per variant: the default CPU run beats mu head to head under the preference oracle on
+    held-out contexts, outside noise (3 standard errors above 0.5)."""
+    run(["--variant", variant, "--run_name", variant, "--seed", "1", "--threads", "1"], tmp_path, timeout=1500)
+    s = summary(tmp_path, variant)
+    assert s["final_win_rate_vs_mu"] - 0.5 > 3 * s["final_win_rate_stderr"], s
+    assert s["final_reward"] > s["mu_reward"], s
