@@ -38,8 +38,8 @@ Choices the paper leaves open, and why:
     Bernoulli draw. The oracle is the simulator's: Bradley-Terry sigmoid(4 (r_a - r_b)) on the tutor task, or a
     prompted judge (--judge_model [--judge_api_base]) asked in both orders and averaged (sim.JudgePreference).
   * Value targets are not renormalised: p lies in [0, 1], so the value loss is already O(1).
-Hyperparameters (the paper's a = 0.01/0.005/0.0025, lr 4e-5, 16 contexts are for T5 models): tuned on the tutor task,
-see the Args defaults and README.
+Hyperparameters (the paper's a = 0.01/0.005/0.0025, lr 4e-5, 16 contexts are for T5 models): the defaults are the
+first settings tried on the tutor task, which worked; they were not swept (README).
 
 Runs as `python mtpo.py --variant mtpo-tau` (CPU, the tutor task) or `accelerate launch [--config_file configs/...]
 mtpo.py ...`; every rank collects its own contexts and all ranks take the same optimizer steps.

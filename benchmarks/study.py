@@ -10,6 +10,7 @@ markdown tables to benchmarks/study_results.md (and into README.md between the s
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -100,6 +101,7 @@ def main(args: Args) -> None:
         if failed:
             raise SystemExit(f"runs failed (see their logs in {args.output_dir}): {failed}")
     train_min = (time.time() - t0) / 60
+    trained_here = train_min > 0.1
     runs = [(m, s) for m in args.methods for s in args.seeds]
     out = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, s)) for m, s in runs],
                               names=[f"{m} seed {s}" for m, s in runs], num_contexts=args.num_contexts,
@@ -107,7 +109,7 @@ def main(args: Args) -> None:
     by = {(m, s): r for (m, s), r in zip(runs, out["rows"])}
     H = len(out["rows"][0]["win_rate"]["per_turn"])
     lines = ["| method | " + " | ".join(f"h={h}" for h in range(1, H + 1)) +
-             " | avg win rate | reward | of V* | KL to mu | minutes per run |", "|" + "---|" * (H + 6)]
+             " | avg win rate | reward | of V* | KL to mu | iterations | minutes per run |", "|" + "---|" * (H + 7)]
     table = {}
     for m in args.methods:
         rows = [by[(m, s)] for s in args.seeds]
@@ -115,25 +117,27 @@ def main(args: Args) -> None:
         avg = np.array([r["win_rate"]["average"] for r in rows])
         rew = np.array([r["reward"] for r in rows])
         kl = np.mean([r["kl"] for r in rows])
-        minutes = np.mean([json.loads((run_dir(args, m, s) / "summary.json").read_text())["minutes"]
-                           for s in args.seeds])
+        summaries = [json.loads((run_dir(args, m, s) / "summary.json").read_text()) for s in args.seeds]
+        minutes = np.mean([x["minutes"] for x in summaries])
+        iters = "/".join(str(x["iterations"]) for x in summaries)
         sd = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
         table[m] = dict(per_turn=per_turn.tolist(), average=avg.mean(), average_sd=sd(avg), reward=rew.mean(),
                         reward_sd=sd(rew), kl=kl, minutes=minutes)
         lines.append(f"| {m} | " + " | ".join(f"{100 * x:.1f}" for x in per_turn) +
                      f" | {100 * avg.mean():.1f} ± {100 * sd(avg):.1f} | {rew.mean():.3f} ± {sd(rew):.3f} | "
-                     f"{rew.mean() / out['v_star']:.2f} | {kl:.2f} | {minutes:.1f} |")
+                     f"{rew.mean() / out['v_star']:.2f} | {kl:.2f} | {iters} | {minutes:.1f} |")
     # MTPO paper Table 1 format, on the first seed's final dialogues
     seed0 = args.seeds[0]
     mat = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, seed0)) for m in args.methods], names=args.methods,
                               num_contexts=args.num_contexts, matrix=True))
-    cmd = "python benchmarks/study.py " + " ".join(sys.argv[1:])
+    cmd = "python benchmarks/study.py " + shlex.join(sys.argv[1:])
     text = (f"Win rate (%) against mu per turn h (oracle judge: lessons learned so far, ties half; "
             f"{args.num_contexts} held-out contexts), mean over seeds {args.seeds} (± sd across seeds); reward = "
             f"mean final reward (mu: {out['reference_reward']:.3f}, V* = {out['v_star']:.4f}); every method "
             f"trained for {args.iterations} iterations x {args.prompts_per_iteration} conversations, "
-            f"{args.parallel} runs at a time with {args.threads} thread(s) each; whole study "
-            f"{(time.time() - t0) / 60:.0f} min ({train_min:.0f} training). `{cmd}`\n\n" + "\n".join(lines) +
+            f"{args.parallel} runs at a time with {args.threads} thread(s) each" +
+            (f"; whole study {(time.time() - t0) / 60:.0f} min ({train_min:.0f} training)" if trained_here else
+             "; runs trained earlier, this invocation evaluated them") + f". `{cmd}`\n\n" + "\n".join(lines) +
             f"\n\nPreference matrix (seed {seed0}, final dialogues, row beats column, %):\n\n" + mat["matrix_table"])
     if missing:
         text += f"\n\nNot yet in the repository: {', '.join(missing)}."

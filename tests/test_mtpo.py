@@ -216,18 +216,9 @@ def test_preference_oracle_checks_and_judge_averages_orders():
 def test_chat_env_with_hf_models_and_a_prompted_judge(tmp_path):
     """The papers' path by flags only: a local HF policy, an HF reward model, pre-sampled user turns, and a prompted
     judge model as the preference oracle (--judge_model). Tiny random-init models; nothing reaches the network."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from test_simulator import save_tiny_policy_and_reward_model
 
-    from test_simulator import llama3_tokenizer, tiny_llama
-
-    tok = llama3_tokenizer()
-    tiny_llama(tok).save_pretrained(tmp_path / "policy")
-    tok.save_pretrained(tmp_path / "policy")
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
-                                                    pad_token_id=tok.pad_token_id))
-    rm.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    save_tiny_policy_and_reward_model(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
                                            "questions": ["i am not sure .", "this is boring ."]}) + "\n"
