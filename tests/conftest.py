@@ -1,4 +1,6 @@
+import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +42,21 @@ def subprocess_env():
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return env
+
+
+# `accelerate launch` of two CPU processes (gloo): how the tests check multi-process runs
+TWO_CPU_PROCESSES = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+
+
+def run_script(script, args, tmp_path, launcher=(sys.executable,), timeout=600):
+    """Run a repository script as a user would, its runs under tmp_path; fail with its output's tail."""
+    cmd = [*launcher, script, "--output_dir", str(tmp_path), *args]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def summary(tmp_path, name):
+    """runs/<name>/summary.json of a run made by run_script."""
+    return json.loads((tmp_path / name / "summary.json").read_text())

@@ -1,6 +1,5 @@
 import json
 import math
-import subprocess
 import sys
 
 import pytest
@@ -9,16 +8,14 @@ import torch.nn.functional as F
 
 import baselines_dpo_rebel as bl
 import simulator as sim
-from conftest import ROOT, subprocess_env
+from conftest import TWO_CPU_PROCESSES, run_script, summary
 
 TINY = ["--prompts_per_iteration", "32", "--minibatch_size", "16", "--num_eval", "32", "--threads", "1"]
 
 
 def run(args, tmp_path, launcher=(sys.executable,), timeout=600):
-    cmd = [*launcher, "baselines_dpo_rebel.py", "--output_dir", str(tmp_path), *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return json.loads((tmp_path / args[args.index("--run_name") + 1] / "summary.json").read_text())
+    run_script("baselines_dpo_rebel.py", args, tmp_path, launcher, timeout)
+    return summary(tmp_path, args[args.index("--run_name") + 1])
 
 
 def test_dpo_loss_value_and_gradient():
@@ -90,8 +87,7 @@ def test_saved_pairs_obey_the_mode(tmp_path, loss, mode, base_policy):
 
 
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    launcher = TWO_CPU_PROCESSES
     s = run(["--loss", "dpo", "--mode", "mt-mixed", "--num_iterations", "2", "--run_name", "ddp", *TINY], tmp_path,
             launcher)
     assert s["num_processes"] == 2 and s["ranks_in_sync"]

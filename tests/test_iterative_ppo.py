@@ -1,6 +1,5 @@
 import json
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -9,23 +8,14 @@ import torch
 
 import iterative_ppo as ippo
 import simulator as sim
-from conftest import ROOT, subprocess_env
+from conftest import TWO_CPU_PROCESSES, run_script, summary
 
 TINY = ["--prompts_per_iteration", "16", "--ppo_minibatch_size", "16", "--q_minibatch_size", "16", "--num_eval", "16",
         "--q_epochs", "2", "--time_budget_minutes", "0", "--threads", "1"]
-LAUNCH_2 = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
 
 
 def run(args, tmp_path, launcher=(sys.executable,), timeout=600):
-    cmd = [*launcher, "iterative_ppo.py", "--output_dir", str(tmp_path), *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def summary(tmp_path, name):
-    return json.loads((tmp_path / name / "summary.json").read_text())
+    return run_script("iterative_ppo.py", args, tmp_path, launcher, timeout)
 
 
 @pytest.fixture
@@ -189,7 +179,7 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
 
 
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
-    run(["--num_iterations", "2", "--run_name", "ddp", *TINY], tmp_path, LAUNCH_2)
+    run(["--num_iterations", "2", "--run_name", "ddp", *TINY], tmp_path, TWO_CPU_PROCESSES)
     s = summary(tmp_path, "ddp")
     assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
 

@@ -1,6 +1,5 @@
 import json
 import math
-import subprocess
 import sys
 
 import numpy as np
@@ -9,20 +8,13 @@ import torch
 
 import refuel
 import simulator as sim
-from conftest import ROOT, subprocess_env
+from conftest import TWO_CPU_PROCESSES, run_script, summary
 
 TINY = ["--prompts_per_iteration", "32", "--minibatch_size", "16", "--num_eval", "32", "--threads", "1"]
 
 
 def run(args, tmp_path, launcher=(sys.executable,), timeout=600):
-    cmd = [*launcher, "refuel.py", "--output_dir", str(tmp_path), *args]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=timeout)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out
-
-
-def summary(tmp_path, name):
-    return json.loads((tmp_path / name / "summary.json").read_text())
+    return run_script("refuel.py", args, tmp_path, launcher, timeout)
 
 
 # ---------------------------------------------------------------- Eq. (1) by hand
@@ -156,8 +148,7 @@ def test_chat_env_with_hf_models_and_presampled_questions(tmp_path):
 
 # ---------------------------------------------------------------- the loop: processes, resume, learning
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no")
+    launcher = TWO_CPU_PROCESSES
     run(["--num_iterations", "2", "--run_name", "ddp", *TINY], tmp_path, launcher)
     s = summary(tmp_path, "ddp")
     assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
