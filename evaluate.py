@@ -191,6 +191,8 @@ class Args:
     """the llm judge's reply budget"""
     matrix: bool = False
     """also write the pairwise preference matrix across the policies and the reference (final dialogues)"""
+    matrix_policies: Optional[list[str]] = None
+    """names (from --names) of the policies in the matrix (default: all); the dialogues already played are reused"""
     num_contexts: int = 1024
     """held-out contexts (each played by every policy and the reference)"""
     seed: int = 1234
@@ -289,8 +291,9 @@ def evaluate(args: Args) -> dict:
     if isinstance(judge, LLMJudge):
         out["judge_parse"] = dict(judge.counts)
     if args.matrix:
-        M = preference_matrix(all_convs + [ref_convs], judge, np.random.default_rng(args.seed + 999))
-        out["matrix"], out["matrix_names"] = M.tolist(), [*names, f"reference ({args.reference})"]
+        keep = [names.index(n) for n in args.matrix_policies] if args.matrix_policies else range(len(names))
+        M = preference_matrix([all_convs[i] for i in keep] + [ref_convs], judge, np.random.default_rng(args.seed + 999))
+        out["matrix"], out["matrix_names"] = M.tolist(), [*(names[i] for i in keep), f"reference ({args.reference})"]
         out["matrix_table"] = matrix_table(out["matrix_names"], M)
     return out
 

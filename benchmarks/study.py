@@ -103,9 +103,10 @@ def main(args: Args) -> None:
     train_min = (time.time() - t0) / 60
     trained_here = train_min > 0.1
     runs = [(m, s) for m in args.methods for s in args.seeds]
+    seed0 = args.seeds[0]  # the preference matrix (MTPO paper Table 1 format) uses the first seed's dialogues
     out = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, s)) for m, s in runs],
                               names=[f"{m} seed {s}" for m, s in runs], num_contexts=args.num_contexts,
-                              matrix=False))
+                              matrix=True, matrix_policies=[f"{m} seed {seed0}" for m in args.methods]))
     by = {(m, s): r for (m, s), r in zip(runs, out["rows"])}
     H = len(out["rows"][0]["win_rate"]["per_turn"])
     lines = ["| method | " + " | ".join(f"h={h}" for h in range(1, H + 1)) +
@@ -126,10 +127,7 @@ def main(args: Args) -> None:
         lines.append(f"| {m} | " + " | ".join(f"{100 * x:.1f}" for x in per_turn) +
                      f" | {100 * avg.mean():.1f} ± {100 * sd(avg):.1f} | {rew.mean():.3f} ± {sd(rew):.3f} | "
                      f"{rew.mean() / out['v_star']:.2f} | {kl:.2f} | {iters} | {minutes:.1f} |")
-    # MTPO paper Table 1 format, on the first seed's final dialogues
-    seed0 = args.seeds[0]
-    mat = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, seed0)) for m in args.methods], names=args.methods,
-                              num_contexts=args.num_contexts, matrix=True))
+    matrix = ev.matrix_table([*args.methods, out["matrix_names"][-1]], np.array(out["matrix"]))
     cmd = "python benchmarks/study.py " + shlex.join(sys.argv[1:])
     text = (f"Win rate (%) against mu per turn h (oracle judge: lessons learned so far, ties half; "
             f"{args.num_contexts} held-out contexts), mean over seeds {args.seeds} (± sd across seeds); reward = "
@@ -138,7 +136,7 @@ def main(args: Args) -> None:
             f"{args.parallel} runs at a time with {args.threads} thread(s) each" +
             (f"; whole study {(time.time() - t0) / 60:.0f} min ({train_min:.0f} training)" if trained_here else
              "; runs trained earlier, this invocation evaluated them") + f". `{cmd}`\n\n" + "\n".join(lines) +
-            f"\n\nPreference matrix (seed {seed0}, final dialogues, row beats column, %):\n\n" + mat["matrix_table"])
+            f"\n\nPreference matrix (seed {seed0}, final dialogues, row beats column, %):\n\n" + matrix)
     if missing:
         text += f"\n\nNot yet in the repository: {', '.join(missing)}."
     print("\n" + text)
