@@ -58,7 +58,8 @@ class Args:
     env: Literal["tutor", "chat"] = "tutor"
     """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF reward model"""
     prompts_path: Optional[str] = None
-    """chat: JSONL of message lists (or {"messages": ..., "questions": [...]}, pre-sampled user turns)"""
+    """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
+    pre-sampled questions of setting two)"""
     offline_path: Optional[str] = None
     """chat: D_off, JSONL of full dialogues or {"chosen": [...], "rejected": [...]} pairs"""
     user_model: Optional[str] = None
@@ -72,6 +73,16 @@ class Args:
     """chat: HF sequence-classification reward model"""
     reward_trust_remote_code: bool = False
     """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
+    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
+    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
+    bad_records: Literal["skip", "error"] = "skip"
+    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
+    max_dialogue_tokens: Optional[int] = None
+    """chat: drop dataset dialogues longer than this many chat-templated tokens (REFUEL paper: 2048)"""
+    reward_device: Optional[str] = None
+    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
+    user_device: Optional[str] = None
+    """chat: an in-process user model's device (as --reward_device)"""
     max_turns: int = 5
     """H_max: H ~ U{1..H_max}"""
 
@@ -367,7 +378,10 @@ def main(args: Args) -> dict:
     env_dtype = torch.bfloat16 if bf16 else torch.float32
     env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
                        str(accelerator.device), env_dtype, args.reward_trust_remote_code, args.offline_path,
-                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path)
+                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
+                       dataset_format=args.dataset_format, bad_records=args.bad_records,
+                       max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
+                       reward_device=args.reward_device, user_device=args.user_device)
     ref_policy = None
     if args.loss == "dpo":  # pi_ref, frozen
         ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()

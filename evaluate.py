@@ -212,6 +212,14 @@ class Args:
     """chat: the env's reward model (the reward column, and the oracle judge)"""
     reward_trust_remote_code: bool = False
     """chat: load the reward model's own code"""
+    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
+    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
+    bad_records: Literal["skip", "error"] = "skip"
+    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
+    reward_device: Optional[str] = None
+    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
+    user_device: Optional[str] = None
+    """chat: an in-process user model's device (as --reward_device)"""
     max_turns: int = 5
     """H_max: turns played by each policy"""
     temperature: float = 1.0
@@ -244,7 +252,9 @@ def evaluate(args: Args) -> dict:
         raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
     env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns, device, dtype,
                        args.reward_trust_remote_code, user_api_base=args.user_api_base,
-                       user_prompt_path=args.user_prompt_path)
+                       user_prompt_path=args.user_prompt_path,
+                       dataset_format=args.dataset_format, bad_records=args.bad_records,
+                       reward_device=args.reward_device, user_device=args.user_device)
     if args.judge == "oracle":
         judge = ScoreJudge(env.reward)
     elif not args.judge_model:

@@ -82,13 +82,29 @@ class Args:
     env: Literal["tutor", "chat"] = "tutor"
     """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF reward model"""
     prompts_path: Optional[str] = None
-    """chat: JSONL of message lists (or {"messages": ..., "questions": [...]}, pre-sampled user turns)"""
+    """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
+    pre-sampled questions of setting two)"""
     user_model: Optional[str] = None
     """chat: HF model prompted as the user; None = pre-sampled questions"""
+    user_api_base: Optional[str] = None
+    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
+    names the served model; key from $OPENAI_API_KEY)"""
+    user_prompt_path: Optional[str] = None
+    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model (rlhf's reward; Bradley-Terry oracle when no judge is set)"""
     reward_trust_remote_code: bool = False
     """chat: load the reward model's own code"""
+    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
+    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
+    bad_records: Literal["skip", "error"] = "skip"
+    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
+    max_dialogue_tokens: Optional[int] = None
+    """chat: drop dataset dialogues longer than this many chat-templated tokens (REFUEL paper: 2048)"""
+    reward_device: Optional[str] = None
+    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
+    user_device: Optional[str] = None
+    """chat: an in-process user model's device (as --reward_device)"""
     judge_model: Optional[str] = None
     """preference oracle: a prompted judge model comparing two conversations (both orders averaged); None = the
     environment's Bradley-Terry oracle sigmoid(4 (r_a - r_b))"""
@@ -505,7 +521,11 @@ def main(args: Args) -> dict:
     ref.requires_grad_(False)
     value_backbone = sim.load_policy(args.model_name_or_path)[0].get_decoder()
     env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), dtype, args.reward_trust_remote_code)
+                       str(accelerator.device), dtype, args.reward_trust_remote_code,
+                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
+                       dataset_format=args.dataset_format, bad_records=args.bad_records,
+                       max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
+                       reward_device=args.reward_device, user_device=args.user_device)
     if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
         env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device), dtype)
     model = ActorCritic(policy, value_backbone)

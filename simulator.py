@@ -644,51 +644,187 @@ def load_tutor_base_policy(path: Path = DEFAULT_BASE_POLICY, rebuild: bool = Fal
 # ----------------------------------------------------------------------------------------------------------------
 # The papers' setting: prompt files, LLM users, pre-sampled users, reward models
 # ----------------------------------------------------------------------------------------------------------------
-def read_jsonl(path: str, what: str):
-    """(line number, record) for each non-empty line; errors name the file and the line."""
+def read_records(path: str, what: str):
+    """(where, record) pairs from a local .jsonl file, a .json file (a list of records), or, with the `hf:` prefix,
+    a hub dataset `hf:NAME[:SPLIT]` (default split train; the `datasets` package is imported only then)."""
+    if path.startswith("hf:"):
+        name, _, split = path[3:].partition(":")
+        try:
+            import datasets
+        except ImportError:
+            raise ImportError(f"{what} {path}: loading from the hub needs `pip install datasets` "
+                              f"(or download the files and pass a local path)") from None
+        ds = datasets.load_dataset(name, split=split or "train")
+        for n, rec in enumerate(ds):
+            yield f"{name}[{n}]", dict(rec)
+        return
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
-    for n, line in enumerate(p.read_text().splitlines(), 1):
+    text = p.read_text()
+    if p.suffix == ".json" and text.lstrip().startswith("["):  # one JSON list (Education Dialogue's files)
+        try:
+            recs = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        for n, rec in enumerate(recs):
+            yield f"{path}[{n}]", rec
+        return
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                yield n, json.loads(line)
+                yield f"{path}:{n}", json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
 
 
-def load_prompts_jsonl(path: str) -> list[list[dict]]:
-    """A JSONL file, one record per line: a list of messages, or {"messages": [...]} (a {"questions": [...]}
-    field, when present, holds pre-sampled later user turns for setting two)."""
-    records = []
-    for n, rec in read_jsonl(path, "prompt file"):
-        msgs = rec.get("messages") if isinstance(rec, dict) else rec
-        validate_conversation(msgs, where=f"{path}:{n}")
-        if msgs[-1]["role"] != "user":
-            raise ValueError(f"{path}:{n}: a prompt must end with a user message")
-        records.append({"messages": msgs, "questions": rec.get("questions") if isinstance(rec, dict) else None})
-    if not records:
-        raise ValueError(f"prompt file {path} holds no prompts")
-    return records
+DATASET_FORMATS = ("auto", "messages", "ultrainteract", "hh", "education")
+EDUCATION_SYSTEM = "You are a teacher. Teach the student about {topic}; adapt to how the student likes to learn."
+EDUCATION_OPENING = "Hi! I'm here for today's lesson about {topic}."  # the teacher speaks first in the data
 
 
-def load_offline_jsonl(path: str) -> list[dict]:
-    """D_off for the chat env: per line a full conversation (a message list or {"messages": [...]}) ending with an
-    assistant turn, or an Anthropic-HH-style {"chosen": [...], "rejected": [...]} pair differing in the last turn."""
-    rows = []
-    for n, rec in read_jsonl(path, "offline dataset"):
+def detect_format(rec) -> str:
+    if isinstance(rec, list) or (isinstance(rec, dict) and "messages" in rec):
+        return "messages"
+    if isinstance(rec, dict) and "trajectory" in rec:
+        return "ultrainteract"
+    if isinstance(rec, dict) and "background_info" in rec and "conversation" in rec:
+        return "education"
+    if isinstance(rec, dict) and isinstance(rec.get("chosen"), str) and "Human:" in rec["chosen"]:
+        return "hh"
+    if isinstance(rec, dict) and isinstance(rec.get("chosen"), list):
+        return "messages"
+    raise ValueError(f"unrecognised record (keys {sorted(rec) if isinstance(rec, dict) else type(rec).__name__}); "
+                     f"expected one of the formats {DATASET_FORMATS[1:]}")
+
+
+def parse_hh(text: str) -> list[dict]:
+    """Anthropic HH's '\\n\\nHuman: ...\\n\\nAssistant: ...' transcript as messages."""
+    parts = re.split(r"\n\n(Human|Assistant): ", "\n\n" + text.lstrip("\n")) if text.strip() else []
+    return [{"role": "user" if r == "Human" else "assistant", "content": c.strip()}
+            for r, c in zip(parts[1::2], parts[2::2])]
+
+
+def record_to_dialogue(rec, fmt: str) -> dict:
+    """{"messages", "alternative" (a rejected last reply or None), "user" (per-dialogue user state)} of one record;
+    ValueError when the record does not have the format's shape."""
+    if fmt == "auto":
+        fmt = detect_format(rec)
+    user, alt = {}, None
+    if fmt == "messages":
         msgs = rec if isinstance(rec, list) else rec.get("messages", rec.get("chosen"))
-        validate_conversation(msgs, where=f"{path}:{n}")
-        if msgs[-1]["role"] != "assistant":
-            raise ValueError(f"{path}:{n}: an offline dialogue must end with an assistant turn")
-        alt = rec.get("rejected") if isinstance(rec, dict) else None
-        if alt is not None:
-            validate_conversation(alt, where=f"{path}:{n} (rejected)")
-            if len(alt) != len(msgs) or alt[:-1] != msgs[:-1] or alt[-1]["role"] != "assistant":
-                raise ValueError(f"{path}:{n}: 'chosen' and 'rejected' must differ only in the last assistant turn")
-        rows.append({"messages": msgs, "alternative": alt[-1]["content"] if alt else None})
+        if isinstance(rec, dict):
+            user["questions"] = rec.get("questions")
+            rej = rec.get("rejected")
+            if rej is not None:
+                validate_conversation(rej, "rejected")
+                if len(rej) != len(msgs) or rej[:-1] != msgs[:-1] or rej[-1]["role"] != "assistant":
+                    raise ValueError("'chosen' and 'rejected' must differ only in the last assistant turn")
+                alt = rej[-1]["content"]
+    elif fmt == "ultrainteract":  # openbmb/UltraInteract_pair: trajectory [{from, value}] + chosen/rejected replies
+        roles = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+        try:
+            msgs = [{"role": roles[t["from"].lower()], "content": t["value"]} for t in rec["trajectory"]]
+        except (KeyError, AttributeError, TypeError):
+            raise ValueError("an UltraInteract record needs 'trajectory': [{'from': user|assistant, 'value'}]") \
+                from None
+        if isinstance(rec.get("chosen"), str) and msgs and msgs[-1]["role"] == "user":
+            msgs.append({"role": "assistant", "content": rec["chosen"]})
+            alt = rec.get("rejected") if isinstance(rec.get("rejected"), str) else None
+    elif fmt == "hh":  # Anthropic/hh-rlhf: chosen/rejected transcripts differing in the last assistant turn
+        msgs, rej = parse_hh(rec.get("chosen", "")), parse_hh(rec.get("rejected", ""))
+        if rej and len(rej) == len(msgs) and rej[:-1] == msgs[:-1] and rej[-1]["role"] == "assistant":
+            alt = rej[-1]["content"]
+    elif fmt == "education":  # Education Dialogue: the teacher (our assistant) opens, the student is the user
+        info, turns = rec.get("background_info"), rec.get("conversation")
+        if not isinstance(info, dict) or "topic" not in info or not isinstance(turns, list):
+            raise ValueError("an Education Dialogue record needs background_info.topic and a conversation list")
+        msgs = [{"role": "system", "content": EDUCATION_SYSTEM.format(topic=info["topic"])},
+                {"role": "user", "content": EDUCATION_OPENING.format(topic=info["topic"])}]
+        roles = {"teacher": "assistant", "student": "user"}
+        try:
+            msgs += [{"role": roles[t["role"].lower()], "content": t["text"]} for t in turns]
+        except (KeyError, AttributeError, TypeError):
+            raise ValueError("Education Dialogue turns need role Teacher|Student and text") from None
+        user = {**info, "questions": None}
+    else:
+        raise ValueError(f"unknown dataset format {fmt!r}: expected one of {DATASET_FORMATS}")
+    validate_conversation(msgs)
+    return {"messages": msgs, "alternative": alt, "user": user, "format": fmt}
+
+
+def load_dialogues(path: str, fmt: str = "auto", max_turns: Optional[int] = None, max_tokens: Optional[int] = None,
+                   tokenizer=None, bad_records: str = "skip", what: str = "dataset") -> list[dict]:
+    """Dialogues from a local file or hub dataset in any of DATASET_FORMATS (auto-detected per record), with the
+    papers' filters: at most `max_turns` assistant turns (REFUEL paper: 5; Education Dialogue's 10-15-turn lessons
+    are cut to max_turns instead, since only their openings and student profiles are used) and at most `max_tokens`
+    chat-templated tokens under `tokenizer` (REFUEL paper: 2048). Records that do not parse (roles out of order,
+    missing fields) are skipped and counted (bad_records='skip') or raise naming the record ('error')."""
+    if fmt not in DATASET_FORMATS:
+        raise ValueError(f"unknown dataset format {fmt!r}: expected one of {DATASET_FORMATS}")
+    if bad_records not in ("skip", "error"):
+        raise ValueError(f"bad_records must be 'skip' or 'error', got {bad_records!r}")
+    if max_tokens is not None and tokenizer is None:
+        raise ValueError("a token limit on dialogues needs the policy's tokenizer")
+    out, skipped, first_bad = [], {}, None
+    for where, rec in read_records(path, what):
+        try:
+            d = record_to_dialogue(rec, fmt)
+        except ValueError as e:
+            if bad_records == "error":
+                raise ValueError(f"{where}: {e} (pass --bad_records skip to skip such records)") from None
+            skipped["malformed"] = skipped.get("malformed", 0) + 1
+            first_bad = first_bad or f"{where}: {e}"
+            continue
+        msgs, n_turns = d["messages"], sum(m["role"] == "assistant" for m in d["messages"])
+        if max_turns is not None and n_turns > max_turns:
+            if d["format"] != "education":
+                skipped[f"more than {max_turns} turns"] = skipped.get(f"more than {max_turns} turns", 0) + 1
+                continue
+            d["messages"] = msgs[:assistant_turn_index(msgs, max_turns) + 1]
+        if max_tokens is not None and \
+                len(render_ids(tokenizer, d["messages"], add_generation_prompt=False)) > max_tokens:
+            skipped[f"over {max_tokens} tokens"] = skipped.get(f"over {max_tokens} tokens", 0) + 1
+            continue
+        out.append(d)
+    if skipped:
+        print(f"{what} {path}: kept {len(out)} dialogues, skipped " +
+              ", ".join(f"{v} {k}" for k, v in skipped.items()) + (f" (first: {first_bad})" if first_bad else ""))
+    if not out:
+        raise ValueError(f"{what} {path} holds no usable dialogues" + (f" (skipped: {skipped})" if skipped else ""))
+    return out
+
+
+def opening(d: dict) -> dict:
+    """A prompt record from a dialogue: the messages up to its first user turn, and the user's state (for setting
+    two its later user turns, pre-sampled questions, unless the record brought its own)."""
+    msgs = d["messages"]
+    if d["format"] == "messages" and msgs[-1]["role"] == "user":
+        return {"messages": msgs, "user": dict(d["user"])}  # a prompt file's record is the context as given
+    first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    user = dict(d["user"])
+    if user.get("questions") is None and d["format"] != "education":
+        user["questions"] = [m["content"] for m in msgs[first + 1:] if m["role"] == "user"] or None
+    return {"messages": msgs[:first + 1], "user": user}
+
+
+def load_prompts(path: str, fmt: str = "auto", **filters) -> list[dict]:
+    """Initial contexts: a prompt file (message lists ending with a user turn) or any dialogue dataset's openings."""
+    return [opening(d) for d in load_dialogues(path, fmt, what="prompt file", **filters)]
+
+
+def load_offline(path: str, fmt: str = "auto", **filters) -> list[dict]:
+    """D_off: dialogues cut to end with an assistant turn; the rejected reply is kept only for an uncut last turn."""
+    rows = []
+    for d in load_dialogues(path, fmt, what="offline dataset", **filters):
+        msgs = d["messages"]
+        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
+        if last is None:
+            continue
+        rows.append({"messages": msgs[:last + 1], "user": d["user"],
+                     "alternative": d["alternative"] if last == len(msgs) - 1 else None})
     if not rows:
-        raise ValueError(f"offline dataset {path} holds no dialogues")
+        raise ValueError(f"offline dataset {path} holds no dialogue with an assistant turn")
     return rows
 
 
@@ -785,11 +921,23 @@ Use exactly this format:
 Justification: <one sentence>
 Question: <the question to ask next>"""
 
+# Education Dialogue's student (MTPO paper): the hidden learning preference and reaction come from the record's
+# background_info; the teacher (the policy) never sees them.
+STUDENT_PROMPT = """You are playing a student in a one-to-one lesson about {topic}. You like {student_prefrences}; you prefer to learn this way, {student_reactions}. The teacher does not know this.
 
-def parse_user_question(text: str) -> tuple[str, bool]:
-    """The text after the last 'Question:' (case-insensitive); falls back to the last non-empty line.
+### Lesson so far:
+{dialogue}
+
+### Instructions:
+Write the student's next message, true to your preferences. First give a one-sentence justification, then the message on a new line. Use exactly this format:
+Justification: <one sentence>
+Student: <the student's next message>"""
+
+
+def parse_user_question(text: str, key: str = "Question") -> tuple[str, bool]:
+    """The text after the last '<key>:' (case-insensitive); falls back to the last non-empty line.
     Returns (question, parsed)."""
-    m = re.findall(r"question\s*:\s*(.+)", text, flags=re.IGNORECASE)
+    m = re.findall(rf"{key}\s*:\s*(.+)", text, flags=re.IGNORECASE)
     if m and m[-1].strip():
         return m[-1].strip(), True
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lower().startswith("justification")]
@@ -802,24 +950,35 @@ class PromptedUser:
     a 70B user served by vLLM or TGI runs beside an 8B policy."""
 
     def __init__(self, model=None, tokenizer=None, prompt_template: str = USER_PROMPT, max_new_tokens: int = 128,
-                 temperature: float = 1.0, max_batch_size: int = 64, client: Optional["OpenAIChatClient"] = None):
+                 temperature: float = 1.0, max_batch_size: int = 64, client: Optional["OpenAIChatClient"] = None,
+                 reply_key: str = "Question", role_names: Optional[dict] = None):
+        """The template's {dialogue} receives the conversation; any other {field} is read from the context's user
+        state (e.g. Education Dialogue's {topic}, {student_prefrences}); the reply is parsed after '<reply_key>:'."""
         if "{dialogue}" not in prompt_template:
             raise ValueError("the user prompt template must contain a {dialogue} placeholder")
         if client is None and (model is None or tokenizer is None):
             raise ValueError("PromptedUser needs an HF model and tokenizer, or an endpoint client")
         self.model, self.tokenizer, self.template, self.client = model, tokenizer, prompt_template, client
         self.max_new_tokens, self.temperature, self.max_batch_size = max_new_tokens, temperature, max_batch_size
+        self.reply_key, self.role_names = reply_key, role_names or {"user": "User", "assistant": "Assistant"}
         self.n_calls = self.n_fallbacks = 0
 
+    def prompt(self, conv, user) -> str:
+        dialogue = "\n\n".join(f"{self.role_names[m['role']]}: {m['content']}" for m in conv if m["role"] != "system")
+        try:
+            return self.template.format_map({**(user if isinstance(user, dict) else {}), "dialogue": dialogue})
+        except KeyError as e:
+            raise ValueError(f"the user prompt template asks for {{{e.args[0]}}}, which this context's user state "
+                             f"lacks (it has: {sorted(user) if isinstance(user, dict) else 'nothing'})") from None
+
     def __call__(self, convs, users, rng):
-        asks = [self.template.format(dialogue="\n\n".join(f"{m['role'].capitalize()}: {m['content']}"
-                                                            for m in c if m["role"] != "system")) for c in convs]
+        asks = [self.prompt(c, u) for c, u in zip(convs, users)]
         if self.client is not None:
             texts = self.client.complete(asks, self.max_new_tokens, self.temperature)
         else:
             texts = sample_turns(self.model, self.tokenizer, [[{"role": "user", "content": a}] for a in asks],
                                  self.max_new_tokens, self.temperature, self.max_batch_size).texts
-        parsed = [parse_user_question(t) for t in texts]
+        parsed = [parse_user_question(t, self.reply_key) for t in texts]
         self.n_calls += len(parsed)
         self.n_fallbacks += sum(not ok for _, ok in parsed)
         return [q for q, _ in parsed]
@@ -895,7 +1054,16 @@ class HFRewardModel:
             attn = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
             out = self.model(input_ids=ids, attention_mask=attn)
             score = getattr(out, "score", None)  # ArmoRM-style custom outputs carry the preference score here
-            scores.append((score if score is not None else out.logits[:, 0]).reshape(-1).float().cpu())
+            if score is None:
+                if out.logits.dim() != 2 or out.logits.shape[-1] != 1:
+                    raise ValueError(f"reward model {model_name(self.tokenizer)} returned logits of shape "
+                                     f"{tuple(out.logits.shape)}; expected one score per conversation (num_labels=1),"
+                                     f" or a custom output with .score (--reward_trust_remote_code)")
+                score = out.logits[:, 0]
+            if score.numel() != len(rows):
+                raise ValueError(f"reward model returned {score.numel()} scores for {len(rows)} conversations "
+                                 f"(shape {tuple(score.shape)})")
+            scores.append(score.reshape(-1).float().cpu())
         out = torch.cat(scores)
         if not torch.isfinite(out).all():
             raise FloatingPointError(f"reward model returned non-finite scores: {out.tolist()}")
@@ -916,13 +1084,14 @@ class ChatEnv(Environment):
 
     def contexts(self, n, split, rng):
         idx = rng.choice(self.splits[split], size=n, replace=n > len(self.splits[split]))
-        return [Context(int(i), list(self.records[i]["messages"]), self.records[i]["questions"]) for i in idx]
+        return [Context(int(i), list(self.records[i]["messages"]), self.records[i].get("user")) for i in idx]
 
     def user_turn(self, convs, users, rng):
         if self.user is not None:
             return self.user(convs, users, rng)
         out = []  # setting two: the next pre-sampled question
-        for c, qs in zip(convs, users):
+        for c, u in zip(convs, users):
+            qs = (u or {}).get("questions")
             k = sum(m["role"] == "assistant" for m in c) - 1
             if not qs or k >= len(qs):
                 raise ValueError("pre-sampled user turns ran out: the prompt record needs a 'questions' list with "
@@ -937,10 +1106,15 @@ class ChatEnv(Environment):
         if not self.offline_records:
             raise ValueError("this mode needs an offline dataset D_off: pass --offline_path")
         idx = rng.integers(len(self.offline_records), size=n)
-        rows = [self.offline_records[i]["messages"] for i in idx]
-        # without a user model, later user turns are the dialogue's own (pre-sampled, setting two)
-        later = [[m["content"] for m in r[2:] if m["role"] == "user"] for r in rows]
-        return [Context(int(i), list(r[:1]), q) for i, r, q in zip(idx, rows, later)], [list(r) for r in rows]
+        ctx, rows = [], []
+        for i in idx:
+            d = self.offline_records[i]
+            first = next(j for j, m in enumerate(d["messages"]) if m["role"] == "user")
+            # without a user model, later user turns are the dialogue's own (pre-sampled, setting two)
+            later = [m["content"] for m in d["messages"][first + 1:] if m["role"] == "user"]
+            ctx.append(Context(int(i), list(d["messages"][:first + 1]), {**d.get("user", {}), "questions": later}))
+            rows.append(list(d["messages"]))
+        return ctx, rows
 
     def offline_alternative(self, contexts, prefixes, rng):
         out = []
@@ -980,38 +1154,63 @@ def load_policy(name: str, dtype=torch.float32):
     return model, tok
 
 
+def resolve_device(spec: Optional[str], default: str) -> str:
+    """A frozen model's device: None = the policy's; 'cuda:+K' = K GPUs after the policy's (e.g. 4 policy ranks
+    on GPUs 0-3 and their reward models on 4-7); anything else as given ('cuda:7', 'cpu')."""
+    if spec is None:
+        return default
+    if spec.startswith("cuda:+"):
+        base = torch.device(default)
+        return f"cuda:{(base.index or 0) + int(spec[6:])}"
+    return spec
+
+
 def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
              reward_model: Optional[str] = None, max_turns: int = 5, device: str = "cpu",
              dtype=torch.float32, trust_remote_code: bool = False, offline_path: Optional[str] = None,
-             user_api_base: Optional[str] = None, user_prompt_path: Optional[str] = None) -> Environment:
+             user_api_base: Optional[str] = None, user_prompt_path: Optional[str] = None,
+             dataset_format: str = "auto", bad_records: str = "skip", max_dialogue_tokens: Optional[int] = None,
+             tokenizer=None, reward_device: Optional[str] = None, user_device: Optional[str] = None,
+             reward_max_length: int = 4096) -> Environment:
     """The environment named by the scripts' flags. The user: --user_model in-process, or served at
     --user_api_base (an OpenAI-compatible endpoint; --user_model names the served model), or, with neither, the
-    pre-sampled questions of the prompt file."""
+    pre-sampled questions of the dataset. Datasets in any of DATASET_FORMATS; Education Dialogue records make the
+    user a student (STUDENT_PROMPT) who knows the record's hidden learning preferences."""
     if env == "tutor":
         return TutorEnv(TutorRules(max_turns=max_turns))
     if env != "chat":
         raise ValueError(f"unknown env {env!r}: expected 'tutor' or 'chat'")
     if not prompts_path or not reward_model:
-        raise ValueError("--env chat needs --prompts_path (JSONL) and --reward_model")
+        raise ValueError("--env chat needs --prompts_path (a dataset file) and --reward_model")
     if user_api_base and not user_model:
         raise ValueError("--user_api_base needs --user_model, the model name the endpoint serves")
+    filters = dict(max_turns=max_turns, max_tokens=max_dialogue_tokens, tokenizer=tokenizer, bad_records=bad_records)
+    records = load_prompts(prompts_path, dataset_format, **filters)
+    offline = load_offline(offline_path, dataset_format, **filters) if offline_path else None
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    rm_device = resolve_device(reward_device, device)
     try:
         rm_tok = AutoTokenizer.from_pretrained(reward_model)
-        rm = AutoModelForSequenceClassification.from_pretrained(reward_model, dtype=dtype,
-                                                                trust_remote_code=trust_remote_code).to(device)
+        rm = AutoModelForSequenceClassification.from_pretrained(
+            reward_model, dtype=dtype, trust_remote_code=trust_remote_code,
+            **({"device_map": "auto"} if rm_device == "auto" else {}))
     except OSError as e:
         raise ValueError(f"could not load reward model {reward_model!r}: {e}") from None
-    template = Path(user_prompt_path).read_text() if user_prompt_path else USER_PROMPT
+    if rm_device != "auto":
+        rm = rm.to(rm_device)
+    student = "topic" in (records[0].get("user") or {})  # Education Dialogue
+    template = Path(user_prompt_path).read_text() if user_prompt_path else (STUDENT_PROMPT if student else USER_PROMPT)
+    style = dict(reply_key="Student", role_names={"user": "Student", "assistant": "Teacher"}) if student else {}
     user = None
     if user_api_base:
-        user = PromptedUser(prompt_template=template, client=OpenAIChatClient(user_api_base, user_model))
+        user = PromptedUser(prompt_template=template, client=OpenAIChatClient(user_api_base, user_model), **style)
     elif user_model:
         u_model, u_tok = load_policy(user_model, dtype)
-        user = PromptedUser(u_model.to(device).eval(), u_tok, prompt_template=template)
-    return ChatEnv(load_prompts_jsonl(prompts_path), HFRewardModel(rm, rm_tok), user, max_turns,
-                   offline_records=load_offline_jsonl(offline_path) if offline_path else None)
+        user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,
+                            **style)
+    return ChatEnv(records, HFRewardModel(rm, rm_tok, max_length=reward_max_length), user, max_turns,
+                   offline_records=offline)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -148,7 +148,7 @@ def count_generated_tokens():
 
 def collection(model, user_model, tok, args, device, rng):
     """One REFUEL collection with an LLM user vs the same token count as one flat batch."""
-    records = [{"messages": c, "questions": None} for c in prompts(tok, args.collection_prompts, 32, rng)]
+    records = [{"messages": c, "user": None} for c in prompts(tok, args.collection_prompts, 32, rng)]
     user = sim.PromptedUser(user_model, tok, prompt_template="{dialogue}", max_new_tokens=16)
     env = sim.ChatEnv(records, reward_model=lambda convs: torch.zeros(len(convs)), user=user, max_turns=3)
     rargs = refuel.Args(max_turns=3, max_new_tokens=16, gen_batch_size=1024)

@@ -82,7 +82,7 @@ def test_refused_and_malformed_replies(server):
 
 def test_prompted_user_over_the_endpoint(server):
     user = sim.PromptedUser(client=sim.OpenAIChatClient(server, "ok"), max_new_tokens=32)
-    env = sim.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "questions": None}], reward_model=None,
+    env = sim.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": None}], reward_model=None,
                       user=user)
     convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(5)]
     replies = env.user_turn(convs, [None] * 5, None)

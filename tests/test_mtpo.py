@@ -226,6 +226,26 @@ def test_chat_env_with_hf_models_and_a_prompted_judge(tmp_path):
     assert rows[0]["eval/win_rate_vs_mu"] == 0.5 and rows[1]["charts/abs_pref_margin"] == 0.0
 
 
+def test_education_dialogue_with_an_hf_student_and_a_prompted_judge(tmp_path):
+    """MTPO on Education Dialogue by flags only: the dataset's JSON list, a local HF model prompted as the student
+    (--user_model, who sees the record's hidden learning preferences), an HF reward model and a prompted judge."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    data = tmp_path / "conversations_train1.json"
+    data.write_text(json.dumps([{"background_info": {"topic": t, "student_prefrences": "story telling",
+                                                     "student_reactions": "and gets anxious otherwise"},
+                                 "conversation": [{"role": "Teacher", "text": "hello ."},
+                                                  {"role": "Student", "text": "hi ."}]} for t in sim.TOPICS]))
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--user_model", str(tmp_path / "policy"), "--judge_model", str(tmp_path / "policy"), "--prompts_path",
+         str(data), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "1", *TINY, "--num_eval", "4",
+         "--prompts_per_iteration", "4", "--variant", "mtpo", "--run_name", "edu"], tmp_path)
+    metrics = [json.loads(line) for line in (tmp_path / "edu" / "metrics.jsonl").read_text().splitlines()]
+    assert any("charts/user_parse_fallback_rate" in m for m in metrics)
+    assert summary(tmp_path, "edu")["iterations"] == 1
+
+
 # ---------------------------------------------------------------- the loop: processes, resume, learning
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
     launcher = TWO_CPU_PROCESSES

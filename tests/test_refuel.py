@@ -146,6 +146,28 @@ def test_chat_env_with_hf_models_and_presampled_questions(tmp_path):
     assert summary(tmp_path, "chat")["iterations"] == 1
 
 
+def test_setting_one_with_an_hf_user_model_on_ultrainteract_records(tmp_path):
+    """REFUEL setting one by flags only: UltraInteract-format records, a local HF model prompted as the user
+    (--user_model), an HF sequence-classification reward model. The user's replies come from the model, not the
+    data: its reply parser is called and its fallback rate logged."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    data = tmp_path / "ultrainteract.jsonl"
+    data.write_text("".join(json.dumps({"trajectory": [{"from": "user", "value": f"teach me {t} ."}],
+                                        "chosen": "ok .", "rejected": "no ."}) + "\n" for t in sim.TOPICS))
+    pairs = tmp_path / "pairs.jsonl"
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--user_model", str(tmp_path / "policy"), "--prompts_path", str(data), "--dataset_format", "ultrainteract",
+         "--max_dialogue_tokens", "2048", "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "1",
+         "--run_name", "s1", "--save_rollouts", str(pairs), *TINY, "--num_eval", "4"], tmp_path)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert rows and all(len(p["conv_a"]) == 2 * p["H"] for p in rows)
+    metrics = [json.loads(line) for line in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert any("charts/user_parse_fallback_rate" in m for m in metrics)
+    assert summary(tmp_path, "s1")["iterations"] == 1
+
+
 # ---------------------------------------------------------------- the loop: processes, resume, learning
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
     launcher = TWO_CPU_PROCESSES

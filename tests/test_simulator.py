@@ -239,31 +239,33 @@ def test_user_question_parsing_and_counted_fallback():
     out = user([dialogue(1)] * 4, [None] * 4, np.random.default_rng(0))
     assert len(out) == 4 and user.n_calls == 4
     assert user.n_fallbacks == 4  # this vocabulary has no "Question:", so every reply falls back and is counted
-    env = sim.ChatEnv([{"messages": dialogue(0), "questions": None}], reward_model=None, user=user)
+    env = sim.ChatEnv([{"messages": dialogue(0), "user": None}], reward_model=None, user=user)
     assert env.metrics()["charts/user_parse_fallback_rate"] == 1.0
 
 
 def test_prompt_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sim.load_prompts_jsonl(str(tmp_path / "missing.jsonl"))
+        sim.load_prompts(str(tmp_path / "missing.jsonl"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
-    with pytest.raises(ValueError, match="holds no prompts"):
-        sim.load_prompts_jsonl(str(empty))
+    with pytest.raises(ValueError, match="holds no usable dialogues"):
+        sim.load_prompts(str(empty))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('[{"role": "user", "content": "hi"}]\n{not json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
-        sim.load_prompts_jsonl(str(bad))
+        sim.load_prompts(str(bad))
     roles = tmp_path / "roles.jsonl"
     roles.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
-    with pytest.raises(ValueError, match="roles.jsonl:1: roles must alternate"):
-        sim.load_prompts_jsonl(str(roles))
+    with pytest.raises(ValueError, match="roles.jsonl:1: .*roles must alternate"):
+        sim.load_prompts(str(roles), bad_records="error")
+    with pytest.raises(ValueError, match="holds no usable dialogues .skipped: {'malformed': 1}"):
+        sim.load_prompts(str(roles))
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "questions": ["and then?"]}) + "\n")
-    recs = sim.load_prompts_jsonl(str(good))
+    recs = sim.load_prompts(str(good))
     env = sim.ChatEnv(recs, reward_model=None)
     conv = recs[0]["messages"] + [{"role": "assistant", "content": "hello"}]
-    assert env.user_turn([conv], [recs[0]["questions"]], None) == ["and then?"]
+    assert env.user_turn([conv], [recs[0]["user"]], None) == ["and then?"]
 
 
 def test_offline_dataset_file(tmp_path):
@@ -271,11 +273,13 @@ def test_offline_dataset_file(tmp_path):
                {"role": "assistant", "content": "go away"})
     path = tmp_path / "off.jsonl"
     path.write_text(json.dumps({"chosen": [u, a], "rejected": [u, b]}) + "\n" + json.dumps([u, a, u, a]) + "\n")
-    rows = sim.load_offline_jsonl(str(path))
-    assert rows[0] == {"messages": [u, a], "alternative": "go away"} and rows[1]["alternative"] is None
-    env = sim.ChatEnv([{"messages": [u], "questions": None}], reward_model=None, offline_records=rows)
+    rows = sim.load_offline(str(path))
+    assert rows[0]["messages"] == [u, a] and rows[0]["alternative"] == "go away" and rows[1]["alternative"] is None
+    env = sim.ChatEnv([{"messages": [u], "user": None}], reward_model=None, offline_records=rows)
     ctx, convs = env.offline(8, np.random.default_rng(0))
     assert all(c == rows[x.index]["messages"] for x, c in zip(ctx, convs))
+    assert all(x.messages == [u] for x in ctx)  # the context is the dialogue up to its first user turn
+    assert [x.user["questions"] for x in ctx if x.index == 1][:1] == [["hi"]]  # later user turns, pre-sampled
     ctx0 = [x for x in ctx if x.index == 0][:1]
     assert env.offline_alternative(ctx0, [[u]], None) == ["go away"]
     with pytest.raises(ValueError, match="no alternative reply"):
@@ -283,16 +287,15 @@ def test_offline_dataset_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"chosen": [u, a], "rejected": [u, a, u, b]}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: 'chosen' and 'rejected' must differ only in the last"):
-        sim.load_offline_jsonl(str(bad))
+        sim.load_offline(str(bad), bad_records="error")
     ends_with_user = tmp_path / "user.jsonl"
+    ends_with_user.write_text(json.dumps([u]) + "\n" + json.dumps([u, a, u]) + "\n")
+    assert sim.load_offline(str(ends_with_user)) == [{"messages": [u, a], "user": {}, "alternative": None}]
     ends_with_user.write_text(json.dumps([u]) + "\n")
-    with pytest.raises(ValueError, match="must end with an assistant turn"):
-        sim.load_offline_jsonl(str(ends_with_user))
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(ValueError, match="holds no dialogues"):
-        sim.load_offline_jsonl(str(tmp_path / "empty.jsonl"))
+    with pytest.raises(ValueError, match="holds no dialogue with an assistant turn"):
+        sim.load_offline(str(ends_with_user))
     with pytest.raises(ValueError, match="--offline_path"):
-        sim.ChatEnv([{"messages": [u], "questions": None}], reward_model=None).offline(1, np.random.default_rng(0))
+        sim.ChatEnv([{"messages": [u], "user": None}], reward_model=None).offline(1, np.random.default_rng(0))
 
 
 def test_reward_model_scores_chat_templated_conversations_and_rejects_nan():
