@@ -296,6 +296,11 @@ def generation_model(model, accelerator):
 
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
             yield unwrapped
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
+        half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
     else:
         yield unwrapped
 
@@ -447,7 +452,7 @@ def main(args: Args) -> dict:
                             dict(iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs), rng)
         if out_of_time:
             break
-    checksum = torch.tensor([sum(p.detach().double().sum() for p in policy.parameters()).item()],
+    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in policy.parameters()).item()],
                             device=accelerator.device)
     sums = accelerator.gather(checksum)  # ranks must hold the same weights after synced updates
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": latest_eval["eval/mean_reward"],

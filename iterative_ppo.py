@@ -512,6 +512,11 @@ def generation_model(model, accelerator):
 
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
             yield unwrapped
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
+        half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
     else:
         yield unwrapped
 
@@ -727,8 +732,8 @@ def main(args: Args) -> dict:
         if out_of_time or converged:
             break
     final = latest_eval
-    checksum = torch.tensor([sum(p.detach().double().sum() for p in policy.parameters()).item() +
-                             sum(p.detach().double().sum() for p in q_model.parameters()).item()],
+    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in policy.parameters()).item() +
+                             sum(sim.full_tensor(p.detach()).double().sum() for p in q_model.parameters()).item()],
                             device=accelerator.device)
     sums = accelerator.gather(checksum)
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],

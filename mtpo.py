@@ -396,6 +396,11 @@ def generation_policy(model, accelerator):
 
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
             yield unwrapped
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
+        half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
     else:
         yield unwrapped
 
@@ -623,7 +628,7 @@ def main(args: Args) -> dict:
         if out_of_time:
             break
     final = latest_eval
-    checksum = torch.tensor([sum(p.detach().double().sum() for p in model.parameters()).item()], device=accelerator.device)
+    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in model.parameters()).item()], device=accelerator.device)
     sums = accelerator.gather(checksum)  # ranks must hold the same weights after synced updates
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
                "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],

@@ -275,8 +275,8 @@ def balance_pairs(pairs, accelerator):
 
 @contextlib.contextmanager
 def generation_model(model, accelerator):
-    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per collection, not per
-    layer per token (which would also deadlock ranks whose decode loops stop at different steps)."""
+    """The unwrapped policy for sampling; under ZeRO-3 (and FSDP2) its parameters are gathered once per collection,
+    not per layer per token (which would also deadlock ranks whose decode loops stop at different steps)."""
     unwrapped = accelerator.unwrap_model(model)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is not None and ds.zero_stage == 3:
@@ -284,6 +284,11 @@ def generation_model(model, accelerator):
 
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
             yield unwrapped
+    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
+        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
+            raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
+        half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
+        yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
     else:
         yield unwrapped
 
@@ -472,7 +477,7 @@ def main(args: Args) -> dict:
             break
     final = latest_eval  # the last iteration always evaluates
     # ranks must hold the same weights after synced updates; a silent unsynced multi-process run shows up here
-    checksum = torch.tensor([sum(p.detach().double().sum() for p in policy.parameters()).item()],
+    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in policy.parameters()).item()],
                             device=accelerator.device)
     sums = accelerator.gather(checksum)
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],

@@ -165,6 +165,38 @@ def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, m
 # ----------------------------------------------------------------------------------------------------------------
 # Batched turn sampling
 # ----------------------------------------------------------------------------------------------------------------
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a parameter: an FSDP2 shard (DTensor) is all-gathered, a plain tensor returned as is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+_SAMPLING_COPIES: dict = {}
+
+
+@torch.no_grad()
+def sampling_copy(model, dtype: Optional[torch.dtype] = None):
+    """An unsharded copy of an FSDP2-sharded HF causal LM for sampling, refreshed in place on every call: each
+    parameter is all-gathered once per collection, not once per layer per decoded token, and ranks whose decode loops
+    stop at different steps cannot deadlock. Costs one full copy of the weights per rank (in `dtype`, e.g. bf16 when
+    the shards are fp32 masters under mixed precision)."""
+    params = dict(model.named_parameters())
+    first = next(iter(params.values()))
+    copy = _SAMPLING_COPIES.get(id(model))
+    if copy is None:
+        from transformers import AutoModelForCausalLM
+
+        copy = AutoModelForCausalLM.from_config(model.config).to(first.device, dtype or first.dtype).eval()
+        copy.requires_grad_(False)
+        _SAMPLING_COPIES[id(model)] = copy
+    for name, p in copy.named_parameters():
+        p.copy_(full_tensor(params[name].detach()))
+    for name, b in model.named_buffers():  # e.g. rotary frequencies: replicated, copied as they are
+        copy.get_buffer(name).copy_(full_tensor(b))
+    return copy
+
+
 @dataclass
 class TurnSamples:
     texts: list  # decoded turn contents
