@@ -56,13 +56,14 @@ class ScoreJudge:
 
 
 class LLMJudge:
-    """A judge model prompted with sim.JUDGE_PROMPT; generate(prompts) -> replies (an HF model or an endpoint)."""
+    """A judge model prompted with a template (sim.JUDGE_PROMPT by default); generate(prompts) -> replies (an HF
+    model or an endpoint)."""
 
-    def __init__(self, generate: Callable[[list], list]):
-        self.generate, self.counts = generate, Counter()
+    def __init__(self, generate: Callable[[list], list], template: str = sim.JUDGE_PROMPT):
+        self.generate, self.template, self.counts = generate, template, Counter()
 
     def __call__(self, convs_a, convs_b) -> np.ndarray:
-        prompts = [sim.JUDGE_PROMPT.format(dialogue_a=sim.format_dialogue(a), dialogue_b=sim.format_dialogue(b))
+        prompts = [self.template.format(dialogue_a=sim.format_dialogue(a), dialogue_b=sim.format_dialogue(b))
                    for a, b in zip(convs_a, convs_b)]
         parsed = [sim.parse_judge_reply(t) for t in self.generate(prompts)]
         self.counts.update(how for _, how in parsed)
@@ -187,6 +188,9 @@ class Args:
     """the judge's HF model (or, with --judge_api_base, the endpoint's model name, e.g. gpt-4-0613)"""
     judge_api_base: Optional[str] = None
     """an OpenAI-compatible endpoint for the llm judge (e.g. http://localhost:8000/v1); key from $OPENAI_API_KEY"""
+    judge_prompt_path: Optional[str] = None
+    """a text file replacing the judge's prompt (with {dialogue_a} and {dialogue_b}; default: the REFUEL paper's
+    comparison prompt, or the MTPO paper's teacher-assessment prompt on Education Dialogue data)"""
     judge_max_new_tokens: int = 256
     """the llm judge's reply budget"""
     matrix: bool = False
@@ -265,10 +269,12 @@ def evaluate(args: Args) -> dict:
         judge = ScoreJudge(sim.HFRewardModel(rm, AutoTokenizer.from_pretrained(args.judge_model)))
     elif args.judge_api_base:
         client = sim.OpenAIChatClient(args.judge_api_base, args.judge_model)
-        judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0))
+        judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0),
+                         sim.judge_prompt(env, args.judge_prompt_path))
     else:
         jm, jt = sim.load_policy(args.judge_model, dtype)
-        judge = LLMJudge(sim.hf_greedy_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens))
+        judge = LLMJudge(sim.hf_greedy_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens),
+                         sim.judge_prompt(env, args.judge_prompt_path))
 
     rng = np.random.default_rng(args.seed)
     contexts = env.contexts(args.num_contexts, "eval", rng)

@@ -110,6 +110,9 @@ class Args:
     environment's Bradley-Terry oracle sigmoid(4 (r_a - r_b))"""
     judge_api_base: Optional[str] = None
     """an OpenAI-compatible endpoint serving --judge_model (key from $OPENAI_API_KEY); None = a local HF model"""
+    judge_prompt_path: Optional[str] = None
+    """a text file replacing the judge's prompt (with {dialogue_a} and {dialogue_b}; default: the REFUEL paper's
+    comparison prompt, or the MTPO paper's teacher-assessment prompt on Education Dialogue data)"""
     max_turns: int = 5
     """H: agent turns per conversation"""
 
@@ -532,7 +535,8 @@ def main(args: Args) -> dict:
                        max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
                        reward_device=args.reward_device, user_device=args.user_device)
     if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
-        env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device), dtype)
+        env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device), dtype,
+                                              template=sim.judge_prompt(env, args.judge_prompt_path))
     model = ActorCritic(policy, value_backbone)
     optimizer = torch.optim.AdamW(
         [{"params": list(model.policy.parameters()), "lr": args.lr},

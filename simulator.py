@@ -897,9 +897,43 @@ def parse_judge_reply(text: str) -> tuple[Optional[str], str]:
     return None, "failed"
 
 
-def format_dialogue(conv: sim.Conversation) -> str:
+def format_dialogue(conv: Conversation) -> str:
     return "\n\n".join(f"{'User' if m['role'] == 'user' else 'Chatbot'}: {m['content']}" for m in conv
                        if m["role"] != "system")
+
+
+# MTPO paper, App. C (Education Dialogue's preference oracle), in our words and in JUDGE_PROMPT's answer format
+EDUCATION_JUDGE_PROMPT = """You are an expert at assessing teachers. Below are two lessons between a teacher (the \
+Chatbot) and a student (the User).
+
+Dialogue A:
+
+{dialogue_a}
+
+Dialogue B:
+
+{dialogue_b}
+
+A good lesson is more than whether the student understood the topic: the teacher presents the material clearly and \
+with enthusiasm, invites questions and participation, and adapts to how the student likes to learn; the student \
+feels free to ask for clarification, offer ideas and challenge them. Do not let the order of the lessons affect \
+your answer.
+
+FIRST give a one-sentence comparison of the two lessons. SECOND, on a new line, state only "A" or "B". Use the format:
+Comparison: <one-sentence comparison and explanation>
+Preferred: <"A" or "B">"""
+
+
+def judge_prompt(env, path: Optional[str] = None) -> str:
+    """The judge's template: a file (with {dialogue_a} and {dialogue_b}), else the Education Dialogue oracle for
+    Education Dialogue data, else JUDGE_PROMPT."""
+    if path:
+        text = Path(path).read_text()
+        if "{dialogue_a}" not in text or "{dialogue_b}" not in text:
+            raise ValueError(f"judge prompt {path} must contain {{dialogue_a}} and {{dialogue_b}}")
+        return text
+    records = getattr(env, "records", None) or [{}]
+    return EDUCATION_JUDGE_PROMPT if "topic" in (records[0].get("user") or {}) else JUDGE_PROMPT
 
 
 class JudgePreference:
@@ -907,12 +941,12 @@ class JudgePreference:
     averaged, which removes position bias; p is then 0, 1/2 or 1. generate(prompts) -> replies: an HF chat model
     (`hf_greedy_generate`) or `OpenAIChatClient(...).complete`. Unparsed verdicts count as ties and are counted."""
 
-    def __init__(self, generate):
-        self.generate, self.n_verdicts, self.n_fallbacks, self.n_failed = generate, 0, 0, 0
+    def __init__(self, generate, template: str = JUDGE_PROMPT):
+        self.generate, self.template, self.n_verdicts, self.n_fallbacks, self.n_failed = generate, template, 0, 0, 0
 
     def __call__(self, convs_a, convs_b) -> torch.Tensor:
         n = len(convs_a)
-        prompts = [JUDGE_PROMPT.format(dialogue_a=format_dialogue(x), dialogue_b=format_dialogue(y))
+        prompts = [self.template.format(dialogue_a=format_dialogue(x), dialogue_b=format_dialogue(y))
                    for x, y in [*zip(convs_a, convs_b), *zip(convs_b, convs_a)]]
         parsed = [parse_judge_reply(t) for t in self.generate(prompts)]
         self.n_verdicts += len(parsed)
@@ -933,13 +967,14 @@ def hf_greedy_generate(model, tokenizer, max_new_tokens: int = 256, max_batch_si
 
 
 def make_judge_preference(judge_model: str, api_base: Optional[str] = None, device: str = "cpu",
-                          dtype=torch.float32, max_new_tokens: int = 256) -> JudgePreference:
+                          dtype=torch.float32, max_new_tokens: int = 256,
+                          template: str = JUDGE_PROMPT) -> JudgePreference:
     """A JudgePreference from flags: an OpenAI-compatible endpoint's model when api_base is set, else an HF model."""
     if api_base:
         client = OpenAIChatClient(api_base, judge_model)
-        return JudgePreference(lambda prompts: client.complete(prompts, max_new_tokens, temperature=0.0))
+        return JudgePreference(lambda prompts: client.complete(prompts, max_new_tokens, temperature=0.0), template)
     model, tok = load_policy(judge_model, dtype)
-    return JudgePreference(hf_greedy_generate(model.to(device).eval(), tok, max_new_tokens))
+    return JudgePreference(hf_greedy_generate(model.to(device).eval(), tok, max_new_tokens), template)
 
 
 USER_PROMPT = """Below is a dialogue between a user and an AI assistant. Play the user: what would you ask next?

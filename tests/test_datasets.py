@@ -130,6 +130,16 @@ def test_education_env_through_make_env_with_hf_student_and_reward_model(tmp_pat
     assert env.user.n_calls == 2 and torch.isfinite(env.reward(convs)).all()
     ctx, rows = env.offline(2, rng)
     assert all(len(r) == 5 for r in rows)  # system, opening, teacher, student, teacher
+    # the preference oracle defaults to the MTPO paper's teacher-assessment prompt on this data
+    assert sim.judge_prompt(env) == sim.EDUCATION_JUDGE_PROMPT
+    assert sim.judge_prompt(sim.ChatEnv([{"messages": [U("hi")], "user": None}], None)) == sim.JUDGE_PROMPT
+    (tmp_path / "judge.txt").write_text("Which is better, {dialogue_a} or {dialogue_b}? Preferred: A or B")
+    assert sim.judge_prompt(env, str(tmp_path / "judge.txt")).startswith("Which is better")
+    (tmp_path / "bad_judge.txt").write_text("Which is better, {dialogue_a}?")
+    with pytest.raises(ValueError, match="must contain {dialogue_a} and {dialogue_b}"):
+        sim.judge_prompt(env, str(tmp_path / "bad_judge.txt"))
+    verdicts = sim.JudgePreference(lambda prompts: ["Preferred: A"] * len(prompts), sim.judge_prompt(env))
+    assert verdicts(convs[:1], convs[1:]).tolist() == [0.5]  # A in both orders: position bias cancels to a tie
 
 
 def test_hub_datasets_are_loaded_lazily(monkeypatch):
