@@ -211,7 +211,7 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         outs = [m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True) for m in models]
-        pasts, next_pos = [o.past_key_values for o in outs], pos[:, -1:] + 1
+        pasts, next_pos = [sim.returned_cache(o) for o in outs], pos[:, -1:] + 1
         logits = [o.logits[:, -1].float() for o in outs]
         toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         lps = torch.zeros((B, max_new_tokens), device=device)
@@ -228,9 +228,9 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
-            outs = [m(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos, past_key_values=pk,
-                      use_cache=True) for m, pk in zip(models, pasts)]
-            pasts, next_pos = [o.past_key_values for o in outs], next_pos + 1
+            outs = [m(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                      **{sim.cache_kwarg(m): pk}) for m, pk in zip(models, pasts)]
+            pasts, next_pos = [sim.returned_cache(o) for o in outs], next_pos + 1
             logits = [o.logits[:, -1].float() for o in outs]
         toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
         is_eot = toks == eot_id

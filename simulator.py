@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import inspect
 import json
 import math
 import os
@@ -205,18 +206,67 @@ class TurnSamples:
     hit_budget: torch.Tensor  # bool, True where the turn ran out of tokens before the end-of-turn token
 
 
+def cache_kwarg(model) -> str:
+    """The forward() keyword of the KV cache: `cache` in recent transformers, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def use_fast_path(model, fast: Optional[bool]) -> bool:
+    """fast=None: the static-cache compiled decode step on CUDA for models that support a static cache, else the
+    plain dynamic-cache loop; True forces it (CPU included, where it is tested); False turns it off."""
+    if fast is None:
+        return next(model.parameters()).is_cuda and bool(getattr(model, "_can_compile_fullgraph", False))
+    return fast
+
+
+_COMPILED_STEPS: dict = {}
+
+
+def decode_step(model, compile_step: bool):
+    """One decode step on a static KV cache, compiled once per model (CUDA graphs on GPU: the per-step Python and
+    kernel-launch overhead that dominates eager decoding is replayed from one captured graph)."""
+    def step(ids, attn, pos, cache_position, cache):
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache_position=cache_position,
+                    use_cache=True, **{cache_kwarg(model): cache})
+        return out.logits[:, -1]
+    if not compile_step:
+        return step
+    key = id(model)
+    if key not in _COMPILED_STEPS:
+        mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+        _COMPILED_STEPS[key] = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[key]
+
+
+def bucket(n: int, step: int = 64) -> int:
+    """Round a length up so a compiled step sees few distinct shapes (each shape is compiled once)."""
+    return -(-n // step) * step
+
+
 @torch.no_grad()
 def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens: int, temperature: float = 1.0,
-                 max_batch_size: int = 256, eot_id: Optional[int] = None) -> TurnSamples:
+                 max_batch_size: int = 256, eot_id: Optional[int] = None, fast: Optional[bool] = None,
+                 compile_step: Optional[bool] = None) -> TurnSamples:
     """Sample the next assistant turn of every conversation: left-padded, batched, KV-cached decoding.
 
     A hand decode loop instead of `model.generate`: the sampling distribution is exactly softmax(logits / T)
     whatever a hub model's generation_config says (top-p, top-k, repetition penalty), and its log-probs come out
     of the same computation. Chunked by max_batch_size for memory. temperature 0 = greedy (log-probs at T = 1).
+    The fast path (`use_fast_path`) preallocates a static KV cache (length rounded up to a multiple of 64) and runs
+    a compiled decode step (compile_step: default on CUDA); the sampling itself is the same code on both paths.
     """
+    from transformers import StaticCache
+
     eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
     device = next(model.parameters()).device
+    fast = use_fast_path(model, fast)
+    compile_step = fast and (device.type == "cuda" if compile_step is None else compile_step)
+    step = decode_step(model, compile_step) if fast else None
     was_training = model.training
     model.eval()
     texts, ids_out, lps_out, hit = [], [], [], []
@@ -230,8 +280,19 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
             attn[b, L - len(p):] = 1
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-        past, logits, next_pos = out.past_key_values, out.logits[:, -1], pos[:, -1:] + 1
+        if fast:  # the mask covers the whole cache from the start; the causal mask hides columns not yet written
+            cache_len, extra = bucket(L + max_new_tokens), (bucket(B, 16) - B if compile_step else 0)
+            if extra:  # a compiled step sees few batch shapes: filler rows (one visible pad token) are dropped
+                ids, pos = F.pad(ids, (0, 0, 0, extra), value=pad_id), F.pad(pos, (0, 0, 0, extra))
+                attn = torch.cat([attn, F.pad(attn.new_ones((extra, 1)), (L - 1, 0))])
+            cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            attn = torch.cat([attn, attn.new_ones((B + extra, cache_len - L))], 1)
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                        cache_position=torch.arange(L, device=device), **{cache_kwarg(model): cache})
+        else:
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+            cache = returned_cache(out)
+        logits, next_pos = out.logits[:B, -1], pos[:, -1:] + 1
         toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         lps = torch.zeros((B, max_new_tokens), device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -245,10 +306,15 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
             n = t + 1
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
-            out = model(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos,
-                        past_key_values=past, use_cache=True)
-            past, logits, next_pos = out.past_key_values, out.logits[:, -1], next_pos + 1
+            if fast:
+                step_ids = F.pad(toks[:, t:t + 1], (0, 0, 0, extra), value=pad_id)
+                logits = step(step_ids, attn, next_pos, torch.tensor([L + t], device=device), cache)[:B].clone()
+            else:
+                attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
+                out = model(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos, use_cache=True,
+                            **{cache_kwarg(model): cache})
+                cache, logits = returned_cache(out), out.logits[:, -1]
+            next_pos = next_pos + 1
         toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
         is_eot = toks == eot_id
         has_eot = is_eot.any(1)

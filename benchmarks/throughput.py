@@ -1,9 +1,10 @@
 """Rollout and training throughput of the shared sampler and REFUEL's collection, on random-init Llama shapes.
 
 Measures, for each model shape and batch size, on this machine:
-  1. the project's batched turn sampler (`simulator.sample_turns`) vs plain `model.generate` on the same prompts, in
-     tokens/s and as a share of the decode-step roofline (weights + KV cache read once per step at
-     --bandwidth_gbs GB/s);
+  1. the project's batched turn sampler (`simulator.sample_turns`), plain loop and fast path (static KV cache and
+     compiled decode step; its compile time is kept out by a warm-up call of the same shape), vs plain
+     `model.generate` on the same prompts, in tokens/s and as a share of the decode-step roofline (weights + KV
+     cache read once per step at --bandwidth_gbs GB/s);
   2. one REFUEL collection (roll-in, reset, second rollout, user turns from a second model of the same shape) vs
      the same number of generated tokens as one flat batch;
   3. REFUEL's training step (Eq. 1 forward + backward) in tokens/s and MFU (given --peak_tflops);
@@ -62,6 +63,8 @@ class Args:
     """torch CPU threads (0 = default)"""
     seed: int = 0
     """seed"""
+    fast_path: bool = True
+    """also time the sampler's fast path (static cache + compiled step: compiles once per shape, minutes on CPU)"""
 
 
 def word_tokenizer(vocab_size: int):
@@ -109,10 +112,10 @@ def prompts(tok, batch, length, rng):
             for _ in range(batch)]
 
 
-def time_sampler(model, tok, convs, new_tokens, device):
+def time_sampler(model, tok, convs, new_tokens, device, **fast):
     sync(device)
     t = time.perf_counter()
-    out = sim.sample_turns(model, tok, convs, new_tokens, temperature=1.0, max_batch_size=len(convs))
+    out = sim.sample_turns(model, tok, convs, new_tokens, temperature=1.0, max_batch_size=len(convs), **fast)
     sync(device)
     return sum(len(i) for i in out.token_ids), time.perf_counter() - t
 
@@ -209,14 +212,19 @@ def main(args: Args) -> None:
                 torch.cuda.reset_peak_memory_stats()
             n_s, t_s = time_sampler(model, tok, convs, args.new_tokens, device)
             n_g, t_g = time_generate(model, tok, convs, args.new_tokens, device)
+            n_f, t_f = float("nan"), float("nan")
+            if args.fast_path:
+                fast = dict(fast=True, compile_step=True)
+                time_sampler(model, tok, convs, args.new_tokens, device, **fast)  # compiles for this shape
+                n_f, t_f = time_sampler(model, tok, convs, args.new_tokens, device, **fast)
             mem = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device == "cuda" else "-"
-            step_s, step_g = 1e3 * t_s / args.new_tokens, 1e3 * t_g / args.new_tokens
+            step_s, step_f, step_g = (1e3 * x / args.new_tokens for x in (t_s, t_f, t_g))
             roof = ""
             if args.bandwidth_gbs:
                 r = 1e3 * roofline_ms(model, cfg, b, args.prompt_len + args.new_tokens // 2, dtype) / args.bandwidth_gbs
-                roof = f" | {r:.2f} | {100 * r / step_s:.1f}% | {100 * r / step_g:.1f}%"
-            rows.append(f"| {shape} ({n_params / 1e6:.1f}M) | {b} | {n_s / t_s:.0f} | {n_g / t_g:.0f} | "
-                        f"{step_s:.1f} | {step_g:.1f}{roof} | {mem} |")
+                roof = f" | {r:.2f} | {100 * r / step_s:.1f}% | {100 * r / step_f:.1f}% | {100 * r / step_g:.1f}%"
+            rows.append(f"| {shape} ({n_params / 1e6:.1f}M) | {b} | {n_s / t_s:.0f} | {n_f / t_f:.0f} | "
+                        f"{n_g / t_g:.0f} | {step_s:.1f} | {step_f:.1f} | {step_g:.1f}{roof} | {mem} |")
         user_model, _ = build(shape, tok, device, dtype)
         c = collection(model, user_model, tok, args, device, rng)
         n_tok, dt = train_step(model, tok, 8, 256, device, rng)
@@ -224,10 +232,10 @@ def main(args: Args) -> None:
         other.append(f"| {shape} | {c['tokens']} tokens in {c['calls']} sampler calls: {c['t_collection']:.2f} s | "
                      f"{c['t_flat']:.2f} s | {c['t_collection'] / c['t_flat']:.2f}x | {n_tok / dt:.0f} | {mfu} |")
         del model, user_model
-    roof_head = " | roofline ms/step | sampler share | generate share" if args.bandwidth_gbs else ""
-    print("| shape | batch | sampler tok/s | generate tok/s | sampler ms/step | generate ms/step" + roof_head +
-          " | peak GiB |")
-    print("|" + "---|" * (8 if args.bandwidth_gbs else 5) + "---|---|")
+    roof_head = " | roofline ms/step | sampler share | fast share | generate share" if args.bandwidth_gbs else ""
+    print("| shape | batch | sampler tok/s | fast path tok/s | generate tok/s | sampler ms/step | fast path ms/step | "
+          "generate ms/step" + roof_head + " | peak GiB |")
+    print("|" + "---|" * (12 if args.bandwidth_gbs else 8) + "---|")
     print("\n".join(rows))
     print("\n| shape | REFUEL collection (H_max 3, LLM user) | same tokens, one flat batch | ratio | "
           "train step tok/s | MFU |\n|---|---|---|---|---|---|")

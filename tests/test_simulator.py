@@ -137,6 +137,28 @@ def test_sampled_logprobs_equal_a_separate_forward_pass(make):
     assert all(len(ids) == 6 for ids, hit in zip(out.token_ids, out.hit_budget) if hit)
 
 
+@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer])
+def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
+    """The sampler's fast path (static KV cache, compiled decode step, batch padded to a multiple of 16) against the
+    plain dynamic-cache loop: with the same seed, the same tokens and the same log-probs, greedy and sampled."""
+    tok = make()
+    if make is sim.build_tutor_tokenizer:
+        model, tok = sim.load_tutor_base_policy()
+    else:
+        model = tiny_llama(tok)
+    convs = [dialogue(h)[:2 * h + 1] for h in (0, 1, 2)] * 7  # 21 prompts of three lengths: padded to 32 rows
+    assert not sim.use_fast_path(model, None)  # on CPU the default stays the plain loop
+    for T in (0.0, 1.0):
+        runs = []
+        for kw in (dict(fast=False), dict(fast=True, compile_step=False), dict(fast=True, compile_step=True)):
+            torch.manual_seed(0)
+            runs.append(sim.sample_turns(model, tok, convs, 8, T, **kw))
+        for other in runs[1:]:
+            assert other.token_ids == runs[0].token_ids and other.texts == runs[0].texts
+            assert torch.equal(other.hit_budget, runs[0].hit_budget)
+            assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(other.logprobs, runs[0].logprobs))
+
+
 def test_sampler_chunks_and_stops_at_end_of_turn(base_policy):
     model, tok = base_policy
     convs = [dialogue(2)[:3]] * 10
