@@ -216,6 +216,9 @@ class Args:
     """chat: the env's reward model (the reward column, and the oracle judge)"""
     reward_trust_remote_code: bool = False
     """chat: load the reward model's own code"""
+    reward_max_length: int = 4096
+    """chat: the reward model sees at most this many tokens of a conversation (right-truncated, counted as
+    charts/reward_truncated)"""
     dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
     """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
     bad_records: Literal["skip", "error"] = "skip"
@@ -258,7 +261,8 @@ def evaluate(args: Args) -> dict:
                        args.reward_trust_remote_code, user_api_base=args.user_api_base,
                        user_prompt_path=args.user_prompt_path,
                        dataset_format=args.dataset_format, bad_records=args.bad_records,
-                       reward_device=args.reward_device, user_device=args.user_device)
+                       reward_device=args.reward_device, user_device=args.user_device,
+                       reward_max_length=args.reward_max_length)
     if args.judge == "oracle":
         judge = ScoreJudge(env.reward)
     elif not args.judge_model:

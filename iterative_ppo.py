@@ -72,6 +72,9 @@ class Args:
     """chat: HF sequence-classification reward model (scores the whole conversation: the only reward)"""
     reward_trust_remote_code: bool = False
     """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
+    reward_max_length: int = 4096
+    """chat: the reward model sees at most this many tokens of a conversation (right-truncated, counted as
+    charts/reward_truncated)"""
     dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
     """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
     bad_records: Literal["skip", "error"] = "skip"
@@ -627,7 +630,8 @@ def main(args: Args) -> dict:
                        user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
                        dataset_format=args.dataset_format, bad_records=args.bad_records,
                        max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                       reward_device=args.reward_device, user_device=args.user_device)
+                       reward_device=args.reward_device, user_device=args.user_device,
+                       reward_max_length=args.reward_max_length)
     q_path = args.q_model_name_or_path or (str(sim.DEFAULT_BASE_POLICY) if args.model_name_or_path == "tutor"
                                            else args.model_name_or_path)
     q_model = build_q_model(q_path, tokenizer).to(accelerator.device)

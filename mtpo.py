@@ -95,6 +95,9 @@ class Args:
     """chat: HF sequence-classification reward model (rlhf's reward; Bradley-Terry oracle when no judge is set)"""
     reward_trust_remote_code: bool = False
     """chat: load the reward model's own code"""
+    reward_max_length: int = 4096
+    """chat: the reward model sees at most this many tokens of a conversation (right-truncated, counted as
+    charts/reward_truncated)"""
     dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
     """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
     bad_records: Literal["skip", "error"] = "skip"
@@ -533,7 +536,8 @@ def main(args: Args) -> dict:
                        user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
                        dataset_format=args.dataset_format, bad_records=args.bad_records,
                        max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                       reward_device=args.reward_device, user_device=args.user_device)
+                       reward_device=args.reward_device, user_device=args.user_device,
+                       reward_max_length=args.reward_max_length)
     if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
         env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device), dtype,
                                               template=sim.judge_prompt(env, args.judge_prompt_path))

@@ -173,3 +173,14 @@ def test_frozen_model_devices_and_reward_output_shapes(tmp_path):
     rm = sim.HFRewardModel(two_heads, tok)
     with pytest.raises(ValueError, match=r"logits of shape \(2, 2\); expected one score per conversation"):
         rm([[U("i like songs"), A("ok")]] * 2)
+
+
+def test_models_that_cannot_be_found_offline_are_named(tmp_path):
+    with pytest.raises(ValueError, match="could not load policy model 'no-such-org/no-such-model'"):
+        sim.load_policy("no-such-org/no-such-model")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps([U("hi")]) + "\n")
+    with pytest.raises(ValueError, match="could not load reward model 'no-such-org/no-such-rm'"):
+        sim.make_env("chat", str(prompts), reward_model="no-such-org/no-such-rm")
+    with pytest.raises(ValueError, match="unknown env 'chats'"):
+        sim.make_env("chats")
