@@ -14,9 +14,11 @@ Two families live here:
     trained by SFT on a scripted reference teacher, an offline dataset D_off, and the exact values V*
     (expectimax over beliefs), V(reference) and the last-turn-only bound, so learning is measured against a
     known optimum.
-  * "chat", the papers' setting: a JSONL prompt source, an HF causal LM prompted as the user (REFUEL paper,
-    Appendix C.2 format: a justification line, then a "Question:" line), pre-sampled user turns (setting two), and
-    an HF sequence-classification reward model scoring the chat-templated conversation.
+  * "chat", the papers' setting: prompts and dialogues from JSONL/JSON files or the hub (message lists,
+    UltraInteract, Anthropic HH, Education Dialogue), an HF causal LM or an OpenAI-compatible endpoint prompted as
+    the user (REFUEL paper, Appendix C.2 format: a justification line, then a "Question:" line; Education
+    Dialogue's student knows its hidden learning preference), pre-sampled user turns (setting two), an HF
+    sequence-classification reward model scoring the chat-templated conversation, and prompted judges.
 
 Tokens are made only through `tokenizer.apply_chat_template`. log pi(y_h|s_h) is always the sum over the tokens
 of assistant turn h, its end-of-turn token included and its role header excluded, with logits / temperature.
