@@ -244,6 +244,34 @@ def decode_step(model, compile_step: bool):
     return _COMPILED_STEPS[key]
 
 
+_STATIC_CACHES: dict = {}
+
+
+def static_cache(model, batch: int, length: int):
+    """A static KV cache for (batch, length), zeroed. The last one of each model is reused by the next call with the
+    same shape (a compiled step, CUDA graphs above all, is bound to its tensors) until `free_static_caches()`:
+    at 8B, 256 x 1152 it holds 38 GB, which training must not find still allocated."""
+    from transformers import StaticCache
+
+    key, shape = id(model), (batch, length)
+    if key in _STATIC_CACHES and _STATIC_CACHES[key][0] == shape:
+        cache = _STATIC_CACHES[key][1]
+        cache.reset()
+        return cache
+    _STATIC_CACHES.pop(key, None)
+    cache = StaticCache(config=model.config, max_cache_len=length)
+    _STATIC_CACHES[key] = (shape, cache)
+    return cache
+
+
+def free_static_caches(model=None) -> None:
+    """Drop the kept static cache of `model` (of every model when None)."""
+    if model is None:
+        _STATIC_CACHES.clear()
+    else:
+        _STATIC_CACHES.pop(id(model), None)
+
+
 def bucket(n: int, step: int = 64) -> int:
     """Round a length up so a compiled step sees few distinct shapes (each shape is compiled once)."""
     return -(-n // step) * step
@@ -252,7 +280,7 @@ def bucket(n: int, step: int = 64) -> int:
 @torch.no_grad()
 def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens: int, temperature: float = 1.0,
                  max_batch_size: int = 256, eot_id: Optional[int] = None, fast: Optional[bool] = None,
-                 compile_step: Optional[bool] = None) -> TurnSamples:
+                 compile_step: Optional[bool] = None, keep_cache: bool = False) -> TurnSamples:
     """Sample the next assistant turn of every conversation: left-padded, batched, KV-cached decoding.
 
     A hand decode loop instead of `model.generate`: the sampling distribution is exactly softmax(logits / T)
@@ -260,9 +288,8 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     of the same computation. Chunked by max_batch_size for memory. temperature 0 = greedy (log-probs at T = 1).
     The fast path (`use_fast_path`) preallocates a static KV cache (length rounded up to a multiple of 64) and runs
     a compiled decode step (compile_step: default on CUDA); the sampling itself is the same code on both paths.
+    keep_cache=True leaves the static cache allocated for the next call (continue_dialogues frees it at its end).
     """
-    from transformers import StaticCache
-
     eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
     device = next(model.parameters()).device
@@ -287,7 +314,7 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
             if extra:  # a compiled step sees few batch shapes: filler rows (one visible pad token) are dropped
                 ids, pos = F.pad(ids, (0, 0, 0, extra), value=pad_id), F.pad(pos, (0, 0, 0, extra))
                 attn = torch.cat([attn, F.pad(attn.new_ones((extra, 1)), (L - 1, 0))])
-            cache = StaticCache(config=model.config, max_cache_len=cache_len)
+            cache = static_cache(model, B + extra, cache_len)
             attn = torch.cat([attn, attn.new_ones((B + extra, cache_len - L))], 1)
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                         cache_position=torch.arange(L, device=device), **{cache_kwarg(model): cache})
@@ -328,6 +355,8 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
         texts += [t.strip() for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
         hit.append(~has_eot)
     model.train(was_training)
+    if not keep_cache:
+        free_static_caches(model)
     return TurnSamples(texts, ids_out, lps_out, torch.cat(hit))
 
 
@@ -390,6 +419,15 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
     conversation still short of its target, then one batched user call. Returns (conversations, per conversation
     a list {turn h: (summed log-prob, hit_budget)} of the turns sampled here).
     """
+    try:
+        return _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
+                                   max_batch_size)
+    finally:
+        free_static_caches()
+
+
+def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
+                        max_batch_size):
     convs = [list(c) for c in convs]
     info = [dict() for _ in convs]
     while True:
@@ -397,7 +435,7 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
         if not active:
             return convs, info
         out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
-                           max_batch_size)
+                           max_batch_size, keep_cache=True)
         for j, i in enumerate(active):
             convs[i].append({"role": "assistant", "content": out.texts[j]})
             h = sum(m["role"] == "assistant" for m in convs[i])

@@ -157,6 +157,16 @@ def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
             assert other.token_ids == runs[0].token_ids and other.texts == runs[0].texts
             assert torch.equal(other.hit_budget, runs[0].hit_budget)
             assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(other.logprobs, runs[0].logprobs))
+    # a kept static cache is zeroed and reused by the next call of the same shape, then freed
+    fast = dict(fast=True, compile_step=False, keep_cache=True)
+    torch.manual_seed(0)
+    first = sim.sample_turns(model, tok, convs, 8, 1.0, **fast)
+    kept = sim._STATIC_CACHES[id(model)][1]
+    torch.manual_seed(0)
+    again = sim.sample_turns(model, tok, convs, 8, 1.0, **fast)
+    assert sim._STATIC_CACHES[id(model)][1] is kept and again.token_ids == first.token_ids == runs[0].token_ids
+    sim.free_static_caches()
+    assert not sim._STATIC_CACHES
 
 
 def test_sampler_chunks_and_stops_at_end_of_turn(base_policy):
