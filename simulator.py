@@ -169,10 +169,10 @@ def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, m
 # Batched turn sampling
 # ----------------------------------------------------------------------------------------------------------------
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a parameter: an FSDP2 shard (DTensor) is all-gathered, a plain tensor returned as is."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    """The whole tensor of a parameter: an FSDP2 shard (DTensor) is all-gathered, a plain tensor returned as is.
+    (Duck-typed: importing torch.distributed.tensor at the end of a two-process gloo run made a rank
+    abort at exit now and then.)"""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
 _SAMPLING_COPIES: dict = {}

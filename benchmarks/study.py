@@ -56,6 +56,10 @@ class Args:
     """replace the README's study section with the new tables"""
     skip_training: bool = False
     """only evaluate the runs already in output_dir (finished runs are never retrained anyway)"""
+    reuse_evaluation: bool = False
+    """rewrite the tables from output_dir/evaluation.json (the last evaluation of these runs) without replaying"""
+    target: float = 0.6
+    """the table counts the runs whose final mean reward reaches this (0.6 = 0.75 of V*)"""
 
 
 def train_all(args: Args) -> dict:
@@ -104,13 +108,22 @@ def main(args: Args) -> None:
     trained_here = train_min > 0.1
     runs = [(m, s) for m in args.methods for s in args.seeds]
     seed0 = args.seeds[0]  # the preference matrix (MTPO paper Table 1 format) uses the first seed's dialogues
-    out = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, s)) for m, s in runs],
-                              names=[f"{m} seed {s}" for m, s in runs], num_contexts=args.num_contexts,
-                              matrix=True, matrix_policies=[f"{m} seed {seed0}" for m in args.methods]))
+    names = [f"{m} seed {s}" for m, s in runs]
+    saved = ROOT / args.output_dir / "evaluation.json"
+    if args.reuse_evaluation:
+        out = json.loads(saved.read_text())
+        if [r["name"] for r in out["rows"]] != names:
+            raise SystemExit(f"{saved} holds other runs than --methods x --seeds: evaluate again")
+    else:
+        out = ev.evaluate(ev.Args(policies=[str(run_dir(args, m, s)) for m, s in runs], names=names,
+                                  num_contexts=args.num_contexts, matrix=True,
+                                  matrix_policies=[f"{m} seed {seed0}" for m in args.methods]))
+        saved.write_text(json.dumps(out, default=lambda x: x.tolist() if hasattr(x, "tolist") else float(x)))
     by = {(m, s): r for (m, s), r in zip(runs, out["rows"])}
     H = len(out["rows"][0]["win_rate"]["per_turn"])
     lines = ["| method | " + " | ".join(f"h={h}" for h in range(1, H + 1)) +
-             " | avg win rate | reward | of V* | KL to mu | iterations | minutes per run |", "|" + "---|" * (H + 7)]
+             f" | avg win rate | reward | of V* | runs >= {args.target} | KL to mu | iterations | minutes per run |",
+             "|" + "---|" * (H + 8)]
     table = {}
     for m in args.methods:
         rows = [by[(m, s)] for s in args.seeds]
@@ -126,7 +139,8 @@ def main(args: Args) -> None:
                         reward_sd=sd(rew), kl=kl, minutes=minutes)
         lines.append(f"| {m} | " + " | ".join(f"{100 * x:.1f}" for x in per_turn) +
                      f" | {100 * avg.mean():.1f} ± {100 * sd(avg):.1f} | {rew.mean():.3f} ± {sd(rew):.3f} | "
-                     f"{rew.mean() / out['v_star']:.2f} | {kl:.2f} | {iters} | {minutes:.1f} |")
+                     f"{rew.mean() / out['v_star']:.2f} | {(rew >= args.target).sum()}/{len(rew)} | {kl:.2f} | "
+                     f"{iters} | {minutes:.1f} |")
     matrix = ev.matrix_table([*args.methods, out["matrix_names"][-1]], np.array(out["matrix"]))
     cmd = "python benchmarks/study.py " + shlex.join(sys.argv[1:])
     text = (f"Win rate (%) against mu per turn h (oracle judge: lessons learned so far, ties half; "
@@ -135,14 +149,16 @@ def main(args: Args) -> None:
             f"trained for {args.iterations} iterations x {args.prompts_per_iteration} conversations, "
             f"{args.parallel} runs at a time with {args.threads} thread(s) each" +
             (f"; whole study {(time.time() - t0) / 60:.0f} min ({train_min:.0f} training)" if trained_here else
-             "; runs trained earlier, this invocation evaluated them") + f". `{cmd}`\n\n" + "\n".join(lines) +
+             "; runs trained earlier" + ("" if args.reuse_evaluation else ", this invocation evaluated them")) +
+            f". `{cmd}`\n\n" + "\n".join(lines) +
             f"\n\nPreference matrix (seed {seed0}, final dialogues, row beats column, %):\n\n" + matrix)
     if missing:
         text += f"\n\nNot yet in the repository: {', '.join(missing)}."
+    if plot(table, H, ROOT / "benchmarks" / "study_win_rate.png"):
+        text += "\n\n![win rate against mu per turn](benchmarks/study_win_rate.png)"
     print("\n" + text)
     (ROOT / "benchmarks" / "study_results.md").write_text(text + "\n")
     (ROOT / args.output_dir / "study.json").write_text(json.dumps(table, indent=1))
-    plot(table, H, ROOT / "benchmarks" / "study_win_rate.png")
     if args.update_readme:
         readme = (ROOT / "README.md").read_text()
         a, b = "<!-- study:begin -->", "<!-- study:end -->"
@@ -152,12 +168,13 @@ def main(args: Args) -> None:
         (ROOT / "README.md").write_text(head + a + "\n" + text + "\n" + b + rest.split(b, 1)[1])
 
 
-def plot(table: dict, H: int, path: Path) -> None:
+def plot(table: dict, H: int, path: Path) -> bool:
+    """A PNG of win rate per turn, when matplotlib is installed (it is not a dependency)."""
     try:
         import matplotlib
     except ImportError:
         print("matplotlib not installed: no plot")
-        return
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -171,6 +188,7 @@ def plot(table: dict, H: int, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"wrote {path}")
+    return True
 
 
 if __name__ == "__main__":
