@@ -37,6 +37,7 @@ import os
 import re
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -290,10 +291,38 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     a compiled decode step (compile_step: default on CUDA); the sampling itself is the same code on both paths.
     keep_cache=True leaves the static cache allocated for the next call (continue_dialogues frees it at its end).
     """
+    auto = fast is None
+    fast = use_fast_path(model, fast) and id(model) not in _FAST_PATH_FAILED
+    args = (model, tokenizer, convs, max_new_tokens, temperature, max_batch_size, eot_id)
+    if not (fast and auto):
+        return _sample_turns(*args, fast, compile_step, keep_cache)
+    rng_state = (torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        return _sample_turns(*args, True, compile_step, keep_cache)
+    except ValueError:  # bad input (a chat template, say): the plain loop would fail the same way
+        raise
+    except Exception as e:  # a model or torch build the default fast path cannot handle: the plain loop, for good
+        warnings.warn(f"sampler fast path failed for this model ({type(e).__name__}: {str(e)[:300]}); "
+                      f"using the plain decode loop from now on")
+        _FAST_PATH_FAILED.add(id(model))
+        free_static_caches(model)
+        torch.random.set_rng_state(rng_state[0])
+        if rng_state[1] is not None:
+            torch.cuda.set_rng_state_all(rng_state[1])
+        return _sample_turns(*args, False, compile_step, keep_cache)
+
+
+_FAST_PATH_FAILED: set = set()
+
+
+@torch.no_grad()
+def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens: int, temperature: float = 1.0,
+                 max_batch_size: int = 256, eot_id: Optional[int] = None, fast: bool = False,
+                 compile_step: Optional[bool] = None, keep_cache: bool = False) -> TurnSamples:
+    """The decode loop of sample_turns, on the fast path or not."""
     eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
     device = next(model.parameters()).device
-    fast = use_fast_path(model, fast)
     compile_step = fast and (device.type == "cuda" if compile_step is None else compile_step)
     step = decode_step(model, compile_step) if fast else None
     was_training = model.training

@@ -169,6 +169,25 @@ def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
     assert not sim._STATIC_CACHES
 
 
+def test_default_fast_path_falls_back_to_the_plain_loop_when_it_fails(monkeypatch):
+    """On a GPU the fast path is the default; a model it cannot handle gets a warning and the plain loop, with the
+    random state rewound so the samples are the plain loop's own."""
+    model, tok = sim.load_tutor_base_policy()
+    convs = [dialogue(1)[:3]] * 5
+    torch.manual_seed(0)
+    plain = sim.sample_turns(model, tok, convs, 8, 1.0, fast=False)
+
+    def broken(*a, **k):
+        raise RuntimeError("static cache not supported")
+    monkeypatch.setattr(sim, "use_fast_path", lambda model, fast: True)  # as on CUDA
+    monkeypatch.setattr(sim, "static_cache", broken)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="fast path failed.*static cache not supported"):
+        out = sim.sample_turns(model, tok, convs, 8, 1.0)
+    assert out.token_ids == plain.token_ids and id(model) in sim._FAST_PATH_FAILED
+    sim._FAST_PATH_FAILED.discard(id(model))
+
+
 def test_sampler_chunks_and_stops_at_end_of_turn(base_policy):
     model, tok = base_policy
     convs = [dialogue(2)[:3]] * 10
