@@ -750,6 +750,7 @@ def main(args: Args) -> dict:
               f" +- {summary['final_stderr']:.3f} after {summary['iterations']} outer iterations, "
               f"{summary['minutes']:.1f} min{v_star}")
         (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.wait_for_everyone()  # ranks tear the process group down together, not one while the other writes
     accelerator.end_training()
     return summary
 

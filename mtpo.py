@@ -652,6 +652,7 @@ def main(args: Args) -> dict:
               f"{summary['final_win_rate_vs_mu']:.3f} +- {summary['final_win_rate_stderr']:.3f}; "
               f"{summary['iterations']} iterations, {summary['minutes']:.1f} min")
         (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.wait_for_everyone()  # ranks tear the process group down together, not one while the other writes
     accelerator.end_training()
     return summary
 
