@@ -38,6 +38,7 @@ import re
 import shutil
 import time
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -933,33 +934,45 @@ def load_dialogues(path: str, fmt: str = "auto", max_turns: Optional[int] = None
         raise ValueError(f"bad_records must be 'skip' or 'error', got {bad_records!r}")
     if max_tokens is not None and tokenizer is None:
         raise ValueError("a token limit on dialogues needs the policy's tokenizer")
-    out, skipped, first_bad = [], {}, None
+    out, skipped, first_bad = [], Counter(), None
     for where, rec in read_records(path, what):
         try:
             d = record_to_dialogue(rec, fmt)
         except ValueError as e:
             if bad_records == "error":
                 raise ValueError(f"{where}: {e} (pass --bad_records skip to skip such records)") from None
-            skipped["malformed"] = skipped.get("malformed", 0) + 1
+            skipped["malformed"] += 1
             first_bad = first_bad or f"{where}: {e}"
             continue
         msgs, n_turns = d["messages"], sum(m["role"] == "assistant" for m in d["messages"])
         if max_turns is not None and n_turns > max_turns:
             if d["format"] != "education":
-                skipped[f"more than {max_turns} turns"] = skipped.get(f"more than {max_turns} turns", 0) + 1
+                skipped[f"more than {max_turns} turns"] += 1
                 continue
             d["messages"] = msgs[:assistant_turn_index(msgs, max_turns) + 1]
         if max_tokens is not None and \
                 len(render_ids(tokenizer, d["messages"], add_generation_prompt=False)) > max_tokens:
-            skipped[f"over {max_tokens} tokens"] = skipped.get(f"over {max_tokens} tokens", 0) + 1
+            skipped[f"over {max_tokens} tokens"] += 1
             continue
         out.append(d)
     if skipped:
         print(f"{what} {path}: kept {len(out)} dialogues, skipped " +
               ", ".join(f"{v} {k}" for k, v in skipped.items()) + (f" (first: {first_bad})" if first_bad else ""))
     if not out:
-        raise ValueError(f"{what} {path} holds no usable dialogues" + (f" (skipped: {skipped})" if skipped else ""))
+        raise ValueError(f"{what} {path} holds no usable dialogues" +
+                         (f" (skipped: {dict(skipped)})" if skipped else ""))
     return out
+
+
+def split_opening(msgs: Sequence[dict]) -> tuple[list, list]:
+    """(the messages up to the first user turn, the contents of the later user turns)."""
+    first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    return list(msgs[:first + 1]), [m["content"] for m in msgs[first + 1:] if m["role"] == "user"]
+
+
+def is_education(records: Sequence[dict]) -> bool:
+    """Whether prompt records come from Education Dialogue (their user state carries the lesson's topic)."""
+    return bool(records) and "topic" in (records[0].get("user") or {})
 
 
 def opening(d: dict) -> dict:
@@ -968,11 +981,11 @@ def opening(d: dict) -> dict:
     msgs = d["messages"]
     if d["format"] == "messages" and msgs[-1]["role"] == "user":
         return {"messages": msgs, "user": dict(d["user"])}  # a prompt file's record is the context as given
-    first = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    context, later = split_opening(msgs)
     user = dict(d["user"])
     if user.get("questions") is None and d["format"] != "education":
-        user["questions"] = [m["content"] for m in msgs[first + 1:] if m["role"] == "user"] or None
-    return {"messages": msgs[:first + 1], "user": user}
+        user["questions"] = later or None
+    return {"messages": context, "user": user}
 
 
 def load_prompts(path: str, fmt: str = "auto", **filters) -> list[dict]:
@@ -1067,8 +1080,7 @@ def judge_prompt(env, path: Optional[str] = None) -> str:
         if "{dialogue_a}" not in text or "{dialogue_b}" not in text:
             raise ValueError(f"judge prompt {path} must contain {{dialogue_a}} and {{dialogue_b}}")
         return text
-    records = getattr(env, "records", None) or [{}]
-    return EDUCATION_JUDGE_PROMPT if "topic" in (records[0].get("user") or {}) else JUDGE_PROMPT
+    return EDUCATION_JUDGE_PROMPT if is_education(getattr(env, "records", None) or []) else JUDGE_PROMPT
 
 
 class JudgePreference:
@@ -1125,13 +1137,15 @@ Question: <the question to ask next>"""
 
 # Education Dialogue's student (MTPO paper): the hidden learning preference and reaction come from the record's
 # background_info; the teacher (the policy) never sees them.
-STUDENT_PROMPT = """You are playing a student in a one-to-one lesson about {topic}. You like {student_prefrences}; you prefer to learn this way, {student_reactions}. The teacher does not know this.
+STUDENT_PROMPT = """You are playing a student in a one-to-one lesson about {topic}. You like {student_prefrences}; \
+you prefer to learn this way, {student_reactions}. The teacher does not know this.
 
 ### Lesson so far:
 {dialogue}
 
 ### Instructions:
-Write the student's next message, true to your preferences. First give a one-sentence justification, then the message on a new line. Use exactly this format:
+Write the student's next message, true to your preferences. First give a one-sentence justification, then the \
+message on a new line. Use exactly this format:
 Justification: <one sentence>
 Student: <the student's next message>"""
 
@@ -1311,10 +1325,9 @@ class ChatEnv(Environment):
         ctx, rows = [], []
         for i in idx:
             d = self.offline_records[i]
-            first = next(j for j, m in enumerate(d["messages"]) if m["role"] == "user")
             # without a user model, later user turns are the dialogue's own (pre-sampled, setting two)
-            later = [m["content"] for m in d["messages"][first + 1:] if m["role"] == "user"]
-            ctx.append(Context(int(i), list(d["messages"][:first + 1]), {**d.get("user", {}), "questions": later}))
+            context, later = split_opening(d["messages"])
+            ctx.append(Context(int(i), context, {**d.get("user", {}), "questions": later}))
             rows.append(list(d["messages"]))
         return ctx, rows
 
@@ -1401,7 +1414,7 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
         raise ValueError(f"could not load reward model {reward_model!r}: {e}") from None
     if rm_device != "auto":
         rm = rm.to(rm_device)
-    student = "topic" in (records[0].get("user") or {})  # Education Dialogue
+    student = is_education(records)
     template = Path(user_prompt_path).read_text() if user_prompt_path else (STUDENT_PROMPT if student else USER_PROMPT)
     style = dict(reply_key="Student", role_names={"user": "Student", "assistant": "Teacher"}) if student else {}
     user = None
