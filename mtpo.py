@@ -215,6 +215,7 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
         outs = [m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True) for m in models]
         pasts, next_pos = [sim.returned_cache(o) for o in outs], pos[:, -1:] + 1
+        kws = [sim.cache_kwarg(m) for m in models]  # the cache keyword, read once, not per decode step
         logits = [o.logits[:, -1].float() for o in outs]
         toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         lps = torch.zeros((B, max_new_tokens), device=device)
@@ -232,7 +233,7 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
                 break
             attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
             outs = [m(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos, use_cache=True,
-                      **{sim.cache_kwarg(m): pk}) for m, pk in zip(models, pasts)]
+                      **{kw: pk}) for m, kw, pk in zip(models, kws, pasts)]
             pasts, next_pos = [sim.returned_cache(o) for o in outs], next_pos + 1
             logits = [o.logits[:, -1].float() for o in outs]
         toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
@@ -636,7 +637,8 @@ def main(args: Args) -> dict:
         if out_of_time:
             break
     final = latest_eval
-    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in model.parameters()).item()], device=accelerator.device)
+    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in model.parameters()).item()],
+                            device=accelerator.device)
     sums = accelerator.gather(checksum)  # ranks must hold the same weights after synced updates
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
                "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],

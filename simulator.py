@@ -38,6 +38,7 @@ import re
 import shutil
 import time
 import warnings
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,7 +178,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-_SAMPLING_COPIES: dict = {}
+# Per-model sampler state, held weakly: it goes with its model, and a later model at the same address never finds
+# an earlier one's copy, cache or compiled step.
+_SAMPLING_COPIES = weakref.WeakKeyDictionary()  # model -> its unsharded copy
+_COMPILED_STEPS = weakref.WeakKeyDictionary()  # model -> its compiled decode step
+_STATIC_CACHES = weakref.WeakKeyDictionary()  # model -> ((batch, length), its kept static cache)
+_FAST_PATH_FAILED = weakref.WeakSet()  # models the default fast path failed on
 
 
 @torch.no_grad()
@@ -188,13 +194,13 @@ def sampling_copy(model, dtype: Optional[torch.dtype] = None):
     the shards are fp32 masters under mixed precision)."""
     params = dict(model.named_parameters())
     first = next(iter(params.values()))
-    copy = _SAMPLING_COPIES.get(id(model))
+    copy = _SAMPLING_COPIES.get(model)
     if copy is None:
         from transformers import AutoModelForCausalLM
 
         copy = AutoModelForCausalLM.from_config(model.config).to(first.device, dtype or first.dtype).eval()
         copy.requires_grad_(False)
-        _SAMPLING_COPIES[id(model)] = copy
+        _SAMPLING_COPIES[model] = copy
     for name, p in copy.named_parameters():
         p.copy_(full_tensor(params[name].detach()))
     for name, b in model.named_buffers():  # e.g. rotary frequencies: replicated, copied as they are
@@ -227,26 +233,23 @@ def use_fast_path(model, fast: Optional[bool]) -> bool:
     return fast
 
 
-_COMPILED_STEPS: dict = {}
-
-
 def decode_step(model, compile_step: bool):
     """One decode step on a static KV cache, compiled once per model (CUDA graphs on GPU: the per-step Python and
-    kernel-launch overhead that dominates eager decoding is replayed from one captured graph)."""
+    kernel-launch overhead that dominates eager decoding is replayed from one captured graph). The step reaches its
+    model through a weak reference, so the kept compiled step does not keep the model alive."""
+    if compile_step and model in _COMPILED_STEPS:
+        return _COMPILED_STEPS[model]
+    ref, kw = weakref.ref(model), cache_kwarg(model)
+
     def step(ids, attn, pos, cache_position, cache):
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, cache_position=cache_position,
-                    use_cache=True, **{cache_kwarg(model): cache})
+        out = ref()(input_ids=ids, attention_mask=attn, position_ids=pos, cache_position=cache_position,
+                    use_cache=True, **{kw: cache})
         return out.logits[:, -1]
     if not compile_step:
         return step
-    key = id(model)
-    if key not in _COMPILED_STEPS:
-        mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
-        _COMPILED_STEPS[key] = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
-    return _COMPILED_STEPS[key]
-
-
-_STATIC_CACHES: dict = {}
+    mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+    _COMPILED_STEPS[model] = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
+    return _COMPILED_STEPS[model]
 
 
 def static_cache(model, batch: int, length: int):
@@ -255,14 +258,14 @@ def static_cache(model, batch: int, length: int):
     at 8B, 256 x 1152 it holds 38 GB, which training must not find still allocated."""
     from transformers import StaticCache
 
-    key, shape = id(model), (batch, length)
-    if key in _STATIC_CACHES and _STATIC_CACHES[key][0] == shape:
-        cache = _STATIC_CACHES[key][1]
+    shape = (batch, length)
+    if model in _STATIC_CACHES and _STATIC_CACHES[model][0] == shape:
+        cache = _STATIC_CACHES[model][1]
         cache.reset()
         return cache
-    _STATIC_CACHES.pop(key, None)
+    _STATIC_CACHES.pop(model, None)
     cache = StaticCache(config=model.config, max_cache_len=length)
-    _STATIC_CACHES[key] = (shape, cache)
+    _STATIC_CACHES[model] = (shape, cache)
     return cache
 
 
@@ -271,7 +274,7 @@ def free_static_caches(model=None) -> None:
     if model is None:
         _STATIC_CACHES.clear()
     else:
-        _STATIC_CACHES.pop(id(model), None)
+        _STATIC_CACHES.pop(model, None)
 
 
 def bucket(n: int, step: int = 64) -> int:
@@ -293,7 +296,7 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     keep_cache=True leaves the static cache allocated for the next call (continue_dialogues frees it at its end).
     """
     auto = fast is None
-    fast = use_fast_path(model, fast) and id(model) not in _FAST_PATH_FAILED
+    fast = use_fast_path(model, fast) and model not in _FAST_PATH_FAILED
     args = (model, tokenizer, convs, max_new_tokens, temperature, max_batch_size, eot_id)
     if not (fast and auto):
         return _sample_turns(*args, fast, compile_step, keep_cache)
@@ -305,15 +308,12 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     except Exception as e:  # a model or torch build the default fast path cannot handle: the plain loop, for good
         warnings.warn(f"sampler fast path failed for this model ({type(e).__name__}: {str(e)[:300]}); "
                       f"using the plain decode loop from now on")
-        _FAST_PATH_FAILED.add(id(model))
+        _FAST_PATH_FAILED.add(model)
         free_static_caches(model)
         torch.random.set_rng_state(rng_state[0])
         if rng_state[1] is not None:
             torch.cuda.set_rng_state_all(rng_state[1])
         return _sample_turns(*args, False, compile_step, keep_cache)
-
-
-_FAST_PATH_FAILED: set = set()
 
 
 @torch.no_grad()
@@ -324,6 +324,7 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
     eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
     device = next(model.parameters()).device
+    kw = cache_kwarg(model)  # read once per call, not per decode step
     compile_step = fast and (device.type == "cuda" if compile_step is None else compile_step)
     step = decode_step(model, compile_step) if fast else None
     was_training = model.training
@@ -347,7 +348,7 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
             cache = static_cache(model, B + extra, cache_len)
             attn = torch.cat([attn, attn.new_ones((B + extra, cache_len - L))], 1)
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                        cache_position=torch.arange(L, device=device), **{cache_kwarg(model): cache})
+                        cache_position=torch.arange(L, device=device), **{kw: cache})
         else:
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
             cache = returned_cache(out)
@@ -371,7 +372,7 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
             else:
                 attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
                 out = model(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos, use_cache=True,
-                            **{cache_kwarg(model): cache})
+                            **{kw: cache})
                 cache, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
         toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()

@@ -161,10 +161,10 @@ def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
     fast = dict(fast=True, compile_step=False, keep_cache=True)
     torch.manual_seed(0)
     first = sim.sample_turns(model, tok, convs, 8, 1.0, **fast)
-    kept = sim._STATIC_CACHES[id(model)][1]
+    kept = sim._STATIC_CACHES[model][1]
     torch.manual_seed(0)
     again = sim.sample_turns(model, tok, convs, 8, 1.0, **fast)
-    assert sim._STATIC_CACHES[id(model)][1] is kept and again.token_ids == first.token_ids == runs[0].token_ids
+    assert sim._STATIC_CACHES[model][1] is kept and again.token_ids == first.token_ids == runs[0].token_ids
     sim.free_static_caches()
     assert not sim._STATIC_CACHES
 
@@ -184,8 +184,8 @@ def test_default_fast_path_falls_back_to_the_plain_loop_when_it_fails(monkeypatc
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="fast path failed.*static cache not supported"):
         out = sim.sample_turns(model, tok, convs, 8, 1.0)
-    assert out.token_ids == plain.token_ids and id(model) in sim._FAST_PATH_FAILED
-    sim._FAST_PATH_FAILED.discard(id(model))
+    assert out.token_ids == plain.token_ids and model in sim._FAST_PATH_FAILED
+    sim._FAST_PATH_FAILED.discard(model)
 
 
 def test_sampler_chunks_and_stops_at_end_of_turn(base_policy):
