@@ -152,7 +152,7 @@ def preference_matrix(dialogues: Sequence[Sequence], judge, rng: np.random.Gener
 # ----------------------------------------------------------------------------------------------------------------
 def results_table(rows: Sequence[dict], H: int) -> str:
     head = "| policy | " + " | ".join(f"h={h}" for h in range(1, H + 1)) + " | avg win rate | reward | of V* | KL |"
-    lines = [head, "|" + "---|" * (H + 6)]
+    lines = [head, "|" + "---|" * (H + 5)]
     for r in rows:
         w = r["win_rate"]
         v = f"{r['fraction_of_v_star']:.2f}" if r.get("fraction_of_v_star") is not None else "-"
@@ -215,10 +215,10 @@ class Args:
     reward_model: Optional[str] = None
     """chat: the env's reward model (the reward column, and the oracle judge)"""
     reward_trust_remote_code: bool = False
-    """chat: load the reward model's own code"""
+    """load the reward model's own code (ArmoRM-style; also for --judge reward_model)"""
     reward_max_length: int = 4096
-    """chat: the reward model sees at most this many tokens of a conversation (right-truncated, counted as
-    charts/reward_truncated)"""
+    """a reward model (the env's, or --judge reward_model) sees at most this many tokens of a conversation
+    (right-truncated, counted as charts/reward_truncated)"""
     dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
     """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
     bad_records: Literal["skip", "error"] = "skip"
@@ -268,9 +268,8 @@ def evaluate(args: Args) -> dict:
     elif not args.judge_model:
         raise ValueError(f"--judge {args.judge} needs --judge_model")
     elif args.judge == "reward_model":
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        rm = AutoModelForSequenceClassification.from_pretrained(args.judge_model, dtype=dtype).to(device)
-        judge = ScoreJudge(sim.HFRewardModel(rm, AutoTokenizer.from_pretrained(args.judge_model)))
+        judge = ScoreJudge(sim.load_reward_model(args.judge_model, dtype, device, args.reward_trust_remote_code,
+                                                 args.reward_max_length))
     elif args.judge_api_base:
         client = sim.OpenAIChatClient(args.judge_api_base, args.judge_model)
         judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0),

@@ -231,15 +231,18 @@ def build_q_model(name_or_path: str, tokenizer):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    if name_or_path != str(sim.DEFAULT_BASE_POLICY):
-        q_tok = AutoTokenizer.from_pretrained(name_or_path)
-        if q_tok.get_vocab() != tokenizer.get_vocab():
-            raise ValueError(f"Q model {name_or_path} must share the policy's vocabulary (its input is tokenized "
-                             f"with the policy's chat template)")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point
-    q = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32)
-    hf_logging.set_verbosity(verbosity)
+    try:
+        q_tok = None if name_or_path == str(sim.DEFAULT_BASE_POLICY) else AutoTokenizer.from_pretrained(name_or_path)
+        q = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise sim.model_load_error("Q model", name_or_path, e) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    if q_tok is not None and q_tok.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"Q model {name_or_path} must share the policy's vocabulary (its input is tokenized "
+                         f"with the policy's chat template)")
     q.config.pad_token_id = tokenizer.pad_token_id
     return q
 

@@ -1352,6 +1352,13 @@ class ChatEnv(Environment):
         return m
 
 
+def model_load_error(kind: str, name: str, e: Exception) -> ValueError:
+    """A load failure that says whether `name` was taken for a local folder that is not there."""
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).parent.is_dir() and "/" in name
+    where = f" (no local folder {name!r} either; check the path)" if local and not Path(name).exists() else ""
+    return ValueError(f"could not load {kind} {name!r}{where}: {e}")
+
+
 def load_policy(name: str, dtype=torch.float32):
     """(model, tokenizer) for a policy: 'tutor' = the embedded base policy, else an HF hub name or local path."""
     if name == "tutor":
@@ -1361,8 +1368,8 @@ def load_policy(name: str, dtype=torch.float32):
     try:
         tok = AutoTokenizer.from_pretrained(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except OSError as e:
-        raise ValueError(f"could not load policy model {name!r}: {e}") from None
+    except (OSError, ValueError) as e:  # ValueError: a name that is neither a folder nor a valid hub id
+        raise model_load_error("policy model", name, e) from None
     if not getattr(tok, "chat_template", None):
         raise ChatTemplateError(f"{name} has no chat template; use an instruct/chat model or set one")
     if tok.pad_token_id is None:
@@ -1379,6 +1386,21 @@ def resolve_device(spec: Optional[str], default: str) -> str:
         base = torch.device(default)
         return f"cuda:{(base.index or 0) + int(spec[6:])}"
     return spec
+
+
+def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust_remote_code: bool = False,
+                      max_length: int = 4096) -> HFRewardModel:
+    """An HF sequence-classification reward model (or an ArmoRM-style one with its own code) on `device`
+    ('auto' = sharded over the visible GPUs)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            name, dtype=dtype, trust_remote_code=trust_remote_code, **({"device_map": "auto"} if device == "auto" else {}))
+    except (OSError, ValueError) as e:
+        raise model_load_error("reward model", name, e) from None
+    return HFRewardModel(model if device == "auto" else model.to(device), tok, max_length=max_length)
 
 
 def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
@@ -1403,18 +1425,8 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
     filters = dict(max_turns=max_turns, max_tokens=max_dialogue_tokens, tokenizer=tokenizer, bad_records=bad_records)
     records = load_prompts(prompts_path, dataset_format, **filters)
     offline = load_offline(offline_path, dataset_format, **filters) if offline_path else None
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    rm_device = resolve_device(reward_device, device)
-    try:
-        rm_tok = AutoTokenizer.from_pretrained(reward_model)
-        rm = AutoModelForSequenceClassification.from_pretrained(
-            reward_model, dtype=dtype, trust_remote_code=trust_remote_code,
-            **({"device_map": "auto"} if rm_device == "auto" else {}))
-    except OSError as e:
-        raise ValueError(f"could not load reward model {reward_model!r}: {e}") from None
-    if rm_device != "auto":
-        rm = rm.to(rm_device)
+    rm = load_reward_model(reward_model, dtype, resolve_device(reward_device, device), trust_remote_code,
+                           reward_max_length)
     student = is_education(records)
     template = Path(user_prompt_path).read_text() if user_prompt_path else (STUDENT_PROMPT if student else USER_PROMPT)
     style = dict(reply_key="Student", role_names={"user": "Student", "assistant": "Teacher"}) if student else {}
@@ -1425,7 +1437,7 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
         u_model, u_tok = load_policy(user_model, dtype)
         user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,
                             **style)
-    return ChatEnv(records, HFRewardModel(rm, rm_tok, max_length=reward_max_length), user, max_turns,
+    return ChatEnv(records, rm, user, max_turns,
                    offline_records=offline)
 
 

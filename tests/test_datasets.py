@@ -182,5 +182,10 @@ def test_models_that_cannot_be_found_offline_are_named(tmp_path):
     prompts.write_text(json.dumps([U("hi")]) + "\n")
     with pytest.raises(ValueError, match="could not load reward model 'no-such-org/no-such-rm'"):
         sim.make_env("chat", str(prompts), reward_model="no-such-org/no-such-rm")
+    missing = str(tmp_path / "runs" / "mistyped_run")  # a local path that is not there: said so, not a hub error
+    with pytest.raises(ValueError, match="no local folder .*mistyped_run.* either; check the path"):
+        sim.load_policy(missing)
+    with pytest.raises(ValueError, match="could not load reward model .*no local folder"):
+        sim.make_env("chat", str(prompts), reward_model=missing)
     with pytest.raises(ValueError, match="unknown env 'chats'"):
         sim.make_env("chats")

@@ -140,6 +140,15 @@ def test_preference_matrix_is_antisymmetric():
     assert "| row beats column | a | b | c |" in ev.matrix_table(["a", "b", "c"], M)
 
 
+def test_tables_have_as_many_columns_in_every_line():
+    row = dict(name="pi", win_rate=dict(per_turn=[0.25, 0.5], average=0.375, average_ci=0.05), reward=0.5,
+               fraction_of_v_star=None, kl=1.25)
+    table = ev.results_table([row], H=2)
+    assert table.splitlines()[2] == "| pi | 25.0 | 50.0 | 37.5 ± 5.0 | 0.500 | - | 1.25 |"
+    for t in (table, ev.matrix_table(["a", "b"], np.array([[0.5, 0.75], [0.25, 0.5]]))):
+        assert len({line.count("|") for line in t.splitlines()}) == 1, t
+
+
 def test_cli_on_the_tutor_task(tmp_path, base_policy):
     out = tmp_path / "eval.json"
     cmd = [sys.executable, "evaluate.py", "--policies", "tutor", "--names", "mu", "--num_contexts", "128",
@@ -175,3 +184,22 @@ def test_judge_preference_averages_both_orders():
     env = TwoTurnEnv()
     env.judge = sim.JudgePreference(knows_good)
     assert env.preference(a, b).tolist() == [1.0, 0.0]
+
+
+def test_cli_with_a_reward_model_judge(tmp_path, base_policy):
+    """--judge reward_model: an HF sequence-classification model (tiny, random init, saved here) judges each turn."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    out = tmp_path / "eval.json"
+    cmd = [sys.executable, "evaluate.py", "--policies", "tutor", "--names", "mu", "--num_contexts", "32",
+           "--judge", "reward_model", "--judge_model", str(tmp_path / "rm"), "--output", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["judge"] == "reward_model"
+    per_turn = r["rows"][0]["win_rate"]["per_turn"]
+    assert len(per_turn) == 5 and all(0.0 <= w <= 1.0 for w in per_turn)
+    cmd[cmd.index(str(tmp_path / "rm"))] = str(tmp_path / "no_such_rm")
+    bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert bad.returncode != 0 and "could not load reward model" in bad.stderr and "no local folder" in bad.stderr
