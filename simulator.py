@@ -1354,7 +1354,7 @@ class ChatEnv(Environment):
 
 def model_load_error(kind: str, name: str, e: Exception) -> ValueError:
     """A load failure that says whether `name` was taken for a local folder that is not there."""
-    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).parent.is_dir() and "/" in name
+    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(name).parent.is_dir())
     where = f" (no local folder {name!r} either; check the path)" if local and not Path(name).exists() else ""
     return ValueError(f"could not load {kind} {name!r}{where}: {e}")
 
@@ -1396,8 +1396,8 @@ def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust
 
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            name, dtype=dtype, trust_remote_code=trust_remote_code, **({"device_map": "auto"} if device == "auto" else {}))
+        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                                   **({"device_map": "auto"} if device == "auto" else {}))
     except (OSError, ValueError) as e:
         raise model_load_error("reward model", name, e) from None
     return HFRewardModel(model if device == "auto" else model.to(device), tok, max_length=max_length)
@@ -1437,8 +1437,7 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
         u_model, u_tok = load_policy(user_model, dtype)
         user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,
                             **style)
-    return ChatEnv(records, rm, user, max_turns,
-                   offline_records=offline)
+    return ChatEnv(records, rm, user, max_turns, offline_records=offline)
 
 
 # ----------------------------------------------------------------------------------------------------------------
