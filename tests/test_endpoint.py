@@ -26,6 +26,8 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(1.0)
         if model == "flaky" and n == 1:
             return self.reply(503, b"overloaded")
+        if model == "down":  # an outage: every request fails
+            return self.reply(503, b"service unavailable")
         if model == "unknown":
             return self.reply(404, b'{"error": "model unknown not found"}')
         if model == "garbage":
@@ -113,3 +115,17 @@ def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
     for r in rows:  # every later user turn came from the endpoint, parsed off its "Question:" line
         assert all(m["content"].startswith("what about ") for m in r["conv_b"][2::2]), r["conv_b"]
     assert json.loads((tmp_path / "endpoint" / "summary.json").read_text())["iterations"] == 1
+
+    # an outage: the run stops with the endpoint's error and loses nothing (checkpoint, pairs); --resume continues
+    resume = [*cmd, "--num_iterations", "2", "--resume"]
+    resume[resume.index("--user_model") + 1] = "down"
+    p = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode != 0 and "(model down) failed after 3 tries" in p.stderr, p.stderr[-2000:]
+    meta = json.loads((tmp_path / "endpoint" / "checkpoint" / "meta.json").read_text())
+    assert meta["iteration"] == 1 and len(pairs.read_text().splitlines()) == len(rows)
+    resume[resume.index("--user_model") + 1] = "ok"
+    p = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "resumed" in p.stdout + p.stderr
+    assert json.loads((tmp_path / "endpoint" / "summary.json").read_text())["iterations"] == 2
+    assert len(pairs.read_text().splitlines()) > len(rows)
