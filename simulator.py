@@ -296,7 +296,7 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     keep_cache=True leaves the static cache allocated for the next call (continue_dialogues frees it at its end).
     """
     auto = fast is None
-    fast = use_fast_path(model, fast) and model not in _FAST_PATH_FAILED
+    fast = use_fast_path(model, fast) and not (auto and model in _FAST_PATH_FAILED)  # fast=True is always honoured
     args = (model, tokenizer, convs, max_new_tokens, temperature, max_batch_size, eot_id)
     if not (fast and auto):
         return _sample_turns(*args, fast, compile_step, keep_cache)

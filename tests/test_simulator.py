@@ -185,6 +185,8 @@ def test_default_fast_path_falls_back_to_the_plain_loop_when_it_fails(monkeypatc
     with pytest.warns(UserWarning, match="fast path failed.*static cache not supported"):
         out = sim.sample_turns(model, tok, convs, 8, 1.0)
     assert out.token_ids == plain.token_ids and model in sim._FAST_PATH_FAILED
+    with pytest.raises(RuntimeError, match="static cache not supported"):  # asked for by name, it is still tried
+        sim.sample_turns(model, tok, convs, 8, 1.0, fast=True)
     sim._FAST_PATH_FAILED.discard(model)
 
 
