@@ -454,7 +454,7 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
         return _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
                                    max_batch_size)
     finally:
-        free_static_caches()
+        free_static_caches(model)  # the only cache kept across calls (keep_cache=True below)
 
 
 def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
@@ -1396,8 +1396,9 @@ def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust
 
     try:
         tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                                   **({"device_map": "auto"} if device == "auto" else {}))
+        placement = {"device_map": "auto"} if device == "auto" else {}
+        model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype,
+                                                                   trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as e:
         raise model_load_error("reward model", name, e) from None
     return HFRewardModel(model if device == "auto" else model.to(device), tok, max_length=max_length)
