@@ -150,22 +150,183 @@ def turn_batch(tokenizer, convs: Sequence[Conversation], turns: Sequence[int], p
     return ids, attn, mask
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t >= 1 (shape B x (L-1)), with logits / temperature."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float() / temperature
-    return torch.gather(logits.log_softmax(-1), 2, input_ids[:, 1:, None]).squeeze(2)
+# Float32 elements of one log-softmax chunk (128 MiB): float32 copies of the logits exist one chunk at a time.
+LOGPROB_CHUNK_ELEMENTS = 2 ** 25
 
 
-def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, max_batch_size=64) -> torch.Tensor:
-    """Sum of log pi(y_h|s_h) over turn h's tokens for each (conversation, h). Differentiable."""
+class _TargetLogprobs(torch.autograd.Function):
+    """log softmax(logits / T)[target] for each row of a (N, V) logits tensor, in row chunks.
+
+    The plain `logits.float() / T` -> `log_softmax` -> `gather` holds three float32 N x V tensors in the forward and
+    saves one for the backward; here only one chunk is ever float32, and the backward keeps the logits in their own
+    dtype (they exist anyway) and recomputes each chunk's softmax from them."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, temperature, chunk):
+        out = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+        for s in range(0, logits.shape[0], chunk):
+            lp = (logits[s:s + chunk].float() / temperature).log_softmax(-1)
+            out[s:s + chunk] = lp.gather(1, targets[s:s + chunk, None]).squeeze(1)
+        ctx.save_for_backward(logits, targets)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.mark_non_differentiable(targets)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], ctx.chunk):
+            g = grad_out[s:s + ctx.chunk, None].float()
+            # d log p_t / d logit_j = (1[j = t] - p_j) / T
+            p = (logits[s:s + ctx.chunk].float() / ctx.temperature).softmax(-1)
+            d = (-p * g).scatter_add_(1, targets[s:s + ctx.chunk, None], g)
+            grad[s:s + ctx.chunk] = d / ctx.temperature
+        return grad, None, None, None
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature) at `targets` (float32, shape of targets) for logits of shape
+    targets.shape + (V,), float32 only one chunk of rows at a time. Differentiable."""
+    V = logits.shape[-1]
+    flat = logits.reshape(-1, V)  # a view for the contiguous output of an LM head
+    chunk = max(1, LOGPROB_CHUNK_ELEMENTS // V)
+    return _TargetLogprobs.apply(flat, targets.reshape(-1), float(temperature), chunk).view(targets.shape)
+
+
+def unwrap_model(model):
+    """The HF model inside DDP / DeepSpeed / torch.compile wrappers (read only: the forward still goes through the
+    wrapper, whose hooks gather ZeRO-3 shards and synchronise gradients)."""
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, torch.nn.Module):
+            return model
+        model = inner
+
+
+def accepts_logits_to_keep(model) -> bool:
+    """Whether the model's forward computes logits only for the last k positions (`logits_to_keep`)."""
+    try:
+        return "logits_to_keep" in inspect.signature(type(unwrap_model(model)).forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def last_logprobs(model, input_ids, attention_mask, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """log pi of each row's last k tokens given what precedes them (B x k, float32), for LEFT-padded rows.
+
+    The LM head runs at the last k + 1 positions only (`logits_to_keep`), so the logits cost B x (k + 1) x V, not
+    B x L x V; positions come from the mask (cumsum - 1), so a row's values do not depend on its left padding;
+    no KV cache is built (use_cache=False)."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kw = dict(logits_to_keep=k + 1) if accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                   **kw).logits
+    logits = logits[:, -(k + 1):]  # a no-op view with logits_to_keep
+    # position j predicts token j + 1: the last position predicts nothing and gets a dummy target (dropped below)
+    targets = F.pad(input_ids[:, -k:], (0, 1)) if k else input_ids.new_zeros((len(input_ids), 1))
+    return target_logprobs(logits, targets, temperature)[:, :-1]
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0,
+                   target_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t >= 1 (shape B x (L-1); entry j is token j + 1's), with logits / temperature.
+
+    target_mask (B x (L-1), bool): the entries that are needed (e.g. the turns in a loss); the others are 0. With
+    it, each right-padded row is cut after its last needed token (a causal model's earlier log-probs do not depend
+    on later tokens), the rows are re-aligned at their ends (left padding, positions from the mask), and the LM head
+    runs only over the span from each row's first needed token: memory B x span x V instead of B x L x V. Without
+    it every position is computed, as before. Either way no KV cache is built and float32 copies of the logits are
+    made one chunk at a time."""
+    B, L = input_ids.shape
+    if target_mask is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        targets = F.pad(input_ids[:, 1:], (0, 1))  # the last position predicts nothing: a dummy target, dropped
+        return target_logprobs(logits, targets, temperature)[:, :-1]
+    need = target_mask.to(device=input_ids.device, dtype=torch.bool)
+    has = need.any(1)
+    if not has.any():
+        return torch.zeros((B, L - 1), device=input_ids.device)
+    j = torch.arange(L - 1, device=input_ids.device)
+    first = torch.where(need, j, L).min(1).values
+    last = torch.where(need, j, -1).max(1).values
+    n = torch.where(has, last + 2, 1)  # tokens kept per row: up to the last needed target token
+    k = int(torch.where(has, last - first + 1, 0).max())
+    Lp = int(n.max())
+    src = torch.arange(Lp, device=input_ids.device) - (Lp - n)[:, None]  # left padding: row ends aligned
+    ids = input_ids.gather(1, src.clamp(min=0))
+    attn = attention_mask.gather(1, src.clamp(min=0)) * (src >= 0)
+    lp = last_logprobs(model, ids, attn, k, temperature)
+    t = n[:, None] - k - 1 + torch.arange(k, device=input_ids.device)  # the target index of each kept entry
+    ok = t >= 0
+    out = torch.zeros((B, L - 1), dtype=lp.dtype, device=lp.device).scatter_add(1, t.clamp(min=0), lp * ok)
+    return out * need
+
+
+def token_budget_batches(lengths: Sequence[int], max_batch_size: int = 64,
+                         max_tokens_per_batch: Optional[int] = None) -> list[list[int]]:
+    """Index lists of micro-batches: at most max_batch_size rows and (when set) at most max_tokens_per_batch padded
+    tokens (rows x the longest row) each; a row longer than the budget goes alone. With a budget, rows are grouped
+    by length (longest first) so little is padding; without one, consecutive chunks as before."""
+    order = list(range(len(lengths)))
+    if max_tokens_per_batch is None:
+        return [order[s:s + max_batch_size] for s in range(0, len(order), max_batch_size)]
+    order.sort(key=lambda i: -lengths[i])
+    out, cur = [], []
+    for i in order:  # longest first: a batch's first row sets its padded length
+        if cur and (len(cur) >= max_batch_size or (len(cur) + 1) * lengths[cur[0]] > max_tokens_per_batch):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    return out + [cur] if cur else out
+
+
+def _same_count_across_ranks(n: int, device) -> int:
+    """The largest n over the ranks of the default process group (n itself outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, max_batch_size=64,
+                 max_tokens_per_batch: Optional[int] = None, sync_ranks: bool = False) -> torch.Tensor:
+    """Sum of log pi(y_h|s_h) over turn h's tokens for each (conversation, h). Differentiable.
+
+    Each row is s_h + y_h only (tokens after turn h do not change its log-probs in a causal model), left-padded so
+    the turns end together, and the LM head runs at the last (longest turn + 1) positions: memory grows with the
+    turn tokens, not with batch x length x vocabulary. Micro-batches hold at most max_batch_size rows and, when set,
+    at most max_tokens_per_batch padded tokens. sync_ranks=True (every rank calling together, under
+    torch.distributed) makes every rank run the same number of forwards (extra ones on a one-token row), which
+    ZeRO-3's per-forward parameter gathers and DDP's buffer broadcasts need when ranks' batches split differently."""
     pad_id = tokenizer.pad_token_id if pad_id is None else pad_id
     device = next(model.parameters()).device
-    out = []
-    for s in range(0, len(convs), max_batch_size):
-        ids, attn, mask = turn_batch(tokenizer, convs[s:s + max_batch_size], turns[s:s + max_batch_size], pad_id)
-        lp = token_logprobs(model, ids.to(device), attn.to(device), temperature)
-        out.append((lp * mask[:, 1:].to(device)).sum(-1))
-    return torch.cat(out)
+    pieces = [split_turn(tokenizer, c, h) for c, h in zip(convs, turns)]
+    batches = token_budget_batches([len(p) + len(t) for p, t in pieces], max_batch_size, max_tokens_per_batch)
+    n_forwards = _same_count_across_ranks(len(batches), device) if sync_ranks else len(batches)
+    sums = [None] * len(pieces)
+    extra = []
+    for b in range(n_forwards):
+        if b >= len(batches):  # this rank has run out of rows: a one-token forward keeps the ranks in step
+            one = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+            extra.append(last_logprobs(model, one, torch.ones_like(one), 1, temperature).sum() * 0.0)
+            continue
+        rows = [pieces[i] for i in batches[b]]
+        L, k = max(len(p) + len(t) for p, t in rows), max(len(t) for _, t in rows)
+        ids = torch.full((len(rows), L), pad_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for r, (p, t) in enumerate(rows):  # left padding: every turn ends at column L - 1
+            ids[r, L - len(p) - len(t):] = torch.tensor(p + t)
+            attn[r, L - len(p) - len(t):] = 1
+        in_turn = torch.arange(k) >= k - torch.tensor([len(t) for _, t in rows])[:, None]
+        lp = last_logprobs(model, ids.to(device), attn.to(device), k, temperature)
+        for r, s in zip(batches[b], (lp * in_turn.to(device)).sum(-1)):
+            sums[r] = s
+    out = torch.stack(sums) if sums else torch.zeros(0, device=device)
+    return out + sum(extra) if extra else out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -248,6 +409,10 @@ def decode_step(model, compile_step: bool):
     if not compile_step:
         return step
     mode = "reduce-overhead" if next(model.parameters()).is_cuda else "default"
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, STEP_RECOMPILE_LIMIT)
     _COMPILED_STEPS[model] = torch.compile(step, mode=mode, fullgraph=True, dynamic=False)
     return _COMPILED_STEPS[model]
 
@@ -278,8 +443,24 @@ def free_static_caches(model=None) -> None:
 
 
 def bucket(n: int, step: int = 64) -> int:
-    """Round a length up so a compiled step sees few distinct shapes (each shape is compiled once)."""
+    """Round a length up to a multiple of step."""
     return -(-n // step) * step
+
+
+def ladder(n: int, floor: int) -> int:
+    """The smallest of floor x {1, 1.5, 2, 3, 4, 6, 8, ...} that is >= n: a compiled decode step sees about two
+    shapes per doubling (its compiles grow with log(length), not with length), and a static cache or a batch of
+    filler rows is at most 1.5x what is needed (a third of it unused at worst)."""
+    size = floor
+    while size < n:
+        size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3  # 2^k -> 1.5 x 2^k -> 2^(k+1)
+    return size
+
+
+# Distinct (batch, cache length) shapes one compiled decode step may be compiled for. torch's default recompile
+# limit (8 per code object, shared by every model's step) would be reached by an ordinary run whose dialogues grow
+# over the turns; past it the step cannot compile and the sampler falls back to the plain loop for good.
+STEP_RECOMPILE_LIMIT = 64
 
 
 @torch.no_grad()
@@ -291,8 +472,9 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     A hand decode loop instead of `model.generate`: the sampling distribution is exactly softmax(logits / T)
     whatever a hub model's generation_config says (top-p, top-k, repetition penalty), and its log-probs come out
     of the same computation. Chunked by max_batch_size for memory. temperature 0 = greedy (log-probs at T = 1).
-    The fast path (`use_fast_path`) preallocates a static KV cache (length rounded up to a multiple of 64) and runs
-    a compiled decode step (compile_step: default on CUDA); the sampling itself is the same code on both paths.
+    The fast path (`use_fast_path`) preallocates a static KV cache (length rounded up on `ladder`) and runs a
+    compiled decode step (compile_step: default on CUDA; batch padded up on `ladder` too, so the step is compiled
+    for a bounded set of shapes); the sampling itself is the same code on both paths.
     keep_cache=True leaves the static cache allocated for the next call (continue_dialogues frees it at its end).
     """
     auto = fast is None
@@ -340,19 +522,23 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
             attn[b, L - len(p):] = 1
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        # the prefill keeps the last position's logits only (1 x V a row, not L x V)
+        keep = dict(logits_to_keep=1) if accepts_logits_to_keep(model) else {}
         if fast:  # the mask covers the whole cache from the start; the causal mask hides columns not yet written
-            cache_len, extra = bucket(L + max_new_tokens), (bucket(B, 16) - B if compile_step else 0)
+            # bucketed shapes: a compiled step is compiled once per (batch, cache length), so few of them
+            cache_len, extra = ladder(L + max_new_tokens, 64), (ladder(B, 16) - B if compile_step else 0)
             if extra:  # a compiled step sees few batch shapes: filler rows (one visible pad token) are dropped
                 ids, pos = F.pad(ids, (0, 0, 0, extra), value=pad_id), F.pad(pos, (0, 0, 0, extra))
                 attn = torch.cat([attn, F.pad(attn.new_ones((extra, 1)), (L - 1, 0))])
             cache = static_cache(model, B + extra, cache_len)
             attn = torch.cat([attn, attn.new_ones((B + extra, cache_len - L))], 1)
             out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
-                        cache_position=torch.arange(L, device=device), **{kw: cache})
-        else:
-            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+                        cache_position=torch.arange(L, device=device), **{kw: cache}, **keep)
+        else:  # (the plain loop's DynamicCache grows by torch.cat: every step copies the whole cache)
+            out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **keep)
             cache = returned_cache(out)
         logits, next_pos = out.logits[:B, -1], pos[:, -1:] + 1
+        del out  # nothing of the prefill's output but the cache and one row of logits outlives it
         toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
         lps = torch.zeros((B, max_new_tokens), device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
