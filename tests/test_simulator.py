@@ -139,7 +139,7 @@ def test_sampled_logprobs_equal_a_separate_forward_pass(make):
 
 @pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer])
 def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
-    """The sampler's fast path (static KV cache, compiled decode step, batch padded to a multiple of 16) against the
+    """The sampler's fast path (static KV cache, compiled decode step, batch padded up to 16, 24, 32, ...) against the
     plain dynamic-cache loop: with the same seed, the same tokens and the same log-probs, greedy and sampled."""
     tok = make()
     if make is sim.build_tutor_tokenizer:
@@ -167,6 +167,35 @@ def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
     assert sim._STATIC_CACHES[model][1] is kept and again.token_ids == first.token_ids == runs[0].token_ids
     sim.free_static_caches()
     assert not sim._STATIC_CACHES
+
+
+def test_fast_path_compiles_a_bounded_number_of_times_over_many_prompt_lengths(monkeypatch):
+    """Prompts of 25 lengths (12 to about 900 tokens) and batches of 1 to 20 rows: the compiled decode step sees
+    bucketed shapes only (cache lengths and batch sizes on `ladder`), so it compiles once per bucket, far fewer
+    times than there are shapes, never past the recompile limit (the fast path asked for by name would raise)."""
+    tok = llama3_tokenizer()
+    model = tiny_llama(tok)
+    compiles, real_compile = [], torch.compile
+
+    def counting_compile(fn, **kw):  # the same dynamo tracing, a backend that counts graphs and runs them eagerly
+        def backend(gm, example_inputs):
+            compiles.append(tuple(x.shape for x in example_inputs if isinstance(x, torch.Tensor))[:1])
+            return gm.forward
+        return real_compile(fn, backend=backend, fullgraph=kw["fullgraph"], dynamic=kw["dynamic"])
+    monkeypatch.setattr(torch, "compile", counting_compile)
+    words = dialogue(1)[0]["content"].split()
+    shapes = set()
+    for i in range(25):
+        n = 4 + 37 * i
+        conv = [{"role": "user", "content": " ".join(words[j % len(words)] for j in range(n))}]
+        B = 1 + (7 * i) % 20
+        sim.sample_turns(model, tok, [conv] * B, 3, 1.0, fast=True, compile_step=True)
+        L = len(sim.render_ids(tok, conv, add_generation_prompt=True))
+        shapes.add((sim.ladder(B, 16), sim.ladder(L + 3, 64)))
+    assert len(compiles) == len(shapes) <= 16  # 2 batch buckets x 8 length buckets at most, over 25 x 20 shapes
+    assert torch._dynamo.config.recompile_limit >= sim.STEP_RECOMPILE_LIMIT
+    assert [sim.ladder(n, 64) for n in (1, 64, 65, 96, 97, 129, 200, 3072, 3073)] == \
+        [64, 64, 96, 96, 128, 192, 256, 3072, 4096]
 
 
 def test_default_fast_path_falls_back_to_the_plain_loop_when_it_fails(monkeypatch):
