@@ -1442,6 +1442,12 @@ class HFRewardModel:
     def __init__(self, model, tokenizer, max_length: int = 4096, max_batch_size: int = 16):
         self.model, self.tokenizer, self.max_length, self.max_batch_size = model.eval(), tokenizer, max_length, max_batch_size
         self.n_truncated = 0
+        # a scoring pass needs no KV cache (at 8B, 16 x 4,096 tokens of it are 8 GB); custom models may lack the flag
+        try:
+            takes = "use_cache" in inspect.signature(type(unwrap_model(model)).forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        self._no_cache = {"use_cache": False} if takes else {}
 
     @torch.no_grad()
     def __call__(self, convs) -> torch.Tensor:
@@ -1455,7 +1461,7 @@ class HFRewardModel:
             L = max(len(r) for r in rows)
             ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=device)
             attn = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
-            out = self.model(input_ids=ids, attention_mask=attn)
+            out = self.model(input_ids=ids, attention_mask=attn, **self._no_cache)
             score = getattr(out, "score", None)  # ArmoRM-style custom outputs carry the preference score here
             if score is None:
                 if out.logits.dim() != 2 or out.logits.shape[-1] != 1:
