@@ -299,7 +299,9 @@ def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, m
     Each row is s_h + y_h only (tokens after turn h do not change its log-probs in a causal model), left-padded so
     the turns end together, and the LM head runs at the last (longest turn + 1) positions: memory grows with the
     turn tokens, not with batch x length x vocabulary. Micro-batches hold at most max_batch_size rows and, when set,
-    at most max_tokens_per_batch padded tokens. sync_ranks=True (every rank calling together, under
+    at most max_tokens_per_batch padded tokens (under autograd every forward's saved tensors live until the
+    caller's backward: a training step bounds its memory by calling backward on each micro-batch of
+    `token_budget_batches` in turn, i.e. gradient accumulation). sync_ranks=True (every rank calling together, under
     torch.distributed) makes every rank run the same number of forwards (extra ones on a one-token row), which
     ZeRO-3's per-forward parameter gathers and DDP's buffer broadcasts need when ranks' batches split differently."""
     pad_id = tokenizer.pad_token_id if pad_id is None else pad_id

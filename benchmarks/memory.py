@@ -27,7 +27,10 @@ Per-rank terms, N ranks, P policy parameters, bf16 (2 bytes) unless said:
               MTPO's whole conversation: all but the first prompt), the same again for its gradient in the
               backward, plus two float32 chunks of 2^25 elements (256 MiB); the prefill keeps rows x V.
 A phase's peak is the sum of its terms. "Fits" means at most 76 GiB: 80 GiB less 4 GiB for the CUDA context, NCCL
-buffers and fragmentation.
+buffers and fragmentation. Sequence lengths are the worst case of each command (the longest first prompt, every turn
+at its token limit); "before" is the code before issue 17 (full-vocabulary log-softmax, whole-prompt prefill logits,
+KV caches in scoring passes), "now" this repository's, and the third row of a command adds the flags that make it
+fit ("(to add)": the script does not have that flag yet).
 
     python benchmarks/memory.py                              # the table, analytic, any machine
     python benchmarks/memory.py --measure --shape 1b         # also measure (CUDA: max_memory_allocated)
@@ -39,7 +42,7 @@ import dataclasses
 import re
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -155,7 +158,6 @@ def budget_rows(rows: int, tokens: int, budget: Optional[int]) -> int:
 def phases(c: Command, s: Shape = LLAMA3_8B, before: bool = False) -> dict:
     """Per-rank peak bytes of each phase of command c."""
     P = s.params()
-    P_rm = s.params(lm_head=False)  # an 8B reward model: the backbone and a small head
     trained = c.trained_backbones * P
     if c.zero == 3:
         states = 16 * trained // c.n_ranks
