@@ -126,6 +126,12 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """cosine = cosine decay over num_iterations (as REFUEL's --lr_schedule)"""
+    warmup_ratio: float = 0.0
+    """share of optimizer steps spent in linear warm-up"""
+    train_top_layers: int = 0
+    """train only the top N transformer layers (as REFUEL's setting two: 4); 0 = all parameters"""
     gradient_checkpointing: bool = False
     """trade compute for memory on large models"""
     bf16: Optional[bool] = None
@@ -152,6 +158,8 @@ class Args:
     """pairs collected per rank per iteration (computed at runtime)"""
     local_minibatch: int = 0
     """pairs per optimizer step per rank (computed at runtime)"""
+    steps_per_iteration: int = 0
+    """nominal optimizer steps per iteration, the learning-rate schedule's unit (computed at runtime)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,7 +263,22 @@ def pair_loss(logp_a, logp_b, batch, args):
     return dpo_loss(logp_w, logp_l, ref_w, ref_l, args.beta)
 
 
-def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args):
+def get_lr(step: int, args) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up over warmup_ratio of the run's nominal steps,
+    then constant or cosine decay to 0 at its end (Appendix C.3: cosine, 10% warm-up). A function of the optimizer
+    step alone, so 1 and N processes follow the same schedule."""
+    total = args.num_iterations * args.steps_per_iteration
+    warmup = int(args.warmup_ratio * total)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = min(step - warmup, total - warmup) / max(1, total - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, optimizer_steps: int):
+    """num_epochs passes over this rank's pairs; returns the mean loss and the optimizer steps taken so far."""
     losses = []
     micro = max(1, args.local_minibatch // args.gradient_accumulation_steps)
     for _ in range(args.num_epochs):
@@ -269,10 +292,13 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args):
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(optimizer_steps, args)
                 optimizer.step()
                 optimizer.zero_grad()
+                optimizer_steps += int(accelerator.sync_gradients)
             losses.append(loss.item())
-    return float(np.mean(losses)) if losses else 0.0
+    return (float(np.mean(losses)) if losses else 0.0), optimizer_steps
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -289,16 +315,105 @@ def balance_pairs(pairs, accelerator):
     return flat[accelerator.process_index * share:(accelerator.process_index + 1) * share]
 
 
+def make_accelerator(args):
+    """The Accelerator for any launch: one CPU process, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3
+    (GPUs, or CPU processes through DeepSpeed's CPU accelerator), FSDP2 (GPUs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    launched_with = lambda kind: os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+    deepspeed = launched_with("DEEPSPEED")
+    if launched_with("FSDP") and not cuda:
+        raise ValueError("an FSDP config was given but no GPU is visible: accelerate's FSDP path needs GPUs (on CPU "
+                         "it would silently run plain DDP instead)")
+    handlers = []
+    if deepspeed and not cuda:
+        # accelerate makes a process group only for a device or for cpu=True, and cpu=True means plain DDP (the
+        # DeepSpeed config would be silently ignored); DeepSpeed's CPU accelerator speaks gloo.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    bf16 = cuda if args.bf16 is None else args.bf16
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="bf16" if bf16 else "no",
+                              gradient_accumulation_steps=args.gradient_accumulation_steps, kwargs_handlers=handlers)
+    if deepspeed != (accelerator.distributed_type == DistributedType.DEEPSPEED):
+        raise RuntimeError(f"launched with a DeepSpeed config = {deepspeed}, but accelerate set up "
+                           f"{accelerator.distributed_type}: refusing to train with something else than asked")
+    return accelerator
+
+
+def configure_deepspeed(accelerator, micro_batch: int, args) -> None:
+    """DeepSpeed asserts train_batch_size = micro-batch x accumulation x ranks. accelerate fills the configs' "auto"
+    sizes from a prepared DataLoader, and there is none here (rollouts are collected, not loaded), so set them."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = micro_batch * args.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm
+    if plugin.zero_stage == 3:  # every checkpoint saves the policy in save_pretrained format, gathered
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+@contextlib.contextmanager
+def outside_zero3_init(accelerator):
+    """Load models that are never trained here. They do not pass through prepare(), so under ZeRO-3 with
+    zero3_init_flag, from_pretrained inside deepspeed.zero.Init would leave each rank 0-element shards of them.
+    (accelerate's zero3_init_context_manager(enable=False) keeps transformers' DeepSpeed config, so it does not.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # zero.Init again for models that are trained
+
+
+def prepare_for_training(policy, args):
+    """--train_top_layers, --gradient_checkpointing, and training mode with dropout off."""
+    if args.train_top_layers:
+        policy.requires_grad_(False)
+        for layer in policy.get_decoder().layers[-args.train_top_layers:]:
+            layer.requires_grad_(True)
+    if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+    # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
+    # off so that log pi_t (no grad, at collection) and log pi (the loss) are the same function of the weights.
+    policy.train()
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return policy
+
+
 @contextlib.contextmanager
 def generation_model(model, accelerator):
-    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per collection."""
+    """The unwrapped policy for sampling, with full weights on every rank for the whole collection."""
     unwrapped = accelerator.unwrap_model(model)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is not None and ds.zero_stage == 3:
         import deepspeed
 
+        offload = model.optimizer.parameter_offload  # the engine's ZeRO-3 per-module hooks
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            yield unwrapped
+            # Gathering alone leaves the hooks in place: after each layer's forward they release its parameters and
+            # the next token gathers them again (all layers per token), and ranks whose decode loops stop at
+            # different steps then issue different numbers of all-gathers and hang. Off for the collection.
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield unwrapped
+            finally:
+                offload._register_deepspeed_module(offload.module)
     elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
         if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
@@ -306,6 +421,16 @@ def generation_model(model, accelerator):
         yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
     else:
         yield unwrapped
+
+
+def ranks_in_sync(model, accelerator) -> bool:
+    """Whether every rank holds the same full weights. With replicas (DDP, ZeRO-1/2) a silently unsynced run shows
+    up here; under ZeRO-3 and FSDP2 there is one sharded copy, so this checks the gathered weights that every rank
+    samples with."""
+    with generation_model(model, accelerator) as full:
+        checksum = sum(p.detach().double().sum() for p in full.parameters())
+    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
+    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
 
 
 def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
@@ -355,15 +480,11 @@ def log(run_dir: Path, step: int, metrics: dict, echo: bool) -> None:
                                                if not k.startswith("eval/learned")))
 
 
-def main(args: Args) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+def setup(args: Args):
+    """Processes, derived sizes, the run directory, seeds, models and the optimizer, prepared for the launch."""
+    from accelerate.utils import set_seed
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda if args.bf16 is None else args.bf16
-    # cpu=True on a CPU-only machine: launched ranks join one gloo group instead of training alone, unsynced
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = accelerator.num_processes
@@ -371,6 +492,7 @@ def main(args: Args) -> dict:
         raise ValueError("prompts_per_iteration and minibatch_size must be divisible by the number of processes")
     args.local_prompts = args.prompts_per_iteration // args.world_size
     args.local_minibatch = args.minibatch_size // args.world_size
+    args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
     if args.resume and not args.run_name:
         raise ValueError("--resume needs --run_name (the run directory under output_dir)")
     args.run_name = args.run_name or f"{args.loss}-{args.mode}__{args.env}__{args.seed}__{int(time.time())}"
@@ -381,46 +503,77 @@ def main(args: Args) -> dict:
     set_seed(args.seed + accelerator.process_index)
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
-    with accelerator.main_process_first():  # one rank builds and caches the tutor's mu, the others load it
+    frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
+    with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    env_dtype = torch.bfloat16 if bf16 else torch.float32
-    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), env_dtype, args.reward_trust_remote_code, args.offline_path,
-                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
-                       dataset_format=args.dataset_format, bad_records=args.bad_records,
-                       max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                       reward_device=args.reward_device, user_device=args.user_device,
-                       reward_max_length=args.reward_max_length)
-    ref_policy = None
-    if args.loss == "dpo":  # pi_ref, frozen
-        ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()
-        ref_policy.requires_grad_(False)
-    if args.gradient_checkpointing:
-        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay)
+    with outside_zero3_init(accelerator):
+        env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                           str(accelerator.device), frozen_dtype, args.reward_trust_remote_code, args.offline_path,
+                           user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
+                           dataset_format=args.dataset_format, bad_records=args.bad_records,
+                           max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
+                           reward_device=args.reward_device, user_device=args.user_device,
+                           reward_max_length=args.reward_max_length)
+        ref_policy = None
+        if args.loss == "dpo":  # pi_ref, frozen
+            ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
+            ref_policy.requires_grad_(False)
+    prepare_for_training(policy, args)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
+                                  betas=args.adam_betas, weight_decay=args.weight_decay)
+    configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps), args)
     policy, optimizer = accelerator.prepare(policy, optimizer)
+    return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer
 
-    start_iter, elapsed_before, global_pairs = 0, 0.0, 0
-    if args.resume:
-        ckpt = run_dir / "checkpoint"
-        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-        accelerator.load_state(str(ckpt / "state"))
-        meta = json.loads((ckpt / "meta.json").read_text())
-        start_iter, elapsed_before, global_pairs = meta["iteration"], meta["elapsed"], meta["pairs"]
-        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
-        if rng_file.exists():
-            rng.bit_generator.state = json.loads(rng_file.read_text())
-        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
 
+def resume(accelerator, run_dir: Path, rng) -> dict:
+    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): model, optimizer, RNGs, counters."""
+    ckpt = run_dir / "checkpoint"
+    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+    accelerator.load_state(str(ckpt / "state"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+    if rng_file.exists():
+        rng.bit_generator.state = json.loads(rng_file.read_text())
+    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
+    return meta
+
+
+def finish(accelerator, policy, run_dir: Path, args, first_eval: dict, final_eval: dict, iterations: int,
+           minutes: float) -> dict:
+    """summary.json and the closing line; ranks tear the process group down together."""
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
+               "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
+               "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
+               "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+               "ranks_in_sync": ranks_in_sync(policy, accelerator),
+               **{k: v for k, v in final_eval.items() if k.startswith("eval/learned")}}
+    if accelerator.is_main_process:
+        print(f"mean reward ({args.loss}, {args.mode}): start of run {summary['initial_reward']:.3f} -> "
+              f"{summary['final_reward']:.3f} +- {summary['final_stderr']:.3f} after {iterations} iterations, "
+              f"{minutes:.1f} min")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.wait_for_everyone()  # not one rank leaving while another still writes
+    accelerator.end_training()
+    return summary
+
+
+def main(args: Args) -> dict:
+    from accelerate.utils import gather_object
+
+    accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer = setup(args)
+    meta = resume(accelerator, run_dir, rng) if args.resume else {}
+    start_iter, global_pairs = meta.get("iteration", 0), meta.get("pairs", 0)
+    optimizer_steps = meta.get("optimizer_steps", 0)
     main_rank = accelerator.is_main_process
     eval_seed = 10_000 + args.seed
     first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
     if main_rank:
         log(run_dir, start_iter, first_eval, echo=True)
-    start, it = time.time() - elapsed_before, start_iter
+    start, it = time.time() - meta.get("elapsed", 0.0), start_iter
     for it in tqdm(range(start_iter, args.num_iterations), disable=not main_rank, desc=f"{args.loss}-{args.mode}"):
         t0 = time.time()
         with generation_model(policy, accelerator) as pi_t:
@@ -432,18 +585,23 @@ def main(args: Args) -> dict:
                 with open(args.save_rollouts, "a") as f:
                     f.writelines(json.dumps({"iteration": it, **p}) + "\n" for rank in everything for p in rank)
         pairs = balance_pairs(pairs, accelerator)
-        loss = train_on_pairs(policy, tokenizer, pairs, optimizer, accelerator, rng, args) if pairs else 0.0
+        loss = 0.0
+        if pairs:  # same on every rank after balancing
+            loss, optimizer_steps = train_on_pairs(policy, tokenizer, pairs, optimizer, accelerator, rng, args,
+                                                   optimizer_steps)
         global_pairs += len(pairs) * args.world_size
-        red = accelerator.reduce(torch.tensor([stats["collected"], stats["dropped_identical"], stats["dropped_ties"],
-                                               stats["reward"], loss], device=accelerator.device,
-                                              dtype=torch.float64), "mean")
+        mean = dict(zip(["collected", "dropped_identical", "dropped_ties", "reward", "loss"],
+                        accelerator.reduce(torch.tensor(
+                            [stats["collected"], stats["dropped_identical"], stats["dropped_ties"], stats["reward"],
+                             loss], device=accelerator.device, dtype=torch.float64), "mean").tolist()))
         dt = time.time() - t0
-        metrics = {f"losses/{args.loss}_loss": red[4].item(), "charts/pair_reward": red[3].item(),
-                   "charts/dropped_identical_frac": (red[1] / red[0]).item(),
-                   "charts/dropped_ties_frac": (red[2] / red[0]).item(), "charts/pairs_trained": global_pairs,
-                   "charts/iterations_per_sec": 1 / dt, "charts/pairs_per_sec": len(pairs) * args.world_size / dt,
-                   "charts/collect_share": t_collect / dt, "charts/elapsed_min": (time.time() - start) / 60,
-                   **env.metrics()}
+        metrics = {f"losses/{args.loss}_loss": mean["loss"], "charts/pair_reward": mean["reward"],
+                   "charts/dropped_identical_frac": mean["dropped_identical"] / mean["collected"],
+                   "charts/dropped_ties_frac": mean["dropped_ties"] / mean["collected"],
+                   "charts/pairs_trained": global_pairs, "charts/lr": optimizer.param_groups[0]["lr"],
+                   "charts/optimizer_steps": optimizer_steps, "charts/iterations_per_sec": 1 / dt,
+                   "charts/pairs_per_sec": len(pairs) * args.world_size / dt, "charts/collect_share": t_collect / dt,
+                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()}
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.eval_every == 0 or last:
@@ -452,27 +610,12 @@ def main(args: Args) -> dict:
         if main_rank:
             log(run_dir, it + 1, metrics, echo="eval/mean_reward" in metrics)
         if (it + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, policy, tokenizer, run_dir,
-                            dict(iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs), rng)
+            save_checkpoint(accelerator, policy, tokenizer, run_dir, dict(
+                iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs, optimizer_steps=optimizer_steps),
+                rng)
         if out_of_time:
             break
-    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in policy.parameters()).item()],
-                            device=accelerator.device)
-    sums = accelerator.gather(checksum)  # ranks must hold the same weights after synced updates
-    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": latest_eval["eval/mean_reward"],
-               "final_stderr": latest_eval["eval/reward_stderr"], "iterations": it + 1,
-               "minutes": (time.time() - start) / 60, "run_dir": str(run_dir),
-               "num_processes": accelerator.num_processes,
-               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max())),
-               **{k: v for k, v in latest_eval.items() if k.startswith("eval/learned")}}
-    if main_rank:
-        print(f"mean reward ({args.loss}, {args.mode}): start of run {summary['initial_reward']:.3f} -> "
-              f"{summary['final_reward']:.3f} +- {summary['final_stderr']:.3f} after {summary['iterations']} "
-              f"iterations, {summary['minutes']:.1f} min")
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-    accelerator.wait_for_everyone()  # ranks tear the process group down together, not one while the other writes
-    accelerator.end_training()
-    return summary
+    return finish(accelerator, policy, run_dir, args, first_eval, latest_eval, it + 1, (time.time() - start) / 60)
 
 
 if __name__ == "__main__":

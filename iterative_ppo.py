@@ -147,6 +147,8 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping (policy, Q and critic)"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on large models (policy, Q model and critic)"""
     bf16: Optional[bool] = None
     """bf16 mixed precision for the policy (default: on when CUDA is available)"""
 
@@ -508,16 +510,101 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
 # ----------------------------------------------------------------------------------------------------------------
 # Plumbing (as in refuel.py: each script is self-contained): ZeRO-3 generation, checkpoints, logging, evaluation
 # ----------------------------------------------------------------------------------------------------------------
+def make_accelerator(args):
+    """The Accelerator for any launch: one CPU process, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3
+    (GPUs, or CPU processes through DeepSpeed's CPU accelerator), FSDP2 (GPUs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    launched_with = lambda kind: os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+    deepspeed = launched_with("DEEPSPEED")
+    if launched_with("FSDP") and not cuda:
+        raise ValueError("an FSDP config was given but no GPU is visible: accelerate's FSDP path needs GPUs (on CPU "
+                         "it would silently run plain DDP instead)")
+    handlers = []
+    if deepspeed and not cuda:
+        # accelerate makes a process group only for a device or for cpu=True, and cpu=True means plain DDP (the
+        # DeepSpeed config would be silently ignored); DeepSpeed's CPU accelerator speaks gloo.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    bf16 = cuda if args.bf16 is None else args.bf16
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="bf16" if bf16 else "no",
+                              kwargs_handlers=handlers)
+    if deepspeed != (accelerator.distributed_type == DistributedType.DEEPSPEED):
+        raise RuntimeError(f"launched with a DeepSpeed config = {deepspeed}, but accelerate set up "
+                           f"{accelerator.distributed_type}: refusing to train with something else than asked")
+    return accelerator
+
+
+def configure_deepspeed(accelerator, micro_batch: int, args) -> None:
+    """DeepSpeed asserts train_batch_size = micro-batch x accumulation x ranks. accelerate fills the configs' "auto"
+    sizes from a prepared DataLoader, and there is none here (rollouts are collected, not loaded), so set them."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = micro_batch * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm
+    if plugin.zero_stage == 3:  # every checkpoint saves the policy in save_pretrained format, gathered
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+@contextlib.contextmanager
+def outside_zero3_init(accelerator):
+    """Load models that are never trained here. They do not pass through prepare(), so under ZeRO-3 with
+    zero3_init_flag, from_pretrained inside deepspeed.zero.Init would leave each rank 0-element shards of them.
+    (accelerate's zero3_init_context_manager(enable=False) keeps transformers' DeepSpeed config, so it does not.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # zero.Init again for models that are trained
+
+
+def prepare_for_training(models, args):
+    """--gradient_checkpointing (policy, Q model, critic), and training mode with dropout off."""
+    for model in models:
+        if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout
+        # stays off so that old log-probs (no grad) and the loss's are the same function of the weights.
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+            if isinstance(getattr(module, "attention_dropout", None), float):
+                module.attention_dropout = 0.0
+
+
 @contextlib.contextmanager
 def generation_model(model, accelerator):
-    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per sampling call."""
+    """The unwrapped policy for sampling, with full weights on every rank for the whole collection."""
     unwrapped = accelerator.unwrap_model(model)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is not None and ds.zero_stage == 3:
         import deepspeed
 
+        offload = model.optimizer.parameter_offload  # the engine's ZeRO-3 per-module hooks
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            yield unwrapped
+            # Gathering alone leaves the hooks in place: after each layer's forward they release its parameters and
+            # the next token gathers them again (all layers per token), and ranks whose decode loops stop at
+            # different steps then issue different numbers of all-gathers and hang. Off for the collection.
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield unwrapped
+            finally:
+                offload._register_deepspeed_module(offload.module)
     elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
         if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
@@ -525,6 +612,16 @@ def generation_model(model, accelerator):
         yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
     else:
         yield unwrapped
+
+
+def ranks_in_sync(model, q_model, accelerator) -> bool:
+    """Whether every rank holds the same full weights (policy and Q_i). With replicas (DDP, ZeRO-1/2; Q_i always)
+    a silently unsynced run shows up here; under ZeRO-3 and FSDP2 the policy is one sharded copy, so this checks
+    its gathered weights."""
+    with generation_model(model, accelerator) as full:
+        checksum = sum(p.detach().double().sum() for p in [*full.parameters(), *q_model.parameters()])
+    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
+    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
 
 
 def save_checkpoint(accelerator, model, tokenizer, q_state: dict, run_dir: Path, meta: dict, rng) -> None:
@@ -597,14 +694,11 @@ SHOW = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epo
         "ppo/q_score", "ppo/kl_to_pi_i", "losses/clipfrac", "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")
 
 
-def main(args: Args) -> dict:
-    from accelerate import Accelerator
+def setup(args: Args):
+    """Processes, derived sizes, the run directory, seeds, models and optimizers, prepared for the launch."""
     from accelerate.utils import set_seed
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda if args.bf16 is None else args.bf16
-    # cpu=True on a CPU-only machine: launched ranks join one gloo group instead of training alone (REFERENCE.md)
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = W = accelerator.num_processes
@@ -623,49 +717,81 @@ def main(args: Args) -> dict:
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
     set_seed(args.seed)  # the same fresh Q head on every rank
     rng = np.random.default_rng(args.seed + accelerator.process_index)
-    fit_rng = np.random.default_rng(args.seed)  # shared by all ranks: same held-out split sizes and stopping epochs
 
-    with accelerator.main_process_first():  # one rank builds and caches mu, the others load it
+    tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
+    with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), torch.bfloat16 if bf16 else torch.float32,
-                       args.reward_trust_remote_code,
-                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
-                       dataset_format=args.dataset_format, bad_records=args.bad_records,
-                       max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                       reward_device=args.reward_device, user_device=args.user_device,
-                       reward_max_length=args.reward_max_length)
-    q_path = args.q_model_name_or_path or (str(sim.DEFAULT_BASE_POLICY) if args.model_name_or_path == "tutor"
-                                           else args.model_name_or_path)
-    q_model = build_q_model(q_path, tokenizer).to(accelerator.device)
-    q_init = copy.deepcopy(q_model.state_dict())
-    critic = copy.deepcopy(q_model)
-    q_opt = torch.optim.AdamW(q_model.parameters(), lr=args.q_lr, weight_decay=0.0)  # kept across iterations
-    ref_policy = copy.deepcopy(policy).to(accelerator.device).eval().requires_grad_(False)  # pi_i, reloaded per i
+    q_path = args.q_model_name_or_path or (str(sim.DEFAULT_BASE_POLICY) if tutor else args.model_name_or_path)
+    # Q_i, the critic and pi_i are replicas that never pass through prepare() (Q and the critic sync their own
+    # gradients): full weights on every rank, loaded outside zero.Init
+    with outside_zero3_init(accelerator):
+        env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                           str(accelerator.device), torch.bfloat16 if accelerator.mixed_precision == "bf16"
+                           else torch.float32, args.reward_trust_remote_code,
+                           user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
+                           dataset_format=args.dataset_format, bad_records=args.bad_records,
+                           max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
+                           reward_device=args.reward_device, user_device=args.user_device,
+                           reward_max_length=args.reward_max_length)
+        q_model = build_q_model(q_path, tokenizer).to(accelerator.device)
+        critic = build_q_model(q_path, tokenizer).to(accelerator.device)
+        ref_policy = sim.load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
+    ref_policy.to(accelerator.device).eval().requires_grad_(False)
+    prepare_for_training([policy, q_model, critic], args)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
+    configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), args)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
+    return accelerator, run_dir, rng, policy, tokenizer, env, q_model, critic, ref_policy, optimizer
 
-    start_iter, elapsed_before, v_prev = 0, 0.0, None
-    if args.resume:
-        ckpt = run_dir / "checkpoint"
-        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-        accelerator.load_state(str(ckpt / "state"))
-        meta = json.loads((ckpt / "meta.json").read_text())
-        start_iter, elapsed_before, v_prev = meta["iteration"], meta["elapsed"], meta.get("v_hat")
-        if (ckpt / "q_model.pt").exists():
-            q_state = torch.load(ckpt / "q_model.pt", map_location=accelerator.device)
-            q_model.load_state_dict(q_state["model"])
-            q_opt.load_state_dict(q_state["opt"])
-        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
-        if rng_file.exists():
-            rng.bit_generator.state = json.loads(rng_file.read_text())
-        fit_rng = np.random.default_rng(args.seed + 7 * start_iter)
-        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
 
+def resume(accelerator, run_dir: Path, rng, q_model, q_opt) -> dict:
+    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): policy, optimizer, Q_i, RNGs."""
+    ckpt = run_dir / "checkpoint"
+    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+    accelerator.load_state(str(ckpt / "state"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    if (ckpt / "q_model.pt").exists():
+        q_state = torch.load(ckpt / "q_model.pt", map_location=accelerator.device)
+        q_model.load_state_dict(q_state["model"])
+        q_opt.load_state_dict(q_state["opt"])
+    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+    if rng_file.exists():
+        rng.bit_generator.state = json.loads(rng_file.read_text())
+    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
+    return meta
+
+
+def finish(accelerator, policy, q_model, env, run_dir: Path, first_eval: dict, final: dict, iterations: int,
+           minutes: float) -> dict:
+    """summary.json and the closing line; ranks tear the process group down together."""
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
+               "final_stderr": final["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
+               "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
+               "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+               "ranks_in_sync": ranks_in_sync(policy, q_model, accelerator)}
+    if accelerator.is_main_process:
+        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
+        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> Iterative PPO {summary['final_reward']:.3f}"
+              f" +- {summary['final_stderr']:.3f} after {iterations} outer iterations, {minutes:.1f} min{v_star}")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.wait_for_everyone()  # not one rank leaving while another still writes
+    accelerator.end_training()
+    return summary
+
+
+def main(args: Args) -> dict:
+    accelerator, run_dir, rng, policy, tokenizer, env, q_model, critic, ref_policy, optimizer = setup(args)
+    W = args.world_size
+    q_init = copy.deepcopy(q_model.state_dict())
+    q_opt = torch.optim.AdamW(q_model.parameters(), lr=args.q_lr, weight_decay=0.0)  # kept across iterations
+    meta = resume(accelerator, run_dir, rng, q_model, q_opt) if args.resume else {}
+    start_iter, elapsed_before, v_prev = meta.get("iteration", 0), meta.get("elapsed", 0.0), meta.get("v_hat")
+    # shared by all ranks: same held-out split sizes and stopping epochs
+    fit_rng = np.random.default_rng(args.seed + 7 * start_iter if args.resume else args.seed)
     logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
     eval_seed = 10_000 + args.seed
     first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
@@ -738,24 +864,8 @@ def main(args: Args) -> dict:
                             run_dir, dict(iteration=it + 1, elapsed=time.time() - start, v_hat=v_prev), rng)
         if out_of_time or converged:
             break
-    final = latest_eval
-    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in policy.parameters()).item() +
-                             sum(sim.full_tensor(p.detach()).double().sum() for p in q_model.parameters()).item()],
-                            device=accelerator.device)
-    sums = accelerator.gather(checksum)
-    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
-               "final_stderr": final["eval/reward_stderr"], "iterations": it + 1, "minutes": (time.time() - start) / 60,
-               "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
-               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))}
-    if accelerator.is_main_process:
-        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
-        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> Iterative PPO {summary['final_reward']:.3f}"
-              f" +- {summary['final_stderr']:.3f} after {summary['iterations']} outer iterations, "
-              f"{summary['minutes']:.1f} min{v_star}")
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-    accelerator.wait_for_everyone()  # ranks tear the process group down together, not one while the other writes
-    accelerator.end_training()
-    return summary
+    return finish(accelerator, policy, q_model, env, run_dir, first_eval, latest_eval, it + 1,
+                  (time.time() - start) / 60)
 
 
 if __name__ == "__main__":

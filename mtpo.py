@@ -160,6 +160,8 @@ class Args:
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
     """gradient clipping"""
+    gradient_checkpointing: bool = False
+    """trade compute for memory on large models (policy and value backbones)"""
     bf16: Optional[bool] = None
     """bf16 mixed precision (default: on when CUDA is available)"""
     time_budget_minutes: float = 8.0
@@ -393,23 +395,127 @@ def value_loss(values, returns, turn_mask):
 # ----------------------------------------------------------------------------------------------------------------
 # Plumbing: generation under ZeRO-3, checkpoints, logging, evaluation
 # ----------------------------------------------------------------------------------------------------------------
+def make_accelerator(args):
+    """The Accelerator for any launch: one CPU process, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3
+    (GPUs, or CPU processes through DeepSpeed's CPU accelerator), FSDP2 (GPUs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    launched_with = lambda kind: os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+    deepspeed = launched_with("DEEPSPEED")
+    if launched_with("FSDP") and not cuda:
+        raise ValueError("an FSDP config was given but no GPU is visible: accelerate's FSDP path needs GPUs (on CPU "
+                         "it would silently run plain DDP instead)")
+    handlers = []
+    if deepspeed and not cuda:
+        # accelerate makes a process group only for a device or for cpu=True, and cpu=True means plain DDP (the
+        # DeepSpeed config would be silently ignored); DeepSpeed's CPU accelerator speaks gloo.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    bf16 = cuda if args.bf16 is None else args.bf16
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="bf16" if bf16 else "no",
+                              kwargs_handlers=handlers)
+    if deepspeed != (accelerator.distributed_type == DistributedType.DEEPSPEED):
+        raise RuntimeError(f"launched with a DeepSpeed config = {deepspeed}, but accelerate set up "
+                           f"{accelerator.distributed_type}: refusing to train with something else than asked")
+    return accelerator
+
+
+def configure_deepspeed(accelerator, micro_batch: int, args) -> None:
+    """DeepSpeed asserts train_batch_size = micro-batch x accumulation x ranks. accelerate fills the configs' "auto"
+    sizes from a prepared DataLoader, and there is none here (rollouts are collected, not loaded), so set them."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = 1
+    config["train_batch_size"] = micro_batch * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm
+    if plugin.zero_stage == 3:  # every checkpoint saves the policy in save_pretrained format, gathered
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+@contextlib.contextmanager
+def outside_zero3_init(accelerator):
+    """Load models that are never trained here. They do not pass through prepare(), so under ZeRO-3 with
+    zero3_init_flag, from_pretrained inside deepspeed.zero.Init would leave each rank 0-element shards of them.
+    (accelerate's zero3_init_context_manager(enable=False) keeps transformers' DeepSpeed config, so it does not.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # zero.Init again for models that are trained
+
+
+def prepare_for_training(model, args):
+    """--gradient_checkpointing on both backbones, and training mode with dropout off."""
+    if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
+        for backbone in (model.policy, model.value_backbone):
+            getattr(backbone, "activation_checkpointing_enable", backbone.gradient_checkpointing_enable)()
+    # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
+    # off so that log pi_t (no grad, at collection) and log pi (the loss) are the same function of the weights.
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return model
+
+
+@contextlib.contextmanager
+def full_weights(model, accelerator, policy_only: bool = True):
+    """The unwrapped ActorCritic (its policy alone gathered when policy_only) with full weights on every rank."""
+    unwrapped = accelerator.unwrap_model(model)
+    ds = getattr(accelerator.state, "deepspeed_plugin", None)
+    if ds is None or ds.zero_stage != 3:
+        yield unwrapped
+        return
+    import deepspeed
+
+    offload = model.optimizer.parameter_offload  # the engine's ZeRO-3 per-module hooks
+    with deepspeed.zero.GatheredParameters(list((unwrapped.policy if policy_only else unwrapped).parameters())):
+        # Gathering alone leaves the hooks in place: after each layer's forward they release its parameters and the
+        # next token gathers them again (all layers per token), and ranks whose decode loops stop at different
+        # steps then issue different numbers of all-gathers and hang. Off for the collection.
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield unwrapped
+        finally:
+            offload._register_deepspeed_module(offload.module)
+
+
 @contextlib.contextmanager
 def generation_policy(model, accelerator):
-    """The unwrapped policy for sampling; under ZeRO-3 its parameters are gathered once per collection."""
-    unwrapped = accelerator.unwrap_model(model).policy
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is not None and ds.zero_stage == 3:
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            yield unwrapped
-    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
+    """The policy for sampling, with full weights for the whole collection (FSDP2: an unsharded copy)."""
+    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
         if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
         half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-        yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
-    else:
-        yield unwrapped
+        yield sim.sampling_copy(accelerator.unwrap_model(model).policy, half)  # all-gathered once per collection
+        return
+    with full_weights(model, accelerator) as unwrapped:
+        yield unwrapped.policy
+
+
+def ranks_in_sync(model, accelerator) -> bool:
+    """Whether every rank holds the same full weights (policy and value network). With replicas (DDP, ZeRO-1/2) a
+    silently unsynced run shows up here; under ZeRO-3 and FSDP2 there is one sharded copy, so this checks the
+    gathered weights."""
+    with full_weights(model, accelerator, policy_only=False) as full:
+        checksum = sum(sim.full_tensor(p.detach()).double().sum() for p in full.parameters())
+    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
+    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
 
 
 def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
@@ -499,22 +605,18 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache):
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------------------------
-def main(args: Args) -> dict:
-    from accelerate import Accelerator
+def setup(args: Args):
+    """Processes, derived sizes, the run directory, seeds, models and the optimizer, prepared for the launch."""
     from accelerate.utils import set_seed
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda if args.bf16 is None else args.bf16
-    # cpu=True on a CPU-only machine makes launched ranks join one gloo group (../shared/REFERENCE.md)
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no")
+    accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = accelerator.num_processes
     if args.prompts_per_iteration % args.world_size:
         raise ValueError("prompts_per_iteration must be divisible by the number of processes")
     args.local_prompts = args.prompts_per_iteration // args.world_size
-    tau = args.tau if args.variant == "mtpo-tau" else 0.0
-    if not 0.0 <= tau <= 1.0 or args.alpha < 0:
+    if not 0.0 <= args.tau <= 1.0 or args.alpha < 0:
         raise ValueError(f"need 0 <= tau <= 1 and alpha >= 0, got tau={args.tau}, alpha={args.alpha}")
     if args.resume and not args.run_name:
         raise ValueError("--resume needs --run_name (the run directory under output_dir)")
@@ -526,43 +628,78 @@ def main(args: Args) -> dict:
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
-    with accelerator.main_process_first():  # one rank builds and caches the tutor's mu, the others load it
+    tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
+    with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    dtype = torch.bfloat16 if bf16 else torch.float32
-    ref = sim.load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
-    ref.requires_grad_(False)
-    value_backbone = sim.load_policy(args.model_name_or_path)[0].get_decoder()
-    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), dtype, args.reward_trust_remote_code,
-                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
-                       dataset_format=args.dataset_format, bad_records=args.bad_records,
-                       max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                       reward_device=args.reward_device, user_device=args.user_device,
-                       reward_max_length=args.reward_max_length)
-    if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
-        env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device), dtype,
-                                              template=sim.judge_prompt(env, args.judge_prompt_path))
-    model = ActorCritic(policy, value_backbone)
+    value_backbone = sim.load_policy(args.model_name_or_path)[0].get_decoder()  # trained: zero.Init is fine
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
+    with outside_zero3_init(accelerator):
+        ref = sim.load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
+        ref.requires_grad_(False)
+        env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                           str(accelerator.device), dtype, args.reward_trust_remote_code,
+                           user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
+                           dataset_format=args.dataset_format, bad_records=args.bad_records,
+                           max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
+                           reward_device=args.reward_device, user_device=args.user_device,
+                           reward_max_length=args.reward_max_length)
+        if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
+            env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device),
+                                                  dtype, template=sim.judge_prompt(env, args.judge_prompt_path))
+    model = prepare_for_training(ActorCritic(policy, value_backbone), args)
     optimizer = torch.optim.AdamW(
         [{"params": list(model.policy.parameters()), "lr": args.lr},
          {"params": list(model.value_backbone.parameters()) + list(model.value_head.parameters()), "lr": args.value_lr}],
         betas=args.adam_betas, weight_decay=args.weight_decay)
+    conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
+    configure_deepspeed(accelerator, max(1, conversations // args.num_minibatches), args)
     model, optimizer = accelerator.prepare(model, optimizer)
+    return accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer
 
-    start_iter, elapsed_before = 0, 0.0
-    if args.resume:
-        ckpt = run_dir / "checkpoint"
-        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-        accelerator.load_state(str(ckpt / "state"))
-        meta = json.loads((ckpt / "meta.json").read_text())
-        start_iter, elapsed_before = meta["iteration"], meta["elapsed"]
-        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
-        if rng_file.exists():
-            rng.bit_generator.state = json.loads(rng_file.read_text())
-        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
 
+def resume(accelerator, run_dir: Path, rng) -> dict:
+    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): model, optimizer, RNGs, counters."""
+    ckpt = run_dir / "checkpoint"
+    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+    accelerator.load_state(str(ckpt / "state"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+    if rng_file.exists():
+        rng.bit_generator.state = json.loads(rng_file.read_text())
+    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
+    return meta
+
+
+def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dict, iterations: int,
+           minutes: float) -> dict:
+    """summary.json and the closing line; ranks tear the process group down together."""
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
+               "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],
+               "initial_win_rate_vs_mu": first_eval["eval/win_rate_vs_mu"],
+               "final_win_rate_vs_mu": final["eval/win_rate_vs_mu"],
+               "final_win_rate_stderr": final["eval/win_rate_stderr"], "variant": args.variant,
+               "iterations": iterations, "minutes": minutes, "run_dir": str(run_dir),
+               "num_processes": accelerator.num_processes,
+               "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+               "ranks_in_sync": ranks_in_sync(model, accelerator)}
+    if accelerator.is_main_process:
+        print(f"{args.variant}: mean reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} +- "
+              f"{summary['final_stderr']:.3f} (mu {summary['mu_reward']:.3f}); win rate vs mu under the oracle "
+              f"{summary['final_win_rate_vs_mu']:.3f} +- {summary['final_win_rate_stderr']:.3f}; "
+              f"{iterations} iterations, {minutes:.1f} min")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.wait_for_everyone()  # not one rank leaving while another still writes
+    accelerator.end_training()
+    return summary
+
+
+def main(args: Args) -> dict:
+    accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer = setup(args)
+    meta = resume(accelerator, run_dir, rng) if args.resume else {}
+    start_iter, elapsed_before = meta.get("iteration", 0), meta.get("elapsed", 0.0)
+    tau = args.tau if args.variant == "mtpo-tau" else 0.0
     logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
     eval_seed, eval_cache = 10_000 + args.seed, {}
     first_eval = latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache)
@@ -636,27 +773,7 @@ def main(args: Args) -> dict:
                             dict(iteration=it + 1, elapsed=time.time() - start), rng)
         if out_of_time:
             break
-    final = latest_eval
-    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in model.parameters()).item()],
-                            device=accelerator.device)
-    sums = accelerator.gather(checksum)  # ranks must hold the same weights after synced updates
-    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
-               "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],
-               "initial_win_rate_vs_mu": first_eval["eval/win_rate_vs_mu"],
-               "final_win_rate_vs_mu": final["eval/win_rate_vs_mu"],
-               "final_win_rate_stderr": final["eval/win_rate_stderr"], "variant": args.variant,
-               "iterations": it + 1, "minutes": (time.time() - start) / 60, "run_dir": str(run_dir),
-               "num_processes": accelerator.num_processes,
-               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))}
-    if accelerator.is_main_process:
-        print(f"{args.variant}: mean reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} +- "
-              f"{summary['final_stderr']:.3f} (mu {summary['mu_reward']:.3f}); win rate vs mu under the oracle "
-              f"{summary['final_win_rate_vs_mu']:.3f} +- {summary['final_win_rate_stderr']:.3f}; "
-              f"{summary['iterations']} iterations, {summary['minutes']:.1f} min")
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-    accelerator.wait_for_everyone()  # ranks tear the process group down together, not one while the other writes
-    accelerator.end_training()
-    return summary
+    return finish(accelerator, model, run_dir, args, first_eval, latest_eval, it + 1, (time.time() - start) / 60)
 
 
 if __name__ == "__main__":

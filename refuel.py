@@ -159,6 +159,8 @@ class Args:
     """prompts collected per rank per iteration (computed at runtime)"""
     local_minibatch: int = 0
     """pairs per optimizer step per rank (computed at runtime)"""
+    steps_per_iteration: int = 0
+    """nominal optimizer steps per iteration, the learning-rate schedule's unit (computed at runtime)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,8 +234,23 @@ def refuel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta)
     return ((predicted - (reward_a - reward_b)) ** 2).mean()  # Eq. (1), regressed onto the relative future reward
 
 
-def train_on_pairs(model, tokenizer, pairs, optimizer, scheduler, accelerator, rng, args):
-    """num_epochs passes over this rank's pairs in minibatches; returns mean loss and diagnostics."""
+def get_lr(step: int, args) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up over warmup_ratio of the run's nominal steps,
+    then constant or cosine decay to 0 at its end (Appendix C.3: cosine, 10% warm-up). A function of the optimizer
+    step alone, so 1 and N processes follow the same schedule."""
+    total = args.num_iterations * args.steps_per_iteration
+    warmup = int(args.warmup_ratio * total)
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    if args.lr_schedule == "constant":
+        return args.lr
+    progress = min(step - warmup, total - warmup) / max(1, total - warmup)
+    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, optimizer_steps: int):
+    """num_epochs passes over this rank's pairs in minibatches; returns mean loss, diagnostics and the optimizer
+    steps taken so far (the learning-rate schedule's clock)."""
     logs = []
     micro = max(1, args.local_minibatch // args.gradient_accumulation_steps)
     for _ in range(args.num_epochs):
@@ -252,13 +269,15 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, scheduler, accelerator, r
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                for group in optimizer.param_groups:
+                    group["lr"] = get_lr(optimizer_steps, args)
                 optimizer.step()
-                scheduler.step()
                 optimizer.zero_grad()
+                optimizer_steps += int(accelerator.sync_gradients)
             with torch.no_grad():
-                ratio = (logp[:k] - t("logprob_a")) - (logp[k:] - t("logprob_b"))
-                logs.append((loss.item(), ratio.abs().mean().item(), (logp[:k] - t("logprob_a")).mean().item()))
-    return np.mean(logs, 0) if logs else np.zeros(3)
+                logratio_a, logratio_b = logp[:k] - t("logprob_a"), logp[k:] - t("logprob_b")
+                logs.append((loss.item(), (logratio_a - logratio_b).abs().mean().item(), logratio_a.mean().item()))
+    return (*(np.mean(logs, 0) if logs else np.zeros(3)), optimizer_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -276,17 +295,105 @@ def balance_pairs(pairs, accelerator):
     return flat[accelerator.process_index * share:(accelerator.process_index + 1) * share]
 
 
+def make_accelerator(args):
+    """The Accelerator for any launch: one CPU process, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3
+    (GPUs, or CPU processes through DeepSpeed's CPU accelerator), FSDP2 (GPUs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+    cuda = torch.cuda.is_available()
+    launched_with = lambda kind: os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
+    deepspeed = launched_with("DEEPSPEED")
+    if launched_with("FSDP") and not cuda:
+        raise ValueError("an FSDP config was given but no GPU is visible: accelerate's FSDP path needs GPUs (on CPU "
+                         "it would silently run plain DDP instead)")
+    handlers = []
+    if deepspeed and not cuda:
+        # accelerate makes a process group only for a device or for cpu=True, and cpu=True means plain DDP (the
+        # DeepSpeed config would be silently ignored); DeepSpeed's CPU accelerator speaks gloo.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+    bf16 = cuda if args.bf16 is None else args.bf16
+    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="bf16" if bf16 else "no",
+                              gradient_accumulation_steps=args.gradient_accumulation_steps, kwargs_handlers=handlers)
+    if deepspeed != (accelerator.distributed_type == DistributedType.DEEPSPEED):
+        raise RuntimeError(f"launched with a DeepSpeed config = {deepspeed}, but accelerate set up "
+                           f"{accelerator.distributed_type}: refusing to train with something else than asked")
+    return accelerator
+
+
+def configure_deepspeed(accelerator, micro_batch: int, args) -> None:
+    """DeepSpeed asserts train_batch_size = micro-batch x accumulation x ranks. accelerate fills the configs' "auto"
+    sizes from a prepared DataLoader, and there is none here (rollouts are collected, not loaded), so set them."""
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = micro_batch
+    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
+    config["train_batch_size"] = micro_batch * args.gradient_accumulation_steps * accelerator.num_processes
+    config["gradient_clipping"] = args.max_grad_norm
+    if plugin.zero_stage == 3:  # every checkpoint saves the policy in save_pretrained format, gathered
+        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
+
+
+@contextlib.contextmanager
+def outside_zero3_init(accelerator):
+    """Load models that are never trained here. They do not pass through prepare(), so under ZeRO-3 with
+    zero3_init_flag, from_pretrained inside deepspeed.zero.Init would leave each rank 0-element shards of them.
+    (accelerate's zero3_init_context_manager(enable=False) keeps transformers' DeepSpeed config, so it does not.)"""
+    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+    if plugin is None or not is_deepspeed_zero3_enabled():
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()  # zero.Init again for models that are trained
+
+
+def prepare_for_training(policy, args):
+    """--train_top_layers, --gradient_checkpointing, and training mode with dropout off."""
+    if args.train_top_layers:
+        policy.requires_grad_(False)
+        for layer in policy.get_decoder().layers[-args.train_top_layers:]:
+            layer.requires_grad_(True)
+    if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
+        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
+    # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
+    # off so that log pi_t (no grad, at collection) and log pi (the loss) are the same function of the weights.
+    policy.train()
+    for module in policy.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+    return policy
+
+
 @contextlib.contextmanager
 def generation_model(model, accelerator):
-    """The unwrapped policy for sampling; under ZeRO-3 (and FSDP2) its parameters are gathered once per collection,
-    not per layer per token (which would also deadlock ranks whose decode loops stop at different steps)."""
+    """The unwrapped policy for sampling, with full weights on every rank for the whole collection."""
     unwrapped = accelerator.unwrap_model(model)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is not None and ds.zero_stage == 3:
         import deepspeed
 
+        offload = model.optimizer.parameter_offload  # the engine's ZeRO-3 per-module hooks
         with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            yield unwrapped
+            # Gathering alone leaves the hooks in place: after each layer's forward they release its parameters and
+            # the next token gathers them again (all layers per token), and ranks whose decode loops stop at
+            # different steps then issue different numbers of all-gathers and hang. Off for the collection.
+            for hook in offload.forward_hooks + offload.backward_hooks:
+                hook.remove()
+            offload.forward_hooks, offload.backward_hooks = [], []
+            try:
+                yield unwrapped
+            finally:
+                offload._register_deepspeed_module(offload.module)
     elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
         if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
             raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
@@ -294,6 +401,16 @@ def generation_model(model, accelerator):
         yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
     else:
         yield unwrapped
+
+
+def ranks_in_sync(model, accelerator) -> bool:
+    """Whether every rank holds the same full weights. With replicas (DDP, ZeRO-1/2) a silently unsynced run shows
+    up here; under ZeRO-3 and FSDP2 there is one sharded copy, so this checks the gathered weights that every rank
+    samples with."""
+    with generation_model(model, accelerator) as full:
+        checksum = sum(p.detach().double().sum() for p in full.parameters())
+    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
+    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
 
 
 def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
@@ -359,16 +476,11 @@ def evaluate(model, tokenizer, env, accelerator, args, seed):
     return res
 
 
-def main(args: Args) -> dict:
-    from accelerate import Accelerator
-    from accelerate.utils import gather_object, set_seed
+def setup(args: Args):
+    """Processes, derived sizes, the run directory, seeds, models and the optimizer, prepared for the launch."""
+    from accelerate.utils import set_seed
 
-    cuda = torch.cuda.is_available()
-    bf16 = cuda if args.bf16 is None else args.bf16
-    # On a CPU-only machine a plain Accelerator lets each launched rank train alone, unsynced; cpu=True makes the
-    # ranks join one gloo group (measured, see ../shared/REFERENCE.md).
-    accelerator = Accelerator(cpu=not cuda, mixed_precision="bf16" if bf16 else "no",
-                              gradient_accumulation_steps=args.gradient_accumulation_steps)
+    accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = accelerator.num_processes
@@ -376,6 +488,7 @@ def main(args: Args) -> dict:
         raise ValueError("prompts_per_iteration and minibatch_size must be divisible by the number of processes")
     args.local_prompts = args.prompts_per_iteration // args.world_size
     args.local_minibatch = args.minibatch_size // args.world_size
+    args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
     if args.resume and not args.run_name:
         raise ValueError("--resume needs --run_name (the run directory under output_dir)")
     args.run_name = args.run_name or f"{args.exp_name}__{args.env}__{args.seed}__{int(time.time())}"
@@ -386,61 +499,79 @@ def main(args: Args) -> dict:
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
+    frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     if args.model_name_or_path == "tutor":
-        with accelerator.main_process_first():  # one rank builds and caches mu, the others load it
+        with accelerator.main_process_first(), outside_zero3_init(accelerator):  # rank 0 builds and caches mu
             policy, tokenizer = sim.load_tutor_base_policy()
-    else:
+    else:  # under ZeRO-3 this loads straight into shards; prepare() takes it from there
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    env_dtype = torch.bfloat16 if bf16 else torch.float32
-    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                       str(accelerator.device), env_dtype, args.reward_trust_remote_code,
-                       user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
-                       dataset_format=args.dataset_format, bad_records=args.bad_records,
-                       max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                       reward_device=args.reward_device, user_device=args.user_device,
-                       reward_max_length=args.reward_max_length)
-    ref_policy = None
-    if args.gamma:  # pi_0 for Eq. (11), frozen
-        ref_policy = sim.load_policy(args.model_name_or_path, env_dtype)[0].to(accelerator.device).eval()
-        ref_policy.requires_grad_(False)
-    if args.train_top_layers:
-        layers = policy.get_decoder().layers
-        policy.requires_grad_(False)
-        for layer in layers[-args.train_top_layers:]:
-            layer.requires_grad_(True)
-    if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
-        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=args.adam_betas, weight_decay=args.weight_decay)
-    steps_per_iter = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
-    total, warm = args.num_iterations * steps_per_iter, int(args.warmup_ratio * args.num_iterations * steps_per_iter)
-    sched = lambda s: min(1.0, (s + 1) / max(1, warm)) * (
-        0.5 * (1 + math.cos(math.pi * min(s, total) / total)) if args.lr_schedule == "cosine" else 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, sched)
-    policy, optimizer, scheduler = accelerator.prepare(policy, optimizer, scheduler)
+    with outside_zero3_init(accelerator):
+        env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
+                           str(accelerator.device), frozen_dtype, args.reward_trust_remote_code,
+                           user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
+                           dataset_format=args.dataset_format, bad_records=args.bad_records,
+                           max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
+                           reward_device=args.reward_device, user_device=args.user_device,
+                           reward_max_length=args.reward_max_length)
+        ref_policy = None
+        if args.gamma:  # pi_0 for Eq. (11), frozen
+            ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
+            ref_policy.requires_grad_(False)
+    prepare_for_training(policy, args)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
+                                  betas=args.adam_betas, weight_decay=args.weight_decay)
+    configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps), args)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+    return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer
 
-    start_iter, elapsed_before, global_pairs = 0, 0.0, 0
-    if args.resume:
-        ckpt = run_dir / "checkpoint"
-        ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-        accelerator.load_state(str(ckpt / "state"))
-        meta = json.loads((ckpt / "meta.json").read_text())
-        start_iter, elapsed_before, global_pairs = meta["iteration"], meta["elapsed"], meta["pairs"]
-        rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
-        if rng_file.exists():
-            rng.bit_generator.state = json.loads(rng_file.read_text())
-        accelerator.print(f"resumed {run_dir} at iteration {start_iter}")
 
+def resume(accelerator, run_dir: Path, rng) -> dict:
+    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): model, optimizer, RNGs, counters."""
+    ckpt = run_dir / "checkpoint"
+    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+    accelerator.load_state(str(ckpt / "state"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+    if rng_file.exists():
+        rng.bit_generator.state = json.loads(rng_file.read_text())
+    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
+    return meta
+
+
+def finish(accelerator, policy, env, run_dir: Path, first_eval: dict, final_eval: dict, iterations: int,
+           minutes: float) -> dict:
+    """summary.json and the closing line; ranks tear the process group down together."""
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
+               "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
+               "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
+               "distributed_type": str(accelerator.distributed_type).split(".")[-1],
+               "ranks_in_sync": ranks_in_sync(policy, accelerator)}
+    if accelerator.is_main_process:
+        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
+        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> REFUEL {summary['final_reward']:.3f} "
+              f"+- {summary['final_stderr']:.3f} after {iterations} iterations, {minutes:.1f} min{v_star}")
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    accelerator.wait_for_everyone()  # not one rank leaving while another still writes
+    accelerator.end_training()
+    return summary
+
+
+def main(args: Args) -> dict:
+    from accelerate.utils import gather_object
+
+    accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer = setup(args)
+    meta = resume(accelerator, run_dir, rng) if args.resume else {}
+    start_iter, global_pairs = meta.get("iteration", 0), meta.get("pairs", 0)
+    optimizer_steps = meta.get("optimizer_steps", 0)
     logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
     eval_seed = 10_000 + args.seed
     first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
     logger.log(start_iter, first_eval)
-    start = time.time() - elapsed_before
+    start = time.time() - meta.get("elapsed", 0.0)
     it = start_iter
-    bar = tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc="refuel")
-    for it in bar:
+    for it in tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc="refuel"):
         t0 = time.time()
         contexts = env.contexts(args.local_prompts, "train", rng)
         with generation_model(policy, accelerator) as pi_t:  # Algorithm 1, line 3
@@ -452,22 +583,25 @@ def main(args: Args) -> dict:
                 with open(args.save_rollouts, "a") as f:
                     f.writelines(json.dumps({"iteration": it, **p}) + "\n" for rank in everything for p in rank)
         pairs = balance_pairs(pairs, accelerator)
-        loss = ratio = logratio = 0.0
+        loss = abs_logratio_diff = logratio_a = 0.0
         if pairs:  # same on every rank after balancing
-            loss, ratio, logratio = train_on_pairs(policy, tokenizer, pairs, optimizer, scheduler, accelerator, rng,
-                                                   args)  # Algorithm 1, line 4
+            loss, abs_logratio_diff, logratio_a, optimizer_steps = train_on_pairs(
+                policy, tokenizer, pairs, optimizer, accelerator, rng, args, optimizer_steps)  # Algorithm 1, line 4
         global_pairs += len(pairs) * args.world_size
-        counts = accelerator.reduce(torch.tensor([stats["collected"], stats["dropped_identical"], stats["reward"],
-                                                  stats["hit_budget"], loss, ratio], device=accelerator.device,
-                                                 dtype=torch.float64), "mean")
+        mean = dict(zip(["collected", "dropped", "reward", "hit_budget", "loss", "abs_logratio_diff"],
+                        accelerator.reduce(torch.tensor(
+                            [stats["collected"], stats["dropped_identical"], stats["reward"], stats["hit_budget"],
+                             loss, abs_logratio_diff], device=accelerator.device, dtype=torch.float64), "mean"
+                        ).tolist()))
         dt = time.time() - t0
-        metrics = {"losses/refuel_loss": counts[4].item(), "losses/abs_logratio_diff": counts[5].item(),
-                   "losses/mean_logratio_a": float(logratio),
-                   "charts/rollin_reward": counts[2].item(), "charts/dropped_identical_frac": (counts[1] / counts[0]).item(),
-                   "charts/hit_budget_frac": counts[3].item(), "charts/pairs_trained": global_pairs,
-                   "charts/lr": scheduler.get_last_lr()[0], "charts/iterations_per_sec": 1 / dt,
-                   "charts/pairs_per_sec": len(pairs) * args.world_size / dt, "charts/collect_share": t_collect / dt,
-                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()}
+        metrics = {"losses/refuel_loss": mean["loss"], "losses/abs_logratio_diff": mean["abs_logratio_diff"],
+                   "losses/mean_logratio_a": float(logratio_a), "charts/rollin_reward": mean["reward"],
+                   "charts/dropped_identical_frac": mean["dropped"] / mean["collected"],
+                   "charts/hit_budget_frac": mean["hit_budget"], "charts/pairs_trained": global_pairs,
+                   "charts/lr": optimizer.param_groups[0]["lr"], "charts/optimizer_steps": optimizer_steps,
+                   "charts/iterations_per_sec": 1 / dt, "charts/pairs_per_sec": len(pairs) * args.world_size / dt,
+                   "charts/collect_share": t_collect / dt, "charts/elapsed_min": (time.time() - start) / 60,
+                   **env.metrics()}
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.eval_every == 0 or last:
@@ -475,28 +609,12 @@ def main(args: Args) -> dict:
             metrics.update(latest_eval)
         logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
         if (it + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, policy, tokenizer, run_dir,
-                            dict(iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs), rng)
+            save_checkpoint(accelerator, policy, tokenizer, run_dir, dict(
+                iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs, optimizer_steps=optimizer_steps),
+                rng)
         if out_of_time:
             break
-    final = latest_eval  # the last iteration always evaluates
-    # ranks must hold the same weights after synced updates; a silent unsynced multi-process run shows up here
-    checksum = torch.tensor([sum(sim.full_tensor(p.detach()).double().sum() for p in policy.parameters()).item()],
-                            device=accelerator.device)
-    sums = accelerator.gather(checksum)
-    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
-               "final_stderr": final["eval/reward_stderr"], "iterations": it + 1, "minutes": (time.time() - start) / 60,
-               "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
-               "ranks_in_sync": bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))}
-    if accelerator.is_main_process:
-        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
-        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> REFUEL {summary['final_reward']:.3f} "
-              f"+- {summary['final_stderr']:.3f} after {summary['iterations']} iterations, "
-              f"{summary['minutes']:.1f} min{v_star}")
-        (run_dir / "summary.json").write_text(json.dumps(summary))
-    accelerator.wait_for_everyone()  # ranks tear the process group down together, not one while the other writes
-    accelerator.end_training()
-    return summary
+    return finish(accelerator, policy, env, run_dir, first_eval, latest_eval, it + 1, (time.time() - start) / 60)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,112 @@
+"""What every script sets up before its first step: the learning-rate schedule (the same function of optimizer steps
+on 1 and N processes), gradient checkpointing that recomputes, and launches that do what their config says."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import baselines_dpo_rebel
+import iterative_ppo
+import mtpo
+import refuel
+import simulator as sim
+from conftest import TWO_CPU_PROCESSES, run_script
+
+SCRIPTS = [refuel, baselines_dpo_rebel, mtpo, iterative_ppo]
+
+
+# ---------------------------------------------------------------- the learning-rate schedule
+def test_get_lr_by_hand():
+    args = refuel.Args(num_iterations=2, lr=1.0, lr_schedule="cosine", warmup_ratio=0.25)
+    args.steps_per_iteration = 4  # 8 steps in all, 2 of them warm-up
+    lrs = [refuel.get_lr(s, args) for s in range(9)]
+    assert lrs[:2] == pytest.approx([0.5, 1.0])  # linear warm-up
+    assert lrs[2:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 6)) for k in range(7)])  # cosine to 0
+    assert refuel.get_lr(100, args) == pytest.approx(0.0)  # stays at 0 past the nominal end
+    args.lr_schedule = "constant"
+    assert [refuel.get_lr(s, args) for s in (0, 1, 2, 7)] == pytest.approx([0.5, 1.0, 1.0, 1.0])
+    assert baselines_dpo_rebel.get_lr(3, args) == refuel.get_lr(3, args)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_logged_lr_follows_the_optimizer_steps_on_1_and_2_processes(tmp_path, processes, base_policy):
+    """accelerate's prepared scheduler steps once per process per optimizer step: on N processes the cosine ran N
+    times too fast. The logged lr must be get_lr of the optimizer steps taken, whatever the number of processes."""
+    launcher = TWO_CPU_PROCESSES if processes == 2 else None
+    args = ["--num_iterations", "3", "--run_name", "lr", "--lr_schedule", "cosine", "--warmup_ratio", "0.25",
+            "--prompts_per_iteration", "32", "--minibatch_size", "16", "--num_eval", "16", "--threads", "1"]
+    run_script("refuel.py", args, tmp_path, *([launcher] if launcher else []))
+    rows = [json.loads(line) for line in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "charts/optimizer_steps" in r]
+    assert len(trained) == 3
+    schedule = refuel.Args(num_iterations=3, lr_schedule="cosine", warmup_ratio=0.25)
+    schedule.steps_per_iteration = 4  # 2 epochs x ceil(32 / 16), the same per rank on 1 and 2 processes
+    for r in trained:
+        assert 0 < r["charts/optimizer_steps"] <= 4 * r["step"]
+        assert r["charts/lr"] == pytest.approx(refuel.get_lr(r["charts/optimizer_steps"] - 1, schedule), rel=1e-9)
+
+
+# ---------------------------------------------------------------- gradient checkpointing
+def forwards_per_backward(layer, run) -> int:
+    """How many times `layer`'s MLP computes in one forward + backward of `run()`. (Counted by wrapping its forward:
+    torch runs a checkpointed recomputation without module hooks.)"""
+    calls, forward = [], layer.mlp.forward
+    layer.mlp.forward = lambda *a, **k: calls.append(1) or forward(*a, **k)
+    try:
+        run().backward()
+    finally:
+        del layer.mlp.forward
+    return len(calls)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_gradient_checkpointing_recomputes_in_every_script(script, checkpointing, base_policy):
+    """--gradient_checkpointing must recompute each layer in the backward pass (transformers does so only in
+    training mode, and from_pretrained returns eval mode)."""
+    tok = base_policy[1]
+    args = script.Args(gradient_checkpointing=checkpointing)
+    conv = sim.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 2)[0]
+    load = lambda: sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    if script is mtpo:
+        model = mtpo.prepare_for_training(mtpo.ActorCritic(load(), load().get_decoder()), args)
+        ids, attn, token_turn, state_pos, turn_mask = mtpo.conversation_batch(tok, [conv], 2)
+        parts = [(model.policy.get_decoder().layers[0], lambda: model(ids, attn, state_pos)[0].sum()),
+                 (model.value_backbone.layers[0], lambda: model(ids, attn, state_pos)[1].sum())]
+    elif script is iterative_ppo:
+        policy, q = load(), iterative_ppo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+        iterative_ppo.prepare_for_training([policy, q], args)
+        parts = [(policy.get_decoder().layers[0], lambda: sim.turn_logprob(policy, tok, [conv], [1]).sum()),
+                 (q.base_model.layers[0], lambda: iterative_ppo.q_forward(q, tok, [conv[:2]]).sum())]
+    else:
+        policy = script.prepare_for_training(load(), args)
+        parts = [(policy.get_decoder().layers[0], lambda: sim.turn_logprob(policy, tok, [conv], [1]).sum())]
+    for layer, run in parts:
+        assert forwards_per_backward(layer, run) == (2 if checkpointing else 1)
+
+
+def test_dropout_is_off_after_prepare_for_training(base_policy):
+    """Training mode must not turn dropout on: old and new log-probs are the same function of the weights."""
+    policy = sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    policy.config.attention_dropout = 0.5
+    for layer in policy.get_decoder().layers:
+        layer.self_attn.attention_dropout = 0.5
+    refuel.prepare_for_training(policy, refuel.Args())
+    assert policy.training
+    tok = base_policy[1]
+    conv = sim.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 2)[0]
+    a, b = (sim.turn_logprob(policy, tok, [conv], [2]) for _ in range(2))
+    assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- launches that do what their config says
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
+def test_an_fsdp_config_without_a_gpu_is_refused(script, monkeypatch):
+    """On CPU, accelerate would run an FSDP config as plain DDP without a word."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP config was given but no GPU"):
+        script.make_accelerator(script.Args())
