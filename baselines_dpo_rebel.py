@@ -81,7 +81,8 @@ class Args:
     bad_records: Literal["skip", "error"] = "skip"
     """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
     max_dialogue_tokens: Optional[int] = None
-    """chat: drop dataset dialogues longer than this many chat-templated tokens (REFUEL paper: 2048)"""
+    """chat: drop dataset dialogues, and generated pairs whose dialogues are longer than this many chat-templated
+    tokens (REFUEL paper, Sec. 4.1: 2048)"""
     reward_device: Optional[str] = None
     """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
     user_device: Optional[str] = None
@@ -98,12 +99,16 @@ class Args:
     """per-turn token budget"""
     gen_batch_size: int = 256
     """max sequences per sampling call (memory)"""
+    max_tokens_per_batch: Optional[int] = None
+    """max padded tokens per log-prob forward (memory; a training step's also needs --gradient_accumulation_steps)"""
 
     # losses
     beta: float = 0.1
     """DPO's beta"""
     eta: float = 3.0
     """REBEL's eta"""
+    gamma: float = 0.0
+    """REBEL: REFUEL's Eq. (11) KL shaping coefficient against the frozen initial policy (0 = off)"""
     length_penalty: Optional[float] = None
     """Gamma: the reward of a sampled reply that hit the token budget (None = off)"""
 
@@ -132,6 +137,8 @@ class Args:
     """share of optimizer steps spent in linear warm-up"""
     train_top_layers: int = 0
     """train only the top N transformer layers (as REFUEL's setting two: 4); 0 = all parameters"""
+    train_head: bool = True
+    """with --train_top_layers: also train the final norm and the output head (tied input embeddings train too)"""
     gradient_checkpointing: bool = False
     """trade compute for memory on large models"""
     bf16: Optional[bool] = None
@@ -165,17 +172,19 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # Data: where s_h comes from, which turn, whether the replies are rolled out
 # ----------------------------------------------------------------------------------------------------------------
-def states(policy, tokenizer, env, n, h, rng, args):
-    """(contexts, s_h, the D_off dialogues or None): s_h from D_off (offline roll-in), or rolled in on-policy with
-    pi_t and the user (LT-ONLINE). Each s_h ends with the user's x_h."""
-    if args.mode == "lt-online":
-        contexts = env.contexts(n, "train", rng)
-        convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
-                                          [c.user for c in contexts], h - 1, rng, args.max_new_tokens,
-                                          args.temperature, args.gen_batch_size)
-        return contexts, convs, None
-    contexts, dialogues = env.offline(n, rng)
-    return contexts, [sim.prefix_to_turn(d, hi) for d, hi in zip(dialogues, h)], dialogues
+def states(policy, tokenizer, env, contexts, dialogues, h, rng, args):
+    """s_h for each context: from its D_off dialogue (offline roll-in), or rolled in on-policy with pi_t and the user
+    (LT-ONLINE). Each s_h ends with the user's x_h."""
+    if args.mode != "lt-online":
+        return [sim.prefix_to_turn(d, hi) for d, hi in zip(dialogues, h)]
+    users = [c.user for c in contexts]
+    convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], users, h - 1, rng,
+                                      args.max_new_tokens, args.temperature, args.gen_batch_size)
+    # the user's reply x_h to y_{h-1} (an environment that scores only the assistant's turns stops without it)
+    ask = [i for i, c in enumerate(convs) if c[-1]["role"] == "assistant"]
+    for i, x in zip(ask, env.user_turn([convs[i] for i in ask], [users[i] for i in ask], rng) if ask else []):
+        convs[i].append({"role": "user", "content": x})
+    return convs
 
 
 def replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args):
@@ -201,22 +210,33 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None):
     """One iteration's pairs (dicts) and counts. Batched at every turn."""
     n = args.local_prompts
     H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max}
-    h = (rng.random(n) * H).astype(int) + 1 if args.mode == "mt-mixed" else H  # h ~ U{1..H}, or the last turn
-    contexts, s_h, dialogues = states(policy, tokenizer, env, n, h, rng, args)
+    u = rng.random(n) if args.mode == "mt-mixed" else None
+    if args.mode == "lt-online":
+        contexts, dialogues = env.contexts(n, "train", rng), None
+    else:
+        contexts, dialogues = env.offline(n, rng)
+    # a record's own number of turns where it has one (setting two's prompts, D_off dialogues: their last turn)
+    H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])
+    h = (u * H).astype(int) + 1 if args.mode == "mt-mixed" else H  # h ~ U{1..H}, or the last turn
+    s_h = states(policy, tokenizer, env, contexts, dialogues, h, rng, args)
     (conv_a, info_a), (conv_b, info_b) = replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args)
     r_a, r_b = env.reward(conv_a), env.reward(conv_b)
     if not (torch.isfinite(r_a).all() and torch.isfinite(r_b).all()):
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
     turn = lambda c, hi: c[sim.assistant_turn_index(c, hi)]["content"]
     same = [turn(conv_a[i], h[i]) == turn(conv_b[i], h[i]) for i in range(n)]
-    keep = [i for i in range(n) if not same[i] and (args.loss == "rebel" or r_a[i] != r_b[i])]  # DPO drops ties
+    length = lambda c: len(sim.render_ids(tokenizer, c, add_generation_prompt=False))
+    too_long = [bool(args.max_dialogue_tokens) and not same[i] and  # REFUEL Sec. 4.1: generated dialogues too
+                max(length(conv_a[i]), length(conv_b[i])) > args.max_dialogue_tokens for i in range(n)]
+    keep = [i for i in range(n) if not (same[i] or too_long[i]) and (args.loss == "rebel" or r_a[i] != r_b[i])]
     pairs = []
     if keep:
         convs = [conv_a[i] for i in keep] + [conv_b[i] for i in keep]
         turns = [int(h[i]) for i in keep] * 2
         with torch.no_grad():  # through the same tokenisation as the loss
-            old = sim.turn_logprob(policy, tokenizer, convs, turns, args.temperature).cpu()
-            ref = sim.turn_logprob(ref_policy, tokenizer, convs, turns, args.temperature).cpu() \
+            budget = dict(max_tokens_per_batch=args.max_tokens_per_batch)
+            old = sim.turn_logprob(policy, tokenizer, convs, turns, args.temperature, **budget).cpu()
+            ref = sim.turn_logprob(ref_policy, tokenizer, convs, turns, args.temperature, **budget).cpu() \
                 if ref_policy is not None else old
         k = len(keep)
         for j, i in enumerate(keep):
@@ -226,15 +246,24 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None):
                               logprob_a=float(old[j]), logprob_b=float(old[k + j]), ref_logprob_a=float(ref[j]),
                               ref_logprob_b=float(ref[k + j]), hit_budget_a=info_a[i][h[i]][1],
                               hit_budget_b=info_b[i][h[i]][1]))
-    stats = dict(collected=n, dropped_identical=sum(same), dropped_ties=n - len(keep) - sum(same),
+    stats = dict(collected=n, dropped_identical=sum(same), dropped_too_long=sum(too_long),
+                 dropped_ties=n - len(keep) - sum(same) - sum(too_long),
                  reward=float(torch.cat([r_a, r_b]).mean()))
     return pairs, stats
 
 
-def pair_rewards(pair, length_penalty=None):
-    """The pair's rewards, with the length penalty Gamma for a sampled reply that hit the token budget."""
-    return [length_penalty if length_penalty is not None and pair[f"hit_budget_{s}"] else pair[f"reward_{s}"]
-            for s in "ab"]
+def pair_rewards(pair, length_penalty=None, gamma=0.0):
+    """The pair's rewards: REFUEL's Eq. (11) KL shaping against pi_0, and the length penalty Gamma for a sampled
+    reply that hit the token budget."""
+    out = []
+    for side in "ab":
+        r = pair[f"reward_{side}"]
+        if gamma:
+            r -= gamma * (pair[f"logprob_{side}"] - pair[f"ref_logprob_{side}"])  # Eq. (11)
+        if length_penalty is not None and pair[f"hit_budget_{side}"]:
+            r = length_penalty
+        out.append(r)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,7 +282,7 @@ def rebel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
 
 def pair_loss(logp_a, logp_b, batch, args):
     t = lambda key: torch.tensor([p[key] for p in batch], device=logp_a.device)
-    rewards = torch.tensor([pair_rewards(p, args.length_penalty) for p in batch], device=logp_a.device)
+    rewards = torch.tensor([pair_rewards(p, args.length_penalty, args.gamma) for p in batch], device=logp_a.device)
     if args.loss == "rebel":
         return rebel_loss(logp_a, logp_b, t("logprob_a"), t("logprob_b"), rewards[:, 0], rewards[:, 1], args.eta)
     a_wins = rewards[:, 0] > rewards[:, 1]  # ties were dropped at collection
@@ -287,7 +316,9 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
             batch = [pairs[i] for i in order[s:s + micro]]
             with accelerator.accumulate(model):
                 convs = [p["conv_a"] for p in batch] + [p["conv_b"] for p in batch]
-                logp = sim.turn_logprob(model, tokenizer, convs, [p["h"] for p in batch] * 2, args.temperature)
+                logp = sim.turn_logprob(model, tokenizer, convs, [p["h"] for p in batch] * 2, args.temperature,
+                                        max_tokens_per_batch=args.max_tokens_per_batch,
+                                        sync_ranks=accelerator.num_processes > 1)  # same forwards on every rank
                 loss = pair_loss(logp[: len(batch)], logp[len(batch):], batch, args)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
@@ -304,6 +335,14 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
 # ----------------------------------------------------------------------------------------------------------------
 # Plumbing: balancing across ranks, generation under ZeRO-3, checkpoints, logging, evaluation
 # ----------------------------------------------------------------------------------------------------------------
+def reduce_mean(accelerator, values: dict) -> dict:
+    """The mean over ranks of each named scalar."""
+    keys = sorted(values)
+    means = accelerator.reduce(torch.tensor([float(values[k]) for k in keys], device=accelerator.device,
+                                            dtype=torch.float64), "mean")
+    return dict(zip(keys, means.tolist()))
+
+
 def balance_pairs(pairs, accelerator):
     """Gather every rank's pairs and give each rank an equal share, so all ranks take the same optimizer steps."""
     if accelerator.num_processes == 1:
@@ -379,8 +418,11 @@ def prepare_for_training(policy, args):
     """--train_top_layers, --gradient_checkpointing, and training mode with dropout off."""
     if args.train_top_layers:
         policy.requires_grad_(False)
-        for layer in policy.get_decoder().layers[-args.train_top_layers:]:
-            layer.requires_grad_(True)
+        top = list(policy.get_decoder().layers[-args.train_top_layers:])
+        if args.train_head:
+            top += [policy.get_decoder().norm, policy.get_output_embeddings()]
+        for module in top:
+            module.requires_grad_(True)
     if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
     # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
@@ -480,10 +522,34 @@ def log(run_dir: Path, step: int, metrics: dict, echo: bool) -> None:
                                                if not k.startswith("eval/learned")))
 
 
+def check_args(args: Args) -> None:
+    """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
+    nothing without a word."""
+    positive = ["eta", "beta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
+                "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
+                "num_eval", "save_every", "reward_max_length", "max_tokens_per_batch", "max_dialogue_tokens"]
+    non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
+                    "threads"]
+    bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
+    bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
+    if not 0 <= args.warmup_ratio <= 1:
+        bad.append("--warmup_ratio must lie in [0, 1]")
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        bad.append("--adam_betas must lie in [0, 1)")
+    if args.minibatch_size % args.gradient_accumulation_steps:
+        bad.append("--minibatch_size must be divisible by --gradient_accumulation_steps")
+    if args.gamma and args.loss == "dpo":
+        bad.append("--gamma is REBEL's Eq. (11) shaping; DPO's KL to pi_ref is --beta")
+    if bad:
+        hint = " (greedy sampling makes both replies identical, so every pair would be dropped)" * (args.temperature <= 0)
+        raise ValueError("invalid flags: " + "; ".join(bad) + hint)
+
+
 def setup(args: Args):
     """Processes, derived sizes, the run directory, seeds, models and the optimizer, prepared for the launch."""
     from accelerate.utils import set_seed
 
+    check_args(args)
     accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -516,7 +582,7 @@ def setup(args: Args):
                            reward_device=args.reward_device, user_device=args.user_device,
                            reward_max_length=args.reward_max_length)
         ref_policy = None
-        if args.loss == "dpo":  # pi_ref, frozen
+        if args.loss == "dpo" or args.gamma:  # DPO's pi_ref, or pi_0 for Eq. (11); frozen
             ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
             ref_policy.requires_grad_(False)
     prepare_for_training(policy, args)
@@ -590,14 +656,12 @@ def main(args: Args) -> dict:
             loss, optimizer_steps = train_on_pairs(policy, tokenizer, pairs, optimizer, accelerator, rng, args,
                                                    optimizer_steps)
         global_pairs += len(pairs) * args.world_size
-        mean = dict(zip(["collected", "dropped_identical", "dropped_ties", "reward", "loss"],
-                        accelerator.reduce(torch.tensor(
-                            [stats["collected"], stats["dropped_identical"], stats["dropped_ties"], stats["reward"],
-                             loss], device=accelerator.device, dtype=torch.float64), "mean").tolist()))
+        mean = reduce_mean(accelerator, {**stats, "loss": loss})
         dt = time.time() - t0
         metrics = {f"losses/{args.loss}_loss": mean["loss"], "charts/pair_reward": mean["reward"],
                    "charts/dropped_identical_frac": mean["dropped_identical"] / mean["collected"],
                    "charts/dropped_ties_frac": mean["dropped_ties"] / mean["collected"],
+                   "charts/dropped_too_long_frac": mean["dropped_too_long"] / mean["collected"],
                    "charts/pairs_trained": global_pairs, "charts/lr": optimizer.param_groups[0]["lr"],
                    "charts/optimizer_steps": optimizer_steps, "charts/iterations_per_sec": 1 / dt,
                    "charts/pairs_per_sec": len(pairs) * args.world_size / dt, "charts/collect_share": t_collect / dt,

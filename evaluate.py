@@ -123,11 +123,12 @@ def kl_estimate(logp_pi: np.ndarray, logp_ref: np.ndarray) -> tuple[float, float
 
 @torch.no_grad()
 def dialogue_logprobs(model, tokenizer, convs: Sequence, H: int, temperature: float = 1.0,
-                      max_batch_size: int = 64) -> np.ndarray:
+                      max_batch_size: int = 64, max_tokens_per_batch: Optional[int] = None) -> np.ndarray:
     """ln pi(y_h|s_h) of every turn of every dialogue (n x H), teacher-forced on the turn's text in batches."""
     turns = [h for _ in convs for h in range(1, H + 1)]
     rows = [c for c in convs for _ in range(H)]
-    lp = sim.turn_logprob(model, tokenizer, rows, turns, temperature, max_batch_size=max_batch_size)
+    lp = sim.turn_logprob(model, tokenizer, rows, turns, temperature, max_batch_size=max_batch_size,
+                          max_tokens_per_batch=max_tokens_per_batch)
     return lp.float().cpu().numpy().reshape(len(convs), H)
 
 
@@ -235,10 +236,12 @@ class Args:
     """per-turn token budget"""
     gen_batch_size: int = 256
     """max sequences per sampling call"""
+    max_tokens_per_batch: Optional[int] = 16384
+    """max padded tokens per log-prob forward of the KL estimate (memory)"""
     device: str = "auto"
     """'auto' = cuda when available"""
-    bf16: bool = False
-    """load models in bfloat16"""
+    bf16: Optional[bool] = None
+    """load models in bfloat16 (default: on with CUDA, where an 8B policy in float32 would take 32 GB)"""
     output: Optional[str] = None
     """write the results as JSON here"""
 
@@ -253,7 +256,8 @@ def load_any_policy(path: str, dtype, device):
 
 def evaluate(args: Args) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    bf16 = torch.cuda.is_available() if args.bf16 is None else args.bf16
+    dtype = torch.bfloat16 if bf16 else torch.float32
     names = args.names or args.policies
     if len(names) != len(args.policies):
         raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
@@ -297,8 +301,10 @@ def evaluate(args: Args) -> dict:
         reward = float(env.reward(convs).mean())
         kl = kl_se = None
         if tok.get_vocab() == ref_tok.get_vocab():  # the KL needs a shared token space
-            kl, kl_se = kl_estimate(dialogue_logprobs(model, tok, convs, env.max_turns, args.temperature),
-                                    dialogue_logprobs(ref_model, ref_tok, convs, env.max_turns, args.temperature))
+            budget = dict(max_tokens_per_batch=args.max_tokens_per_batch)
+            kl, kl_se = kl_estimate(dialogue_logprobs(model, tok, convs, env.max_turns, args.temperature, **budget),
+                                    dialogue_logprobs(ref_model, ref_tok, convs, env.max_turns, args.temperature,
+                                                      **budget))
         rows.append(dict(name=name, policy=path, win_rate=win_rates(wins), reward=reward,
                          fraction_of_v_star=reward / v_star if v_star else None, kl=kl, kl_stderr=kl_se,
                          seconds=time.time() - t0))

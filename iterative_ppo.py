@@ -254,7 +254,7 @@ def token_scores(model, input_ids, attention_mask) -> torch.Tensor:
     head = getattr(model, "score", None) or getattr(model, "classifier", None)
     if head is None:
         raise ValueError(f"{type(model).__name__}: no 'score' or 'classifier' head found")
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
     return head(hidden).squeeze(-1).float()
 
 
@@ -437,8 +437,11 @@ def response_batch(tokenizer, prompts, responses):
     return ids, attn, idx, mask
 
 
-def response_logprobs(model, ids, attn, idx, temperature):
-    lp = sim.token_logprobs(model, ids, attn, temperature)  # position j predicts token j + 1
+def response_logprobs(model, ids, attn, idx, mask, temperature):
+    """log pi of each response token (B x T); the LM head runs over the responses' span only."""
+    needed = torch.zeros(ids.shape[0], ids.shape[1] - 1, device=ids.device).scatter_add_(
+        1, idx.to(ids.device), mask.to(ids.device, torch.float)) > 0
+    lp = sim.token_logprobs(model, ids, attn, temperature, target_mask=needed)  # position j predicts token j + 1
     return lp.gather(1, idx.to(lp.device))
 
 
@@ -455,9 +458,9 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
     ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
     chunks = [slice(s, s + args.gen_batch_size) for s in range(0, len(prompts), args.gen_batch_size)]  # memory
     with torch.no_grad():
-        old_lp = torch.cat([response_logprobs(policy, ids[c], attn[c], idx[c], args.temperature)
+        old_lp = torch.cat([response_logprobs(policy, ids[c], attn[c], idx[c], mask[c], args.temperature)
                             for c in chunks]) * mask
-        ref_lp = torch.cat([response_logprobs(ref_policy, ids[c], attn[c], idx[c], args.temperature)
+        ref_lp = torch.cat([response_logprobs(ref_policy, ids[c], attn[c], idx[c], mask[c], args.temperature)
                             for c in chunks]) * mask  # pi_i (Theorem 2)
         old_v = torch.cat([response_values(critic, ids[c], attn[c], idx[c]) for c in chunks]) * mask
         q = q_predict(q_model, tokenizer, [p + [{"role": "assistant", "content": t}]
@@ -477,7 +480,7 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
         order = torch.as_tensor(rng.permutation(len(prompts)), device=dev)
         for s in range(0, len(prompts), mb):
             j = order[s:s + mb]
-            lp = response_logprobs(policy, ids[j], attn[j], idx[j], args.temperature)
+            lp = response_logprobs(policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
             pg_loss, clipfrac = ppo_clipped_loss(lp, old_lp[j], adv[j], mask[j], args.cliprange)
             accelerator.backward(pg_loss)
             if args.max_grad_norm:
@@ -694,10 +697,31 @@ SHOW = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epo
         "ppo/q_score", "ppo/kl_to_pi_i", "losses/clipfrac", "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")
 
 
+def check_args(args: Args) -> None:
+    """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
+    nothing without a word."""
+    positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
+                "prompts_per_iteration", "q_epochs", "q_minibatch_size", "ppo_batches", "ppo_epochs",
+                "ppo_minibatch_size", "cliprange", "cliprange_value", "eval_every", "num_eval", "save_every",
+                "reward_max_length", "max_dialogue_tokens"]
+    non_negative = ["q_patience", "q_lr", "q_converged_tol", "kl_coef", "target_kl", "lr", "weight_decay",
+                    "max_grad_norm", "time_budget_minutes", "threads"]
+    bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
+    bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
+    bad += [f"--{k} must lie in [0, 1]" for k in ("gamma", "lam", "ppo_gamma") if not 0 <= getattr(args, k) <= 1]
+    if not 0 < args.q_heldout_fraction < 1:
+        bad.append("--q_heldout_fraction must lie in (0, 1)")
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        bad.append("--adam_betas must lie in [0, 1)")
+    if bad:
+        raise ValueError("invalid flags: " + "; ".join(bad))
+
+
 def setup(args: Args):
     """Processes, derived sizes, the run directory, seeds, models and optimizers, prepared for the launch."""
     from accelerate.utils import set_seed
 
+    check_args(args)
     accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)

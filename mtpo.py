@@ -149,7 +149,12 @@ class Args:
     num_epochs: int = 1
     """passes over each batch (1 = on-policy, as the paper)"""
     num_minibatches: int = 1
-    """optimizer steps per epoch"""
+    """optimizer steps per epoch (each a forward and backward over its share of the conversations: memory)"""
+    max_tokens_per_batch: Optional[int] = None
+    """max padded tokens per no-grad forward (pi_t's and mu's log-probs, V): memory at long conversations"""
+    value_backbone: Literal["separate", "shared"] = "separate"
+    """the value network's backbone: a copy of the initial policy's (the paper), or the policy's own (saves one
+    trained 8B backbone: its weights, gradients and optimizer state)"""
     lr: float = 3e-4
     """policy AdamW learning rate"""
     value_lr: float = 1e-3
@@ -215,7 +220,8 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
             attn[b, L - len(p):] = 1
         ids, attn = ids.to(device), attn.to(device)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        outs = [m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True) for m in models]
+        outs = [m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+                for m in models]  # the prefill keeps the last position's logits only
         pasts, next_pos = [sim.returned_cache(o) for o in outs], pos[:, -1:] + 1
         kws = [sim.cache_kwarg(m) for m in models]  # the cache keyword, read once, not per decode step
         logits = [o.logits[:, -1].float() for o in outs]
@@ -312,6 +318,18 @@ def conversation_batch(tokenizer, convs, H: int):
     return ids, attn, token_turn, state_pos, turn_mask
 
 
+def row_chunks(attn, args, accelerator) -> list:
+    """Row chunks for the no-grad passes: num_minibatches of them, more where --max_tokens_per_batch asks, the same
+    number on every rank (ZeRO-3's per-forward parameter gathers need equal forward counts)."""
+    n = args.num_minibatches
+    if args.max_tokens_per_batch:
+        rows_per_chunk = max(1, args.max_tokens_per_batch // attn.shape[1])  # rows are padded to one length
+        n = max(n, math.ceil(attn.shape[0] / rows_per_chunk))
+        n = int(accelerator.gather(torch.tensor([n], device=attn.device)).max())
+    pieces = np.array_split(np.arange(attn.shape[0]), min(n, attn.shape[0]))
+    return [torch.as_tensor(c, device=attn.device) for c in pieces]
+
+
 def per_turn(x, token_turn, H: int):
     """Sum of a per-token quantity (N x T) over each assistant turn's tokens -> N x H."""
     out = torch.zeros((x.shape[0], H + 1), dtype=x.dtype, device=x.device)
@@ -319,20 +337,22 @@ def per_turn(x, token_turn, H: int):
 
 
 class ActorCritic(torch.nn.Module):
-    """The policy pi_theta and a turn-level value V_phi on its own backbone (a copy of the initial policy's) with a
-    scalar head read at each state's last token; one module so DDP / DeepSpeed wrap one model."""
+    """The policy pi_theta and a turn-level value V_phi with a scalar head read at each state's last token, on its
+    own backbone (a copy of the initial policy's) or, value_backbone=None, on the policy's; one module so DDP /
+    DeepSpeed wrap one model. (A shared backbone is not registered twice: ZeRO-3 would hook it twice.)"""
 
-    def __init__(self, policy, value_backbone):
+    def __init__(self, policy, value_backbone=None):
         super().__init__()
         self.policy, self.value_backbone = policy, value_backbone
-        self.value_head = torch.nn.Linear(value_backbone.config.hidden_size, 1)
+        self.value_head = torch.nn.Linear(policy.config.hidden_size, 1)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.constant_(self.value_head.bias, 0.5)
 
-    def forward(self, input_ids, attention_mask, state_pos, temperature: float = 1.0):
-        """(per-token log pi at logits / T, N x (L-1); V(x_h), N x H)."""
-        lp = sim.token_logprobs(self.policy, input_ids, attention_mask, temperature)
-        hidden = self.value_backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids, attention_mask, state_pos, temperature: float = 1.0, target_mask=None):
+        """(per-token log pi at logits / T, N x (L-1), 0 outside target_mask when given; V(x_h), N x H)."""
+        lp = sim.token_logprobs(self.policy, input_ids, attention_mask, temperature, target_mask=target_mask)
+        backbone = self.value_backbone if self.value_backbone is not None else self.policy.get_decoder()
+        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
         h = hidden.gather(1, state_pos[..., None].expand(-1, -1, hidden.shape[-1]))
         return lp, self.value_head(h.float()).squeeze(-1)
 
@@ -458,7 +478,7 @@ def outside_zero3_init(accelerator):
 def prepare_for_training(model, args):
     """--gradient_checkpointing on both backbones, and training mode with dropout off."""
     if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
-        for backbone in (model.policy, model.value_backbone):
+        for backbone in filter(None, (model.policy, model.value_backbone)):
             getattr(backbone, "activation_checkpointing_enable", backbone.gradient_checkpointing_enable)()
     # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
     # off so that log pi_t (no grad, at collection) and log pi (the loss) are the same function of the weights.
@@ -605,10 +625,29 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache):
 # ----------------------------------------------------------------------------------------------------------------
 # Training loop
 # ----------------------------------------------------------------------------------------------------------------
+def check_args(args: Args) -> None:
+    """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
+    nothing without a word."""
+    positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
+                "prompts_per_iteration", "num_epochs", "num_minibatches", "eval_every", "num_eval", "save_every",
+                "reward_max_length", "max_dialogue_tokens"]
+    positive.append("max_tokens_per_batch")
+    non_negative = ["alpha", "lr", "value_lr", "weight_decay", "max_grad_norm", "value_warmup_iterations",
+                    "time_budget_minutes", "threads"]
+    bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
+    bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
+    bad += [f"--{k} must lie in [0, 1]" for k in ("tau", "gamma", "gae_lambda") if not 0 <= getattr(args, k) <= 1]
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        bad.append("--adam_betas must lie in [0, 1)")
+    if bad:
+        raise ValueError("invalid flags: " + "; ".join(bad))
+
+
 def setup(args: Args):
     """Processes, derived sizes, the run directory, seeds, models and the optimizer, prepared for the launch."""
     from accelerate.utils import set_seed
 
+    check_args(args)
     accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -616,8 +655,6 @@ def setup(args: Args):
     if args.prompts_per_iteration % args.world_size:
         raise ValueError("prompts_per_iteration must be divisible by the number of processes")
     args.local_prompts = args.prompts_per_iteration // args.world_size
-    if not 0.0 <= args.tau <= 1.0 or args.alpha < 0:
-        raise ValueError(f"need 0 <= tau <= 1 and alpha >= 0, got tau={args.tau}, alpha={args.alpha}")
     if args.resume and not args.run_name:
         raise ValueError("--resume needs --run_name (the run directory under output_dir)")
     args.run_name = args.run_name or f"{args.exp_name}-{args.variant}__{args.env}__{args.seed}__{int(time.time())}"
@@ -631,7 +668,8 @@ def setup(args: Args):
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    value_backbone = sim.load_policy(args.model_name_or_path)[0].get_decoder()  # trained: zero.Init is fine
+    value_backbone = None if args.value_backbone == "shared" else \
+        sim.load_policy(args.model_name_or_path)[0].get_decoder()  # trained: zero.Init is fine
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     with outside_zero3_init(accelerator):
         ref = sim.load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
@@ -649,7 +687,8 @@ def setup(args: Args):
     model = prepare_for_training(ActorCritic(policy, value_backbone), args)
     optimizer = torch.optim.AdamW(
         [{"params": list(model.policy.parameters()), "lr": args.lr},
-         {"params": list(model.value_backbone.parameters()) + list(model.value_head.parameters()), "lr": args.value_lr}],
+         {"params": list(model.value_head.parameters()) + list((model.value_backbone or torch.nn.Module()).parameters()),
+          "lr": args.value_lr}],
         betas=args.adam_betas, weight_decay=args.weight_decay)
     conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
     configure_deepspeed(accelerator, max(1, conversations // args.num_minibatches), args)
@@ -725,11 +764,13 @@ def main(args: Args) -> dict:
         t_collect = time.time() - t0
         dev = accelerator.device
         ids, attn, token_turn, state_pos, turn_mask = [x.to(dev) for x in conversation_batch(tokenizer, convs, H)]
-        with torch.no_grad():  # pi_t's and mu's log-probs and V(x_h), in minibatch-sized chunks (memory)
-            chunks = torch.arange(len(convs), device=dev).chunk(args.num_minibatches)
-            old_lp, old_v = [torch.cat(x) for x in zip(*[model(ids[c], attn[c], state_pos[c], args.temperature)
-                                                        for c in chunks])]
-            ref_lp = torch.cat([sim.token_logprobs(ref, ids[c], attn[c], args.temperature).float() for c in chunks])
+        with torch.no_grad():  # pi_t's and mu's log-probs and V(x_h), in chunks (memory)
+            chunks = row_chunks(attn, args, accelerator)
+            agent = token_turn > 0  # the LM head runs over the agent turns' span only
+            old_lp, old_v = [torch.cat(x) for x in zip(*[
+                model(ids[c], attn[c], state_pos[c], args.temperature, agent[c]) for c in chunks])]
+            ref_lp = torch.cat([sim.token_logprobs(ref, ids[c], attn[c], args.temperature, target_mask=agent[c]).float()
+                                for c in chunks])
             logratio_turn = per_turn(old_lp - ref_lp, token_turn, H)  # KLhat[x_h] = sum log pi_t/mu over y_h
             rewards = turn_rewards(R.to(dev), logratio_turn, turn_mask, args.alpha)
             adv, returns = gae(rewards, old_v, turn_mask, args.gamma, args.gae_lambda)
@@ -739,7 +780,7 @@ def main(args: Args) -> dict:
         for _ in range(args.num_epochs):
             order = torch.as_tensor(rng.permutation(len(convs)), device=dev)
             for mb in order.chunk(args.num_minibatches):
-                lp, v = model(ids[mb], attn[mb], state_pos[mb], args.temperature)
+                lp, v = model(ids[mb], attn[mb], state_pos[mb], args.temperature, agent[mb])
                 pl = policy_loss(lp, ref_lp[mb], token_turn[mb], adv_n[mb], turn_mask[mb], args.alpha)
                 vl = value_loss(v, returns[mb], turn_mask[mb])
                 loss = (pl if policy_on else 0.0 * pl) + vl  # 0 * pl keeps DDP's gradient hooks in step

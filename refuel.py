@@ -78,7 +78,8 @@ class Args:
     bad_records: Literal["skip", "error"] = "skip"
     """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
     max_dialogue_tokens: Optional[int] = None
-    """chat: drop dataset dialogues longer than this many chat-templated tokens (REFUEL paper: 2048)"""
+    """chat: drop dataset dialogues, and generated pairs whose dialogues are longer than this many chat-templated
+    tokens (REFUEL paper, Sec. 4.1: 2048)"""
     reward_device: Optional[str] = None
     """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
     user_device: Optional[str] = None
@@ -95,6 +96,8 @@ class Args:
     """per-turn token budget"""
     gen_batch_size: int = 256
     """max sequences per sampling call (memory)"""
+    max_tokens_per_batch: Optional[int] = None
+    """max padded tokens per log-prob forward (memory; a training step's also needs --gradient_accumulation_steps)"""
 
     # REFUEL
     eta: float = 3.0
@@ -131,6 +134,8 @@ class Args:
     """gradient clipping"""
     train_top_layers: int = 0
     """train only the top N transformer layers (paper's setting two: 4); 0 = all parameters"""
+    train_head: bool = True
+    """with --train_top_layers: also train the final norm and the output head (tied input embeddings train too)"""
     gradient_checkpointing: bool = False
     """trade compute for memory on large models"""
     bf16: Optional[bool] = None
@@ -182,7 +187,8 @@ def reset_and_rollout(policy, tokenizer, env, rolled_in, contexts, H, h, rng, ar
 def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None):
     """D for one iteration: a list of pair dicts, and counts. Batched at every turn, no per-sample generation."""
     n = len(contexts)
-    H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max}
+    H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max} (setting one)
+    H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])  # setting two: the record's H
     h = np.array([rng.integers(1, Hi + 1) for Hi in H])  # h ~ U{1..H}
     conv_a, info_a = rollin(policy, tokenizer, env, contexts, H, rng, args)  # s_h ~ d_h^{pi_t}, y_h, its future
     conv_b, info_b = reset_and_rollout(policy, tokenizer, env, conv_a, contexts, H, h, rng, args)  # y'_h, its future
@@ -190,14 +196,19 @@ def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None):
     if not (torch.isfinite(r_a).all() and torch.isfinite(r_b).all()):
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
     turn = lambda c, hi: c[sim.assistant_turn_index(c, hi)]["content"]
-    keep = [i for i in range(n) if not (args.drop_identical and turn(conv_a[i], h[i]) == turn(conv_b[i], h[i]))]
+    identical = [args.drop_identical and turn(conv_a[i], h[i]) == turn(conv_b[i], h[i]) for i in range(n)]
+    length = lambda c: len(sim.render_ids(tokenizer, c, add_generation_prompt=False))
+    too_long = [bool(args.max_dialogue_tokens) and not identical[i] and  # Sec. 4.1: generated dialogues too
+                max(length(conv_a[i]), length(conv_b[i])) > args.max_dialogue_tokens for i in range(n)]
+    keep = [i for i in range(n) if not (identical[i] or too_long[i])]
     pairs = []
     if keep:
         convs = [conv_a[i] for i in keep] + [conv_b[i] for i in keep]
         turns = [int(h[i]) for i in keep] * 2
         with torch.no_grad():  # log pi_t(y_h|s_h) through the same tokenisation as the loss
-            old = sim.turn_logprob(policy, tokenizer, convs, turns, args.temperature).cpu()
-            ref = sim.turn_logprob(ref_policy, tokenizer, convs, turns, args.temperature).cpu() \
+            budget = dict(max_tokens_per_batch=args.max_tokens_per_batch)
+            old = sim.turn_logprob(policy, tokenizer, convs, turns, args.temperature, **budget).cpu()
+            ref = sim.turn_logprob(ref_policy, tokenizer, convs, turns, args.temperature, **budget).cpu() \
                 if ref_policy is not None else None
         k = len(keep)
         for j, i in enumerate(keep):
@@ -207,7 +218,7 @@ def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None):
             if ref is not None:
                 p["ref_logprob_a"], p["ref_logprob_b"] = float(ref[j]), float(ref[k + j])
             pairs.append(p)
-    stats = dict(collected=n, dropped_identical=n - len(keep), reward=float(r_a.mean()),
+    stats = dict(collected=n, dropped_identical=sum(identical), dropped_too_long=sum(too_long), reward=float(r_a.mean()),
                  hit_budget=float(np.mean([info_a[i][h[i]][1] for i in range(n)])))
     return pairs, stats
 
@@ -259,7 +270,9 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
             batch = [pairs[i] for i in order[s:s + micro]]
             with accelerator.accumulate(model):
                 convs = [p["conv_a"] for p in batch] + [p["conv_b"] for p in batch]
-                logp = sim.turn_logprob(model, tokenizer, convs, [p["h"] for p in batch] * 2, args.temperature)
+                logp = sim.turn_logprob(model, tokenizer, convs, [p["h"] for p in batch] * 2, args.temperature,
+                                        max_tokens_per_batch=args.max_tokens_per_batch,
+                                        sync_ranks=accelerator.num_processes > 1)  # same forwards on every rank
                 t = lambda key: torch.tensor([p[key] for p in batch], device=logp.device)
                 rewards = torch.tensor([training_rewards(p, args.gamma, args.length_penalty) for p in batch],
                                        device=logp.device)
@@ -283,6 +296,14 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
 # ----------------------------------------------------------------------------------------------------------------
 # Plumbing: balancing across ranks, generation under ZeRO-3, checkpoints, logging
 # ----------------------------------------------------------------------------------------------------------------
+def reduce_mean(accelerator, values: dict) -> dict:
+    """The mean over ranks of each named scalar."""
+    keys = sorted(values)
+    means = accelerator.reduce(torch.tensor([float(values[k]) for k in keys], device=accelerator.device,
+                                            dtype=torch.float64), "mean")
+    return dict(zip(keys, means.tolist()))
+
+
 def balance_pairs(pairs, accelerator):
     """Gather every rank's pairs and give each rank an equal share, so all ranks take the same optimizer steps."""
     if accelerator.num_processes == 1:
@@ -359,8 +380,11 @@ def prepare_for_training(policy, args):
     """--train_top_layers, --gradient_checkpointing, and training mode with dropout off."""
     if args.train_top_layers:
         policy.requires_grad_(False)
-        for layer in policy.get_decoder().layers[-args.train_top_layers:]:
-            layer.requires_grad_(True)
+        top = list(policy.get_decoder().layers[-args.train_top_layers:])
+        if args.train_head:
+            top += [policy.get_decoder().norm, policy.get_output_embeddings()]
+        for module in top:
+            module.requires_grad_(True)
     if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
         getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
     # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
@@ -476,10 +500,32 @@ def evaluate(model, tokenizer, env, accelerator, args, seed):
     return res
 
 
+def check_args(args: Args) -> None:
+    """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
+    nothing without a word."""
+    positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
+                "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
+                "num_eval", "save_every", "reward_max_length", "max_tokens_per_batch", "max_dialogue_tokens"]
+    non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
+                    "threads"]
+    bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
+    bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
+    if not 0 <= args.warmup_ratio <= 1:
+        bad.append("--warmup_ratio must lie in [0, 1]")
+    if not all(0 <= b < 1 for b in args.adam_betas):
+        bad.append("--adam_betas must lie in [0, 1)")
+    if args.minibatch_size % args.gradient_accumulation_steps:
+        bad.append("--minibatch_size must be divisible by --gradient_accumulation_steps")
+    if bad:
+        hint = " (greedy sampling makes y_h = y'_h, so every pair would be dropped)" * (args.temperature <= 0)
+        raise ValueError("invalid flags: " + "; ".join(bad) + hint)
+
+
 def setup(args: Args):
     """Processes, derived sizes, the run directory, seeds, models and the optimizer, prepared for the launch."""
     from accelerate.utils import set_seed
 
+    check_args(args)
     accelerator = make_accelerator(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -588,15 +634,12 @@ def main(args: Args) -> dict:
             loss, abs_logratio_diff, logratio_a, optimizer_steps = train_on_pairs(
                 policy, tokenizer, pairs, optimizer, accelerator, rng, args, optimizer_steps)  # Algorithm 1, line 4
         global_pairs += len(pairs) * args.world_size
-        mean = dict(zip(["collected", "dropped", "reward", "hit_budget", "loss", "abs_logratio_diff"],
-                        accelerator.reduce(torch.tensor(
-                            [stats["collected"], stats["dropped_identical"], stats["reward"], stats["hit_budget"],
-                             loss, abs_logratio_diff], device=accelerator.device, dtype=torch.float64), "mean"
-                        ).tolist()))
+        mean = reduce_mean(accelerator, {**stats, "loss": loss, "abs_logratio_diff": abs_logratio_diff})
         dt = time.time() - t0
         metrics = {"losses/refuel_loss": mean["loss"], "losses/abs_logratio_diff": mean["abs_logratio_diff"],
                    "losses/mean_logratio_a": float(logratio_a), "charts/rollin_reward": mean["reward"],
-                   "charts/dropped_identical_frac": mean["dropped"] / mean["collected"],
+                   "charts/dropped_identical_frac": mean["dropped_identical"] / mean["collected"],
+                   "charts/dropped_too_long_frac": mean["dropped_too_long"] / mean["collected"],
                    "charts/hit_budget_frac": mean["hit_budget"], "charts/pairs_trained": global_pairs,
                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/optimizer_steps": optimizer_steps,
                    "charts/iterations_per_sec": 1 / dt, "charts/pairs_per_sec": len(pairs) * args.world_size / dt,

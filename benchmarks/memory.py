@@ -195,21 +195,23 @@ README_COMMANDS = {
     # README "Setting one": refuel.py, ZeRO-3, 70B user at an endpoint, ArmoRM on every rank,
     # 128 pairs per step over 8 ranks = 16 pairs = 32 sequences a forward, --gradient_checkpointing
     "refuel setting one (ZeRO-3)": Command(
-        "refuel setting one", zero=3, prompt_tokens=2048, max_new_tokens=1024, max_turns=5, gen_batch_size=32,
-        train_rows=32, frozen_params=(("ArmoRM", LLAMA3_8B.params(lm_head=False)),)),
+        "refuel setting one", zero=3, prompt_tokens=2048, max_new_tokens=1024, max_turns=5, gen_batch_size=16,
+        train_rows=32, max_tokens_per_batch=16384, gradient_accumulation_steps=4,
+        frozen_params=(("ArmoRM", LLAMA3_8B.params(lm_head=False)),)),
     # README "Setting two": refuel.py, ZeRO-2, pre-sampled user turns, FsfairX RM, --gamma 0.05 keeps pi_0,
-    # 32 pairs over 8 ranks = 4 pairs = 8 sequences, top 4 of 32 layers trained, no checkpointing flag
+    # 32 pairs over 8 ranks = 4 pairs = 8 sequences, top 4 of 32 layers trained, --gradient_checkpointing
     "refuel setting two (ZeRO-2)": Command(
-        "refuel setting two", zero=2, prompt_tokens=2048, max_new_tokens=256, max_turns=5, gen_batch_size=256,
-        train_rows=8, trained_fraction=4 / 32, checkpointing=False,
+        "refuel setting two", zero=2, prompt_tokens=2048, max_new_tokens=256, max_turns=5, gen_batch_size=32,
+        train_rows=8, trained_fraction=4 / 32, checkpointing=True, max_tokens_per_batch=16384,
         frozen_params=(("FsfairX RM", LLAMA3_8B.params(lm_head=False)), ("pi_0", LLAMA3_8B.params()))),
     # README "MTPO on Education Dialogue": mtpo.py, ZeRO-3, student and judge at an endpoint, a BT reward model
-    # and mu on every rank, a value network on a second backbone; 128 contexts x 2 conversations / 8 ranks = 32
-    # conversations a minibatch; the whole conversation is scored in one pass
+    # and mu on every rank, the value head on the policy's backbone; 128 contexts x 2 conversations / 8 ranks =
+    # 32 conversations, in 4 minibatches; the whole conversation is scored in one pass
     "mtpo education (ZeRO-3)": Command(
-        "mtpo education", zero=3, prompt_tokens=512, max_new_tokens=128, max_turns=10, gen_batch_size=256,
-        train_rows=32, checkpointing=False, trained_backbones=2, whole_conversation=True, logprob_rows=32,
-        script="mtpo.py", accum_flag="num_minibatches",
+        "mtpo education", zero=3, prompt_tokens=512, max_new_tokens=128, max_turns=10, gen_batch_size=16,
+        train_rows=32, checkpointing=True, trained_backbones=1, whole_conversation=True, logprob_rows=32,
+        script="mtpo.py", accum_flag="num_minibatches", max_tokens_per_batch=16384, gradient_accumulation_steps=4,
+        shared_value_backbone=True,
         frozen_params=(("reward model", LLAMA3_8B.params(lm_head=False)), ("mu", LLAMA3_8B.params()))),
 }
 # the flags that make each command fit, found by `fix` below and printed with the table
@@ -257,9 +259,8 @@ def flags(c: Command, base: Command) -> str:
     if c.gen_batch_size != base.gen_batch_size:
         out.append(("gen_batch_size", f" {c.gen_batch_size}"))
     text = [f"--{f}{v}" + ("" if script_has(c.script, f) else " (to add)") for f, v in out]
-    if c.shared_value_backbone:
-        text.append("a value head on the policy's backbone" + ("" if script_has(c.script, "value_backbone")
-                                                               else " (to add)"))
+    if c.shared_value_backbone:  # the value head on the policy's backbone
+        text.append("--value_backbone shared" + ("" if script_has(c.script, "value_backbone") else " (to add)"))
     return ", ".join(text) or "(none)"
 
 

@@ -100,3 +100,33 @@ def test_short_run_improves_over_mu(tmp_path, loss, base_policy):
              "--num_eval", "2048", "--run_name", "learn"], tmp_path)
     noise = math.sqrt(2) * 0.4 / math.sqrt(2048)  # reward sd is at most ~0.4 on this task
     assert s["final_reward"] - s["initial_reward"] > 3 * noise, s
+
+
+def test_eq11_shaping_of_rebel_rewards_by_hand():
+    p = dict(reward_a=1.0, reward_b=0.5, logprob_a=-1.0, logprob_b=-3.0, ref_logprob_a=-2.0, ref_logprob_b=-2.0,
+             hit_budget_a=False, hit_budget_b=True)
+    assert bl.pair_rewards(p) == [1.0, 0.5]
+    assert bl.pair_rewards(p, gamma=0.1) == pytest.approx([1.0 - 0.1 * 1.0, 0.5 + 0.1 * 1.0])  # Eq. (11)
+    assert bl.pair_rewards(p, length_penalty=-4.0, gamma=0.1) == pytest.approx([0.9, -4.0])
+
+
+def test_lt_online_on_chat_trains_a_turn_that_follows_the_users_reply(tmp_path):
+    """LT-ONLINE rolls in h - 1 turns and then needs the user's x_h: on a chat environment (whose reward does not
+    read a final user reply) s_h used to end with the assistant's y_{h-1}, and y_h followed two assistant turns."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} ."}],
+                                           "questions": ["why ?", "go on .", "more ."]}) + "\n" for t in sim.TOPICS))
+    path = tmp_path / "pairs.jsonl"
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--prompts_path", str(prompts), "--mode", "lt-online", "--max_turns", "3", "--max_new_tokens", "4",
+         "--num_iterations", "1", "--run_name", "chat", "--save_rollouts", str(path), *TINY, "--num_eval", "4"],
+        tmp_path)
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    assert pairs and any(p["h"] >= 2 for p in pairs)
+    for p in pairs:
+        i = sim.assistant_turn_index(p["conv_a"], p["h"])
+        assert p["conv_a"][i - 1]["role"] == "user"  # s_h ends with x_h
+        assert [m["role"] for m in p["conv_a"][:i]] == ["user", "assistant"] * (p["h"] - 1) + ["user"]

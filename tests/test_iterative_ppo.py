@@ -148,6 +148,20 @@ def test_rollout_is_batched_per_turn(base_policy, monkeypatch, one_thread):
     assert all(sum(m["role"] == "assistant" for m in c) == 5 and c[-1]["role"] == "user" for c in convs)
 
 
+def test_response_logprobs_over_the_responses_span_equal_the_dense_pass(base_policy):
+    """The LM head runs over the responses only; the values are those of a full forward."""
+    mu, tok = base_policy
+    env = sim.TutorEnv()
+    convs = env.reference_dialogues(3, np.random.default_rng(0), 3)
+    prompts = [c[:2 * k + 1] for k, c in enumerate(convs)]
+    responses = [tok(c[2 * k + 1]["content"], add_special_tokens=False)["input_ids"] for k, c in enumerate(convs)]
+    ids, attn, idx, mask = ippo.response_batch(tok, prompts, responses)
+    with torch.no_grad():
+        dense = sim.token_logprobs(mu, ids, attn).gather(1, idx)
+        torch.testing.assert_close(ippo.response_logprobs(mu, ids, attn, idx, mask, 1.0) * mask, dense * mask,
+                                   atol=1e-5, rtol=0)
+
+
 # ---------------------------------------------------------------- the loop: the KL anchor, processes, resume
 def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
     """The reference log-probs of iteration i are pi_i's: at the start of each iteration's PPO they equal the sampling
@@ -162,7 +176,7 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
         first = [r for r in rows if r["iteration"] == it and r["ppo_batch"] == 0]
         ids, attn, idx, mask = ippo.response_batch(tok, [r["prompt"] for r in first], [r["token_ids"] for r in first])
         with torch.no_grad():
-            mu_lp = (ippo.response_logprobs(mu, ids, attn, idx, 1.0) * mask).sum(1)
+            mu_lp = (ippo.response_logprobs(mu, ids, attn, idx, mask, 1.0) * mask).sum(1)
         ref = torch.tensor([r["ref_logprob"] for r in first])
         old = torch.tensor([r["old_logprob"] for r in first])
         torch.testing.assert_close(ref, old, atol=1e-4, rtol=0)  # the anchor is the policy PPO starts from

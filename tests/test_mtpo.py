@@ -288,3 +288,44 @@ def test_default_run_beats_mu(tmp_path, variant, base_policy):
     s = summary(tmp_path, variant)
     assert s["final_win_rate_vs_mu"] - 0.5 > 3 * s["final_win_rate_stderr"], s
     assert s["final_reward"] > s["mu_reward"], s
+
+
+def test_actor_critic_over_the_agent_turns_equals_the_dense_pass(base_policy):
+    """The LM head runs over the agent turns' span only; their log-probs are those of a full forward."""
+    _, tok = base_policy
+    load = lambda: sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    model = mtpo.ActorCritic(load(), load().get_decoder()).eval()
+    convs = sim.TutorEnv().reference_dialogues(3, np.random.default_rng(1), 3)
+    ids, attn, token_turn, state_pos, turn_mask = mtpo.conversation_batch(tok, convs, 3)
+    with torch.no_grad():
+        dense, v_dense = model(ids, attn, state_pos)
+        spanned, v = model(ids, attn, state_pos, 1.0, token_turn > 0)
+    agent = token_turn > 0
+    torch.testing.assert_close(spanned[agent], dense[agent], atol=1e-5, rtol=0)
+    torch.testing.assert_close(v, v_dense)
+
+
+def test_row_chunks_keep_the_token_budget():
+    class OneRank:  # accelerator.gather on a single process
+        gather = staticmethod(lambda t: t)
+
+    attn = torch.ones(10, 30, dtype=torch.long)
+    chunks = mtpo.row_chunks(attn, mtpo.Args(num_minibatches=1, max_tokens_per_batch=100), OneRank())
+    assert sorted(torch.cat(chunks).tolist()) == list(range(10))
+    assert all(len(c) * 30 <= 100 for c in chunks) and len(chunks) == 4
+    assert len(mtpo.row_chunks(attn, mtpo.Args(num_minibatches=2), OneRank())) == 2
+
+
+def test_a_value_head_on_the_policys_backbone(base_policy):
+    """--value_backbone shared: one trained backbone fewer; the value loss's gradient reaches the policy's layers."""
+    _, tok = base_policy
+    load = lambda: sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    separate, shared = mtpo.ActorCritic(load(), load().get_decoder()), mtpo.ActorCritic(load())
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(shared) == count(separate) - count(separate.value_backbone)
+    convs = sim.TutorEnv().reference_dialogues(2, np.random.default_rng(1), 2)
+    ids, attn, token_turn, state_pos, turn_mask = mtpo.conversation_batch(tok, convs, 2)
+    torch.nn.init.normal_(shared.value_head.weight)  # zero at initialisation, so no gradient would pass yet
+    _, v = shared(ids, attn, state_pos)
+    v.sum().backward()
+    assert shared.policy.get_decoder().layers[0].mlp.up_proj.weight.grad.abs().sum() > 0

@@ -121,8 +121,24 @@ def test_paper_options_run_end_to_end(tmp_path, base_policy):
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "opts" / "checkpoint" / "policy")
     mu, _ = base_policy
     before, after = dict(mu.named_parameters()), dict(trained.named_parameters())
-    assert all(torch.equal(before[k], after[k]) for k in before if ".layers.1." not in k)  # frozen below the top
-    assert any(not torch.equal(before[k], after[k]) for k in before if ".layers.1." in k)
+    top = (".layers.1.", "model.norm.", "lm_head.", "embed_tokens.")  # the top layer, final norm, head (tied)
+    assert all(torch.equal(before[k], after[k]) for k in before if not any(t in k for t in top))  # frozen below
+    for part in (".layers.1.", "model.norm."):
+        assert any(not torch.equal(before[k], after[k]) for k in before if part in k)
+
+
+def test_generated_dialogues_over_the_token_limit_are_dropped(tmp_path, base_policy):
+    """REFUEL Sec. 4.1 drops generated trajectories longer than 2,048 tokens, not only dataset records."""
+    path = tmp_path / "pairs.jsonl"
+    limit = 60  # tutor dialogues run 30-100 tokens
+    run(["--num_iterations", "1", "--run_name", "long", "--save_rollouts", str(path), "--max_dialogue_tokens",
+         str(limit), *TINY], tmp_path)
+    _, tok = base_policy
+    pairs = [json.loads(line) for line in path.read_text().splitlines()]
+    length = lambda c: len(sim.render_ids(tok, c, add_generation_prompt=False))
+    assert pairs and all(max(length(p["conv_a"]), length(p["conv_b"])) <= limit for p in pairs)
+    metrics = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[1]["charts/dropped_too_long_frac"] > 0
 
 
 def test_chat_env_with_hf_models_and_presampled_questions(tmp_path):

@@ -110,3 +110,34 @@ def test_an_fsdp_config_without_a_gpu_is_refused(script, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP config was given but no GPU"):
         script.make_accelerator(script.Args())
+
+
+# ---------------------------------------------------------------- flags checked after parsing
+@pytest.mark.parametrize("script,flags,named", [
+    (refuel, dict(eta=0), "--eta"), (refuel, dict(max_new_tokens=0), "--max_new_tokens"),
+    (refuel, dict(max_turns=0), "--max_turns"), (refuel, dict(minibatch_size=0), "--minibatch_size"),
+    (refuel, dict(gen_batch_size=0), "--gen_batch_size"), (refuel, dict(temperature=0), "--temperature"),
+    (refuel, dict(num_epochs=0), "--num_epochs"), (refuel, dict(prompts_per_iteration=0), "--prompts_per_iteration"),
+    (refuel, dict(warmup_ratio=1.5), "--warmup_ratio"), (refuel, dict(max_tokens_per_batch=0), "--max_tokens_per_batch"),
+    (baselines_dpo_rebel, dict(loss="dpo", beta=0), "--beta"), (baselines_dpo_rebel, dict(eta=-1), "--eta"),
+    (baselines_dpo_rebel, dict(loss="dpo", gamma=0.1), "--gamma"),
+    (mtpo, dict(tau=1.5), "--tau"), (mtpo, dict(alpha=-1), "--alpha"), (mtpo, dict(num_minibatches=0), "--num_minibatches"),
+    (iterative_ppo, dict(ppo_epochs=0), "--ppo_epochs"), (iterative_ppo, dict(q_heldout_fraction=0), "--q_heldout_fraction"),
+    (iterative_ppo, dict(lam=1.5), "--lam"),
+])
+def test_flags_out_of_range_are_named(script, flags, named):
+    with pytest.raises(ValueError, match=named):
+        script.check_args(script.Args(**flags))
+    script.check_args(script.Args())  # the defaults pass
+
+
+def test_a_bad_flag_stops_the_cli_before_anything_runs(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT, subprocess_env
+
+    out = subprocess.run([sys.executable, "refuel.py", "--eta", "0", "--output_dir", str(tmp_path)], cwd=ROOT,
+                         capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert out.returncode != 0 and "--eta must be > 0" in out.stderr
+    assert not any(tmp_path.iterdir())  # no run directory was made
