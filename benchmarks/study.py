@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import tyro
@@ -136,7 +137,8 @@ def main(args: Args) -> None:
         iters = "/".join(str(x["iterations"]) for x in summaries)
         sd = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
         table[m] = dict(per_turn=per_turn.tolist(), average=avg.mean(), average_sd=sd(avg), reward=rew.mean(),
-                        reward_sd=sd(rew), kl=kl, minutes=minutes)
+                        reward_sd=sd(rew), kl=kl, minutes=minutes,
+                        per_turn_seeds=[r["win_rate"]["per_turn"] for r in rows], reward_seeds=rew.tolist())
         lines.append(f"| {m} | " + " | ".join(f"{100 * x:.1f}" for x in per_turn) +
                      f" | {100 * avg.mean():.1f} ± {100 * sd(avg):.1f} | {rew.mean():.3f} ± {sd(rew):.3f} | "
                      f"{rew.mean() / out['v_star']:.2f} | {(rew >= args.target).sum()}/{len(rew)} | {kl:.2f} | "
@@ -154,7 +156,7 @@ def main(args: Args) -> None:
             f"\n\nPreference matrix (seed {seed0}, final dialogues, row beats column, %):\n\n" + matrix)
     if missing:
         text += f"\n\nNot yet in the repository: {', '.join(missing)}."
-    if plot(table, H, ROOT / "benchmarks" / "study_win_rate.png"):
+    if plot(table, H, ROOT / "benchmarks" / "study_win_rate.png", reference_levels(out)):
         text += "\n\n![win rate against mu per turn](benchmarks/study_win_rate.png)"
     print("\n" + text)
     (ROOT / "benchmarks" / "study_results.md").write_text(text + "\n")
@@ -168,8 +170,104 @@ def main(args: Args) -> None:
         (ROOT / "README.md").write_text(head + a + "\n" + text + "\n" + b + rest.split(b, 1)[1])
 
 
-def plot(table: dict, H: int, path: Path) -> bool:
-    """A PNG of win rate per turn, when matplotlib is installed (it is not a dependency)."""
+def reference_levels(out: dict) -> dict:
+    """The reward levels the figure marks: mu (as evaluated), V*, and on the tutor task the best never-ask policy and
+    the last-turn-only bound (exact values from the simulator)."""
+    levels = {"mu": out.get("reference_reward"), "V*": out.get("v_star")}
+    if out.get("v_star") is not None:
+        try:
+            import simulator as sim
+
+            levels["never-ask"] = sim.tutor_value(sim.TutorRules(), "never_ask")
+            levels["last-turn bound"] = sim.tutor_value(sim.TutorRules(), "last_turn")
+        except (ImportError, AttributeError, ValueError):
+            pass
+    return levels
+
+
+# One colour and one marker per method (solid lines: methods trained on multi-turn signal; dashed: last-turn only).
+STYLE = {
+    "REFUEL": ("#d62728", "o"),
+    "REBEL-MT-MIXED": ("#ff7f0e", "s"),
+    "DPO-MT-MIXED": ("#bcbd22", "D"),
+    "MTPO": ("#2ca02c", "^"),
+    "MTPO-tau": ("#17becf", "v"),
+    "multi-turn RLHF": ("#1f77b4", "P"),
+    "Iterative PPO": ("#9467bd", "X"),
+    "REBEL-LT-OFFLINE": ("#8c564b", "<"),
+    "REBEL-LT-MIXED": ("#e377c2", ">"),
+    "REBEL-LT-ONLINE": ("#7f7f7f", "h"),
+    "DPO-LT-OFFLINE": ("#000000", "d"),
+    "DPO-LT-MIXED": ("#a6761d", "p"),
+    "DPO-LT-ONLINE": ("#3f3f9f", "*"),
+}
+SPARE_STYLES = [("#66a61e", "o"), ("#e7298a", "s"), ("#7570b3", "^"), ("#d95f02", "v"), ("#1b9e77", "D")]
+
+
+def method_styles(methods) -> dict:
+    """method -> (colour, marker, linestyle), no two methods alike (unknown names take spare styles in order)."""
+    spare, out = iter(SPARE_STYLES), {}
+    for m in methods:
+        colour, marker = STYLE.get(m) or next(spare)
+        out[m] = (colour, marker, "--" if "-LT-" in m else "-")
+    return out
+
+
+def plot_figure(table: dict, H: int, levels: dict):
+    """The study figure: (left) win rate against mu per turn, mean over seeds with error bars of +-1 sd across seeds,
+    each method shifted a little sideways so overlapping lines stay visible; mu is 50% by definition. (right) final
+    reward per method, one small dot per seed and the mean, beside the reference levels (mu, V*, ...).
+    table[m]: per_turn (H means), optionally per_turn_seeds (seeds x H) and reward_seeds; levels: name -> reward."""
+    import matplotlib.pyplot as plt
+
+    methods = list(table)
+    styles = method_styles(methods)
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 6.4), gridspec_kw=dict(width_ratios=[3, 2]))
+    turns = np.arange(1, H + 1)
+    width = 0.5  # total sideways spread of the methods at one turn
+    for i, m in enumerate(methods):
+        colour, marker, ls = styles[m]
+        r = table[m]
+        x = turns + (i - (len(methods) - 1) / 2) * width / max(1, len(methods) - 1)
+        y = 100 * np.asarray(r["per_turn"], dtype=float)
+        seeds = np.asarray(r.get("per_turn_seeds") or [], dtype=float)
+        err = 100 * seeds.std(0, ddof=1) if seeds.ndim == 2 and len(seeds) > 1 else None
+        ax.errorbar(x, y, yerr=err, color=colour, marker=marker, linestyle=ls, markersize=6 if m == "REFUEL" else 4.5,
+                    linewidth=2.4 if m == "REFUEL" else 1.2, capsize=2, elinewidth=1, label=m,
+                    zorder=3 if m == "REFUEL" else 2)
+    ax.axhline(50, color="0.35", linestyle=":", linewidth=1.2, zorder=1, label="mu (50% by definition)")
+    ax.set_xticks(turns)
+    ax.set_xlim(turns[0] - 0.5, turns[-1] + 0.5)
+    ax.set(xlabel="turn h", ylabel="win rate against mu (%)",
+           title="win rate per turn (mean over seeds, bars: ±1 sd)")
+    ax.grid(axis="y", alpha=0.3)
+
+    y_pos = np.arange(len(methods))[::-1]
+    for yp, m in zip(y_pos, methods):
+        colour, marker, _ = styles[m]
+        rew = np.asarray(table[m].get("reward_seeds") or [table[m]["reward"]], dtype=float)
+        bx.scatter(rew, np.full(len(rew), yp), color=colour, marker=marker, s=14, alpha=0.5, zorder=2)
+        bx.scatter([rew.mean()], [yp], color=colour, marker=marker, s=60, edgecolor="black", linewidth=0.6, zorder=3)
+    level_styles = {"mu": ("0.35", ":"), "V*": ("black", "-"), "last-turn bound": ("0.6", "-.")}
+    for name, value in levels.items():
+        if value is None:
+            continue
+        colour, ls = level_styles.get(name, ("0.6", "--"))
+        bx.axvline(value, color=colour, linestyle=ls, linewidth=1.2, zorder=1, label=f"{name} {value:.3f}")
+    bx.set_yticks(y_pos)
+    bx.set_yticklabels(methods, fontsize=8)
+    bx.set_ylim(-0.7, len(methods) - 0.3)
+    if any(v is not None for v in levels.values()):
+        bx.legend(fontsize=7, loc="center", framealpha=0.9)
+    bx.set(xlabel="final reward (lessons learned / 4)", title="final reward (dots: seeds; large: mean)")
+    bx.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.11))
+    fig.tight_layout()
+    return fig
+
+
+def plot(table: dict, H: int, path: Path, levels: Optional[dict] = None) -> bool:
+    """Write the study figure to `path` (PNG) when matplotlib is installed (it is not a dependency)."""
     try:
         import matplotlib
     except ImportError:
@@ -178,15 +276,9 @@ def plot(table: dict, H: int, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for m, r in table.items():
-        ax.plot(range(1, H + 1), [100 * x for x in r["per_turn"]], marker="o", label=m,
-                linewidth=2.5 if m == "REFUEL" else 1.2)
-    ax.axhline(50, color="grey", linestyle=":")
-    ax.set(xlabel="turn h", ylabel="win rate vs mu (%)", title="tutor task: win rate per turn")
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
+    fig = plot_figure(table, H, levels or {})
     fig.savefig(path, dpi=120)
+    plt.close(fig)
     print(f"wrote {path}")
     return True
 
