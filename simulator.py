@@ -21,7 +21,12 @@ Two families live here:
     sequence-classification reward model scoring the chat-templated conversation, and prompted judges.
 
 Tokens are made only through `tokenizer.apply_chat_template`. log pi(y_h|s_h) is always the sum over the tokens
-of assistant turn h, its end-of-turn token included and its role header excluded, with logits / temperature.
+of assistant turn h, its end-of-turn token included and its role header excluded, with logits / temperature; a turn
+that ran out of tokens is marked {"truncated": True} and scored without the end-of-turn token the template adds
+(it was never sampled). Sampled turns are decoded without special tokens, stripped and re-rendered by the template:
+the tokens scored can differ from the tokens sampled (a turn that stopped at another stop token, e.g. Llama-3's
+<|end_of_text|>, is scored with the template's end-of-turn token instead; text that re-tokenizes differently is
+scored as re-tokenized). Old and new log-probs both go through `turn_logprob`, so they agree with each other.
 
 Run `python simulator.py` to build (or load) the tutor's reference policy and print its value beside the
 scripted reference, V* and the last-turn-only bound.
@@ -91,6 +96,23 @@ def end_of_turn_id(tokenizer) -> int:
     return tokenizer.eos_token_id
 
 
+def stop_token_ids(tokenizer, model=None, eot_id: Optional[int] = None) -> list[int]:
+    """The ids that end a sampled turn: the template's end-of-turn token first, then the tokenizer's eos_token_id
+    and the eos_token_id (one id or a list) of the model's generation_config, e.g. Llama-3-Instruct's
+    <|end_of_text|> and <|eom_id|> beside <|eot_id|>. A turn that stops at one of the others ends there all the
+    same; its text is then re-rendered by the chat template, whose end-of-turn token takes the sampled stop token's
+    place in the tokens that are scored (see the module docstring)."""
+    ids = [end_of_turn_id(tokenizer) if eot_id is None else eot_id, tokenizer.eos_token_id]
+    if model is not None:
+        eos = getattr(getattr(unwrap_model(model), "generation_config", None), "eos_token_id", None)
+        ids += list(eos) if isinstance(eos, (list, tuple)) else [eos]
+    out = []
+    for i in ids:
+        if i is not None and int(i) not in out:
+            out.append(int(i))
+    return out
+
+
 def render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
     """Token ids of a chat-templated conversation (the template's own BOS included, no extra one added)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -98,6 +120,13 @@ def render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool)
                                 f"(or pass a chat model) before using it as a policy")
     text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def dialogue_token_count(tokenizer, conv: Sequence[dict]) -> int:
+    """Chat-templated length of a whole conversation under `tokenizer` (no generation prompt): what the papers'
+    length filter counts (REFUEL paper, App. C: dataset dialogues and generated trajectories over 2,048 tokens are
+    dropped)."""
+    return len(render_ids(tokenizer, conv, add_generation_prompt=False))
 
 
 def assistant_turn_index(messages: Sequence[dict], h: int) -> int:
@@ -112,6 +141,8 @@ def split_turn(tokenizer, messages: Sequence[dict], h: int, eot_id: Optional[int
                check_full: bool = True) -> tuple[list[int], list[int]]:
     """(ids of s_h with the generation prompt, ids of assistant turn h: content + end-of-turn).
 
+    A turn marked {"truncated": True} (it hit the sampler's token budget: see `continue_dialogues`) is its content
+    only: the end-of-turn token the template puts after it was never sampled, so it is not scored.
     Checks prefix consistency: the tokens of s_h + y_h must start with the tokens of s_h, and (check_full) the
     whole conversation's tokens must start with s_h + y_h. Templates that rewrite earlier turns break both.
     """
@@ -126,7 +157,8 @@ def split_turn(tokenizer, messages: Sequence[dict], h: int, eot_id: Optional[int
     if eot_id not in rest:
         raise ChatTemplateError(f"{model_name(tokenizer)}: assistant turn {h} does not end with the end-of-turn "
                                 f"token id {eot_id} in the chat template")
-    turn = rest[: rest.index(eot_id) + 1]  # content + end-of-turn; template whitespace after it is not generated
+    # content + end-of-turn; template whitespace after it is not generated. A truncated turn: content only.
+    turn = rest[: rest.index(eot_id) + (0 if messages[i].get("truncated") else 1)]
     if check_full and len(messages) > i + 1:
         full = render_ids(tokenizer, messages, add_generation_prompt=False)
         if full[: len(prompt) + len(turn)] != prompt + turn:
@@ -137,7 +169,8 @@ def split_turn(tokenizer, messages: Sequence[dict], h: int, eot_id: Optional[int
 
 def turn_batch(tokenizer, convs: Sequence[Conversation], turns: Sequence[int], pad_id: int,
                check_full: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, turn_mask) for s_h + y_h, turn_mask over y_h's tokens."""
+    """Right-padded (input_ids, attention_mask, turn_mask) for s_h + y_h, turn_mask over y_h's tokens (as
+    `split_turn` cuts them: a truncated turn's end-of-turn token is neither in the row nor in the mask)."""
     pieces = [split_turn(tokenizer, c, h, check_full=check_full) for c, h in zip(convs, turns)]
     length = max(len(p) + len(t) for p, t in pieces)
     ids = torch.full((len(pieces), length), pad_id, dtype=torch.long)
@@ -294,7 +327,8 @@ def _same_count_across_ranks(n: int, device) -> int:
 
 def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, max_batch_size=64,
                  max_tokens_per_batch: Optional[int] = None, sync_ranks: bool = False) -> torch.Tensor:
-    """Sum of log pi(y_h|s_h) over turn h's tokens for each (conversation, h). Differentiable.
+    """Sum of log pi(y_h|s_h) over turn h's tokens for each (conversation, h), the tokens `split_turn` gives (a
+    turn marked truncated: without the end-of-turn token it never sampled). Differentiable.
 
     Each row is s_h + y_h only (tokens after turn h do not change its log-probs in a causal model), left-padded so
     the turns end together, and the LM head runs at the last (longest turn + 1) positions: memory grows with the
@@ -374,9 +408,9 @@ def sampling_copy(model, dtype: Optional[torch.dtype] = None):
 @dataclass
 class TurnSamples:
     texts: list  # decoded turn contents
-    token_ids: list  # per sample, the sampled ids (end-of-turn included when it was produced)
+    token_ids: list  # per sample, the sampled ids (the stop token included when one was produced)
     logprobs: list  # per sample, per-token log-probs under the sampling distribution (logits / temperature)
-    hit_budget: torch.Tensor  # bool, True where the turn ran out of tokens before the end-of-turn token
+    hit_budget: torch.Tensor  # bool, True where the turn ran out of tokens before any stop token
 
 
 def cache_kwarg(model) -> str:
@@ -468,8 +502,12 @@ STEP_RECOMPILE_LIMIT = 64
 @torch.no_grad()
 def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens: int, temperature: float = 1.0,
                  max_batch_size: int = 256, eot_id: Optional[int] = None, fast: Optional[bool] = None,
-                 compile_step: Optional[bool] = None, keep_cache: bool = False) -> TurnSamples:
+                 compile_step: Optional[bool] = None, keep_cache: bool = False,
+                 stop_ids: Optional[Sequence[int]] = None) -> TurnSamples:
     """Sample the next assistant turn of every conversation: left-padded, batched, KV-cached decoding.
+
+    A turn ends at the first of `stop_ids` (default `stop_token_ids(tokenizer, model, eot_id)`: the template's
+    end-of-turn token and the model's other EOS ids), or after max_new_tokens (hit_budget).
 
     A hand decode loop instead of `model.generate`: the sampling distribution is exactly softmax(logits / T)
     whatever a hub model's generation_config says (top-p, top-k, repetition penalty), and its log-probs come out
@@ -481,7 +519,8 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     """
     auto = fast is None
     fast = use_fast_path(model, fast) and not (auto and model in _FAST_PATH_FAILED)  # fast=True is always honoured
-    args = (model, tokenizer, convs, max_new_tokens, temperature, max_batch_size, eot_id)
+    stop_ids = list(stop_token_ids(tokenizer, model, eot_id) if stop_ids is None else stop_ids)
+    args = (model, tokenizer, convs, max_new_tokens, temperature, max_batch_size, stop_ids)
     if not (fast and auto):
         return _sample_turns(*args, fast, compile_step, keep_cache)
     rng_state = (torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
@@ -502,12 +541,13 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
 
 @torch.no_grad()
 def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens: int, temperature: float = 1.0,
-                 max_batch_size: int = 256, eot_id: Optional[int] = None, fast: bool = False,
+                 max_batch_size: int = 256, stop_ids: Sequence[int] = (), fast: bool = False,
                  compile_step: Optional[bool] = None, keep_cache: bool = False) -> TurnSamples:
-    """The decode loop of sample_turns, on the fast path or not."""
-    eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
+    """The decode loop of sample_turns, on the fast path or not; stop_ids[0] is the end-of-turn token."""
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
+    stops = torch.tensor(stop_ids, dtype=torch.long)
+    stops_dev = stops.to(device)
     kw = cache_kwarg(model)  # read once per call, not per decode step
     compile_step = fast and (device.type == "cuda" if compile_step is None else compile_step)
     step = decode_step(model, compile_step) if fast else None
@@ -550,7 +590,7 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
             tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(1)
             toks[:, t] = torch.where(done, pad_id, tok)
             lps[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
-            done = done | (tok == eot_id)
+            done = done | torch.isin(tok, stops_dev)
             n = t + 1
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
@@ -564,15 +604,15 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
                 cache, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
         toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
-        is_eot = toks == eot_id
-        has_eot = is_eot.any(1)
-        length = torch.where(has_eot, is_eot.float().argmax(1) + 1, torch.full((B,), n))
+        is_stop = torch.isin(toks, stops)  # padding after a row's stop may itself be a stop id: cut at the first
+        has_stop = is_stop.any(1)
+        length = torch.where(has_stop, is_stop.float().argmax(1) + 1, torch.full((B,), n))
         for b in range(B):  # bookkeeping on finished tensors, not generation
             ids_out.append(toks[b, : length[b]].tolist())
             lps_out.append(lps[b, : length[b]])
-        content = [row[:-1] if has_eot[i] else row for i, row in enumerate(ids_out[-B:])]
+        content = [row[:-1] if has_stop[i] else row for i, row in enumerate(ids_out[-B:])]
         texts += [t.strip() for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
-        hit.append(~has_eot)
+        hit.append(~has_stop)
     model.train(was_training)
     if not keep_cache:
         free_static_caches(model)
@@ -587,6 +627,11 @@ class Context:
     index: int  # position in the prompt source (for logging and pairing)
     messages: list  # the conversation so far: x_1 (an optional system message before it)
     user: Any = None  # the user's hidden state: the tutor's student profile, a list of pre-sampled questions, None
+    # The assistant turns this context's record supports, or None when any H <= H_max can be played (a user model,
+    # an endpoint, the tutor). Set where the record fixes the dialogue: pre-sampled user turns (setting two, whose
+    # H is the record's own number of turns: REFUEL paper Sec. 4.2, App. C) and D_off dialogues (LT-OFFLINE and
+    # LT-MIXED train each dialogue's own last turn). Scripts draw H <= max_turns.
+    max_turns: Optional[int] = None
 
 
 class Environment(abc.ABC):
@@ -625,28 +670,46 @@ class Environment(abc.ABC):
             return self.judge(convs_a, convs_b)
         return torch.sigmoid(scale * (self.reward(convs_a) - self.reward(convs_b)))
 
+    def supported_turns(self, user) -> Optional[int]:
+        """The most assistant turns a conversation with this user state can reach (None: no limit)."""
+        return None
+
     def metrics(self) -> dict:
         return {}
 
 
 def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: list, n_turns: Sequence[int],
             rng: np.random.Generator, max_new_tokens: int, temperature: float = 1.0,
-            max_batch_size: int = 256) -> tuple[list, list]:
+            max_batch_size: int = 256, reply_after_last: bool = False) -> tuple[list, list]:
     """Continue each conversation (ending with a user message) until it has n_turns[i] assistant turns.
 
     Conversations of different lengths advance together: one batched sampler call per step over every
     conversation still short of its target, then one batched user call. Returns (conversations, per conversation
-    a list {turn h: (summed log-prob, hit_budget)} of the turns sampled here).
+    a list {turn h: (summed log-prob, hit_budget)} of the turns sampled here). A turn that hit the token budget is
+    appended as {"role": "assistant", "content": ..., "truncated": True}: `split_turn` then leaves out the
+    end-of-turn token the template adds after it (never sampled), and chat templates ignore the extra key.
+    The user speaks after every sampled turn but the last, and after the last too when the environment's reward
+    reads the user's reaction (the tutor) or reply_after_last=True (a roll-in to s_{h+1}, which ends with the
+    user's x_{h+1}). Asking for more turns than a conversation's user state supports (setting two's pre-sampled
+    questions: `Environment.supported_turns`, the contexts' max_turns) is a ValueError before any sampling.
     """
+    need = [n + int(bool(reply_after_last) and not env.scores_final_user_reply) for n in n_turns]
+    for i, (u, n) in enumerate(zip(users, need)):
+        most = env.supported_turns(u)
+        if most is not None and n > most:
+            raise ValueError(f"conversation {i}: {n_turns[i]} assistant turns"
+                             f"{' and a user reply after the last' if n > n_turns[i] else ''} requested, but its "
+                             f"record's pre-sampled user turns support {most} (draw H <= Context.max_turns, or "
+                             f"pass --user_model)")
     try:
         return _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
-                                   max_batch_size)
+                                   max_batch_size, reply_after_last)
     finally:
         free_static_caches(model)  # the only cache kept across calls (keep_cache=True below)
 
 
 def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
-                        max_batch_size):
+                        max_batch_size, reply_after_last=False):
     convs = [list(c) for c in convs]
     info = [dict() for _ in convs]
     while True:
@@ -656,11 +719,14 @@ def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_n
         out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
                            max_batch_size, keep_cache=True)
         for j, i in enumerate(active):
-            convs[i].append({"role": "assistant", "content": out.texts[j]})
+            msg = {"role": "assistant", "content": out.texts[j]}
+            if bool(out.hit_budget[j]):
+                msg["truncated"] = True  # its end-of-turn token was never sampled: not scored (split_turn)
+            convs[i].append(msg)
             h = sum(m["role"] == "assistant" for m in convs[i])
             info[i][h] = (float(out.logprobs[j].sum()), bool(out.hit_budget[j]))
         talk = [i for i in active if sum(m["role"] == "assistant" for m in convs[i]) < n_turns[i]
-                or env.scores_final_user_reply]
+                or env.scores_final_user_reply or reply_after_last]
         if talk:
             replies = env.user_turn([convs[i] for i in talk], [users[i] for i in talk], rng)
             for i, r in zip(talk, replies):
@@ -1139,8 +1205,7 @@ def load_dialogues(path: str, fmt: str = "auto", max_turns: Optional[int] = None
                 skipped[f"more than {max_turns} turns"] += 1
                 continue
             d["messages"] = msgs[:assistant_turn_index(msgs, max_turns) + 1]
-        if max_tokens is not None and \
-                len(render_ids(tokenizer, d["messages"], add_generation_prompt=False)) > max_tokens:
+        if max_tokens is not None and dialogue_token_count(tokenizer, d["messages"]) > max_tokens:
             skipped[f"over {max_tokens} tokens"] += 1
             continue
         out.append(d)
@@ -1493,20 +1558,36 @@ class ChatEnv(Environment):
         self.splits = {"eval": list(range(n_eval)) or [0], "train": list(range(n_eval, len(records))) or [0]}
         self.presampled_used = 0
 
+    def supported_turns(self, user) -> Optional[int]:
+        """Setting two (no user model or endpoint): 1 + the record's pre-sampled later user turns; else None."""
+        if self.user is not None:
+            return None
+        return 1 + len((user or {}).get("questions") or [])
+
     def contexts(self, n, split, rng):
+        """n contexts; with pre-sampled questions (setting two) each carries max_turns = min(H_max, its record's
+        number of turns), the H the scripts play (REFUEL paper Sec. 4.2, App. C: H is the dialogue's own)."""
         idx = rng.choice(self.splits[split], size=n, replace=n > len(self.splits[split]))
-        return [Context(int(i), list(self.records[i]["messages"]), self.records[i].get("user")) for i in idx]
+        out = []
+        for i in idx:
+            user = self.records[i].get("user")
+            most = self.supported_turns(user)
+            out.append(Context(int(i), list(self.records[i]["messages"]), user,
+                               None if most is None else min(self.max_turns, most)))
+        return out
 
     def user_turn(self, convs, users, rng):
         if self.user is not None:
             return self.user(convs, users, rng)
         out = []  # setting two: the next pre-sampled question
         for c, u in zip(convs, users):
-            qs = (u or {}).get("questions")
+            qs = (u or {}).get("questions") or []
             k = sum(m["role"] == "assistant" for m in c) - 1
-            if not qs or k >= len(qs):
-                raise ValueError("pre-sampled user turns ran out: the prompt record needs a 'questions' list with "
-                                 "one entry per later turn (or pass --user_model)")
+            if k >= len(qs):
+                raise ValueError(f"pre-sampled user turns ran out: this record has {len(qs)} later user turns, so "
+                                 f"it supports {len(qs) + 1} assistant turns and a user reply after turn {k + 1} "
+                                 f"was asked for (draw H <= Context.max_turns, give the prompt record a "
+                                 f"'questions' list with one entry per later turn, or pass --user_model)")
             out.append(qs[k])
         return out
 
@@ -1522,7 +1603,10 @@ class ChatEnv(Environment):
             d = self.offline_records[i]
             # without a user model, later user turns are the dialogue's own (pre-sampled, setting two)
             context, later = split_opening(d["messages"])
-            ctx.append(Context(int(i), context, {**d.get("user", {}), "questions": later}))
+            n_turns = sum(m["role"] == "assistant" for m in d["messages"])
+            # max_turns: the dialogue's own last turn (LT-OFFLINE / LT-MIXED train it), at most H_max
+            ctx.append(Context(int(i), context, {**(d.get("user") or {}), "questions": later},
+                               min(self.max_turns, n_turns)))
             rows.append(list(d["messages"]))
         return ctx, rows
 
@@ -1642,9 +1726,9 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
 def evaluate_policy(model, tokenizer, env: Environment, n: int, seed: int, max_new_tokens: int,
                     temperature: float = 1.0, max_batch_size: int = 256) -> dict:
     rng = np.random.default_rng(seed)
-    ctx = env.contexts(n, "eval", rng)
+    ctx = env.contexts(n, "eval", rng)  # H_max turns, or a record's own number (Context.max_turns)
     convs, _ = continue_dialogues(model, tokenizer, env, [c.messages for c in ctx], [c.user for c in ctx],
-                       [env.max_turns] * n, rng, max_new_tokens, temperature, max_batch_size)
+                       [c.max_turns or env.max_turns for c in ctx], rng, max_new_tokens, temperature, max_batch_size)
     r = env.reward(convs)
     out = {"eval/mean_reward": float(r.mean()), "eval/reward_stderr": float(r.std() / math.sqrt(n))}
     if isinstance(env, TutorEnv):

@@ -53,9 +53,10 @@ def tiny_llama(tok, seed=0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
+    # bos/eos from the tokenizer: LlamaConfig's defaults (1, 2) would make id 2 a stop token of the sampler
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id)
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -403,3 +404,85 @@ def test_cli_help():
     out = subprocess.run([sys.executable, "simulator.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env=subprocess_env(), timeout=120)
     assert out.returncode == 0 and "--base-policy-path" in out.stdout
+
+
+# ---------------------------------------------------------------- turns cut by the token budget, other stop tokens
+@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer, chatml_tokenizer])
+def test_chat_templates_ignore_the_truncated_key(make):
+    tok = make()
+    conv = dialogue(2)
+    marked = [dict(m, truncated=True) if m["role"] == "assistant" else m for m in conv]
+    for gen in (False, True):
+        assert sim.render_ids(tok, marked, gen) == sim.render_ids(tok, conv, gen)
+    eot = sim.end_of_turn_id(tok)
+    for h in (1, 2):
+        prompt, turn = sim.split_turn(tok, conv, h)
+        prompt_t, turn_t = sim.split_turn(tok, marked, h)
+        assert prompt_t == prompt and turn_t == turn[:-1] and turn[-1] == eot  # the end-of-turn is not scored
+
+
+def test_a_turn_that_hit_the_budget_is_scored_without_the_end_of_turn_it_never_sampled(base_policy):
+    """Greedy turns cut at 3 tokens: each is marked truncated, and its log-prob through turn_logprob (what old and
+    new log-probs both use) is the sampler's own sum over the 3 sampled tokens, without the template's <eot>."""
+    model, tok = base_policy
+    env = sim.TutorEnv()
+    rng = np.random.default_rng(0)
+    ctx = env.contexts(6, "train", rng)
+    for budget, truncated in ((3, True), (12, False)):
+        convs, info = sim.continue_dialogues(model, tok, env, [c.messages for c in ctx], [c.user for c in ctx],
+                                             [2] * 6, rng, max_new_tokens=budget, temperature=0.0)
+        turns = [(i, h) for i in range(6) for h in (1, 2)]
+        for i, h in turns:
+            msg = convs[i][sim.assistant_turn_index(convs[i], h)]
+            assert info[i][h][1] == truncated and bool(msg.get("truncated")) == truncated
+        lp = sim.turn_logprob(model, tok, [convs[i] for i, _ in turns], [h for _, h in turns], temperature=1.0)
+        sampled = torch.tensor([info[i][h][0] for i, h in turns])
+        torch.testing.assert_close(lp, sampled, atol=1e-4, rtol=0)
+        ids, attn, mask = sim.turn_batch(tok, [convs[i] for i, _ in turns], [h for _, h in turns], tok.pad_token_id)
+        assert (mask.sum(1) == (3 if truncated else mask.sum(1))).all()
+        assert (sim.end_of_turn_id(tok) in ids[mask].tolist()) != truncated
+
+
+def llama3_with_end_of_text():
+    """Llama-3's specials with <|end_of_text|> as the tokenizer's EOS: a stop token besides <|eot_id|>."""
+    tok = word_tokenizer(LLAMA3_TEMPLATE, ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
+                                           "<|eot_id|>", "<|end_of_text|>"], "tiny-llama3-end-of-text")
+    tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|end_of_text|>"
+    return tok
+
+
+def biased_to(model, token_id, bias=30.0):
+    """The model with an LM head that all but always samples token_id."""
+    head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(model.lm_head.weight)
+        head.bias.zero_()
+        head.bias[token_id] = bias
+    model.lm_head = head
+    return model
+
+
+@pytest.mark.parametrize("source", ["tokenizer", "generation_config"])
+@pytest.mark.parametrize("fast", [False, True])
+def test_sampling_stops_at_the_models_other_stop_tokens(source, fast):
+    tok = llama3_with_end_of_text()
+    end_of_text, eot = tok.convert_tokens_to_ids("<|end_of_text|>"), sim.end_of_turn_id(tok)
+    assert eot == tok.convert_tokens_to_ids("<|eot_id|>") != end_of_text
+    model = biased_to(tiny_llama(tok), end_of_text)
+    if source == "generation_config":  # Llama-3-Instruct: generation_config.json lists several EOS ids
+        tok.eos_token = None
+        model.generation_config.eos_token_id = [end_of_text, eot]
+    convs = [dialogue(0)[:1], dialogue(2)[:5]]
+    torch.manual_seed(0)
+    out = sim.sample_turns(model, tok, convs, max_new_tokens=6, fast=fast, compile_step=False)
+    assert out.token_ids == [[end_of_text]] * 2 and not out.hit_budget.any() and out.texts == ["", ""]
+    assert sim.stop_token_ids(tok, model) == [eot, end_of_text]
+    # in a dialogue the turn ended (not truncated); re-rendered, the template's <|eot_id|> takes the sampled
+    # <|end_of_text|>'s place in the scored tokens
+    env = sim.ChatEnv([{"messages": convs[0], "user": {"questions": ["why ?"]}}], reward_model=None)
+    torch.manual_seed(0)
+    done, info = sim.continue_dialogues(model, tok, env, convs[:1], [{"questions": ["why ?"]}], [1],
+                                        np.random.default_rng(0), max_new_tokens=6)
+    assert "truncated" not in done[0][-1] and info[0][1][1] is False
+    assert sim.split_turn(tok, done[0], 1)[1] == [eot]
+
