@@ -1504,17 +1504,75 @@ class OpenAIChatClient:
 
 
 class HFRewardModel:
-    """An HF sequence-classification reward model scoring the chat-templated conversation (right-truncated)."""
+    """An HF sequence-classification reward model scoring the chat-templated conversation.
+
+    A conversation longer than max_length tokens is cut from the LEFT: the end of the conversation, its last turns
+    (where the two dialogues of a pair differ), is what is scored. Its first token is kept when it is the
+    tokenizer's BOS (the template's <|begin_of_text|>, which such models always saw at position 0); the tokens cut
+    are those after it. Truncations are counted (n_truncated; charts/reward_truncated).
+
+    Padding is synced with the model: rows are right-padded with its config.pad_token_id, which is set from the
+    tokenizer (its pad token, else its EOS) when the config has none. HF sequence-classification models read the
+    score at the last token that is not the pad id. When the pad id also occurs inside a conversation (Llama-3
+    reward models that pad with <|eot_id|>, the token that ends every turn), that rule would read another token
+    than the last, so such a batch is padded with an id that occurs in none of its rows, and the config's pad id is
+    that id for that forward only: every row is scored at its own last real token (its length from the attention
+    mask), the same alone as in any padded batch."""
 
     def __init__(self, model, tokenizer, max_length: int = 4096, max_batch_size: int = 16):
+        if max_length < 2:
+            raise ValueError(f"reward max_length must be >= 2 tokens, got {max_length}")
         self.model, self.tokenizer, self.max_length, self.max_batch_size = model.eval(), tokenizer, max_length, max_batch_size
         self.n_truncated = 0
+        self._configs = [unwrap_model(model).config]
+        text = getattr(self._configs[0], "get_text_config", None)
+        if text is not None and text() is not self._configs[0]:
+            self._configs.append(text())
+        pad = self._configs[-1].pad_token_id
+        if pad is None:  # HF's classifiers cannot find the last token of padded rows without it
+            pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+            for cfg in self._configs:
+                cfg.pad_token_id = pad
+        self.pad_id = int(pad)
+        emb = unwrap_model(model).get_input_embeddings() if hasattr(unwrap_model(model), "get_input_embeddings") \
+            else None
+        self._vocab = getattr(emb, "num_embeddings", None) or getattr(self._configs[-1], "vocab_size", None) \
+            or len(tokenizer)
         # a scoring pass needs no KV cache (at 8B, 16 x 4,096 tokens of it are 8 GB); custom models may lack the flag
         try:
             takes = "use_cache" in inspect.signature(type(unwrap_model(model)).forward).parameters
         except (TypeError, ValueError):
             takes = False
         self._no_cache = {"use_cache": False} if takes else {}
+
+    def truncate(self, row: list[int]) -> list[int]:
+        """The last max_length tokens of a row, its BOS kept in front when it starts with one."""
+        if len(row) <= self.max_length:
+            return row
+        keep = 1 if self.tokenizer.bos_token_id is not None and row[0] == self.tokenizer.bos_token_id else 0
+        return row[:keep] + row[len(row) - (self.max_length - keep):]
+
+    def batch_pad_id(self, rows: Sequence[list[int]]) -> int:
+        """The model's pad id, or, when it occurs in a row, the smallest id that occurs in none."""
+        used = set().union(*rows)
+        if self.pad_id not in used:
+            return self.pad_id
+        free = next((t for t in range(self._vocab) if t not in used), None)
+        if free is None:
+            raise ValueError(f"reward model {model_name(self.tokenizer)}: its pad id {self.pad_id} occurs in the "
+                             f"conversations and no other id is free to pad with; score with max_batch_size=1")
+        return free
+
+    def _forward(self, ids, attn, pad: int):
+        if pad == self.pad_id:
+            return self.model(input_ids=ids, attention_mask=attn, **self._no_cache)
+        for cfg in self._configs:  # for this forward only: the classifier finds each row's last token by it
+            cfg.pad_token_id = pad
+        try:
+            return self.model(input_ids=ids, attention_mask=attn, **self._no_cache)
+        finally:
+            for cfg in self._configs:
+                cfg.pad_token_id = self.pad_id
 
     @torch.no_grad()
     def __call__(self, convs) -> torch.Tensor:
@@ -1523,12 +1581,12 @@ class HFRewardModel:
         for s in range(0, len(convs), self.max_batch_size):
             rows = [render_ids(self.tokenizer, c, add_generation_prompt=False) for c in convs[s:s + self.max_batch_size]]
             self.n_truncated += sum(len(r) > self.max_length for r in rows)
-            rows = [r[: self.max_length] for r in rows]
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            rows = [self.truncate(r) for r in rows]
+            pad = self.batch_pad_id(rows)
             L = max(len(r) for r in rows)
             ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=device)
             attn = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=device)
-            out = self.model(input_ids=ids, attention_mask=attn, **self._no_cache)
+            out = self._forward(ids, attn, pad)
             score = getattr(out, "score", None)  # ArmoRM-style custom outputs carry the preference score here
             if score is None:
                 if out.logits.dim() != 2 or out.logits.shape[-1] != 1:

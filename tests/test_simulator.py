@@ -486,3 +486,63 @@ def test_sampling_stops_at_the_models_other_stop_tokens(source, fast):
     assert "truncated" not in done[0][-1] and info[0][1][1] is False
     assert sim.split_turn(tok, done[0], 1)[1] == [eot]
 
+
+# ---------------------------------------------------------------- reward models: left truncation, padding
+def tiny_reward_model(tok, pad_token_id, seed=0):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                      num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                      pad_token_id=pad_token_id)).eval()
+
+
+@torch.no_grad()
+def score_at_last_token(rm, ids):
+    """The reward model's head at the last token of one unpadded row, computed by hand."""
+    hidden = rm.model(input_ids=torch.tensor([ids])).last_hidden_state
+    return rm.score(hidden[0, -1]).item()
+
+
+def test_reward_model_truncates_from_the_left_and_keeps_the_last_turn():
+    tok = llama3_tokenizer()
+    rm = tiny_reward_model(tok, tok.pad_token_id)
+    conv = dialogue(3)
+    other = [dict(m) for m in conv]
+    other[-1]["content"] = "i do not understand you ."  # the same dialogue but its last teacher turn
+    full = sim.render_ids(tok, conv, add_generation_prompt=False)
+    scorer = sim.HFRewardModel(rm, tok, max_length=16)
+    a, b = scorer([conv, other])
+    assert scorer.n_truncated == 2 and a != b  # the end is kept: the pair's difference is scored
+    kept = full[:1] + full[-15:]  # <|begin_of_text|> kept in front of the last 15 tokens
+    assert kept[0] == tok.bos_token_id and kept[-1] == sim.end_of_turn_id(tok)
+    assert a.item() == pytest.approx(score_at_last_token(rm, kept), abs=1e-5)
+    chatml = chatml_tokenizer()  # no BOS in the template: simply the last max_length tokens
+    rm2 = tiny_reward_model(chatml, chatml.pad_token_id)
+    tail = sim.render_ids(chatml, conv, add_generation_prompt=False)[-16:]
+    assert sim.HFRewardModel(rm2, chatml, max_length=16)([conv]).item() == \
+        pytest.approx(score_at_last_token(rm2, tail), abs=1e-5)
+
+
+@pytest.mark.parametrize("pad", ["synced", "missing_in_config", "unsynced", "end_of_turn"])
+def test_a_rows_reward_does_not_depend_on_its_place_in_a_padded_batch(pad):
+    """Alone, or padded beside longer and shorter rows, at any position: the same score, read at the row's last
+    real token, whatever the reward model's pad id (missing, different from the tokenizer's, equal to <|eot_id|>
+    as in Llama-3 reward models, which ends every turn)."""
+    tok = llama3_tokenizer()
+    eot = sim.end_of_turn_id(tok)
+    config_pad = {"synced": tok.pad_token_id, "missing_in_config": None, "unsynced": tok.unk_token_id,
+                  "end_of_turn": eot}[pad]
+    if pad == "end_of_turn":
+        tok.pad_token = "<|eot_id|>"
+    rm = tiny_reward_model(tok, config_pad)
+    convs = [dialogue(1), dialogue(3), dialogue(2)[:3] + [{"role": "assistant", "content": "ok"}], dialogue(2)]
+    scorer = sim.HFRewardModel(rm, tok, max_length=4096)
+    batched = scorer(convs)
+    alone = torch.cat([scorer([c]) for c in convs])
+    by_hand = torch.tensor([score_at_last_token(rm, sim.render_ids(tok, c, False)) for c in convs])
+    torch.testing.assert_close(batched, alone, atol=1e-5, rtol=0)
+    torch.testing.assert_close(batched, by_hand, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scorer(convs[::-1]), batched.flip(0), atol=1e-5, rtol=0)
+    # the model's pad id is synced (set from the tokenizer when missing); a substitute is set for one forward only
+    assert rm.config.pad_token_id == scorer.pad_id == (tok.pad_token_id if config_pad is None else config_pad)
