@@ -1368,12 +1368,17 @@ def hf_greedy_generate(model, tokenizer, max_new_tokens: int = 256, max_batch_si
 
 
 def make_judge_preference(judge_model: str, api_base: Optional[str] = None, device: str = "cpu",
-                          dtype=torch.float32, max_new_tokens: int = 256,
-                          template: str = JUDGE_PROMPT) -> JudgePreference:
-    """A JudgePreference from flags: an OpenAI-compatible endpoint's model when api_base is set, else an HF model."""
+                          dtype=torch.float32, max_new_tokens: int = 256, template: str = JUDGE_PROMPT,
+                          max_concurrency: int = 32, timeout: float = 120.0, retries: int = 3) -> JudgePreference:
+    """A JudgePreference from flags: an OpenAI-compatible endpoint's model when api_base is set (max_concurrency
+    requests in flight, each with `timeout` seconds and `retries` tries: see OpenAIChatClient for sizing them),
+    else an HF model."""
     if api_base:
-        client = OpenAIChatClient(api_base, judge_model)
-        return JudgePreference(lambda prompts: client.complete(prompts, max_new_tokens, temperature=0.0), template)
+        client = OpenAIChatClient(api_base, judge_model, max_workers=max_concurrency, timeout=timeout,
+                                  retries=retries)
+        judge = JudgePreference(lambda prompts: client.complete(prompts, max_new_tokens, temperature=0.0), template)
+        judge.client = client
+        return judge
     model, tok = load_policy(judge_model, dtype)
     return JudgePreference(hf_greedy_generate(model.to(device).eval(), tok, max_new_tokens), template)
 
@@ -1456,10 +1461,27 @@ class PromptedUser:
 
 class OpenAIChatClient:
     """Completions from an OpenAI-compatible chat endpoint (vLLM, TGI, OpenAI): a 70B user or a GPT-4 judge that
-    does not fit beside the policy. Standard library only; requests go out concurrently, not one by one."""
+    does not fit beside the policy. Standard library only; requests go out concurrently, not one by one.
+
+    max_workers: requests in flight from this process (each rank of a multi-process run has its own client, so
+    the server sees ranks x max_workers). timeout: seconds one request may take, its wait in the server's queue
+    included. retries: tries per request (a retry sends the whole prompt again), with exponential backoff.
+    Sizing: the last request of a wave is answered only once the server has got through every prompt token in
+    flight. At 8 ranks x 32 requests of ~7k prompt tokens, 1.8M prompt tokens arrive at once: at P prefill tokens/s
+    the last answer comes after about 1.8M / P s (90 s at 20k tokens/s, 180 s at 10k, plus decoding and the queue
+    of what the server can batch), so a 120 s timeout expires and each retry sends the same load again. Measure P
+    for the served user model, then either lower the concurrency (8 ranks x 8 requests is 0.45M tokens a wave) or
+    set the timeout to the whole wave's time with a margin (e.g. 600 s at 8 x 32)."""
 
     def __init__(self, api_base: str, model: str, api_key_env: str = "OPENAI_API_KEY", max_workers: int = 32,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0):
+        if int(max_workers) < 1:
+            raise ValueError(f"endpoint {api_base}: the concurrency (requests in flight) must be >= 1, got "
+                             f"{max_workers}")
+        if not timeout > 0:
+            raise ValueError(f"endpoint {api_base}: the timeout must be > 0 seconds, got {timeout}")
+        if int(retries) < 1:
+            raise ValueError(f"endpoint {api_base}: the number of tries must be >= 1, got {retries}")
         self.url = api_base.rstrip("/") + "/chat/completions"
         self.model, self.api_key = model, os.environ.get(api_key_env, "EMPTY")
         self.max_workers, self.timeout, self.retries, self.backoff = max_workers, timeout, retries, backoff
@@ -1695,6 +1717,30 @@ def model_load_error(kind: str, name: str, e: Exception) -> ValueError:
     return ValueError(f"could not load {kind} {name!r}{where}: {e}")
 
 
+def remote_code_error(kind: str, name: str, e: Exception) -> ValueError:
+    """An ImportError/NameError raised while loading a model's own code (trust_remote_code), as a ValueError that
+    names the model and what is missing."""
+    msg = str(e)
+    found = re.search(r"cannot import name '([^']+)'(?: from '([^']+)')?", msg)
+    if found:
+        missing = f"{found.group(1)!r}" + (f" (from {found.group(2)!r})" if found.group(2) else "")
+    else:
+        missing = repr(getattr(e, "name", None) or msg)
+    return ValueError(f"could not load {kind} {name!r}: its own code (trust_remote_code) failed to import "
+                      f"{missing}: {type(e).__name__}: {msg}. The model's modeling file was likely written for "
+                      f"another transformers version (this is {_transformers_version()}); use a revision or copy "
+                      f"of the model whose code imports names this version has, or install the version it needs")
+
+
+def _transformers_version() -> str:
+    try:
+        import transformers
+
+        return f"transformers {transformers.__version__}"
+    except ImportError:
+        return "an unknown transformers"
+
+
 def load_policy(name: str, dtype=torch.float32):
     """(model, tokenizer) for a policy: 'tutor' = the embedded base policy, else an HF hub name or local path."""
     if name == "tutor":
@@ -1737,6 +1783,8 @@ def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust
                                                                    trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as e:
         raise model_load_error("reward model", name, e) from None
+    except (ImportError, NameError) as e:  # remote code written for another transformers (ArmoRM's copies)
+        raise remote_code_error("reward model", name, e) from None
     return HFRewardModel(model if device == "auto" else model.to(device), tok, max_length=max_length)
 
 
@@ -1746,11 +1794,17 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
              user_api_base: Optional[str] = None, user_prompt_path: Optional[str] = None,
              dataset_format: str = "auto", bad_records: str = "skip", max_dialogue_tokens: Optional[int] = None,
              tokenizer=None, reward_device: Optional[str] = None, user_device: Optional[str] = None,
-             reward_max_length: int = 4096) -> Environment:
+             reward_max_length: int = 4096, user_max_concurrency: int = 32, user_timeout: float = 120.0,
+             user_retries: int = 3) -> Environment:
     """The environment named by the scripts' flags. The user: --user_model in-process, or served at
     --user_api_base (an OpenAI-compatible endpoint; --user_model names the served model), or, with neither, the
     pre-sampled questions of the dataset. Datasets in any of DATASET_FORMATS; Education Dialogue records make the
-    user a student (STUDENT_PROMPT) who knows the record's hidden learning preferences."""
+    user a student (STUDENT_PROMPT) who knows the record's hidden learning preferences.
+
+    The endpoint user: user_max_concurrency requests in flight per process, user_timeout seconds each (its time
+    queued at the server included), user_retries tries. The server sees ranks x user_max_concurrency requests at
+    once: at 8 ranks x 32 requests of ~7k tokens a 70B server takes minutes to answer the last, so raise
+    user_timeout (e.g. 600) or lower user_max_concurrency (e.g. 8); see OpenAIChatClient."""
     if env == "tutor":
         return TutorEnv(TutorRules(max_turns=max_turns))
     if env != "chat":
@@ -1769,7 +1823,9 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
     style = dict(reply_key="Student", role_names={"user": "Student", "assistant": "Teacher"}) if student else {}
     user = None
     if user_api_base:
-        user = PromptedUser(prompt_template=template, client=OpenAIChatClient(user_api_base, user_model), **style)
+        client = OpenAIChatClient(user_api_base, user_model, max_workers=user_max_concurrency, timeout=user_timeout,
+                                  retries=user_retries)
+        user = PromptedUser(prompt_template=template, client=client, **style)
     elif user_model:
         u_model, u_tok = load_policy(user_model, dtype)
         user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,

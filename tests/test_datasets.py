@@ -189,3 +189,25 @@ def test_models_that_cannot_be_found_offline_are_named(tmp_path):
         sim.make_env("chat", str(prompts), reward_model=missing)
     with pytest.raises(ValueError, match="unknown env 'chats'"):
         sim.make_env("chats")
+
+
+@pytest.mark.parametrize("broken, missing", [
+    ("from transformers import LlamaPreTrainedModelThatV5Removed\n", "LlamaPreTrainedModelThatV5Removed"),  # ImportError
+    ("import transformers\n\nDOCS = LLAMA_INPUTS_DOCSTRING_THAT_V5_REMOVED\n",
+     "LLAMA_INPUTS_DOCSTRING_THAT_V5_REMOVED")])  # NameError
+def test_remote_code_reward_model_that_fails_to_import_names_the_model_and_the_name(tmp_path, broken, missing):
+    """An ArmoRM-like model directory whose own modeling file imports (or uses) a name this transformers lacks:
+    a ValueError naming the model and the missing name, from load_reward_model and through make_env."""
+    save_tiny_policy_and_reward_model(tmp_path)
+    rm = tmp_path / "rm"
+    config = json.loads((rm / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_custom_rm.CustomRewardModel"}
+    (rm / "config.json").write_text(json.dumps(config))
+    (rm / "modeling_custom_rm.py").write_text(broken + "\n\nclass CustomRewardModel:\n    pass\n")
+    with pytest.raises(ValueError, match=rf"could not load reward model '{rm}': its own code \(trust_remote_code\) "
+                                         rf"failed to import '{missing}'"):
+        sim.load_reward_model(str(rm), trust_remote_code=True)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps([U("hi")]) + "\n")
+    with pytest.raises(ValueError, match=rf"reward model '{rm}'.*{missing}"):
+        sim.make_env("chat", str(prompts), reward_model=str(rm), trust_remote_code=True)

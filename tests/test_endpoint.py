@@ -14,6 +14,8 @@ from conftest import ROOT, subprocess_env
 
 class Handler(BaseHTTPRequestHandler):
     seen: dict = {}
+    in_flight = most_in_flight = 0
+    lock = threading.Lock()
 
     def log_message(self, *a):  # keep pytest output clean
         pass
@@ -24,6 +26,13 @@ class Handler(BaseHTTPRequestHandler):
         n = Handler.seen[prompt] = Handler.seen.get(prompt, 0) + 1
         if model == "slow":
             time.sleep(1.0)
+        if model == "counted":  # how many requests are in flight at once
+            with Handler.lock:
+                Handler.in_flight += 1
+                Handler.most_in_flight = max(Handler.most_in_flight, Handler.in_flight)
+            time.sleep(0.2)
+            with Handler.lock:
+                Handler.in_flight -= 1
         if model == "flaky" and n == 1:
             return self.reply(503, b"overloaded")
         if model == "down":  # an outage: every request fails
@@ -129,3 +138,31 @@ def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
     assert "resumed" in p.stdout + p.stderr
     assert json.loads((tmp_path / "endpoint" / "summary.json").read_text())["iterations"] == 2
     assert len(pairs.read_text().splitlines()) > len(rows)
+
+
+def test_endpoint_concurrency_timeout_and_tries_are_passed_from_make_env(server, tmp_path):
+    """make_env's user_max_concurrency / user_timeout / user_retries reach the user's client (and
+    make_judge_preference's the judge's); the concurrency bounds the requests in flight; bad values are refused."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps([{"role": "user", "content": "hi"}]) + "\n")
+    env = sim.make_env("chat", str(prompts), user_model="counted", reward_model=str(tmp_path / "rm"),
+                       user_api_base=server, user_max_concurrency=3, user_timeout=7.5, user_retries=2)
+    client = env.user.client
+    assert (client.max_workers, client.timeout, client.retries) == (3, 7.5, 2)
+    default = sim.make_env("chat", str(prompts), user_model="ok", reward_model=str(tmp_path / "rm"),
+                           user_api_base=server).user.client
+    assert (default.max_workers, default.timeout, default.retries) == (32, 120.0, 3)
+    Handler.most_in_flight = 0
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(9)]
+    assert len(env.user_turn(convs, [None] * 9, None)) == 9
+    assert Handler.most_in_flight == 3
+    judge = sim.make_judge_preference("ok", api_base=server, max_concurrency=5, timeout=9.0, retries=4)
+    assert (judge.client.max_workers, judge.client.timeout, judge.client.retries) == (5, 9.0, 4)
+    for bad, match in ((dict(user_max_concurrency=0), "concurrency"), (dict(user_timeout=0), "timeout"),
+                       (dict(user_retries=0), "tries")):
+        with pytest.raises(ValueError, match=match):
+            sim.make_env("chat", str(prompts), user_model="ok", reward_model=str(tmp_path / "rm"),
+                         user_api_base=server, **bad)
