@@ -1,0 +1,240 @@
+"""The docs/ pages stay true to the code: every `file.py:function` they cite exists and, where a table row cites
+`Eq. (n)`, carries that marker; every relative link and #anchor resolves (also the docs links in code comments); no
+page points outside the repository. Also the study's and the learning curves' plotting on small synthetic input."""
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = ["refuel.md", "baselines_dpo_rebel.md", "mtpo.md", "iterative_ppo.md"]
+REF = re.compile(r"`([\w./-]+\.py):([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)?)`")
+EQ = re.compile(r"Eq\. \((\d+)\)")
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+FENCE = re.compile(r"^```.*?^```", re.S | re.M)
+
+
+def doc_files():
+    return sorted(DOCS.glob("*.md"))
+
+
+def prose(text: str) -> str:
+    """The page without its fenced code blocks (their '#' lines are comments, not headings)."""
+    return FENCE.sub("", text)
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped (hyphens, underscores kept), spaces -> '-'."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set:
+    seen, out = {}, set()
+    for line in prose(path.read_text()).splitlines():
+        m = re.match(r"^(#{1,6})\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        base = slug(m.group(2))
+        n = seen.get(base, 0)
+        seen[base] = n + 1
+        out.add(base if n == 0 else f"{base}-{n}")
+    return out
+
+
+def find_def(path: Path, name: str):
+    """The ast node of a top-level function or class `name`, or of method `Class.method`."""
+    tree = ast.parse(path.read_text())
+    parts = name.split(".")
+    scope = tree.body
+    node = None
+    for part in parts:
+        node = next((n for n in scope if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                     and n.name == part), None)
+        if node is None:
+            return None
+        scope = node.body
+    return node
+
+
+def table_rows(text: str):
+    for line in prose(text).splitlines():
+        if line.startswith("|") and not re.match(r"^\|[\s|:-]+\|$", line):
+            yield line
+
+
+def test_every_algorithm_has_a_page():
+    for page in PAGES:
+        assert (DOCS / page).exists(), f"docs/{page} is missing"
+        text = (DOCS / page).read_text()
+        assert "## Equations and lines to code" in text, f"docs/{page} has no equations-to-code table"
+        assert len(REF.findall(text)) >= 5, f"docs/{page} maps fewer than 5 equations or lines to code"
+
+
+def test_cited_functions_exist_and_carry_their_eq_markers():
+    problems = []
+    for doc in doc_files():
+        text = doc.read_text()
+        for file, func in set(REF.findall(text)):
+            path = ROOT / file
+            if not path.exists():
+                problems.append(f"docs/{doc.name}: `{file}:{func}`: no file {file}")
+            elif find_def(path, func) is None:
+                problems.append(f"docs/{doc.name}: `{file}:{func}`: {file} defines no {func}")
+        for row in table_rows(text):
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            eqs = EQ.findall(cells[0]) if cells else []
+            for file, func in REF.findall(row):
+                path = ROOT / file
+                node = find_def(path, func) if path.exists() else None
+                if node is None:
+                    continue  # reported above
+                source = ast.get_source_segment(path.read_text(), node) or ""
+                for n in eqs:
+                    if f"Eq. ({n})" not in source:
+                        problems.append(f"docs/{doc.name}: the row citing Eq. ({n}) maps it to `{file}:{func}`, "
+                                        f"whose source has no 'Eq. ({n})' marker")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_row_of_the_equations_table_maps_to_code():
+    for page in PAGES:
+        text = (DOCS / page).read_text()
+        section = text.split("## Equations and lines to code", 1)[1].split("\n## ", 1)[0]
+        rows = list(table_rows(section))[1:]  # the header row first
+        assert rows, f"docs/{page}: empty equations table"
+        for row in rows:
+            assert REF.search(row), f"docs/{page}: a table row maps to no `file.py:function`: {row}"
+
+
+def check_link(source: Path, target: str) -> str:
+    """'' when `target` (a relative link from file `source`) resolves, else what is wrong."""
+    if re.match(r"^[a-z]+:", target):  # http:, https:, mailto:
+        return ""
+    path, _, anchor = target.partition("#")
+    dest = (source.parent / path).resolve() if path else source
+    if not dest.exists():
+        return f"{target}: no {dest.relative_to(ROOT) if dest.is_relative_to(ROOT) else dest}"
+    if anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+        return f"{target}: no heading with anchor #{anchor} in {dest.name}"
+    return ""
+
+
+def test_relative_links_and_anchors_resolve():
+    problems = []
+    for doc in doc_files():
+        for target in LINK.findall(prose(doc.read_text())):
+            why = check_link(doc, target)
+            if why:
+                problems.append(f"docs/{doc.name}: {why}")
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_links_in_code_resolve():
+    """Comments that cite a docs page (docs/mtpo.md#kl-without-double-counting) point at a heading that exists."""
+    problems = []
+    for path in sorted([*ROOT.glob("*.py"), *(ROOT / "benchmarks").glob("*.py"), ROOT / "README.md"]):
+        for page, anchor in re.findall(r"docs/([\w-]+\.md)(?:#([\w-]+))?", path.read_text()):
+            why = check_link(ROOT / "x", f"docs/{page}" + (f"#{anchor}" if anchor else ""))
+            if why:
+                problems.append(f"{path.name}: {why}")
+    assert not problems, "\n".join(problems)
+
+
+def test_docs_point_nowhere_outside_the_repository():
+    for doc in doc_files():
+        text = doc.read_text()
+        for bad in ("../shared", "shared/papers", "REFERENCE.md", "notes A."):
+            assert bad not in text, f"docs/{doc.name} mentions {bad!r}"
+
+
+def test_simulator_names_in_docs_exist():
+    sim = pytest.importorskip("simulator")
+    missing = sorted({(doc.name, name) for doc in doc_files()
+                      for name in re.findall(r"\bsim\.([A-Za-z_]\w*)", doc.read_text()) if not hasattr(sim, name)})
+    assert not missing, f"docs cite sim.<name> that simulator does not have: {missing}"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The study's figure and the learning curves, on small synthetic input
+# ------------------------------------------------------------------------------------------------------------------
+def synthetic_table(methods, H=5, seeds=3, seed=0):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    table = {}
+    for m in methods:
+        per_seed = np.clip(0.5 + rng.normal(0, 0.05, (seeds, H)), 0, 1)
+        rewards = rng.uniform(0.3, 0.7, seeds)
+        table[m] = dict(per_turn=per_seed.mean(0).tolist(), per_turn_seeds=per_seed.tolist(),
+                        reward=float(rewards.mean()), reward_seeds=rewards.tolist())
+    return table
+
+
+def test_study_styles_are_one_per_method():
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import study
+
+    styles = study.method_styles(list(study.METHODS) + ["a new method", "another"])
+    assert len({(c, mk) for c, mk, _ in styles.values()}) == len(styles), "two methods share colour and marker"
+    assert len({c for c, _, _ in styles.values()}) == len(styles), "two methods share a colour"
+    assert styles["REBEL-LT-ONLINE"][2] == "--" and styles["REFUEL"][2] == "-"
+    assert study.method_styles(["multi-turn_RLHF"])["multi-turn_RLHF"][:2] == study.STYLE["multi-turn RLHF"]
+
+
+def test_study_plot_on_synthetic_input(tmp_path):
+    pytest.importorskip("matplotlib")
+    import sys
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import study
+
+    table = synthetic_table(list(study.METHODS))
+    levels = {"mu": 0.278, "V*": 0.805, "never-ask": 0.3914}
+    fig = study.plot_figure(table, 5, levels)
+    win, reward = fig.axes[:2]
+    assert list(win.get_xticks()) == [1, 2, 3, 4, 5], "turn ticks must be the integer turns"
+    labels = win.get_legend_handles_labels()[1]
+    assert all(m in labels for m in study.METHODS) and any("mu" in label for label in labels)
+    assert len(win.containers) == len(study.METHODS)  # one errorbar container per method
+    assert all(c.has_yerr for c in win.containers), "no spread over seeds drawn"
+    assert {f"{k} {v:.3f}" for k, v in levels.items()} <= set(reward.get_legend_handles_labels()[1])
+    out = tmp_path / "study.png"
+    assert study.plot(table, 5, out, levels) and out.stat().st_size > 10_000
+
+
+def test_learning_curves_on_synthetic_runs(tmp_path):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import plot_curves
+
+    assert plot_curves.method_of(Path("runs/study/REFUEL__seed2")) == "REFUEL"
+    assert plot_curves.method_of(Path("runs/x/refuel__tutor__1__1733000000")) == "refuel__tutor"
+    assert plot_curves.method_of(Path("runs/seeds/seed3__1733000000")) == "seeds"
+    for method, top in (("REFUEL", 0.7), ("MTPO", 0.68)):
+        for seed in (1, 2, 3):
+            d = tmp_path / f"{method}__seed{seed}"
+            d.mkdir()
+            rows = []
+            for it in range(0, 31, 10):
+                r = 0.28 + (top - 0.28) * it / 30 + 0.01 * seed
+                rows += [{"step": it, "eval/mean_reward": r, "eval/fraction_of_v_star": r / 0.805,
+                          "charts/elapsed_min": it / 10}, {"step": it + 1, "losses/refuel_loss": 0.1}]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = plot_curves.group_runs(sorted(tmp_path.iterdir()))
+    assert {m: len(r) for m, r in groups.items()} == {"MTPO": 3, "REFUEL": 3}
+    levels = plot_curves.reference_levels([rows for runs in groups.values() for _, rows in runs])
+    assert levels["V*"] == pytest.approx(0.805) and levels["mu (step 0)"] == pytest.approx(0.30)
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "curves.png"
+    plot_curves.main(plot_curves.parse_args([*map(str, sorted(tmp_path.glob("*__seed*"))), "--output", str(out)]))
+    assert out.stat().st_size > 10_000
