@@ -2,12 +2,13 @@
 
 Every script logs `eval/mean_reward` (held-out contexts, the real user) at step 0 and every --eval_every iterations to
 runs/<run>/metrics.jsonl, with `eval/fraction_of_v_star` on the tutor task. This script groups run directories by
-method (the run name without its seed: `REFUEL__seed1` -> `REFUEL`, `refuel__tutor__1__1733...` -> `refuel__tutor`),
+method (the run name without its seed: `REFUEL__seed1` -> `REFUEL`, `refuel__tutor__1__1733...` -> `refuel__tutor`;
+or `--label NAME` for all),
 and draws per method the mean over seeds with a band from the lowest to the highest seed, one colour and marker per
 method, beside mu (the step-0 evaluation: every run starts from mu) and V* (eval/mean_reward divided by
 eval/fraction_of_v_star, when logged). Needs matplotlib (not a dependency: `pip install matplotlib`).
 
-    python benchmarks/plot_curves.py runs/seeds/*            # e.g. REFUEL's seeds (benchmarks/refuel_seeds.py)
+    python benchmarks/plot_curves.py runs/seeds/* --label REFUEL   # REFUEL's seeds (benchmarks/refuel_seeds.py)
     python benchmarks/plot_curves.py runs/study/REFUEL__seed* runs/study/MTPO__seed* --x minutes
 """
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Args:
     """where the PNG goes"""
     title: Optional[str] = None
     """figure title (default: the metric)"""
+    label: Optional[str] = None
+    """one method name for all the runs given (default: grouped by run name)"""
 
 
 def parse_args(argv=None) -> Args:
@@ -50,13 +53,18 @@ def parse_args(argv=None) -> Args:
     p.add_argument("--x", choices=["iteration", "minutes"], default=Args.x)
     p.add_argument("--output", default=Args.output)
     p.add_argument("--title", default=None)
+    p.add_argument("--label", default=None, help="one method name for all the runs given")
     return Args(**vars(p.parse_args(argv)))
 
 
-def method_of(run_name: str) -> str:
-    """The method a run belongs to: its name without the seed (and the time stamp of default run names)."""
-    name = re.sub(r"__seed\d+$", "", run_name)
-    return re.sub(r"__\d+__\d+$", "", name)
+def method_of(run_dir) -> str:
+    """The method a run belongs to: its name without the seed (`REFUEL__seed1`, `seed1__1733...` of
+    benchmarks/refuel_seeds.py) or without seed and time stamp (default run names `refuel__tutor__1__1733...`);
+    a name that is only a seed gives its parent directory's name."""
+    run_dir = Path(run_dir)
+    name = re.sub(r"(^|__)seed\d+(__\d+)?$", "", run_dir.name)
+    name = re.sub(r"__\d+__\d+$", "", name)
+    return name or run_dir.resolve().parent.name
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -79,14 +87,14 @@ def reference_levels(all_rows: list[list[dict]]) -> dict:
     return {"mu (step 0)": float(np.mean(first)) if first else None, "V*": float(np.median(v)) if v else None}
 
 
-def group_runs(run_dirs) -> dict:
-    """method -> [(run name, metrics rows)], in the order the methods first appear."""
+def group_runs(run_dirs, label: Optional[str] = None) -> dict:
+    """method -> [(run name, metrics rows)], in the order the methods first appear (label: one method for all)."""
     groups: dict = {}
     for d in run_dirs:
         d = Path(d)
         if not (d / "metrics.jsonl").exists():
             continue
-        groups.setdefault(method_of(d.name), []).append((d.name, read_metrics(d)))
+        groups.setdefault(label or method_of(d), []).append((d.name, read_metrics(d)))
     return groups
 
 
@@ -125,7 +133,7 @@ def plot_curves(groups: dict, metric: str, x: str, levels: dict, title: Optional
 
 
 def main(args: Args) -> Path:
-    groups = group_runs(args.runs)
+    groups = group_runs(args.runs, args.label)
     if not groups:
         raise SystemExit("no run directory with a metrics.jsonl among --runs")
     import matplotlib

@@ -208,7 +208,7 @@ def method_styles(methods) -> dict:
     """method -> (colour, marker, linestyle), no two methods alike (unknown names take spare styles in order)."""
     spare, out = iter(SPARE_STYLES), {}
     for m in methods:
-        colour, marker = STYLE.get(m) or next(spare)
+        colour, marker = STYLE.get(m) or STYLE.get(m.replace("_", " ")) or next(spare)  # run names use _
         out[m] = (colour, marker, "--" if "-LT-" in m else "-")
     return out
 
