@@ -2,8 +2,10 @@
 `Eq. (n)`, carries that marker; every relative link and #anchor resolves (also the docs links in code comments); no
 page points outside the repository. Also the study's and the learning curves' plotting on small synthetic input."""
 import ast
+import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -161,6 +163,16 @@ def test_simulator_names_in_docs_exist():
 # ------------------------------------------------------------------------------------------------------------------
 # The study's figure and the learning curves, on small synthetic input
 # ------------------------------------------------------------------------------------------------------------------
+def bench(name: str):
+    """A script of benchmarks/ as a module (loaded from its path, once)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def synthetic_table(methods, H=5, seeds=3, seed=0):
     import numpy as np
 
@@ -175,11 +187,7 @@ def synthetic_table(methods, H=5, seeds=3, seed=0):
 
 
 def test_study_styles_are_one_per_method():
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import study
-
+    study = bench("study")
     styles = study.method_styles(list(study.METHODS) + ["a new method", "another"])
     assert len({(c, mk) for c, mk, _ in styles.values()}) == len(styles), "two methods share colour and marker"
     assert len({c for c, _, _ in styles.values()}) == len(styles), "two methods share a colour"
@@ -189,13 +197,10 @@ def test_study_styles_are_one_per_method():
 
 def test_study_plot_on_synthetic_input(tmp_path):
     pytest.importorskip("matplotlib")
-    import sys
-
     import matplotlib
 
     matplotlib.use("Agg")
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import study
+    study = bench("study")
 
     table = synthetic_table(list(study.METHODS))
     levels = {"mu": 0.278, "V*": 0.805, "never-ask": 0.3914}
@@ -212,10 +217,7 @@ def test_study_plot_on_synthetic_input(tmp_path):
 
 
 def test_learning_curves_on_synthetic_runs(tmp_path):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import plot_curves
+    plot_curves = bench("plot_curves")
 
     assert plot_curves.method_of(Path("runs/study/REFUEL__seed2")) == "REFUEL"
     assert plot_curves.method_of(Path("runs/x/refuel__tutor__1__1733000000")) == "refuel__tutor"
