@@ -413,6 +413,22 @@ class TurnSamples:
     hit_budget: torch.Tensor  # bool, True where the turn ran out of tokens before any stop token
 
 
+def finish_turns(tokenizer, toks: torch.Tensor, lps: torch.Tensor, stop_ids: Sequence[int]) -> TurnSamples:
+    """TurnSamples from a decode loop's B x n sampled ids and their log-probs (the sampler's stopping rule, for
+    any decode loop that samples turns): each row is cut after its first stop id (padding written after a
+    row's stop may itself be a stop id), hit_budget where it has none, texts decoded without special tokens
+    and stripped, the stop token left out of them."""
+    toks, lps = toks.cpu(), lps.cpu()
+    B, n = toks.shape
+    is_stop = torch.isin(toks, torch.as_tensor(list(stop_ids), dtype=toks.dtype))
+    has_stop = is_stop.any(1)
+    length = torch.where(has_stop, is_stop.float().argmax(1) + 1, torch.full((B,), n))
+    ids = [toks[b, : length[b]].tolist() for b in range(B)]  # bookkeeping on finished tensors, not generation
+    content = [row[:-1] if has_stop[b] else row for b, row in enumerate(ids)]
+    texts = [t.strip() for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
+    return TurnSamples(texts, ids, [lps[b, : length[b]] for b in range(B)], ~has_stop)
+
+
 def cache_kwarg(model) -> str:
     """The forward() keyword of the KV cache: `cache` in recent transformers, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -520,6 +536,8 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     auto = fast is None
     fast = use_fast_path(model, fast) and not (auto and model in _FAST_PATH_FAILED)  # fast=True is always honoured
     stop_ids = list(stop_token_ids(tokenizer, model, eot_id) if stop_ids is None else stop_ids)
+    if not stop_ids:
+        raise ValueError("sample_turns: stop_ids must hold at least one token id (the end-of-turn token first)")
     args = (model, tokenizer, convs, max_new_tokens, temperature, max_batch_size, stop_ids)
     if not (fast and auto):
         return _sample_turns(*args, fast, compile_step, keep_cache)
@@ -546,8 +564,7 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
     """The decode loop of sample_turns, on the fast path or not; stop_ids[0] is the end-of-turn token."""
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(model.parameters()).device
-    stops = torch.tensor(stop_ids, dtype=torch.long)
-    stops_dev = stops.to(device)
+    stops_dev = torch.tensor(stop_ids, dtype=torch.long, device=device)
     kw = cache_kwarg(model)  # read once per call, not per decode step
     compile_step = fast and (device.type == "cuda" if compile_step is None else compile_step)
     step = decode_step(model, compile_step) if fast else None
@@ -603,16 +620,11 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
                             **{kw: cache})
                 cache, logits = returned_cache(out), out.logits[:, -1]
             next_pos = next_pos + 1
-        toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
-        is_stop = torch.isin(toks, stops)  # padding after a row's stop may itself be a stop id: cut at the first
-        has_stop = is_stop.any(1)
-        length = torch.where(has_stop, is_stop.float().argmax(1) + 1, torch.full((B,), n))
-        for b in range(B):  # bookkeeping on finished tensors, not generation
-            ids_out.append(toks[b, : length[b]].tolist())
-            lps_out.append(lps[b, : length[b]])
-        content = [row[:-1] if has_stop[i] else row for i, row in enumerate(ids_out[-B:])]
-        texts += [t.strip() for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
-        hit.append(~has_stop)
+        done_turns = finish_turns(tokenizer, toks[:, :n], lps[:, :n], stop_ids)
+        texts += done_turns.texts
+        ids_out += done_turns.token_ids
+        lps_out += done_turns.logprobs
+        hit.append(done_turns.hit_budget)
     model.train(was_training)
     if not keep_cache:
         free_static_caches(model)

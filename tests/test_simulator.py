@@ -487,6 +487,21 @@ def test_sampling_stops_at_the_models_other_stop_tokens(source, fast):
     assert sim.split_turn(tok, done[0], 1)[1] == [eot]
 
 
+def test_finish_turns_cuts_each_row_at_its_first_stop_token():
+    """The stopping rule any decode loop can share (sample_turns uses it; mtpo's mixture sampler and the vLLM
+    engine mirror it): cut after the first stop id, even when the padding after it is a stop id too."""
+    tok = llama3_with_end_of_text()
+    eot, end_of_text = sim.end_of_turn_id(tok), tok.convert_tokens_to_ids("<|end_of_text|>")
+    songs, best = tok.convert_tokens_to_ids("songs"), tok.convert_tokens_to_ids("best")
+    toks = torch.tensor([[songs, eot, eot, eot], [songs, best, end_of_text, eot], [songs, best, songs, best]])
+    lps = -torch.arange(12, dtype=torch.float32).view(3, 4)
+    out = sim.finish_turns(tok, toks, lps, [eot, end_of_text])
+    assert out.token_ids == [[songs, eot], [songs, best, end_of_text], [songs, best, songs, best]]
+    assert out.texts == ["songs", "songs best", "songs best songs best"]
+    assert out.hit_budget.tolist() == [False, False, True]
+    assert [x.tolist() for x in out.logprobs] == [[0.0, -1.0], [-4.0, -5.0, -6.0], [-8.0, -9.0, -10.0, -11.0]]
+
+
 # ---------------------------------------------------------------- reward models: left truncation, padding
 def tiny_reward_model(tok, pad_token_id, seed=0):
     from transformers import LlamaConfig, LlamaForSequenceClassification
