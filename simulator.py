@@ -397,6 +397,8 @@ def sampling_copy(model, dtype: Optional[torch.dtype] = None):
 
         copy = AutoModelForCausalLM.from_config(model.config).to(first.device, dtype or first.dtype).eval()
         copy.requires_grad_(False)
+        if getattr(model, "generation_config", None) is not None:  # its EOS ids are stop tokens (stop_token_ids)
+            copy.generation_config = model.generation_config
         _SAMPLING_COPIES[model] = copy
     for name, p in copy.named_parameters():
         p.copy_(full_tensor(params[name].detach()))

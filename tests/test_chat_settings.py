@@ -172,4 +172,5 @@ def test_dialogue_token_count_is_the_chat_templated_length():
     conv = [{"role": "user", "content": "i like songs"}, {"role": "assistant", "content": "ok", "truncated": True}]
     assert sim.dialogue_token_count(tok, conv) == len(sim.render_ids(tok, conv, add_generation_prompt=False))
     longer = conv + [{"role": "user", "content": "why ?"}, {"role": "assistant", "content": "because"}]
-    assert sim.dialogue_token_count(tok, longer) == sim.dialogue_token_count(tok, conv) + 11  # (3 + 2 + 1) + (3 + 1 + 1)
+    # two messages more: header (3 tokens) + content + <|eot_id|> each, (3 + 2 + 1) + (3 + 1 + 1)
+    assert sim.dialogue_token_count(tok, longer) == sim.dialogue_token_count(tok, conv) + 11

@@ -192,7 +192,8 @@ def test_models_that_cannot_be_found_offline_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("broken, missing", [
-    ("from transformers import LlamaPreTrainedModelThatV5Removed\n", "LlamaPreTrainedModelThatV5Removed"),  # ImportError
+    ("from transformers import LlamaPreTrainedModelThatV5Removed\n",  # an ImportError
+     "LlamaPreTrainedModelThatV5Removed"),
     ("import transformers\n\nDOCS = LLAMA_INPUTS_DOCSTRING_THAT_V5_REMOVED\n",
      "LLAMA_INPUTS_DOCSTRING_THAT_V5_REMOVED")])  # NameError
 def test_remote_code_reward_model_that_fails_to_import_names_the_model_and_the_name(tmp_path, broken, missing):

@@ -487,6 +487,18 @@ def test_sampling_stops_at_the_models_other_stop_tokens(source, fast):
     assert sim.split_turn(tok, done[0], 1)[1] == [eot]
 
 
+def test_the_sampling_copy_keeps_the_models_stop_tokens():
+    """FSDP2's sampling copy is built from the config: it takes the model's generation_config (its EOS ids)."""
+    tok = llama3_with_end_of_text()
+    tok.eos_token = None
+    model = tiny_llama(tok)
+    eot, end_of_text = sim.end_of_turn_id(tok), tok.convert_tokens_to_ids("<|end_of_text|>")
+    model.generation_config.eos_token_id = [end_of_text, eot]
+    copy = sim.sampling_copy(model)
+    assert sim.stop_token_ids(tok, copy) == sim.stop_token_ids(tok, model) == [eot, end_of_text]
+    sim._SAMPLING_COPIES.pop(model, None)
+
+
 def test_finish_turns_cuts_each_row_at_its_first_stop_token():
     """The stopping rule any decode loop can share (sample_turns uses it; mtpo's mixture sampler and the vLLM
     engine mirror it): cut after the first stop id, even when the padding after it is a stop id too."""
