@@ -708,7 +708,9 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
     questions: `Environment.supported_turns`, the contexts' max_turns) is a ValueError before any sampling.
     """
     need = [n + int(bool(reply_after_last) and not env.scores_final_user_reply) for n in n_turns]
-    for i, (u, n) in enumerate(zip(users, need)):
+    for i, (c, u, n) in enumerate(zip(convs, users, need)):
+        if sum(m["role"] == "assistant" for m in c) >= n_turns[i]:
+            continue  # nothing to sample, no user turn to ask for
         most = env.supported_turns(u)
         if most is not None and n > most:
             raise ValueError(f"conversation {i}: {n_turns[i]} assistant turns"
