@@ -541,7 +541,7 @@ def check_args(args: Args) -> None:
     if args.gamma and args.loss == "dpo":
         bad.append("--gamma is REBEL's Eq. (11) shaping; DPO's KL to pi_ref is --beta")
     if bad:
-        hint = " (greedy sampling makes both replies identical, so every pair would be dropped)" * (args.temperature <= 0)
+        hint = " (greedy sampling makes both replies identical: every pair dropped)" * (args.temperature <= 0)
         raise ValueError("invalid flags: " + "; ".join(bad) + hint)
 
 

@@ -1,18 +1,19 @@
 """mtpo.py: MTPO, MTPO-tau and the multi-turn RLHF baseline (Shani et al., "Multi-turn Reinforcement Learning from
-Preference Human Feedback", NeurIPS 2024; notes: ../shared/papers/mtpo_and_iterative_ppo_notes.md, Part A), one
+Preference Human Feedback", NeurIPS 2024; the derivations and design notes are in docs/mtpo.md), one
 self-contained CleanRL-style script.
 
-The game (notes A.1-A.2): the regularised preference P_a(pi > pi') = P(pi > pi') - a KL_p(pi||mu) + a KL_p(pi'||mu);
-its Nash equilibrium is the target. Self-play mirror descent, Eq. (1)/(2): pi_{t+1}(y|x) ~ mu^(a eta) pi_t^(1 - a eta)
+The game (Sec. 3, Lemmas 3.1-3.2): the regularised preference
+P_a(pi > pi') = P(pi > pi') - a KL_p(pi||mu) + a KL_p(pi'||mu); its Nash equilibrium is the target. Self-play
+mirror descent, Eq. (1)/(2): pi_{t+1}(y|x) ~ mu^(a eta) pi_t^(1 - a eta)
 exp(eta Q_a^{pi_t,pi_t}(x, y)), with Q_a(x_h, y_h) = E[P(x_{H+1} > pi') - a sum_{h'>=h} KL(pi||mu)[x_h']]: the opponent's
-conversation starts afresh from the context (no shared prefix). The deep version (notes A.7.1) is an actor-critic:
+conversation starts afresh from the context (no shared prefix). The deep version (Sec. 4.1) is an actor-critic:
   --variant mtpo      per context two whole conversations from pi_theta; p = P(conv 1 > conv 2) from the preference
                       oracle; rewards p and 1 - p ("2 generations, 2 updates per context").       -> `rollout`
   --variant mtpo-tau  the same, both conversations sampled from the geometric mixture pi^tau ~ pi^(1-tau) mu^tau
-                      (notes A.4), per token: softmax((1 - tau) logits_pi + tau logits_mu), a two-model KV-cached
+                      (Theorem B.2), per token: softmax((1 - tau) logits_pi + tau logits_mu), a two-model KV-cached
                       decode loop batched over all conversations.                          -> `mixture_sample_turns`
-  --variant rlhf      one conversation per context, the conversation-level reward instead (notes A.5).
-Losses for agent turn y_h at state x_h (notes A.7.1, item 5):
+  --variant rlhf      one conversation per context, the conversation-level reward instead (Theorem B.6).
+Losses for agent turn y_h at state x_h (Sec. 4.1):
   L_policy = -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h]                                       -> `policy_loss`
   L_value  = (V_hat_h - V(x_h))^2                                                           -> `value_loss`
 with log pi(y_h|x_h) the SUM of the turn's token log-probs, a turn-level value (one scalar per agent state), GAE with
@@ -20,7 +21,8 @@ lambda = 0.95, gamma = 1 over agent turns (`gae`), advantages normalised over th
 for the first --value_warmup_iterations ("policy learning delay"). No mirror-descent term to pi_t (the paper drops it).
 
 Choices the paper leaves open, and why:
-  * KL without double counting (notes A.7.3). The explicit +a KL(pi||mu)[x_h] of L_policy supplies the gradient of
+  * KL without double counting (docs/mtpo.md#kl-without-double-counting). The explicit +a KL(pi||mu)[x_h] of
+    L_policy supplies the gradient of
     the CURRENT state's KL; GAE must then carry only the FUTURE states' KL: r_h = -a KLhat[x_{h+1}] for h < H and
     r_H = R (the preference p, 1 - p or the reward), with V(x_h) the value before paying x_h's KL (`turn_rewards`).
     KLhat[x] = sum over the sampled turn of log pi_t - log mu (unbiased on pi_t's samples). The gradient of the
@@ -33,7 +35,8 @@ Choices the paper leaves open, and why:
     initialises V from a pretrained checkpoint), read at the last token of x_h (its generation prompt). One forward
     over each whole conversation yields every turn's log-prob and every state's value (causal attention), so the
     batch costs one pass per conversation, not one per turn.
-  * MTPO-tau trains on mixture samples with the on-policy loss (tau is small; the paper does the same, notes A.7.3).
+  * MTPO-tau trains on mixture samples with the on-policy loss (tau is small; the paper does the same;
+    docs/mtpo.md#training-on-mixture-samples).
   * The preference probability p is used as the reward (the paper's model "outputs the probability"), not a
     Bernoulli draw. The oracle is the simulator's: Bradley-Terry sigmoid(4 (r_a - r_b)) on the tutor task, or a
     prompted judge (--judge_model [--judge_api_base]) asked in both orders and averaged (sim.JudgePreference).
@@ -198,8 +201,9 @@ class Args:
 def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, temperature: float = 1.0,
                          tau: float = 0.0, max_batch_size: int = 256) -> sim.TurnSamples:
     """Next assistant turn of every conversation from softmax(((1 - tau) logits_pi + tau logits_mu) / T), the
-    per-token normalised geometric mixture pi^(1-tau) mu^tau (notes A.4, A.6). Both models keep their KV cache;
-    tau = 0 runs the policy alone (= sim.sample_turns). Log-probs are under the mixture."""
+    per-token normalised geometric mixture pi^(1-tau) mu^tau (Theorem B.2; docs/mtpo.md#the-mixture-sampler).
+    Both models keep their KV cache; tau = 0 runs the policy alone (= sim.sample_turns). Log-probs are under the
+    mixture."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
     if tau == 0 or ref is None:
@@ -230,7 +234,7 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
         done = torch.zeros(B, dtype=torch.bool, device=device)
         n = 0
         for t in range(max_new_tokens):
-            mixed = (1 - tau) * logits[0] + tau * logits[1]  # notes A.6: log pi^tau = (1-tau) log pi + tau log mu + c
+            mixed = (1 - tau) * logits[0] + tau * logits[1]  # log pi^tau = (1-tau) log pi + tau log mu + c
             logp = (mixed / (temperature or 1.0)).log_softmax(-1)
             tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(1)
             toks[:, t] = torch.where(done, pad_id, tok)
@@ -361,8 +365,9 @@ class ActorCritic(torch.nn.Module):
 # Rewards, GAE, losses
 # ----------------------------------------------------------------------------------------------------------------
 def turn_rewards(final_reward, logratio_turn, turn_mask, alpha: float):
-    """r_h = -a KLhat[x_{h+1}] for h < H_k, r_{H_k} = R (notes A.7.3): the KL of a state is paid on the turn before
-    it, the current state's KL is the explicit term of L_policy, so none is counted twice."""
+    """r_h = -a KLhat[x_{h+1}] for h < H_k, r_{H_k} = R (docs/mtpo.md#kl-without-double-counting): the KL of a
+    state is paid on the turn before it, the current state's KL is the explicit term of L_policy, so none is
+    counted twice."""
     r = torch.zeros_like(logratio_turn)
     r[:, :-1] = -alpha * logratio_turn[:, 1:] * turn_mask[:, 1:]
     last = turn_mask.long().sum(1) - 1  # H_k - 1
@@ -371,8 +376,9 @@ def turn_rewards(final_reward, logratio_turn, turn_mask, alpha: float):
 
 
 def gae(rewards, values, turn_mask, gamma: float = 1.0, lam: float = 0.95):
-    """GAE over agent turns (Schulman et al. 2016; notes A.7.3): delta_h = r_h + gamma V(x_{h+1}) - V(x_h), V = 0
-    after the last turn; A_h = sum_l (gamma lam)^l delta_{h+l}; returns (A, V_hat = A + V)."""
+    """GAE over agent turns (Schulman et al. 2016; docs/mtpo.md#gae-over-agent-turns):
+    delta_h = r_h + gamma V(x_{h+1}) - V(x_h), V = 0 after the last turn; A_h = sum_l (gamma lam)^l delta_{h+l};
+    returns (A, V_hat = A + V)."""
     N, H = rewards.shape
     adv = torch.zeros_like(rewards)
     last = torch.zeros(N, dtype=rewards.dtype, device=rewards.device)
@@ -386,13 +392,13 @@ def gae(rewards, values, turn_mask, gamma: float = 1.0, lam: float = 0.95):
 
 
 def normalize(adv, turn_mask, eps: float = 1e-8):
-    """Advantage normalisation over the batch's valid turns (notes A.7.1: "batch-normalize ... advantage")."""
+    """Advantage normalisation over the batch's valid turns (Sec. 4.1: "batch-normalize ... advantage")."""
     a = adv[turn_mask]
     return ((adv - a.mean()) / (a.std() + eps)) * turn_mask if a.numel() > 1 else adv
 
 
 def policy_loss(logp_tokens, ref_logp_tokens, token_turn, advantages, turn_mask, alpha: float):
-    """Mean over agent turns of -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h] (notes A.7.1, item 5). The KL term's
+    """Mean over agent turns of -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h] (Sec. 4.1, L_policy). The KL term's
     gradient is the turn's score-function estimator with the in-turn reward-to-go of log pi/mu."""
     H = advantages.shape[1]
     logp_turn = per_turn(logp_tokens, token_turn, H)
@@ -408,7 +414,7 @@ def policy_loss(logp_tokens, ref_logp_tokens, token_turn, advantages, turn_mask,
 
 
 def value_loss(values, returns, turn_mask):
-    """Mean over agent states of (V_hat_h - V(x_h))^2 (notes A.7.1, item 5)."""
+    """Mean over agent states of (V_hat_h - V(x_h))^2 (Sec. 4.1, L_value)."""
     return (((values - returns.detach()) ** 2) * turn_mask).sum() / turn_mask.sum().clamp(min=1)
 
 
@@ -687,7 +693,7 @@ def setup(args: Args):
     model = prepare_for_training(ActorCritic(policy, value_backbone), args)
     optimizer = torch.optim.AdamW(
         [{"params": list(model.policy.parameters()), "lr": args.lr},
-         {"params": list(model.value_head.parameters()) + list((model.value_backbone or torch.nn.Module()).parameters()),
+         {"params": [*model.value_head.parameters(), *(model.value_backbone or torch.nn.Module()).parameters()],
           "lr": args.value_lr}],
         betas=args.adam_betas, weight_decay=args.weight_decay)
     conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
@@ -755,12 +761,12 @@ def main(args: Args) -> dict:
             convs, hit = rollout(pi, ref, tokenizer, env, msgs, users, rng, args, tau)
         n = len(contexts)
         if args.variant == "rlhf":
-            R = env.reward(convs)  # notes A.5: r_RLHF(x_{H+1})
+            R = env.reward(convs)  # Theorem B.6: r_RLHF(x_{H+1})
             if not torch.isfinite(R).all():
                 raise FloatingPointError("the reward is NaN or infinite for some conversations")
         else:
             p = preference(env, convs[:n], convs[n:])  # p = P(conv 1 > conv 2)
-            R = torch.cat([p, 1 - p])  # notes A.7.3: rewards p and 1 - p
+            R = torch.cat([p, 1 - p])  # docs/mtpo.md#the-rewards-of-the-two-conversations
         t_collect = time.time() - t0
         dev = accelerator.device
         ids, attn, token_turn, state_pos, turn_mask = [x.to(dev) for x in conversation_batch(tokenizer, convs, H)]

@@ -218,8 +218,8 @@ def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None):
             if ref is not None:
                 p["ref_logprob_a"], p["ref_logprob_b"] = float(ref[j]), float(ref[k + j])
             pairs.append(p)
-    stats = dict(collected=n, dropped_identical=sum(identical), dropped_too_long=sum(too_long), reward=float(r_a.mean()),
-                 hit_budget=float(np.mean([info_a[i][h[i]][1] for i in range(n)])))
+    stats = dict(collected=n, dropped_identical=sum(identical), dropped_too_long=sum(too_long),
+                 reward=float(r_a.mean()), hit_budget=float(np.mean([info_a[i][h[i]][1] for i in range(n)])))
     return pairs, stats
 
 

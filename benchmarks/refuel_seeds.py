@@ -1,5 +1,5 @@
 """Learning over several seeds: runs `refuel.py` once per seed (default settings unless overridden) and prints, per
-seed and overall, mu's reward, the final reward, the best, and the minutes to reach the target (REFERENCE: V* = 0.805).
+seed and overall, mu's reward, the final reward, the best, and the minutes to reach the target (V* = 0.805, docs/implementation_notes.md#exact-values).
 
     python benchmarks/refuel_seeds.py --seeds 1 2 3 4 5 --parallel 2 --threads 1
 """
