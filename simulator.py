@@ -1572,8 +1572,10 @@ class HFRewardModel:
             for cfg in self._configs:
                 cfg.pad_token_id = pad
         self.pad_id = int(pad)
-        emb = unwrap_model(model).get_input_embeddings() if hasattr(unwrap_model(model), "get_input_embeddings") \
-            else None
+        try:  # the ids a substitute pad may take (see batch_pad_id)
+            emb = unwrap_model(model).get_input_embeddings()
+        except (AttributeError, NotImplementedError):  # custom models may not say
+            emb = None
         self._vocab = getattr(emb, "num_embeddings", None) or getattr(self._configs[-1], "vocab_size", None) \
             or len(tokenizer)
         # a scoring pass needs no KV cache (at 8B, 16 x 4,096 tokens of it are 8 GB); custom models may lack the flag
