@@ -11,10 +11,15 @@ Batch-online policy iteration (paper Algorithm 1), per outer iteration i:
   6. D_single = the states s_h visited by pi_i, as prompts (the very serialisation pi_i saw)
   7. pi_{i+1} = PPO(D_single, reward model = Q_i): ordinary single-turn token-level PPO (Observation 1), maximising
         E_{y~pi(.|s)} Q_i(s, y) - beta KL(pi(.|s) || pi_i(.|s))          (Theorem 2: the KL anchor is pi_i, not mu)
-     per token: r_t = -beta (ln pi_old(y_t) - ln pi_i(y_t)), plus Q_i(s, y) at the last token    -> `ppo_rewards`
-     GAE over the response tokens with PPO's own token-level critic (initialised from Q_i)     -> `token_gae`
+     the reward is Q_i(s, y) at the last token                                                  -> `ppo_rewards`
+     the KL to pi_i is exact per token over the vocabulary, in every minibatch's loss (pi_i stays fixed while the
+     sampling policy moves, so it acts from the first optimizer step of the first PPO batch)  -> `token_kl_entropy`
+     GAE over the response tokens with PPO's own token-level critic (initialised from Q_0, then kept with its
+     optimizer across outer iterations)                                                          -> `token_gae`
      whitened advantages, clipped surrogate and clipped value loss.                -> `whiten`, `ppo_clipped_loss`
      No environment step happens inside PPO: the future turns are compressed into Q_i.
+     Afterwards KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn are measured on fresh samples at the states pi_i
+     visited                                                                                  -> `policy_shift`
   9. "until Q_i has converged": with --q_converged_tol, stop when Q_i's estimate of V^{pi_i}(s_1) (mean Q_i over
      held-out first turns) moves less than the tolerance between iterations; otherwise run num_iterations.
 
@@ -120,7 +125,11 @@ class Args:
 
     # step 7: token-level PPO against Q_i
     kl_coef: float = 0.05
-    """beta of the per-token KL penalty to pi_i (Theorem 2)"""
+    """beta of the KL penalty to pi_i (Theorem 2)"""
+    kl_penalty: Literal["loss", "reward"] = "loss"
+    """'loss': beta x the exact per-token KL(pi_theta || pi_i) over the vocabulary at the response positions, in
+    every minibatch's loss (acts from the first optimizer step on, in every PPO batch); 'reward': the per-token reward
+    -beta (ln pi_old - ln pi_i) fixed at sampling time (zero throughout the first PPO batch, where pi_old = pi_i)"""
     ppo_batches: int = 2
     """D_single is shuffled and cut into this many PPO batches; each is sampled anew from the current policy"""
     ppo_epochs: int = 2
@@ -137,6 +146,9 @@ class Args:
     """GAE lambda over tokens"""
     ppo_gamma: float = 1.0
     """GAE discount over tokens (1 = the single-turn RLHF convention)"""
+    reset_critic: bool = False
+    """re-initialise the token critic from Q_i with a fresh optimizer at every outer iteration; default: initialised
+    from Q_0 once, then the critic and its AdamW state carry across outer iterations (and checkpoints)"""
     whiten_rewards: bool = False
     """also whiten the token rewards before GAE (advantages are always whitened)"""
     lr: float = 3e-4
@@ -315,7 +327,9 @@ def split_heldout(examples, fraction: float, rng):
 
 def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_size=128, heldout_fraction=0.1,
                 patience=2, max_grad_norm=1.0, accelerator=None, weight_decay=0.0, optimizer=None) -> dict:
-    """Step 5: regress Q(s_h, y_h) onto G_h (MSE), early-stopped on the held-out MSE; keeps the best epoch."""
+    """Step 5: regress Q(s_h, y_h) onto G_h (MSE), early-stopped on the held-out MSE; keeps the best epoch.
+    q/reverted = 1 when no epoch beat the starting weights on the held-out part, so Q comes out unchanged (with
+    the warm start: Q_i = Q_{i-1})."""
     if not examples:
         raise ValueError("fit_q_model: no examples")
     if not all(math.isfinite(e["G"]) for e in examples):
@@ -338,6 +352,7 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
     q_model.train()
     before = best = heldout_mse()
     best_state, bad, train_mse, epochs_run = copy.deepcopy(q_model.state_dict()), 0, float("nan"), 0
+    improved, steps = False, 0
     for epoch in range(epochs):
         order, losses = rng.permutation(len(fit)), []
         for s in range(0, len(order), minibatch_size):
@@ -351,13 +366,14 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
             sync_gradients(q_model, accelerator)
             torch.nn.utils.clip_grad_norm_(q_model.parameters(), max_grad_norm)
             opt.step()
+            steps += 1
             losses.append(loss.item())
         train_mse, epochs_run = reduce(float(np.mean(losses))), epoch + 1
         if not held:
             continue
         mse = heldout_mse()
         if mse < best:  # the held-out error is the "Q has converged" signal of the fit
-            best, bad, best_state = mse, 0, copy.deepcopy(q_model.state_dict())
+            best, bad, best_state, improved = mse, 0, copy.deepcopy(q_model.state_dict()), True
         else:
             bad += 1
             if bad >= patience:
@@ -369,7 +385,8 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
     v_hat = reduce(float(q_predict(q_model, tokenizer, [e["messages"] for e in first]).mean()))
     v_mc = reduce(float(np.mean([e["G"] for e in first])))
     return {"q/heldout_mse_before": before, "q/heldout_mse": best, "q/train_mse": train_mse, "q/epochs": epochs_run,
-            "q/v_hat": v_hat, "q/v_monte_carlo": v_mc, "q/examples": len(fit), "q/heldout_examples": len(held)}
+            "q/v_hat": v_hat, "q/v_monte_carlo": v_mc, "q/examples": len(fit), "q/heldout_examples": len(held),
+            "q/reverted": float(bool(held) and not improved), "q/optimizer_steps": steps}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -390,7 +407,8 @@ def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
 
 
 def ppo_rewards(q_scores, logprobs, ref_logprobs, mask, kl_coef):
-    """Per-token reward: -beta (ln pi_old - ln pi_i) on every response token, plus Q_i(s, y) at the last one."""
+    """Per-token reward: -beta (ln pi_old - ln pi_i) on every response token, plus Q_i(s, y) at the last one; and the
+    log-ratio. With --kl_penalty loss (the default) beta is 0 here: the KL to pi_i is in the loss instead."""
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # one-hot at each row's last token
@@ -445,13 +463,82 @@ def response_logprobs(model, ids, attn, idx, mask, temperature):
     return lp.gather(1, idx.to(lp.device))
 
 
+def response_log_dists(model, ids, attn, idx, mask, temperature):
+    """log softmax(logits / temperature) over the whole vocabulary at each response token's predicting position
+    (B x T x V, float32, 0 on padding), for response_batch's rows. Each row is re-aligned at its end (its response
+    ends it; positions from the mask), so the LM head runs over the last T + 1 positions only. Differentiable."""
+    B, L = ids.shape
+    T = mask.shape[1]
+    n = attn.sum(1)
+    src = torch.arange(L, device=ids.device) - (L - n)[:, None]  # left padding: row ends aligned
+    ids_l = ids.gather(1, src.clamp(min=0))
+    attn_l = attn.gather(1, src.clamp(min=0)) * (src >= 0)
+    pos = (attn_l.cumsum(-1) - 1).clamp(min=0)
+    kw = dict(logits_to_keep=T + 1) if sim.accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=ids_l, attention_mask=attn_l, position_ids=pos, use_cache=False, **kw).logits
+    logits = logits[:, -(T + 1):-1]  # kept entry t predicts the row's token L - T + t
+    r = mask.sum(1).long().to(ids.device)  # response lengths: response token j is kept entry T - r + j
+    t = ((T - r)[:, None] + torch.arange(T, device=ids.device)).clamp(max=T - 1)
+    logp = torch.log_softmax(logits.float() / temperature, -1)
+    logp = logp.gather(1, t[:, :, None].expand(-1, -1, logp.shape[-1]))
+    return logp * mask.to(logp.device)[:, :, None]
+
+
+def response_tokens(ids, idx, mask):
+    """The response token ids (B x T, 0 on padding): the token each predicting position idx predicts."""
+    return ids.gather(1, (idx + 1).clamp(max=ids.shape[1] - 1)) * mask.long()
+
+
+def token_kl_entropy(logp, ref_logp, mask):
+    """Exact per-token KL(p || q) = sum_v p_v (ln p_v - ln q_v) and entropy -sum_v p_v ln p_v over the vocabulary
+    (B x T, 0 on padding), from log-distributions p = exp(logp), q = exp(ref_logp) (B x T x V)."""
+    p = logp.exp()
+    kl = (p * (logp - ref_logp)).sum(-1)
+    ent = -(p * logp).sum(-1)
+    return kl * mask, ent * mask
+
+
+@torch.no_grad()
+def policy_shift(policy, ref_policy, tokenizer, prompts, turns, accelerator, args) -> dict:
+    """After an outer iteration's PPO: KL(pi_{i+1} || pi_i) on the states pi_i visited, and pi_{i+1}'s entropy per
+    agent turn h. Fresh responses y ~ pi_{i+1}(.|s) for every prompt s of D_single; per response, the exact
+    per-token KL and entropy over the vocabulary summed over its tokens (unbiased estimates of the response-level
+    KL(pi_{i+1}(.|s) || pi_i(.|s)) and entropy H(pi_{i+1}(.|s))), averaged over prompts and over ranks."""
+    dev = accelerator.device
+    H = max(args.max_turns, max(turns))
+    with generation_model(policy, accelerator) as pi:
+        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, args.temperature, args.gen_batch_size)
+        ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
+        kl, ent = [], []
+        for s in range(0, len(prompts), args.gen_batch_size):
+            c = slice(s, s + args.gen_batch_size)
+            k, e = token_kl_entropy(response_log_dists(pi, ids[c], attn[c], idx[c], mask[c], args.temperature),
+                                    response_log_dists(ref_policy, ids[c], attn[c], idx[c], mask[c],
+                                                       args.temperature), mask[c])
+            kl.append(k.sum(1))
+            ent.append(e.sum(1))
+    kl, ent = torch.cat(kl).double(), torch.cat(ent).double()
+    h = torch.as_tensor(turns, device=dev) - 1
+    onehot = torch.zeros(len(prompts), H, device=dev, dtype=torch.float64).scatter_(1, h[:, None], 1.0)
+    count = torch.tensor(float(len(prompts)), device=dev, dtype=torch.float64)
+    sums = torch.cat([torch.stack([kl.sum(), ent.sum(), count]), ent @ onehot, onehot.sum(0)])
+    sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
+    n, ent_h, n_h = sums[2], sums[3:3 + H], sums[3 + H:]
+    out = {"ppo/kl_new_to_pi_i": float(sums[0] / n), "charts/entropy": float(sums[1] / n)}
+    out.update({f"charts/entropy_turn{k + 1}": float(ent_h[k] / n_h[k]) for k in range(H) if n_h[k] > 0})
+    return out
+
+
 def response_values(critic, ids, attn, idx):
     return token_scores(critic, ids, attn).gather(1, idx.to(ids.device))
 
 
 def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer, accelerator,
                    rng, args, log_rows=None):
-    """One PPO batch: sample y ~ pi(.|s) for every prompt (batched), score with Q_i, GAE, ppo_epochs of updates."""
+    """One PPO batch: sample y ~ pi(.|s) for every prompt (batched), score with Q_i, GAE, ppo_epochs of updates.
+    With --kl_penalty loss each minibatch's loss is the clipped surrogate + beta x the exact per-token
+    KL(pi_theta || pi_i) (ppo/kl_term, nats per token, on the weights before the step); charts/optimizer_steps
+    counts the steps taken (fewer than epochs x minibatches when target-KL stops the batch)."""
     dev = accelerator.device
     with generation_model(policy, accelerator) as pi:
         samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, args.temperature, args.gen_batch_size)
@@ -465,7 +552,8 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
         old_v = torch.cat([response_values(critic, ids[c], attn[c], idx[c]) for c in chunks]) * mask
         q = q_predict(q_model, tokenizer, [p + [{"role": "assistant", "content": t}]
                                            for p, t in zip(prompts, samples.texts)]).to(dev)  # reward model = Q_i
-        rewards, kl = ppo_rewards(q, old_lp, ref_lp, mask, args.kl_coef)
+        in_reward = args.kl_penalty == "reward"  # else the KL to pi_i is in the loss (below)
+        rewards, kl = ppo_rewards(q, old_lp, ref_lp, mask, args.kl_coef if in_reward else 0.0)
         if args.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False)
         adv, returns = token_gae(rewards, old_v, mask, args.ppo_gamma, args.lam)
@@ -475,14 +563,24 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
                           ref_logprob=float(ref_lp[b].sum())) for b, (p, t, r) in
                      enumerate(zip(prompts, samples.texts, samples.token_ids))]
     mb = max(1, args.ppo_minibatch_size // args.world_size)
+    in_loss = args.kl_penalty == "loss" and args.kl_coef > 0
+    tokens = response_tokens(ids, idx, mask)
     logs = []
     for _ in range(args.ppo_epochs):
         order = torch.as_tensor(rng.permutation(len(prompts)), device=dev)
         for s in range(0, len(prompts), mb):
             j = order[s:s + mb]
-            lp = response_logprobs(policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
+            if in_loss:  # Theorem 2's KL to pi_i, exact over the vocabulary, on the current weights
+                logp = response_log_dists(policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
+                lp = logp.gather(2, tokens[j][:, :, None]).squeeze(-1)
+                with torch.no_grad():
+                    ref_logp = response_log_dists(ref_policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
+                kl_term = masked_mean(token_kl_entropy(logp, ref_logp, mask[j])[0], mask[j])  # nats per token
+            else:
+                lp = response_logprobs(policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
+                kl_term = torch.zeros((), device=dev)
             pg_loss, clipfrac = ppo_clipped_loss(lp, old_lp[j], adv[j], mask[j], args.cliprange)
-            accelerator.backward(pg_loss)
+            accelerator.backward(pg_loss + args.kl_coef * kl_term if in_loss else pg_loss)
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -496,14 +594,16 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
             critic_opt.step()
             with torch.no_grad():
                 approx_kl = accelerator.reduce(masked_mean(0.5 * (lp - old_lp[j]) ** 2, mask[j]), "mean")
-            logs.append((pg_loss.item(), vf_loss.item(), clipfrac.item(), approx_kl.item()))
+            logs.append((pg_loss.item(), vf_loss.item(), clipfrac.item(), approx_kl.item(), kl_term.item()))
             if args.target_kl and approx_kl.item() > args.target_kl:  # same decision on every rank
                 break
         else:
             continue
         break
-    pg, vf, cf, akl = np.mean(logs, 0)
+    pg, vf, cf, akl, klt = np.mean(logs, 0)
     return {"losses/policy_loss": pg, "losses/value_loss": vf, "losses/clipfrac": cf, "losses/approx_kl": akl,
+            "ppo/kl_term": klt, "ppo/kl_term_first_minibatch": logs[0][4], "ppo/kl_term_last_minibatch": logs[-1][4],
+            "charts/optimizer_steps": len(logs),
             "ppo/q_score": float(q.mean()), "ppo/kl_to_pi_i": float(kl.sum(1).mean()),
             "ppo/response_tokens": float(mask.sum(1).mean()),
             "ppo/hit_budget": float(samples.hit_budget.float().mean())}
@@ -693,8 +793,9 @@ def evaluate(model, tokenizer, env, accelerator, args, seed):
 # ----------------------------------------------------------------------------------------------------------------
 # The outer loop
 # ----------------------------------------------------------------------------------------------------------------
-SHOW = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/v_hat", "q/v_monte_carlo",
-        "ppo/q_score", "ppo/kl_to_pi_i", "losses/clipfrac", "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")
+SHOW = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/reverted", "q/v_hat",
+        "ppo/q_score", "ppo/kl_new_to_pi_i", "charts/entropy", "charts/optimizer_steps", "losses/clipfrac",
+        "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")
 
 
 def check_args(args: Args) -> None:
@@ -770,18 +871,24 @@ def setup(args: Args):
     return accelerator, run_dir, rng, policy, tokenizer, env, q_model, critic, ref_policy, optimizer
 
 
-def resume(accelerator, run_dir: Path, rng, q_model, q_opt) -> dict:
-    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): policy, optimizer, Q_i, RNGs."""
+def resume(accelerator, run_dir: Path, rng, q_model, q_opt, critic=None, critic_opt=None) -> dict:
+    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): policy, optimizer, Q_i, the token
+    critic and its optimizer (when given and saved: meta["critic_restored"]), RNGs."""
     ckpt = run_dir / "checkpoint"
     ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
     if not ckpt.exists():
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
     accelerator.load_state(str(ckpt / "state"))
     meta = json.loads((ckpt / "meta.json").read_text())
+    meta["critic_restored"] = False
     if (ckpt / "q_model.pt").exists():
         q_state = torch.load(ckpt / "q_model.pt", map_location=accelerator.device)
         q_model.load_state_dict(q_state["model"])
         q_opt.load_state_dict(q_state["opt"])
+        if critic is not None and "critic" in q_state:
+            critic.load_state_dict(q_state["critic"])
+            critic_opt.load_state_dict(q_state["critic_opt"])
+            meta["critic_restored"] = True
     rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
     if rng_file.exists():
         rng.bit_generator.state = json.loads(rng_file.read_text())
@@ -790,17 +897,21 @@ def resume(accelerator, run_dir: Path, rng, q_model, q_opt) -> dict:
 
 
 def finish(accelerator, policy, q_model, env, run_dir: Path, first_eval: dict, final: dict, iterations: int,
-           minutes: float) -> dict:
-    """summary.json and the closing line; ranks tear the process group down together."""
+           minutes: float, totals: Optional[dict] = None) -> dict:
+    """summary.json (with totals: the run's policy optimizer steps and Q reverts) and the closing line; ranks tear
+    the process group down together."""
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
                "final_stderr": final["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
                "ranks_in_sync": ranks_in_sync(policy, q_model, accelerator)}
+    if totals:
+        summary.update(optimizer_steps=totals["charts/optimizer_steps_total"], q_reverted=totals["q/reverted_total"])
     if accelerator.is_main_process:
         v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
-        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> Iterative PPO {summary['final_reward']:.3f}"
-              f" +- {summary['final_stderr']:.3f} after {iterations} outer iterations, {minutes:.1f} min{v_star}")
+        print(f"mean reward: start of run {summary['initial_reward']:.3f} -> Iterative PPO "
+              f"{summary['final_reward']:.3f} +- {summary['final_stderr']:.3f} after {iterations} outer iterations, "
+              f"{minutes:.1f} min{v_star}")
         (run_dir / "summary.json").write_text(json.dumps(summary))
     accelerator.wait_for_everyone()  # not one rank leaving while another still writes
     accelerator.end_training()
@@ -812,8 +923,11 @@ def main(args: Args) -> dict:
     W = args.world_size
     q_init = copy.deepcopy(q_model.state_dict())
     q_opt = torch.optim.AdamW(q_model.parameters(), lr=args.q_lr, weight_decay=0.0)  # kept across iterations
-    meta = resume(accelerator, run_dir, rng, q_model, q_opt) if args.resume else {}
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr, weight_decay=0.0)  # kept too (--reset_critic)
+    meta = resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) if args.resume else {}
     start_iter, elapsed_before, v_prev = meta.get("iteration", 0), meta.get("elapsed", 0.0), meta.get("v_hat")
+    critic_ready = meta.get("critic_restored", False)  # else initialised from the first Q_i fitted
+    totals = {"charts/optimizer_steps_total": 0, "q/reverted_total": 0, **meta.get("totals", {})}
     # shared by all ranks: same held-out split sizes and stopping epochs
     fit_rng = np.random.default_rng(args.seed + 7 * start_iter if args.resume else args.seed)
     logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
@@ -844,9 +958,11 @@ def main(args: Args) -> dict:
         # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and a critic initialised from Q_i
         with generation_model(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
             ref_policy.load_state_dict(pi_i.state_dict())
-        critic.load_state_dict(q_model.state_dict())
+        if args.reset_critic or not critic_ready:  # else the critic (and its AdamW state) carries over from i - 1
+            critic.load_state_dict(q_model.state_dict())
+            critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr, weight_decay=0.0)
+            critic_ready = True
         critic.train()
-        critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr, weight_decay=0.0)
         rows = [] if args.save_rollouts else None
         order, ppo_logs = rng.permutation(len(prompts)), []
         for b, chunk in enumerate(np.array_split(order, args.ppo_batches)):
@@ -863,12 +979,18 @@ def main(args: Args) -> dict:
                 with open(args.save_rollouts, "a") as f:
                     f.writelines(json.dumps({"iteration": it, "rank": r, **row}) + "\n"
                                  for r, rank_rows in enumerate(rows) for row in rank_rows)
+        steps = sum(p.pop("charts/optimizer_steps") for p in ppo_logs)  # the same on every rank
         ppo = {k: float(np.mean([p[k] for p in ppo_logs])) for k in ppo_logs[0]}
-        ppo.update({f"{k}_first_batch": ppo_logs[0][k] for k in ("ppo/kl_to_pi_i",)})
+        ppo.update({f"{k}_first_batch": ppo_logs[0][k] for k in ("ppo/kl_to_pi_i", "ppo/kl_term")})
+        # KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn, on fresh samples at the states pi_i visited
+        shift = policy_shift(policy, ref_policy, tokenizer, prompts, [e["h"] for e in examples], accelerator, args)
+        totals["charts/optimizer_steps_total"] += steps
+        totals["q/reverted_total"] += int(q_stats["q/reverted"])
         red = accelerator.reduce(torch.tensor([float(rewards.mean()), *ppo.values()], device=accelerator.device,
                                               dtype=torch.float64), "mean").tolist()
         dt = time.time() - t0
-        metrics = {"charts/rollout_reward": red[0], **dict(zip(ppo, red[1:])), **q_stats,
+        metrics = {"charts/rollout_reward": red[0], **dict(zip(ppo, red[1:])), **q_stats, **shift,
+                   "charts/optimizer_steps": steps, **totals,
                    "charts/outer_iterations_per_sec": 1 / dt, "charts/conversations_per_sec":
                    args.prompts_per_iteration / dt,
                    "charts/ppo_samples_per_sec": len(prompts) * W / max(1e-9, dt - t_collect - t_q),
@@ -884,12 +1006,14 @@ def main(args: Args) -> dict:
             metrics.update(latest_eval)
         logger.log(it + 1, metrics, SHOW)
         if (it + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, policy, tokenizer, dict(model=q_model.state_dict(), opt=q_opt.state_dict()),
-                            run_dir, dict(iteration=it + 1, elapsed=time.time() - start, v_hat=v_prev), rng)
+            save_checkpoint(accelerator, policy, tokenizer,
+                            dict(model=q_model.state_dict(), opt=q_opt.state_dict(), critic=critic.state_dict(),
+                                 critic_opt=critic_opt.state_dict()), run_dir,
+                            dict(iteration=it + 1, elapsed=time.time() - start, v_hat=v_prev, totals=totals), rng)
         if out_of_time or converged:
             break
     return finish(accelerator, policy, q_model, env, run_dir, first_eval, latest_eval, it + 1,
-                  (time.time() - start) / 60)
+                  (time.time() - start) / 60, totals)
 
 
 if __name__ == "__main__":

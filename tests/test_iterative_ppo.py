@@ -1,3 +1,4 @@
+import copy
 import json
 import math
 import sys
@@ -70,6 +71,7 @@ def test_fit_q_model_improves_heldout_error(base_policy, one_thread):
                              heldout_fraction=0.25, patience=3)
     assert stats["q/heldout_examples"] == 60 and stats["q/examples"] == 180
     assert stats["q/heldout_mse"] < 0.2 * stats["q/heldout_mse_before"] and stats["q/heldout_mse"] < 0.02, stats
+    assert stats["q/reverted"] == 0.0 and stats["q/optimizer_steps"] == stats["q/epochs"] * math.ceil(180 / 32)
     pred = ippo.q_predict(q, tok, [[ex[0]["messages"][0], {"role": "assistant", "content": sim.TEACH.format(s)}]
                                    for s in sim.STYLES])
     assert pred.argsort().tolist() == [0, 1, 3, 2]  # pictures < stories < puzzles < songs
@@ -81,7 +83,37 @@ def test_fit_q_model_improves_heldout_error(base_policy, one_thread):
         ippo.q_predict(q, tok, [ex[0]["messages"]])
 
 
+def test_fit_q_model_reports_a_revert(base_policy, one_thread):
+    """No epoch beats the starting weights (lr 0: the held-out MSE never moves): Q comes out unchanged, and says so."""
+    _, tok = base_policy
+    torch.manual_seed(0)
+    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    start = copy.deepcopy(q.state_dict())
+    env = sim.TutorEnv()
+    convs = env.reference_dialogues(8, np.random.default_rng(0), 2)
+    ex = ippo.q_examples(convs, env.reward(convs), 1.0)
+    stats = ippo.fit_q_model(q, tok, ex, np.random.default_rng(0), epochs=3, lr=0.0, minibatch_size=4,
+                             heldout_fraction=0.25, patience=2)
+    assert stats["q/reverted"] == 1.0 and stats["q/heldout_mse"] == stats["q/heldout_mse_before"]
+    assert stats["q/epochs"] == 2 and stats["q/optimizer_steps"] == 2 * math.ceil(12 / 4)  # 6 fitted convs x 2 turns
+    for k, v in q.state_dict().items():
+        torch.testing.assert_close(v, start[k], atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------- step 7: PPO pieces by hand
+def test_token_kl_and_entropy_by_hand():
+    p = torch.tensor([[[0.5, 0.5, 0.0 + 1e-30], [0.9, 0.05, 0.05]]]).log()
+    q = torch.tensor([[[0.25, 0.75, 1e-30], [1 / 3, 1 / 3, 1 / 3]]]).log()
+    mask = torch.tensor([[1.0, 0.0]])  # the second position is padding
+    kl, ent = ippo.token_kl_entropy(p, q, mask)
+    assert kl[0, 0].item() == pytest.approx(0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75))
+    assert ent[0, 0].item() == pytest.approx(math.log(2))
+    assert kl[0, 1] == 0 and ent[0, 1] == 0
+    kl, ent = ippo.token_kl_entropy(q[:, 1:], q[:, 1:], torch.ones(1, 1))
+    assert kl.item() == 0 and ent.item() == pytest.approx(math.log(3))
+
+
+
 def test_ppo_clipped_loss_by_hand():
     lp = torch.tensor([[math.log(1.5), math.log(0.5), 0.0]])
     old = torch.zeros(1, 3)
@@ -162,6 +194,82 @@ def test_response_logprobs_over_the_responses_span_equal_the_dense_pass(base_pol
                                    atol=1e-5, rtol=0)
 
 
+def test_response_log_dists_match_the_sampled_tokens_log_probs(base_policy):
+    mu, tok = base_policy
+    env = sim.TutorEnv()
+    convs = env.reference_dialogues(3, np.random.default_rng(1), 3)
+    prompts = [c[:2 * k + 1] for k, c in enumerate(convs)]
+    responses = [tok(c[2 * k + 1]["content"], add_special_tokens=False)["input_ids"][:2 + 2 * k]
+                 for k, c in enumerate(convs)]  # lengths 2, 4, 6: padding inside the batch
+    ids, attn, idx, mask = ippo.response_batch(tok, prompts, responses)
+    with torch.no_grad():
+        logp = ippo.response_log_dists(mu, ids, attn, idx, mask, 1.3)
+        lp = ippo.response_logprobs(mu, ids, attn, idx, mask, 1.3) * mask
+    assert ippo.response_tokens(ids, idx, mask)[2].tolist() == responses[2]
+    got = logp.gather(2, ippo.response_tokens(ids, idx, mask)[:, :, None]).squeeze(-1)
+    torch.testing.assert_close(got, lp, atol=1e-5, rtol=0)
+    assert logp[mask.bool()].exp().sum(-1).tolist() == pytest.approx([1.0] * int(mask.sum()), abs=1e-5)
+
+
+def ppo_setup(base_policy, **kw):
+    """A fresh copy of mu as both the policy and pi_i, a random-head Q and critic, and 8 first-turn prompts."""
+    mu, tok = base_policy
+    args = ippo.Args(**{**dict(world_size=1, ppo_minibatch_size=4, ppo_epochs=2, target_kl=0.0, lr=3e-3), **kw})
+    acc = ippo.make_accelerator(args)
+    torch.manual_seed(0)
+    policy, ref = copy.deepcopy(mu), copy.deepcopy(mu).eval().requires_grad_(False)
+    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    critic = copy.deepcopy(q)
+    ippo.prepare_for_training([policy, q, critic], args)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr)
+    env = sim.TutorEnv()
+    prompts = [c.messages for c in env.contexts(8, "train", np.random.default_rng(0))]
+    return args, acc, policy, ref, q, critic, opt, critic_opt, tok, prompts
+
+
+def ppo_batch(base_policy, **kw):
+    args, acc, policy, ref, q, critic, opt, critic_opt, tok, prompts = ppo_setup(base_policy, **kw)
+    torch.manual_seed(1)
+    out = ippo.ppo_step_batch(policy, ref, q, critic, critic_opt, tok, prompts, opt, acc, np.random.default_rng(0),
+                              args)
+    return out, policy
+
+
+def test_kl_penalty_acts_in_the_first_ppo_batch(base_policy, one_thread):
+    """pi_old = pi_i in the first PPO batch of an outer iteration: a KL fixed at sampling time is zero there. The KL
+    to pi_i is in the loss: zero at the first minibatch, nonzero once an optimizer step has moved the policy, and it
+    changes the update (the same batch with beta = 0 and beta = 1 ends at different weights)."""
+    out, with_kl = ppo_batch(base_policy, kl_coef=1.0)
+    assert out["ppo/kl_to_pi_i"] == 0.0  # sampling-time log-ratio: pi_old = pi_i
+    assert out["ppo/kl_term_first_minibatch"] == 0.0 and out["ppo/kl_term_last_minibatch"] > 1e-6, out
+    assert out["charts/optimizer_steps"] == 2 * (8 // 4)  # 2 epochs x 2 minibatches, no target-KL stop
+    _, without = ppo_batch(base_policy, kl_coef=0.0)
+    diff = max((a - b).abs().max().item() for a, b in zip(with_kl.parameters(), without.parameters()))
+    assert diff > 1e-6
+    # target-KL reads each minibatch's log-probs before its step: 0 at the first, > 0 at the second, stop after it
+    out, _ = ppo_batch(base_policy, kl_coef=1.0, target_kl=1e-12)
+    assert out["charts/optimizer_steps"] == 2
+
+
+def test_policy_shift_measures_kl_new_to_pi_i(base_policy, one_thread):
+    args, acc, policy, ref, *_, tok, prompts = ppo_setup(base_policy)
+    env = sim.TutorEnv()
+    convs = env.reference_dialogues(6, np.random.default_rng(2), 2)
+    prompts = prompts[:4] + [sim.prefix_to_turn(c, 2) for c in convs]  # 4 first-turn and 6 second-turn states
+    turns = [1] * 4 + [2] * 6
+    same = ippo.policy_shift(policy, ref, tok, prompts, turns, acc, args)
+    assert same["ppo/kl_new_to_pi_i"] == 0.0  # pi_{i+1} = pi_i
+    assert set(same) == {"ppo/kl_new_to_pi_i", "charts/entropy", "charts/entropy_turn1", "charts/entropy_turn2"}
+    assert same["charts/entropy"] == pytest.approx((4 * same["charts/entropy_turn1"] + 6 * same["charts/entropy_turn2"])
+                                                   / 10)
+    assert 0 < same["charts/entropy_turn1"]
+    with torch.no_grad():
+        policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
+    moved = ippo.policy_shift(policy, ref, tok, prompts, turns, acc, args)
+    assert moved["ppo/kl_new_to_pi_i"] > 0.01
+
+
 # ---------------------------------------------------------------- the loop: the KL anchor, processes, resume
 def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
     """The reference log-probs of iteration i are pi_i's: at the start of each iteration's PPO they equal the sampling
@@ -189,7 +297,13 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
     metrics = [json.loads(line) for line in (tmp_path / "anchor" / "metrics.jsonl").read_text().splitlines()]
     for m in metrics[1:]:  # each outer iteration reports the real reward with the user and Q's held-out error
         assert {"eval/mean_reward", "charts/rollout_reward", "q/heldout_mse", "q/heldout_mse_before",
-                "charts/outer_iterations_per_sec"} <= set(m)
+                "charts/outer_iterations_per_sec", "q/reverted", "q/reverted_total"} <= set(m)
+        # KL(pi_{i+1} || pi_i) after the iteration's PPO, and the policy's entropy at every turn
+        assert m["ppo/kl_new_to_pi_i"] > 0 and all(m[f"charts/entropy_turn{h}"] > 0 for h in range(1, 6))
+        # 80 prompts in 2 PPO batches of 40: at most 2 epochs x ceil(40 / 16) steps each, at least one each
+        assert 2 <= m["charts/optimizer_steps"] <= 2 * 2 * 3
+    assert metrics[2]["charts/optimizer_steps_total"] == metrics[1]["charts/optimizer_steps"] + \
+        metrics[2]["charts/optimizer_steps"]
 
 
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
@@ -210,7 +324,16 @@ def test_checkpoint_and_resume(tmp_path, base_policy):
     assert "resumed" in out.stdout + out.stderr
     steps = [json.loads(line)["step"] for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [0, 1, 2, 2, 3]
-    assert summary(tmp_path, "res")["iterations"] == 3
+    s = summary(tmp_path, "res")
+    assert s["iterations"] == 3
+    # the token critic and its AdamW state survive outer iterations and the resume: one critic step per policy step,
+    # counted over all three iterations (a critic rebuilt from Q_i each iteration would hold only the last one's)
+    metrics = [json.loads(line) for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
+    per_iteration = [m["charts/optimizer_steps"] for m in metrics if "charts/optimizer_steps" in m]
+    assert len(per_iteration) == 3 and s["optimizer_steps"] == sum(per_iteration)
+    state = torch.load(ckpt / "q_model.pt")
+    assert int(state["critic_opt"]["state"][0]["step"]) == sum(per_iteration) > per_iteration[-1]
+    assert any((state["critic"][k] - v).abs().max() > 0 for k, v in state["model"].items())  # critic != Q_3
 
 
 def test_chat_env_with_hf_models(tmp_path):
