@@ -69,6 +69,13 @@ class Args:
     names the served model; key from $OPENAI_API_KEY)"""
     user_prompt_path: Optional[str] = None
     """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
+    user_max_concurrency: int = 32
+    """chat, endpoint user: requests in flight per process (the server sees ranks x this many)"""
+    user_timeout: float = 120.0
+    """chat, endpoint user: seconds per request, time queued at the server included (raise it, or lower the
+    concurrency, when ranks x concurrency x prompt tokens exceed what the server prefills in that time)"""
+    user_retries: int = 3
+    """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model"""
     reward_trust_remote_code: bool = False
@@ -177,14 +184,11 @@ def states(policy, tokenizer, env, contexts, dialogues, h, rng, args):
     (LT-ONLINE). Each s_h ends with the user's x_h."""
     if args.mode != "lt-online":
         return [sim.prefix_to_turn(d, hi) for d, hi in zip(dialogues, h)]
-    users = [c.user for c in contexts]
-    convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], users, h - 1, rng,
-                                      args.max_new_tokens, args.temperature, args.gen_batch_size)
-    # the user's reply x_h to y_{h-1} (an environment that scores only the assistant's turns stops without it)
-    ask = [i for i, c in enumerate(convs) if c[-1]["role"] == "assistant"]
-    for i, x in zip(ask, env.user_turn([convs[i] for i in ask], [users[i] for i in ask], rng) if ask else []):
-        convs[i].append({"role": "user", "content": x})
-    return convs
+    # reply_after_last: the user's x_h after y_{h-1} (an environment that scores only the assistant's turns would
+    # otherwise stop after it, and y_h would follow two assistant turns)
+    return sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], [c.user for c in contexts],
+                                  h - 1, rng, args.max_new_tokens, args.temperature, args.gen_batch_size,
+                                  reply_after_last=True)[0]
 
 
 def replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args):
@@ -225,7 +229,7 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None):
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
     turn = lambda c, hi: c[sim.assistant_turn_index(c, hi)]["content"]
     same = [turn(conv_a[i], h[i]) == turn(conv_b[i], h[i]) for i in range(n)]
-    length = lambda c: len(sim.render_ids(tokenizer, c, add_generation_prompt=False))
+    length = lambda c: sim.dialogue_token_count(tokenizer, c)
     too_long = [bool(args.max_dialogue_tokens) and not same[i] and  # REFUEL Sec. 4.1: generated dialogues too
                 max(length(conv_a[i]), length(conv_b[i])) > args.max_dialogue_tokens for i in range(n)]
     keep = [i for i in range(n) if not (same[i] or too_long[i]) and (args.loss == "rebel" or r_a[i] != r_b[i])]
@@ -527,7 +531,8 @@ def check_args(args: Args) -> None:
     nothing without a word."""
     positive = ["eta", "beta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
-                "num_eval", "save_every", "reward_max_length", "max_tokens_per_batch", "max_dialogue_tokens"]
+                "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
+                "max_tokens_per_batch", "max_dialogue_tokens"]
     non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
                     "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -580,7 +585,8 @@ def setup(args: Args):
                            dataset_format=args.dataset_format, bad_records=args.bad_records,
                            max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
                            reward_device=args.reward_device, user_device=args.user_device,
-                           reward_max_length=args.reward_max_length)
+                           reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
+                           user_timeout=args.user_timeout, user_retries=args.user_retries)
         ref_policy = None
         if args.loss == "dpo" or args.gamma:  # DPO's pi_ref, or pi_0 for Eq. (11); frozen
             ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()

@@ -76,11 +76,17 @@ class LLMJudge:
 @torch.no_grad()
 def play(model, tokenizer, env: sim.Environment, contexts: Sequence[sim.Context], rng: np.random.Generator,
          max_new_tokens: int, temperature: float = 1.0, max_batch_size: int = 256) -> list:
-    """H_max turns from each context, batched per turn (torch's sampler draws from torch's seeded generator)."""
+    """Each context's turns (H_max, or a record's own number where it has one: setting two), batched per turn
+    (torch's sampler draws from torch's seeded generator)."""
     convs, _ = sim.continue_dialogues(model, tokenizer, env, [c.messages for c in contexts],
-                                      [c.user for c in contexts], [env.max_turns] * len(contexts), rng,
+                                      [c.user for c in contexts], dialogue_turns(contexts, env), rng,
                                       max_new_tokens, temperature, max_batch_size)
     return convs
+
+
+def dialogue_turns(contexts: Sequence[sim.Context], env: sim.Environment) -> list:
+    """H of each context: H_max, or the record's own number of turns where it has one."""
+    return [getattr(c, "max_turns", None) or env.max_turns for c in contexts]
 
 
 def dialogue_to_turn(conv: sim.Conversation, h: int, env: sim.Environment) -> sim.Conversation:
@@ -93,26 +99,34 @@ def dialogue_to_turn(conv: sim.Conversation, h: int, env: sim.Environment) -> si
 
 def judge_turns(judge, convs_pi: Sequence, convs_ref: Sequence, env: sim.Environment,
                 rng: np.random.Generator) -> np.ndarray:
-    """n x H array of the policy's win score (1 win, 0.5 tie, 0 loss) at each turn; one batched judge call."""
+    """n x H_max array of the policy's win score (1 win, 0.5 tie, 0 loss) at each turn, NaN past a dialogue's own
+    last turn (the policy and the reference play the same context, so the same number of turns); one batched
+    judge call."""
     n, H = len(convs_pi), env.max_turns
     pi_first = rng.random((n, H)) < 0.5  # A/B order drawn per comparison
-    a, b = [], []
+    a, b, at = [], [], []
     for i in range(n):
-        for h in range(1, H + 1):
+        for h in range(1, min(H, sum(m["role"] == "assistant" for m in convs_pi[i])) + 1):
             p, r = dialogue_to_turn(convs_pi[i], h, env), dialogue_to_turn(convs_ref[i], h, env)
             a.append(p if pi_first[i, h - 1] else r)
             b.append(r if pi_first[i, h - 1] else p)
-    a_wins = judge(a, b).reshape(n, H)
+            at.append((i, h - 1))
+    a_wins = np.full((n, H), np.nan)
+    if at:
+        a_wins[tuple(np.array(at).T)] = judge(a, b)
     return np.where(pi_first, a_wins, 1.0 - a_wins)  # undo the order
 
 
 def win_rates(policy_wins: np.ndarray) -> dict:
     """Per-turn win rate and the average over turns, each with a 95% CI half-width."""
     n = policy_wins.shape[0]
-    ci = lambda x: 1.96 * x.std(ddof=1) / math.sqrt(len(x)) if len(x) > 1 else float("nan")
-    return {"per_turn": policy_wins.mean(0).tolist(), "per_turn_ci": [ci(policy_wins[:, h]) for h in
-            range(policy_wins.shape[1])], "average": float(policy_wins.mean()), "average_ci": ci(policy_wins.mean(1)),
-            "n": n}
+    played = lambda x: x[~np.isnan(x)]  # turns past a dialogue's own last turn are NaN
+    ci = lambda x: 1.96 * played(x).std(ddof=1) / math.sqrt(len(played(x))) if len(played(x)) > 1 else float("nan")
+    per_dialogue = np.nanmean(policy_wins, 1)
+    return {"per_turn": [float(played(policy_wins[:, h]).mean()) if len(played(policy_wins[:, h])) else float("nan")
+                         for h in range(policy_wins.shape[1])],
+            "per_turn_ci": [ci(policy_wins[:, h]) for h in range(policy_wins.shape[1])],
+            "average": float(per_dialogue.mean()), "average_ci": ci(per_dialogue), "n": n}
 
 
 def kl_estimate(logp_pi: np.ndarray, logp_ref: np.ndarray) -> tuple[float, float]:
@@ -124,12 +138,15 @@ def kl_estimate(logp_pi: np.ndarray, logp_ref: np.ndarray) -> tuple[float, float
 @torch.no_grad()
 def dialogue_logprobs(model, tokenizer, convs: Sequence, H: int, temperature: float = 1.0,
                       max_batch_size: int = 64, max_tokens_per_batch: Optional[int] = None) -> np.ndarray:
-    """ln pi(y_h|s_h) of every turn of every dialogue (n x H), teacher-forced on the turn's text in batches."""
-    turns = [h for _ in convs for h in range(1, H + 1)]
-    rows = [c for c in convs for _ in range(H)]
-    lp = sim.turn_logprob(model, tokenizer, rows, turns, temperature, max_batch_size=max_batch_size,
-                          max_tokens_per_batch=max_tokens_per_batch)
-    return lp.float().cpu().numpy().reshape(len(convs), H)
+    """ln pi(y_h|s_h) of every turn of every dialogue (n x H, 0 past a dialogue's own last turn), teacher-forced on
+    the turn's text in batches."""
+    at = [(i, h) for i, c in enumerate(convs) for h in range(1, min(H, sum(m["role"] == "assistant" for m in c)) + 1)]
+    lp = sim.turn_logprob(model, tokenizer, [convs[i] for i, _ in at], [h for _, h in at], temperature,
+                          max_batch_size=max_batch_size, max_tokens_per_batch=max_tokens_per_batch)
+    out = np.zeros((len(convs), H))
+    for (i, h), v in zip(at, lp.float().cpu().numpy()):
+        out[i, h - 1] = v
+    return out
 
 
 def preference_matrix(dialogues: Sequence[Sequence], judge, rng: np.random.Generator) -> np.ndarray:
@@ -211,6 +228,12 @@ class Args:
     user_api_base: Optional[str] = None
     """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
     names the served model; key from $OPENAI_API_KEY)"""
+    user_max_concurrency: int = 32
+    """chat, endpoint user (and an endpoint judge): requests in flight"""
+    user_timeout: float = 120.0
+    """chat, endpoint user (and an endpoint judge): seconds per request, time queued at the server included"""
+    user_retries: int = 3
+    """chat, endpoint user (and an endpoint judge): tries per request"""
     user_prompt_path: Optional[str] = None
     """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
     reward_model: Optional[str] = None
@@ -266,7 +289,8 @@ def evaluate(args: Args) -> dict:
                        user_prompt_path=args.user_prompt_path,
                        dataset_format=args.dataset_format, bad_records=args.bad_records,
                        reward_device=args.reward_device, user_device=args.user_device,
-                       reward_max_length=args.reward_max_length)
+                       reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
+                       user_timeout=args.user_timeout, user_retries=args.user_retries)
     if args.judge == "oracle":
         judge = ScoreJudge(env.reward)
     elif not args.judge_model:
@@ -275,7 +299,8 @@ def evaluate(args: Args) -> dict:
         judge = ScoreJudge(sim.load_reward_model(args.judge_model, dtype, device, args.reward_trust_remote_code,
                                                  args.reward_max_length))
     elif args.judge_api_base:
-        client = sim.OpenAIChatClient(args.judge_api_base, args.judge_model)
+        client = sim.OpenAIChatClient(args.judge_api_base, args.judge_model, max_workers=args.user_max_concurrency,
+                                      timeout=args.user_timeout, retries=args.user_retries)
         judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0),
                          sim.judge_prompt(env, args.judge_prompt_path))
     else:

@@ -66,6 +66,13 @@ class Args:
     names the served model; key from $OPENAI_API_KEY)"""
     user_prompt_path: Optional[str] = None
     """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
+    user_max_concurrency: int = 32
+    """chat, endpoint user: requests in flight per process (the server sees ranks x this many)"""
+    user_timeout: float = 120.0
+    """chat, endpoint user: seconds per request, time queued at the server included (raise it, or lower the
+    concurrency, when ranks x concurrency x prompt tokens exceed what the server prefills in that time)"""
+    user_retries: int = 3
+    """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model"""
     reward_trust_remote_code: bool = False
@@ -197,7 +204,7 @@ def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None):
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
     turn = lambda c, hi: c[sim.assistant_turn_index(c, hi)]["content"]
     identical = [args.drop_identical and turn(conv_a[i], h[i]) == turn(conv_b[i], h[i]) for i in range(n)]
-    length = lambda c: len(sim.render_ids(tokenizer, c, add_generation_prompt=False))
+    length = lambda c: sim.dialogue_token_count(tokenizer, c)
     too_long = [bool(args.max_dialogue_tokens) and not identical[i] and  # Sec. 4.1: generated dialogues too
                 max(length(conv_a[i]), length(conv_b[i])) > args.max_dialogue_tokens for i in range(n)]
     keep = [i for i in range(n) if not (identical[i] or too_long[i])]
@@ -505,7 +512,8 @@ def check_args(args: Args) -> None:
     nothing without a word."""
     positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
-                "num_eval", "save_every", "reward_max_length", "max_tokens_per_batch", "max_dialogue_tokens"]
+                "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
+                "max_tokens_per_batch", "max_dialogue_tokens"]
     non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
                     "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -558,7 +566,8 @@ def setup(args: Args):
                            dataset_format=args.dataset_format, bad_records=args.bad_records,
                            max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
                            reward_device=args.reward_device, user_device=args.user_device,
-                           reward_max_length=args.reward_max_length)
+                           reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
+                           user_timeout=args.user_timeout, user_retries=args.user_retries)
         ref_policy = None
         if args.gamma:  # pi_0 for Eq. (11), frozen
             ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()

@@ -203,3 +203,20 @@ def test_cli_with_a_reward_model_judge(tmp_path, base_policy):
     cmd[cmd.index(str(tmp_path / "rm"))] = str(tmp_path / "no_such_rm")
     bad = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert bad.returncode != 0 and "could not load reward model" in bad.stderr and "no local folder" in bad.stderr
+
+
+def test_dialogues_shorter_than_h_max_are_judged_on_their_own_turns(base_policy):
+    """Setting two: a record's dialogue has its own number of turns; turns past it are not compared (NaN), the
+    per-turn rates and the average read only the turns played, and the KL sums only the turns that exist."""
+    env = TwoTurnEnv()
+    pi, ref = dialogues(["good"], ["good", "bad"]), dialogues(["bad"], ["bad", "bad"])
+    wins = ev.judge_turns(ev.ScoreJudge(env.reward), pi, ref, env, np.random.default_rng(0))
+    assert wins[0, 0] == 1.0 and np.isnan(wins[0, 1]) and wins[1].tolist() == [1.0, 1.0]
+    w = ev.win_rates(wins)
+    assert w["per_turn"] == [1.0, 1.0] and w["average"] == 1.0
+    mu, tok = base_policy
+    convs = [sim.TutorEnv().reference_dialogues(1, np.random.default_rng(s), n)[0] for s, n in ((0, 2), (1, 3))]
+    lp = ev.dialogue_logprobs(mu, tok, convs, 3)
+    assert lp.shape == (2, 3) and lp[0, 2] == 0.0 and (lp[0, :2] < 0).all() and (lp[1] < 0).all()
+    full = sim.turn_logprob(mu, tok, [convs[1]] * 3, [1, 2, 3]).detach().numpy()
+    np.testing.assert_allclose(lp[1], full, atol=1e-5)
