@@ -12,7 +12,11 @@ conversation starts afresh from the context (no shared prefix). The deep version
   --variant mtpo-tau  the same, both conversations sampled from the geometric mixture pi^tau ~ pi^(1-tau) mu^tau
                       (Theorem B.2), per token: softmax((1 - tau) logits_pi + tau logits_mu), a two-model KV-cached
                       decode loop batched over all conversations.                          -> `mixture_sample_turns`
-  --variant rlhf      one conversation per context, the conversation-level reward instead (Theorem B.6).
+  --variant rlhf      one conversation per context, the conversation-level reward instead (Theorem B.6): the
+                      environment's own (--reward exact, a control as the paper's Car Dealer online oracle) or,
+                      --reward learned, a Bradley-Terry reward model r_phi fitted before training on pairs of mu's
+                      conversations labelled by the preference oracle (the paper's baseline, Sec. 5).
+                                                            -> `learned_reward_model`, `bradley_terry_loss`
 Losses for agent turn y_h at state x_h (Sec. 4.1):
   L_policy = -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h]                                       -> `policy_loss`
   L_value  = (V_hat_h - V(x_h))^2                                                           -> `value_loss`
@@ -41,6 +45,11 @@ Choices the paper leaves open, and why:
     Bernoulli draw. The oracle is the simulator's: Bradley-Terry sigmoid(4 (r_a - r_b)) on the tutor task, or a
     prompted judge (--judge_model [--judge_api_base]) asked in both orders and averaged (sim.JudgePreference).
   * Value targets are not renormalised: p lies in [0, 1], so the value loss is already O(1).
+  * The learned reward (docs/mtpo.md#the-learned-reward-model): two whole conversations from mu per context, a
+    binary label drawn from the oracle's p (the paper's preference data are labelled pairs; --rm_labels soft fits p
+    itself), r_phi = a scalar head on a copy of the initial policy's backbone read at the conversation's last token,
+    fitted with the Bradley-Terry loss, gradients averaged over ranks, then frozen and shifted to mean 0 on mu's
+    conversations (no rescaling: on the tutor task r_phi ~ 4 r + c, the oracle's scale).
 Hyperparameters (the paper's a = 0.01/0.005/0.0025, lr 4e-5, 16 contexts are for T5 models): the defaults are the
 first settings tried on the tutor task, which worked; they were not swept (README).
 
@@ -143,6 +152,27 @@ class Args:
     """discount over agent turns (1: finite horizon)"""
     value_warmup_iterations: int = 3
     """policy learning delay: the value trains alone for this many iterations"""
+
+    # multi-turn RLHF's reward (--variant rlhf)
+    reward: Literal["exact", "learned"] = "exact"
+    """rlhf: 'exact' = the environment's reward (the Car-Dealer-style control); 'learned' = a Bradley-Terry reward
+    model r_phi fitted before training on pairs of mu's conversations labelled by the preference oracle (the
+    paper's multi-turn RLHF baseline)"""
+    rm_pairs: int = 2048
+    """learned: pairs of whole conversations sampled from mu (two per context) across all ranks"""
+    rm_labels: Literal["sampled", "soft"] = "sampled"
+    """learned: 'sampled' = a binary label drawn from the oracle's p (preference data, as the paper's labelled
+    pairs); 'soft' = p itself as the Bradley-Terry target"""
+    rm_epochs: int = 4
+    """learned: passes over the reward model's training pairs"""
+    rm_lr: float = 1e-3
+    """learned: reward model AdamW learning rate"""
+    rm_batch_size: int = 64
+    """learned: pairs per reward model step (per rank)"""
+    rm_heldout_fraction: float = 0.2
+    """learned: pairs held out of the fit, for reward_model/heldout_accuracy and reward_model/heldout_loss"""
+    rm_model_name_or_path: Optional[str] = None
+    """learned: the reward model's backbone (None = a copy of the initial policy's), with its own tokenizer"""
 
     # optimisation
     num_iterations: int = 1000
@@ -419,6 +449,187 @@ def value_loss(values, returns, turn_mask):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Multi-turn RLHF with a learned reward: a Bradley-Terry reward model fitted on mu's conversations
+# ----------------------------------------------------------------------------------------------------------------
+def bradley_terry_loss(r_a, r_b, target):
+    """Mean over pairs of -[t log sigmoid(r_a - r_b) + (1 - t) log sigmoid(r_b - r_a)]: t = 1 when conversation a
+    is the preferred one (a sampled label; -log sigmoid(r_chosen - r_rejected)), or t = p for a soft target.
+    Gradient with respect to r_a: (sigmoid(r_a - r_b) - t) / n."""
+    d = r_a - r_b
+    target = target.to(d.dtype)
+    return -(target * torch.nn.functional.logsigmoid(d) + (1 - target) * torch.nn.functional.logsigmoid(-d)).mean()
+
+
+class RewardModel(torch.nn.Module):
+    """r_phi(x_{H+1}): a scalar head on an LM backbone, read at the last token of the whole conversation (its final
+    user reply included where the environment scores it), rendered with the backbone's own chat template."""
+
+    def __init__(self, backbone, tokenizer):
+        super().__init__()
+        self.backbone, self.tokenizer = backbone, tokenizer
+        self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)  # the same on every rank; r_phi = 0 before the fit
+        torch.nn.init.zeros_(self.head.bias)
+
+    def inputs(self, convs):
+        """Right-padded (input_ids, attention_mask) of whole conversations."""
+        rows = [sim.render_ids(self.tokenizer, c, add_generation_prompt=False) for c in convs]
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else sim.end_of_turn_id(
+            self.tokenizer)
+        ids = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)], attn[i, : len(r)] = torch.tensor(r), 1
+        return ids, attn
+
+    def forward(self, convs):
+        """r_phi of each conversation (differentiable)."""
+        device = self.head.weight.device
+        ids, attn = [x.to(device) for x in self.inputs(convs)]
+        hidden = self.backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+        last = hidden[torch.arange(len(convs), device=device), attn.sum(1) - 1]
+        return self.head(last.float()).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, convs, batch_size: int = 256) -> torch.Tensor:
+        """r_phi of each conversation, batched, on the CPU."""
+        out = torch.cat([self(convs[s:s + batch_size]).float().cpu() for s in range(0, len(convs), batch_size)])
+        if not torch.isfinite(out).all():
+            raise FloatingPointError("the learned reward model returned NaN or infinite values")
+        return out
+
+
+def build_reward_model(args, accelerator) -> RewardModel:
+    """r_phi's backbone: a copy of the initial policy's (or --rm_model_name_or_path's), whole on every rank (built
+    outside zero.Init: it is trained here, before and apart from the prepared models, then frozen)."""
+    with outside_zero3_init(accelerator):
+        lm, tok = sim.load_policy(args.rm_model_name_or_path or args.model_name_or_path)
+    rm = RewardModel(lm.get_decoder(), tok).to(accelerator.device)
+    rm.eval()  # dropout off for the fit as well; gradients still flow
+    return rm
+
+
+def preference_pairs(ref, tokenizer, env, args, accelerator, seed: int):
+    """This rank's share of --rm_pairs: two whole conversations from mu per context (same context and student
+    profile, independent samples), and the oracle's p = P(a > b). The training sampler's RNG is left untouched."""
+    n = args.rm_pairs // accelerator.num_processes
+    rng = np.random.default_rng(seed + 7919 * accelerator.process_index)
+    ctx = env.contexts(n, "train", rng)
+    msgs, users = [c.messages for c in ctx] * 2, [c.user for c in ctx] * 2
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 7919 * accelerator.process_index)
+        convs = rollout(ref, None, tokenizer, env, msgs, users, rng, args)[0]
+    a, b = convs[:n], convs[n:]
+    return a, b, preference(env, a, b), rng
+
+
+def sync_gradients(module, accelerator) -> None:
+    """All-reduce (mean) the gradients of a replicated model that is not prepared, so every rank takes the same
+    step."""
+    if accelerator.num_processes == 1:
+        return
+    params = [p for p in module.parameters() if p.requires_grad]
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+    flat = accelerator.reduce(flat, "mean")
+    n = 0
+    for p in params:
+        p.grad = flat[n:n + p.numel()].view_as(p).clone()
+        n += p.numel()
+
+
+def same_on_all_ranks(module, accelerator) -> bool:
+    """Whether every rank holds the same weights of a replicated module that is not prepared (r_phi)."""
+    checksum = sum(p.detach().double().sum() for p in module.state_dict().values())
+    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
+    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
+
+
+def pair_metrics(r_a, r_b, p, target) -> torch.Tensor:
+    """Sums over pairs: [pairs, expected agreement with an oracle label (p where r_phi prefers a, 1 - p where it
+    prefers b, 1/2 on a tie), the same for the oracle's own best guess max(p, 1 - p) (the ceiling), untied pairs
+    (p != 1/2), untied pairs whose side r_phi picks, Bradley-Terry loss]."""
+    d = r_a - r_b
+    agree = torch.where(d > 0, p, torch.where(d < 0, 1 - p, torch.full_like(p, 0.5)))
+    untied = p != 0.5
+    right = untied & ((d > 0) == (p > 0.5)) & (d != 0)
+    return torch.stack([torch.tensor(float(len(p))), agree.sum(), torch.maximum(p, 1 - p).sum(),
+                        untied.sum().float(), right.sum().float(), bradley_terry_loss(r_a, r_b, target) * len(p)])
+
+
+def fit_reward_model(rm, convs_a, convs_b, p, target, args, accelerator, rng) -> dict:
+    """Bradley-Terry fit of r_phi on this rank's training pairs, gradients averaged over ranks (every rank takes
+    the same steps from the same start, so all end with the same r_phi; rank 0's weights are then broadcast to
+    make that exact). Then r_phi is shifted to mean 0 on mu's training conversations. Returns the reward_model/*
+    metrics, held-out ones over all ranks' held-out pairs."""
+    n = len(convs_a)
+    k = min(n - 1, max(1, round(args.rm_heldout_fraction * n)))
+    perm = rng.permutation(n)
+    held, train = perm[:k], perm[k:]
+    optimizer = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, betas=args.adam_betas, weight_decay=0.0)
+    losses = []
+    for _ in range(args.rm_epochs):
+        order = rng.permutation(train)
+        for s in range(0, len(order), args.rm_batch_size):
+            idx = order[s:s + args.rm_batch_size]
+            with accelerator.autocast():
+                r = rm([convs_a[i] for i in idx] + [convs_b[i] for i in idx])
+            loss = bradley_terry_loss(r[: len(idx)], r[len(idx):], target[idx].to(r.device))
+            loss.backward()
+            sync_gradients(rm, accelerator)
+            if args.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+    if accelerator.num_processes > 1:  # exact agreement, whatever the reductions' rounding
+        for t in rm.state_dict().values():
+            torch.distributed.broadcast(t, src=0)
+    with accelerator.autocast():
+        score = lambda convs, idx: rm.score([convs[i] for i in idx], args.gen_batch_size)
+        (ha, hb), (ta, tb) = [(score(convs_a, ix), score(convs_b, ix)) for ix in (held, train)]
+    dev = accelerator.device
+    sums = accelerator.reduce(torch.stack([pair_metrics(ha, hb, p[held], target[held]),
+                                           pair_metrics(ta, tb, p[train], target[train])]).to(dev), "sum")
+    mu_sum = accelerator.reduce(torch.tensor([float(ta.sum() + tb.sum()), float((ta ** 2).sum() + (tb ** 2).sum()),
+                                              2.0 * len(train)], device=dev, dtype=torch.float64), "sum")
+    mean = float(mu_sum[0] / mu_sum[2])
+    with torch.no_grad():
+        rm.head.bias -= mean  # r_phi averages 0 on mu's training conversations (a BT reward's offset is free)
+    h, t = sums[0].tolist(), sums[1].tolist()
+    return {"reward_model/heldout_accuracy": h[1] / h[0], "reward_model/heldout_accuracy_ceiling": h[2] / h[0],
+            "reward_model/heldout_untied_accuracy": h[4] / max(h[3], 1.0), "reward_model/heldout_loss": h[5] / h[0],
+            "reward_model/train_accuracy": t[1] / t[0], "reward_model/train_loss": t[5] / t[0],
+            "reward_model/last_epoch_loss": float(np.mean(losses[-max(1, len(losses) // args.rm_epochs):])),
+            "reward_model/heldout_pairs": h[0], "reward_model/train_pairs": t[0],
+            "reward_model/untied_fraction": (h[3] + t[3]) / (h[0] + t[0]),
+            "reward_model/mu_score_std": math.sqrt(max(float(mu_sum[1] / mu_sum[2]) - mean ** 2, 0.0)),
+            "reward_model/steps": float(len(losses))}
+
+
+def learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir: Path):
+    """--reward learned: sample mu's pairs, label them with the oracle, fit r_phi (or, on --resume, load the one
+    the run fitted). Returns (r_phi, its reward_model/* metrics)."""
+    rm = build_reward_model(args, accelerator)
+    path = run_dir / "reward_model"
+    if args.resume and (path / "model.pt").exists():
+        rm.load_state_dict(torch.load(path / "model.pt", map_location=accelerator.device))
+        return rm, json.loads((path / "metrics.json").read_text())
+    t0 = time.time()
+    a, b, p, rng = preference_pairs(ref, tokenizer, env, args, accelerator, 20_000 + args.seed)
+    target = (torch.as_tensor(rng.random(len(p)), dtype=torch.float32) < p).float() if args.rm_labels == "sampled" \
+        else p  # the paper's preference data are labelled pairs (the judge answers 1 or 2): sampled by default
+    metrics = fit_reward_model(rm, a, b, p, target, args, accelerator, rng)
+    metrics["reward_model/minutes"] = (time.time() - t0) / 60
+    if accelerator.is_main_process:
+        path.mkdir(parents=True, exist_ok=True)
+        torch.save(rm.state_dict(), path / "model.pt")
+        (path / "metrics.json").write_text(json.dumps(metrics))
+    accelerator.print("reward model: " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()))
+    return rm, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Plumbing: generation under ZeRO-3, checkpoints, logging, evaluation
 # ----------------------------------------------------------------------------------------------------------------
 def make_accelerator(args):
@@ -595,9 +806,10 @@ class Logger:
 
 
 @torch.no_grad()
-def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache):
+def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_model=None):
     """On held-out contexts: the policy's mean reward, and its win rate against mu under the preference oracle
-    (mean of P(pi's conversation > mu's), same contexts and students). mu's conversations are sampled once."""
+    (mean of P(pi's conversation > mu's), same contexts and students). mu's conversations are sampled once. With a
+    learned reward model, also its score of both (eval/rm_reward, eval/mu_rm_reward): what RLHF optimises."""
     n = max(1, args.num_eval // accelerator.num_processes)
     s = seed + 7919 * accelerator.process_index
     ctx = env.contexts(n, "eval", np.random.default_rng(s))
@@ -612,6 +824,10 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache):
             convs = rollout(policy, None, tokenizer, env, msgs, users, np.random.default_rng(s + 1), args)[0]
     r, p = env.reward(convs), preference(env, convs, cache["mu"])
     out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(), "eval/mu_reward": env.reward(cache["mu"]).mean()}
+    if reward_model is not None:
+        with accelerator.autocast():
+            out["eval/rm_reward"] = reward_model.score(convs, args.gen_batch_size).mean()
+            out["eval/mu_rm_reward"] = reward_model.score(cache["mu"], args.gen_batch_size).mean()
     if isinstance(env, sim.TutorEnv):
         for h, v in enumerate(torch.tensor([sim.lessons_learned(c) for c in convs], dtype=torch.float).mean(0)):
             out[f"eval/learned_turn{h + 1}"] = v
@@ -643,6 +859,13 @@ def check_args(args: Args) -> None:
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
     bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
     bad += [f"--{k} must lie in [0, 1]" for k in ("tau", "gamma", "gae_lambda") if not 0 <= getattr(args, k) <= 1]
+    if args.reward == "learned":
+        bad += [f"--{k} must be > 0" for k in ("rm_pairs", "rm_epochs", "rm_lr", "rm_batch_size")
+                if not getattr(args, k) > 0]
+        if not 0 < args.rm_heldout_fraction < 1:
+            bad.append("--rm_heldout_fraction must lie in (0, 1)")
+        if args.variant != "rlhf":
+            bad.append("--reward learned is the multi-turn RLHF baseline's: it needs --variant rlhf")
     if not all(0 <= b < 1 for b in args.adam_betas):
         bad.append("--adam_betas must lie in [0, 1)")
     if bad:
@@ -660,6 +883,8 @@ def setup(args: Args):
     args.world_size = accelerator.num_processes
     if args.prompts_per_iteration % args.world_size:
         raise ValueError("prompts_per_iteration must be divisible by the number of processes")
+    if args.reward == "learned" and args.rm_pairs // args.world_size < 2:
+        raise ValueError("--rm_pairs must give every process at least 2 pairs (one to fit, one held out)")
     args.local_prompts = args.prompts_per_iteration // args.world_size
     if args.resume and not args.run_name:
         raise ValueError("--resume needs --run_name (the run directory under output_dir)")
@@ -718,7 +943,7 @@ def resume(accelerator, run_dir: Path, rng) -> dict:
 
 
 def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dict, iterations: int,
-           minutes: float) -> dict:
+           minutes: float, extra: Optional[dict] = None) -> dict:
     """summary.json and the closing line; ranks tear the process group down together."""
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
                "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],
@@ -728,7 +953,7 @@ def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dic
                "iterations": iterations, "minutes": minutes, "run_dir": str(run_dir),
                "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-               "ranks_in_sync": ranks_in_sync(model, accelerator)}
+               "ranks_in_sync": ranks_in_sync(model, accelerator), "reward": args.reward, **(extra or {})}
     if accelerator.is_main_process:
         print(f"{args.variant}: mean reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} +- "
               f"{summary['final_stderr']:.3f} (mu {summary['mu_reward']:.3f}); win rate vs mu under the oracle "
@@ -747,8 +972,10 @@ def main(args: Args) -> dict:
     tau = args.tau if args.variant == "mtpo-tau" else 0.0
     logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
     eval_seed, eval_cache = 10_000 + args.seed, {}
-    first_eval = latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache)
-    logger.log(start_iter, first_eval)
+    rm, rm_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir) \
+        if args.reward == "learned" else (None, {})
+    first_eval = latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache, rm)
+    logger.log(start_iter, {**first_eval, **rm_metrics})
     start = time.time() - elapsed_before
     H, it = args.max_turns, start_iter
     bar = tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc=args.variant)
@@ -760,8 +987,8 @@ def main(args: Args) -> dict:
         with generation_policy(model, accelerator) as pi:
             convs, hit = rollout(pi, ref, tokenizer, env, msgs, users, rng, args, tau)
         n = len(contexts)
-        if args.variant == "rlhf":
-            R = env.reward(convs)  # Theorem B.6: r_RLHF(x_{H+1})
+        if args.variant == "rlhf":  # Theorem B.6: r_RLHF(x_{H+1}), the environment's or a learned r_phi
+            R = env.reward(convs) if rm is None else rm.score(convs, args.gen_batch_size)
             if not torch.isfinite(R).all():
                 raise FloatingPointError("the reward is NaN or infinite for some conversations")
         else:
@@ -809,10 +1036,12 @@ def main(args: Args) -> dict:
                    "charts/conversations_per_sec": len(convs) * args.world_size / dt,
                    "charts/collect_share": t_collect / dt, "charts/elapsed_min": (time.time() - start) / 60,
                    **env.metrics()}
+        if rm is not None:  # what r_phi's optimiser does to the environment's own reward
+            metrics["charts/true_reward"] = accelerator.reduce(env.reward(convs).mean().to(dev), "mean").item()
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.eval_every == 0 or last:
-            latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache)
+            latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache, rm)
             metrics.update(latest_eval)
         logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
         if (it + 1) % args.save_every == 0 or last:
@@ -820,7 +1049,16 @@ def main(args: Args) -> dict:
                             dict(iteration=it + 1, elapsed=time.time() - start), rng)
         if out_of_time:
             break
-    return finish(accelerator, model, run_dir, args, first_eval, latest_eval, it + 1, (time.time() - start) / 60)
+    extra = {} if rm is None else {
+        "reward_model_heldout_accuracy": rm_metrics["reward_model/heldout_accuracy"],
+        "reward_model_heldout_accuracy_ceiling": rm_metrics["reward_model/heldout_accuracy_ceiling"],
+        "reward_model_heldout_untied_accuracy": rm_metrics["reward_model/heldout_untied_accuracy"],
+        "reward_model_minutes": rm_metrics["reward_model/minutes"],
+        "initial_rm_reward": first_eval["eval/rm_reward"], "final_rm_reward": latest_eval["eval/rm_reward"],
+        "mu_rm_reward": latest_eval["eval/mu_rm_reward"],
+        "reward_model_ranks_in_sync": same_on_all_ranks(rm, accelerator)}
+    return finish(accelerator, model, run_dir, args, first_eval, latest_eval, it + 1, (time.time() - start) / 60,
+                  extra)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 import json
+import math
 import sys
 
 import numpy as np
@@ -97,6 +98,55 @@ def test_value_loss_and_normalize():
     assert v.grad[0, 0] < 0 and v.grad[0, 1] > 0 and v.grad[1, 1] == 0  # V moves toward its target; masked: nothing
     a = mtpo.normalize(torch.tensor([[1.0, 2.0], [3.0, 100.0]]), m)
     assert a[m].mean().abs() < 1e-6 and a[m].std().item() == pytest.approx(1.0) and a[1, 1] == 0
+
+
+def test_bradley_terry_loss_by_hand():
+    r_a = torch.tensor([1.0, 0.0], requires_grad=True)
+    r_b = torch.tensor([0.0, 2.0], requires_grad=True)
+    t = torch.tensor([1.0, 0.25])  # pair 1: a sampled label (a preferred); pair 2: a soft target p = 0.25
+    loss = mtpo.bradley_terry_loss(r_a, r_b, t)
+    # d = r_a - r_b = (1, -2). Pair 1: -log sigmoid(1) = log(1 + e^-1) = 0.313262.
+    # Pair 2: -(0.25 log sigmoid(-2) + 0.75 log sigmoid(2)) = 0.25 * 2.126928 + 0.75 * 0.126928 = 0.626928.
+    assert loss.item() == pytest.approx((0.313262 + 0.626928) / 2, abs=1e-6)
+    assert loss.item() == pytest.approx((math.log1p(math.exp(-1)) + 0.25 * math.log1p(math.exp(2))
+                                         + 0.75 * math.log1p(math.exp(-2))) / 2, rel=1e-6)
+    loss.backward()
+    # d loss / d r_a = (sigmoid(d) - t) / n: (0.731059 - 1) / 2, (0.119203 - 0.25) / 2; r_b gets the opposite
+    torch.testing.assert_close(r_a.grad, torch.tensor([-0.134471, -0.065399]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(r_b.grad, -r_a.grad)
+    # a binary label is -log sigmoid(r_chosen - r_rejected), whichever side the chosen one is on
+    chosen_b = mtpo.bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.1]), torch.tensor([0.0]))
+    assert chosen_b.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.8))), rel=1e-6)
+
+
+def test_learned_reward_flags_are_checked():
+    with pytest.raises(ValueError, match="needs --variant rlhf"):
+        mtpo.check_args(mtpo.Args(variant="mtpo", reward="learned"))
+    with pytest.raises(ValueError, match="rm_heldout_fraction"):
+        mtpo.check_args(mtpo.Args(variant="rlhf", reward="learned", rm_heldout_fraction=1.0))
+    mtpo.check_args(mtpo.Args(variant="rlhf", reward="learned"))
+
+
+def test_fitted_reward_model_beats_chance_on_the_tutor_task(base_policy):
+    """r_phi fitted on pairs of mu's tutor conversations with sampled oracle labels ranks held-out pairs well above
+    chance (1/2), and tracks the task's reward on mu's conversations (it is never shown that reward)."""
+    from accelerate import Accelerator
+
+    ref, tok = base_policy
+    args = mtpo.Args(variant="rlhf", reward="learned", rm_pairs=256, rm_epochs=4, rm_lr=3e-3, gen_batch_size=512)
+    accelerator, env = Accelerator(cpu=True), sim.TutorEnv()
+    a, b, p, rng = mtpo.preference_pairs(ref, tok, env, args, accelerator, seed=3)
+    assert len(a) == len(b) == 256 and all(x[0] == y[0] for x, y in zip(a, b))  # same context, two samples
+    target = (torch.as_tensor(rng.random(len(p)), dtype=torch.float32) < p).float()
+    rm = mtpo.build_reward_model(args, accelerator)
+    m = mtpo.fit_reward_model(rm, a, b, p, target, args, accelerator, rng)
+    assert m["reward_model/heldout_pairs"] == 51 and m["reward_model/train_pairs"] == 205
+    assert m["reward_model/heldout_accuracy"] > 0.6, m  # chance 0.5; the oracle's own ceiling about 0.73
+    assert m["reward_model/heldout_untied_accuracy"] > 0.75, m
+    assert m["reward_model/heldout_accuracy"] <= m["reward_model/heldout_accuracy_ceiling"] + 1e-6
+    scores = rm.score(a + b)
+    assert abs(scores.mean().item()) < 0.15 * scores.std().item()  # centred on mu's training conversations
+    assert np.corrcoef(scores.numpy(), env.reward(a + b).numpy())[0, 1] > 0.6
 
 
 # ---------------------------------------------------------------- the mixture sampler
@@ -254,6 +304,17 @@ def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
     assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
 
 
+def test_two_process_learned_reward_model_is_the_same_on_every_rank(tmp_path, base_policy):
+    """Each rank samples and fits on its own pairs, gradients averaged: every rank ends with one r_phi, and the
+    held-out accuracy counts both ranks' held-out pairs."""
+    run(["--variant", "rlhf", "--reward", "learned", "--rm_pairs", "64", "--rm_epochs", "1", "--num_iterations", "1",
+         "--run_name", "ddp_rm", *TINY], tmp_path, TWO_CPU_PROCESSES)
+    s = summary(tmp_path, "ddp_rm")
+    assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["reward_model_ranks_in_sync"]
+    row = json.loads((tmp_path / "ddp_rm" / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["reward_model/heldout_pairs"] == 2 * 6 and row["reward_model/train_pairs"] == 2 * 26
+
+
 def test_checkpoint_resume_and_loadable_policy(tmp_path, base_policy):
     run(["--variant", "rlhf", "--num_iterations", "2", "--save_every", "1", "--run_name", "res", *TINY], tmp_path)
     ckpt = tmp_path / "res" / "checkpoint"
@@ -267,6 +328,26 @@ def test_checkpoint_resume_and_loadable_policy(tmp_path, base_policy):
     trained, _ = sim.load_policy(str(ckpt / "policy"))  # what evaluate.py loads
     mu, _ = base_policy
     assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), mu.parameters()))
+
+
+def test_rlhf_with_a_learned_reward_runs_end_to_end(tmp_path, base_policy):
+    """--variant rlhf --reward learned: r_phi is fitted on mu's pairs, logged at step 0, optimised in place of the
+    environment's reward (whose value is still logged), saved with the run, and reloaded, not refitted, on resume."""
+    learned = ["--variant", "rlhf", "--reward", "learned", "--rm_pairs", "64", "--rm_epochs", "1",
+               "--run_name", "rmrl", "--save_every", "1", *TINY]
+    out = run([*learned, "--num_iterations", "2"], tmp_path)
+    assert "reward model:" in out.stdout + out.stderr
+    rows = [json.loads(line) for line in (tmp_path / "rmrl" / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= rows[0]["reward_model/heldout_accuracy"] <= 1 and rows[0]["reward_model/train_pairs"] == 51
+    assert "charts/true_reward" in rows[1] and "eval/rm_reward" in rows[-1]
+    s = summary(tmp_path, "rmrl")
+    assert s["reward"] == "learned" and s["iterations"] == 2 and s["reward_model_ranks_in_sync"]
+    assert s["reward_model_heldout_accuracy"] == rows[0]["reward_model/heldout_accuracy"]
+    saved = (tmp_path / "rmrl" / "reward_model" / "model.pt").read_bytes()
+    out = run([*learned, "--num_iterations", "3", "--resume"], tmp_path)
+    assert "resumed" in out.stdout + out.stderr and "reward model:" not in out.stdout + out.stderr
+    assert (tmp_path / "rmrl" / "reward_model" / "model.pt").read_bytes() == saved
+    assert summary(tmp_path, "rmrl")["reward_model_heldout_accuracy"] == s["reward_model_heldout_accuracy"]
 
 
 def test_short_mtpo_run_beats_mu(tmp_path, base_policy):
