@@ -103,6 +103,13 @@ class Args:
     """per-turn token budget"""
     gen_batch_size: int = 256
     """max sequences per sampling call (memory)"""
+    vllm: bool = False
+    """sample the policy's turns with a vLLM engine in each process (vllm_engine.py; needs vllm installed), its
+    weights synced from the policy once per collection; the HF sampler is the default and the reference"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm: share of the GPU the engine takes (its own copy of the weights and its KV cache)"""
+    vllm_enforce_eager: bool = False
+    """--vllm: no CUDA graphs / compile warm-up (quicker start; on CPU, tens of seconds less)"""
     max_tokens_per_batch: Optional[int] = None
     """max padded tokens per log-prob forward (memory; a training step's also needs --gradient_accumulation_steps)"""
 
@@ -178,27 +185,28 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 1: data collection
 # ----------------------------------------------------------------------------------------------------------------
-def rollin(policy, tokenizer, env, contexts, H, rng, args):
+def rollin(policy, tokenizer, env, contexts, H, rng, args, engine=None):
     """Roll in with pi_t and the user for H[i] turns from each context (batched across different lengths)."""
     return sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], [c.user for c in contexts],
-                                  H, rng, args.max_new_tokens, args.temperature, args.gen_batch_size)
+                                  H, rng, args.max_new_tokens, args.temperature, args.gen_batch_size, engine=engine)
 
 
-def reset_and_rollout(policy, tokenizer, env, rolled_in, contexts, H, h, rng, args):
+def reset_and_rollout(policy, tokenizer, env, rolled_in, contexts, H, h, rng, args, engine=None):
     """Reset to s_h, sample y'_h ~ pi_t(.|s_h) and roll the new branch out to turn H with fresh user turns."""
     s_h = [sim.prefix_to_turn(c, hi) for c, hi in zip(rolled_in, h)]
     return sim.continue_dialogues(policy, tokenizer, env, s_h, [c.user for c in contexts], H, rng,
-                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
+                                  args.max_new_tokens, args.temperature, args.gen_batch_size, engine=engine)
 
 
-def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None):
+def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None, engine=None):
     """D for one iteration: a list of pair dicts, and counts. Batched at every turn, no per-sample generation."""
     n = len(contexts)
     H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max} (setting one)
     H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])  # setting two: the record's H
     h = np.array([rng.integers(1, Hi + 1) for Hi in H])  # h ~ U{1..H}
-    conv_a, info_a = rollin(policy, tokenizer, env, contexts, H, rng, args)  # s_h ~ d_h^{pi_t}, y_h, its future
-    conv_b, info_b = reset_and_rollout(policy, tokenizer, env, conv_a, contexts, H, h, rng, args)  # y'_h, its future
+    conv_a, info_a = rollin(policy, tokenizer, env, contexts, H, rng, args, engine)  # s_h ~ d_h^{pi_t}, y_h, its future
+    conv_b, info_b = reset_and_rollout(policy, tokenizer, env, conv_a, contexts, H, h, rng, args,
+                                       engine)  # y'_h, its future
     r_a, r_b = env.reward(conv_a), env.reward(conv_b)
     if not (torch.isfinite(r_a).all() and torch.isfinite(r_b).all()):
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
@@ -406,8 +414,20 @@ def prepare_for_training(policy, args):
 
 
 @contextlib.contextmanager
-def generation_model(model, accelerator):
-    """The unwrapped policy for sampling, with full weights on every rank for the whole collection."""
+def generation_model(model, accelerator, engine=None):
+    """The policy for sampling, with full weights on every rank for the whole collection (and, with a vLLM engine,
+    copied into it on entry; the engine sleeps again on exit, leaving the GPU to training)."""
+    with full_weights(model, accelerator) as policy:
+        if engine is not None:
+            engine.sync_weights(policy)
+        yield policy
+    if engine is not None:
+        engine.sleep()
+
+
+@contextlib.contextmanager
+def full_weights(model, accelerator):
+    """The unwrapped policy with full weights on every rank for as long as the context lasts."""
     unwrapped = accelerator.unwrap_model(model)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is not None and ds.zero_stage == 3:
@@ -438,7 +458,7 @@ def ranks_in_sync(model, accelerator) -> bool:
     """Whether every rank holds the same full weights. With replicas (DDP, ZeRO-1/2) a silently unsynced run shows
     up here; under ZeRO-3 and FSDP2 there is one sharded copy, so this checks the gathered weights that every rank
     samples with."""
-    with generation_model(model, accelerator) as full:
+    with full_weights(model, accelerator) as full:
         checksum = sum(p.detach().double().sum() for p in full.parameters())
     sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
     return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
@@ -492,12 +512,12 @@ class Logger:
                                            if not k.startswith("eval/learned")))
 
 
-def evaluate(model, tokenizer, env, accelerator, args, seed):
+def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     """Mean reward (and per-turn detail on the tutor) on held-out contexts; each rank plays its share."""
     n = max(1, args.num_eval // accelerator.num_processes)
-    with generation_model(model, accelerator) as policy:
+    with generation_model(model, accelerator, engine) as policy:
         out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
-                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
+                                  args.max_new_tokens, args.temperature, args.gen_batch_size, engine)
     keys = sorted(k for k in out if k != "eval/reward_stderr")
     vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
     res = dict(zip(keys, vals.tolist()))
@@ -513,7 +533,7 @@ def check_args(args: Args) -> None:
     positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
                 "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
-                "max_tokens_per_batch", "max_dialogue_tokens"]
+                "max_tokens_per_batch", "max_dialogue_tokens", "vllm_gpu_memory_utilization"]
     non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
                     "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -577,7 +597,19 @@ def setup(args: Args):
                                   betas=args.adam_betas, weight_decay=args.weight_decay)
     configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps), args)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer
+    engine = make_engine(policy, accelerator, args) if args.vllm else None
+    return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine
+
+
+def make_engine(policy, accelerator, args):
+    """The optional vLLM engine for the policy's turns (vllm_engine.py), one per process, built from the policy's
+    full weights; MTPO-tau's two-model mixture and the tutor's head_dim-16 policy stay on the HF sampler."""
+    import vllm_engine
+
+    with full_weights(policy, accelerator) as full:
+        return vllm_engine.VLLMEngine(full, dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else "auto",
+                                      gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                      enforce_eager=args.vllm_enforce_eager)
 
 
 def resume(accelerator, run_dir: Path, rng) -> dict:
@@ -616,21 +648,21 @@ def finish(accelerator, policy, env, run_dir: Path, first_eval: dict, final_eval
 def main(args: Args) -> dict:
     from accelerate.utils import gather_object
 
-    accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer = setup(args)
+    accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine = setup(args)
     meta = resume(accelerator, run_dir, rng) if args.resume else {}
     start_iter, global_pairs = meta.get("iteration", 0), meta.get("pairs", 0)
     optimizer_steps = meta.get("optimizer_steps", 0)
     logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
     eval_seed = 10_000 + args.seed
-    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
     logger.log(start_iter, first_eval)
     start = time.time() - meta.get("elapsed", 0.0)
     it = start_iter
     for it in tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc="refuel"):
         t0 = time.time()
         contexts = env.contexts(args.local_prompts, "train", rng)
-        with generation_model(policy, accelerator) as pi_t:  # Algorithm 1, line 3
-            pairs, stats = collect_pairs(pi_t, tokenizer, env, contexts, rng, args, ref_policy)
+        with generation_model(policy, accelerator, engine) as pi_t:  # Algorithm 1, line 3
+            pairs, stats = collect_pairs(pi_t, tokenizer, env, contexts, rng, args, ref_policy, engine)
         t_collect = time.time() - t0
         if args.save_rollouts:  # every rank's pairs, written by the main process
             everything = gather_object([pairs]) if args.world_size > 1 else [pairs]
@@ -653,11 +685,11 @@ def main(args: Args) -> dict:
                    "charts/lr": optimizer.param_groups[0]["lr"], "charts/optimizer_steps": optimizer_steps,
                    "charts/iterations_per_sec": 1 / dt, "charts/pairs_per_sec": len(pairs) * args.world_size / dt,
                    "charts/collect_share": t_collect / dt, "charts/elapsed_min": (time.time() - start) / 60,
-                   **env.metrics()}
+                   **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}, **env.metrics()}
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.eval_every == 0 or last:
-            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
             metrics.update(latest_eval)
         logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
         if (it + 1) % args.save_every == 0 or last:

@@ -521,7 +521,7 @@ STEP_RECOMPILE_LIMIT = 64
 def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens: int, temperature: float = 1.0,
                  max_batch_size: int = 256, eot_id: Optional[int] = None, fast: Optional[bool] = None,
                  compile_step: Optional[bool] = None, keep_cache: bool = False,
-                 stop_ids: Optional[Sequence[int]] = None) -> TurnSamples:
+                 stop_ids: Optional[Sequence[int]] = None, engine=None) -> TurnSamples:
     """Sample the next assistant turn of every conversation: left-padded, batched, KV-cached decoding.
 
     A turn ends at the first of `stop_ids` (default `stop_token_ids(tokenizer, model, eot_id)`: the template's
@@ -534,7 +534,11 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     compiled decode step (compile_step: default on CUDA; batch padded up on `ladder` too, so the step is compiled
     for a bounded set of shapes); the sampling itself is the same code on both paths.
     keep_cache=True leaves the static cache allocated for the next call (continue_dialogues frees it at its end).
+    engine: a `vllm_engine.VLLMEngine` holding this policy's weights samples instead (same contract, same stops).
     """
+    if engine is not None:
+        stop_ids = list(stop_token_ids(tokenizer, model, eot_id) if stop_ids is None else stop_ids)
+        return engine.sample_turns(tokenizer, convs, max_new_tokens, temperature, stop_ids=stop_ids)
     auto = fast is None
     fast = use_fast_path(model, fast) and not (auto and model in _FAST_PATH_FAILED)  # fast=True is always honoured
     stop_ids = list(stop_token_ids(tokenizer, model, eot_id) if stop_ids is None else stop_ids)
@@ -694,7 +698,7 @@ class Environment(abc.ABC):
 
 def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: list, n_turns: Sequence[int],
             rng: np.random.Generator, max_new_tokens: int, temperature: float = 1.0,
-            max_batch_size: int = 256, reply_after_last: bool = False) -> tuple[list, list]:
+            max_batch_size: int = 256, reply_after_last: bool = False, engine=None) -> tuple[list, list]:
     """Continue each conversation (ending with a user message) until it has n_turns[i] assistant turns.
 
     Conversations of different lengths advance together: one batched sampler call per step over every
@@ -706,6 +710,7 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
     reads the user's reaction (the tutor) or reply_after_last=True (a roll-in to s_{h+1}, which ends with the
     user's x_{h+1}). Asking for more turns than a conversation's user state supports (setting two's pre-sampled
     questions: `Environment.supported_turns`, the contexts' max_turns) is a ValueError before any sampling.
+    engine: a `vllm_engine.VLLMEngine` holding the policy's current weights samples the turns (see sample_turns).
     """
     need = [n + int(bool(reply_after_last) and not env.scores_final_user_reply) for n in n_turns]
     for i, (c, u, n) in enumerate(zip(convs, users, need)):
@@ -719,13 +724,13 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
                              f"pass --user_model)")
     try:
         return _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
-                                   max_batch_size, reply_after_last)
+                                   max_batch_size, reply_after_last, engine)
     finally:
         free_static_caches(model)  # the only cache kept across calls (keep_cache=True below)
 
 
 def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
-                        max_batch_size, reply_after_last=False):
+                        max_batch_size, reply_after_last=False, engine=None):
     convs = [list(c) for c in convs]
     info = [dict() for _ in convs]
     while True:
@@ -733,7 +738,7 @@ def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_n
         if not active:
             return convs, info
         out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
-                           max_batch_size, keep_cache=True)
+                           max_batch_size, keep_cache=True, engine=engine)
         for j, i in enumerate(active):
             msg = {"role": "assistant", "content": out.texts[j]}
             if bool(out.hit_budget[j]):
@@ -1856,11 +1861,12 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def evaluate_policy(model, tokenizer, env: Environment, n: int, seed: int, max_new_tokens: int,
-                    temperature: float = 1.0, max_batch_size: int = 256) -> dict:
+                    temperature: float = 1.0, max_batch_size: int = 256, engine=None) -> dict:
     rng = np.random.default_rng(seed)
     ctx = env.contexts(n, "eval", rng)  # H_max turns, or a record's own number (Context.max_turns)
     convs, _ = continue_dialogues(model, tokenizer, env, [c.messages for c in ctx], [c.user for c in ctx],
-                       [c.max_turns or env.max_turns for c in ctx], rng, max_new_tokens, temperature, max_batch_size)
+                       [c.max_turns or env.max_turns for c in ctx], rng, max_new_tokens, temperature, max_batch_size,
+                       engine=engine)
     r = env.reward(convs)
     out = {"eval/mean_reward": float(r.mean()), "eval/reward_stderr": float(r.std() / math.sqrt(n))}
     if isinstance(env, TutorEnv):

@@ -12,9 +12,9 @@ needs it.
     engine.sleep()                                             # free the GPU for training (no-op where unsupported)
 
 What it guarantees, and `tests/test_vllm.py` checks: token in, token out (prompts are `simulator.render_ids(...,
-add_generation_prompt=True)`, no second BOS; vLLM's tokenizer is not even loaded), turns stop at the template's
-end-of-turn token only (exactly where the HF sampler stops: a model's other EOS ids do not end a turn there
-either), the sampling distribution is exactly softmax(logits / T) (no top-p/top-k/penalties, the model's
+add_generation_prompt=True)`, no second BOS; vLLM's tokenizer is not even loaded), turns stop where the HF
+sampler stops (`simulator.stop_token_ids`: the template's end-of-turn token and the model's other EOS ids), the
+sampling distribution is exactly softmax(logits / T) (no top-p/top-k/penalties, the model's
 generation_config ignored), and the log-probs returned are those of that distribution (vLLM's
 `logprobs_mode="processed_logprobs"`; temperature 0 = greedy with log-probs at T = 1, as in the HF sampler).
 """
@@ -94,6 +94,8 @@ class VLLMEngine:
         self.timings = {}
         self._tmp = None
         hf_model = None if isinstance(model, (str, Path)) else model
+        eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
+        self.model_eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
         if hf_model is not None:
             self._tmp = tempfile.mkdtemp(prefix="vllm_engine_")
             cfg = hf_model.config
@@ -176,44 +178,47 @@ class VLLMEngine:
             pass
 
     # ------------------------------------------------------------------------------------------------------------
-    def sampling_params(self, max_new_tokens: int, temperature: float, eot_id: int):
-        """Exactly softmax(logits / T) (greedy at T = 0), stopping at the end-of-turn token only, with the
-        sampled token's log-prob."""
+    def sampling_params(self, max_new_tokens: int, temperature: float, stop_ids: Sequence[int]):
+        """Exactly softmax(logits / T) (greedy at T = 0), stopping at `stop_ids` only (vLLM's own EOS handling is
+        off: the HF sampler's rule decides), with the sampled token's log-prob."""
         from vllm import SamplingParams
 
         return SamplingParams(n=1, temperature=float(temperature), top_p=1.0, top_k=0, min_p=0.0,
                               repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                              max_tokens=max_new_tokens, stop_token_ids=[eot_id], ignore_eos=True,
+                              max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True,
                               logprobs=0, detokenize=False, skip_special_tokens=True)
 
     def sample_turns(self, tokenizer, convs: Sequence[sim.Conversation], max_new_tokens: int,
                      temperature: float = 1.0, max_batch_size: Optional[int] = None,
-                     eot_id: Optional[int] = None) -> sim.TurnSamples:
+                     eot_id: Optional[int] = None, stop_ids: Optional[Sequence[int]] = None) -> sim.TurnSamples:
         """The next assistant turn of every conversation, as `simulator.sample_turns` returns it: texts decoded
-        without special tokens and stripped, token ids with the end-of-turn id when it was produced, per-token
-        log-probs of softmax(logits / T) (T = 1 when greedy), hit_budget where no end-of-turn token came.
-        max_batch_size is accepted for the same signature and unused (vLLM schedules its own batches)."""
+        without special tokens and stripped, token ids with the stop id when one was produced, per-token log-probs
+        of softmax(logits / T) (T = 1 when greedy), hit_budget where no stop id came. stop_ids default to
+        `simulator.stop_token_ids` of the tokenizer and the policy the engine was built from. max_batch_size is
+        accepted for the same signature and unused (vLLM schedules its own batches)."""
         if self._asleep:
             raise RuntimeError("VLLMEngine.sample_turns while asleep: call sync_weights(policy) first")
         t0 = time.perf_counter()
-        eot_id = sim.end_of_turn_id(tokenizer) if eot_id is None else eot_id
+        if stop_ids is None:
+            stop_ids = sim.stop_token_ids(tokenizer, eot_id=eot_id) + [i for i in self.model_eos_ids
+                                                                       if i not in sim.stop_token_ids(tokenizer)]
         prompts = [sim.render_ids(tokenizer, c, add_generation_prompt=True) for c in convs]
         for p in prompts:
             if len(p) + max_new_tokens > self.max_model_len:
                 raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the engine's "
                                  f"max_model_len={self.max_model_len}")
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
-                                 self.sampling_params(max_new_tokens, temperature, eot_id), use_tqdm=False)
+                                 self.sampling_params(max_new_tokens, temperature, stop_ids), use_tqdm=False)
         ids_out, lps_out, hit, contents = [], [], [], []
         for o in outs:
             c = o.outputs[0]
             ids = list(c.token_ids)
             lps = torch.tensor([_sampled_logprob(c.logprobs[t], tok) for t, tok in enumerate(ids)],
                                dtype=torch.float32)
-            ended = eot_id in ids
+            stops = [t for t, tok in enumerate(ids) if tok in stop_ids]
+            ended = bool(stops)
             if ended:  # vLLM stops at the first stop token; cut there all the same
-                n = ids.index(eot_id) + 1
-                ids, lps = ids[:n], lps[:n]
+                ids, lps = ids[:stops[0] + 1], lps[:stops[0] + 1]
             ids_out.append(ids)
             lps_out.append(lps)
             hit.append(not ended)

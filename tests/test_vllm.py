@@ -114,8 +114,8 @@ def test_sampled_logprobs_equal_hf_teacher_forced_logprobs(setup):
     print(f"\nT = 0.7: max |log-prob difference| vs HF teacher forcing = {diff:.2e} "
           f"({sum(map(len, out.token_ids))} tokens in {dt:.2f} s)")
     assert diff < LOGPROB_ATOL
-    eot = sim.end_of_turn_id(tok)
-    assert out.hit_budget.tolist() == [eot not in ids for ids in out.token_ids]
+    stops = sim.stop_token_ids(tok, model)
+    assert out.hit_budget.tolist() == [not any(i in stops for i in ids) for ids in out.token_ids]
 
 
 def test_sampling_distribution_is_softmax_of_logits_over_temperature(setup):
@@ -174,9 +174,9 @@ def test_samples_follow_an_optimizer_step_after_a_sync(setup):
     assert engine.sample_turns(tok, convs, max_new_tokens=12, temperature=0).token_ids == before.token_ids
 
 
-def test_turns_end_at_the_end_of_turn_token_only_as_in_the_hf_sampler(setup):
-    """A model that prefers its EOS (<|end_of_text|>, not the template's <|eot_id|>) keeps going in both samplers;
-    sleep() is a no-op on CPU and the engine samples after it."""
+def test_turns_end_at_the_models_other_stop_tokens_as_in_the_hf_sampler(setup):
+    """A model that prefers its EOS (<|end_of_text|>, not the template's <|eot_id|>) ends its turn there in both
+    samplers (simulator.stop_token_ids); sleep() is a no-op on CPU and the engine samples after it."""
     tok, model, engine = setup
     eos_model = copy.deepcopy(model)
     with torch.no_grad():
@@ -187,8 +187,8 @@ def test_turns_end_at_the_end_of_turn_token_only_as_in_the_hf_sampler(setup):
     ref = sim.sample_turns(eos_model, tok, convs, max_new_tokens=5, temperature=0)
     out = engine.sample_turns(tok, convs, max_new_tokens=5, temperature=0)
     assert tok.eos_token_id != sim.end_of_turn_id(tok)
-    assert ref.token_ids[0][0] == tok.eos_token_id and all(len(i) == 5 for i in ref.token_ids)
-    assert out.token_ids == ref.token_ids and out.hit_budget.all() and out.texts == ref.texts
+    assert all(ids == [tok.eos_token_id] for ids in ref.token_ids) and not ref.hit_budget.any()
+    assert out.token_ids == ref.token_ids and not out.hit_budget.any() and out.texts == ref.texts
 
 
 def test_engine_from_a_checkpoint_path(setup, tmp_path):
@@ -238,3 +238,41 @@ def test_one_engine_per_rank_under_accelerate(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ranks = sorted(line for line in out.stdout.splitlines() if line.startswith("RANK"))
     assert len(ranks) == 2 and ranks[0].split(" ", 2)[2] != ranks[1].split(" ", 2)[2]
+
+
+def test_a_refuel_iteration_with_the_engine(tmp_path):
+    """`refuel.py --vllm` end to end on a chat task: every turn of the roll-in, the reset branch and the
+    evaluation is sampled by the engine (its timings are logged), whose weights follow the trained policy."""
+    import json
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from conftest import ROOT, subprocess_env
+
+    tok = llama3_tokenizer()
+    tiny_llama(tok).save_pretrained(tmp_path / "policy")
+    tok.save_pretrained(tmp_path / "policy")
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} ."}],
+                                           "questions": ["i like songs best .", "go on ."]}) + "\n"
+                               for t in ("planets", "rivers", "poems", "grammar")))
+    env = dict(subprocess_env(), VLLM_CPU_KVCACHE_SPACE="1")
+    out = subprocess.run([sys.executable, "refuel.py", "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
+                          "--reward_model", str(tmp_path / "rm"), "--prompts_path", str(prompts), "--max_turns", "3",
+                          "--max_new_tokens", "6", "--num_iterations", "2", "--prompts_per_iteration", "8",
+                          "--minibatch_size", "4", "--num_eval", "4", "--lr", "1e-2", "--vllm",
+                          "--vllm_enforce_eager", "--output_dir", str(tmp_path), "--run_name", "v", "--threads", "1"],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "charts/optimizer_steps" in r]
+    assert len(trained) == 2 and all(r["charts/vllm_sync_s"] > 0 and r["charts/vllm_generated_tokens"] > 0
+                                     for r in trained)
+    assert json.loads((tmp_path / "v" / "summary.json").read_text())["iterations"] == 2
