@@ -369,7 +369,8 @@ def measure(shape_name: str, batch: int, prompt_tokens: int, new_tokens: int, de
     b = 2 if dtype == torch.bfloat16 else 4
     cfg = dict(vocab_size=s.vocab, hidden_size=s.h, intermediate_size=s.inter, num_hidden_layers=s.layers,
                num_attention_heads=s.heads, num_key_value_heads=s.kv_heads, max_position_embeddings=8192,
-               pad_token_id=tok.pad_token_id)
+               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=sim.end_of_turn_id(tok))  # LlamaConfig's default eos (2) would be a stop token
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # built in bf16 on the GPU: no float32 copy of 8B weights on the way

@@ -87,7 +87,8 @@ def build(shape: str, tok, device, dtype):
     hidden, layers, heads, kv, inter, vocab = SHAPES[shape]
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv, intermediate_size=inter, max_position_embeddings=4096,
-                      pad_token_id=tok.pad_token_id)
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=sim.end_of_turn_id(tok))  # LlamaConfig's default eos (2) would be a stop token
     with torch.device(device):
         model = LlamaForCausalLM(cfg).to(dtype)
     return model.eval(), cfg
