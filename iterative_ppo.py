@@ -955,7 +955,7 @@ def main(args: Args) -> dict:
         t_q = time.time() - t0 - t_collect
         # line 6: D_single = the states visited by pi_i, as pi_i's prompts
         prompts = [e["messages"][:-1] for e in examples]
-        # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and a critic initialised from Q_i
+        # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and the token critic (from Q_0, then kept)
         with generation_model(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
             ref_policy.load_state_dict(pi_i.state_dict())
         if args.reset_critic or not critic_ready:  # else the critic (and its AdamW state) carries over from i - 1

@@ -247,6 +247,10 @@ def test_kl_penalty_acts_in_the_first_ppo_batch(base_policy, one_thread):
     _, without = ppo_batch(base_policy, kl_coef=0.0)
     diff = max((a - b).abs().max().item() for a, b in zip(with_kl.parameters(), without.parameters()))
     assert diff > 1e-6
+    # --kl_penalty reward: the KL is fixed at sampling time, so beta does nothing in the first batch (the old way)
+    out, shaped = ppo_batch(base_policy, kl_coef=1.0, kl_penalty="reward")
+    assert out["ppo/kl_term"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(shaped.parameters(), without.parameters()))
     # target-KL reads each minibatch's log-probs before its step: 0 at the first, > 0 at the second, stop after it
     out, _ = ppo_batch(base_policy, kl_coef=1.0, target_kl=1e-12)
     assert out["charts/optimizer_steps"] == 2
