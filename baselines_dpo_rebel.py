@@ -106,6 +106,13 @@ class Args:
     """per-turn token budget"""
     gen_batch_size: int = 256
     """max sequences per sampling call (memory)"""
+    vllm: bool = False
+    """sample the policy's turns with a vLLM engine in each process (vllm_engine.py; needs vllm installed), its
+    weights synced from the policy once per collection; the HF sampler is the default and the reference"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm: share of the GPU the engine takes (its own copy of the weights and its KV cache)"""
+    vllm_enforce_eager: bool = False
+    """--vllm: no CUDA graphs / compile warm-up (quicker start; on CPU, tens of seconds less)"""
     max_tokens_per_batch: Optional[int] = None
     """max padded tokens per log-prob forward (memory; a training step's also needs --gradient_accumulation_steps)"""
 
@@ -179,7 +186,7 @@ class Args:
 # ----------------------------------------------------------------------------------------------------------------
 # Data: where s_h comes from, which turn, whether the replies are rolled out
 # ----------------------------------------------------------------------------------------------------------------
-def states(policy, tokenizer, env, contexts, dialogues, h, rng, args):
+def states(policy, tokenizer, env, contexts, dialogues, h, rng, args, engine=None):
     """s_h for each context: from its D_off dialogue (offline roll-in), or rolled in on-policy with pi_t and the user
     (LT-ONLINE). Each s_h ends with the user's x_h."""
     if args.mode != "lt-online":
@@ -188,10 +195,10 @@ def states(policy, tokenizer, env, contexts, dialogues, h, rng, args):
     # otherwise stop after it, and y_h would follow two assistant turns)
     return sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], [c.user for c in contexts],
                                   h - 1, rng, args.max_new_tokens, args.temperature, args.gen_batch_size,
-                                  reply_after_last=True)[0]
+                                  reply_after_last=True, engine=engine)[0]
 
 
-def replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args):
+def replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args, engine=None):
     """The two branches from s_h, each a conversation and {turn: (log-prob, hit_budget)} for sampled turns."""
     users = [c.user for c in contexts]
     if args.mode == "lt-offline":  # D_off's own y_h and a second reply of its behaviour policy; none from pi_t
@@ -207,10 +214,10 @@ def replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args):
         return branches
     target = H if args.mode == "mt-mixed" else h  # MT-MIXED rolls out to H; LT-* stop after the trained turn
     return [sim.continue_dialogues(policy, tokenizer, env, s_h, users, target, rng, args.max_new_tokens,
-                                   args.temperature, args.gen_batch_size) for _ in range(2)]
+                                   args.temperature, args.gen_batch_size, engine=engine) for _ in range(2)]
 
 
-def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None):
+def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None, engine=None):
     """One iteration's pairs (dicts) and counts. Batched at every turn."""
     n = args.local_prompts
     H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max}
@@ -222,8 +229,9 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None):
     # a record's own number of turns where it has one (setting two's prompts, D_off dialogues: their last turn)
     H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])
     h = (u * H).astype(int) + 1 if args.mode == "mt-mixed" else H  # h ~ U{1..H}, or the last turn
-    s_h = states(policy, tokenizer, env, contexts, dialogues, h, rng, args)
-    (conv_a, info_a), (conv_b, info_b) = replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args)
+    s_h = states(policy, tokenizer, env, contexts, dialogues, h, rng, args, engine)
+    (conv_a, info_a), (conv_b, info_b) = replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args,
+                                                   engine)
     r_a, r_b = env.reward(conv_a), env.reward(conv_b)
     if not (torch.isfinite(r_a).all() and torch.isfinite(r_b).all()):
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
@@ -441,8 +449,20 @@ def prepare_for_training(policy, args):
 
 
 @contextlib.contextmanager
-def generation_model(model, accelerator):
-    """The unwrapped policy for sampling, with full weights on every rank for the whole collection."""
+def generation_model(model, accelerator, engine=None):
+    """The policy for sampling, with full weights on every rank for the whole collection (and, with a vLLM engine,
+    copied into it on entry; the engine sleeps again on exit, leaving the GPU to training)."""
+    with full_weights(model, accelerator) as policy:
+        if engine is not None:
+            engine.sync_weights(policy)
+        yield policy
+    if engine is not None:
+        engine.sleep()
+
+
+@contextlib.contextmanager
+def full_weights(model, accelerator):
+    """The unwrapped policy with full weights on every rank for as long as the context lasts."""
     unwrapped = accelerator.unwrap_model(model)
     ds = getattr(accelerator.state, "deepspeed_plugin", None)
     if ds is not None and ds.zero_stage == 3:
@@ -473,7 +493,7 @@ def ranks_in_sync(model, accelerator) -> bool:
     """Whether every rank holds the same full weights. With replicas (DDP, ZeRO-1/2) a silently unsynced run shows
     up here; under ZeRO-3 and FSDP2 there is one sharded copy, so this checks the gathered weights that every rank
     samples with."""
-    with generation_model(model, accelerator) as full:
+    with full_weights(model, accelerator) as full:
         checksum = sum(p.detach().double().sum() for p in full.parameters())
     sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
     return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
@@ -503,12 +523,12 @@ def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rn
     accelerator.wait_for_everyone()
 
 
-def evaluate(model, tokenizer, env, accelerator, args, seed):
+def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     """Mean reward (and per-turn detail on the tutor) on held-out contexts; each rank plays its share."""
     n = max(1, args.num_eval // accelerator.num_processes)
-    with generation_model(model, accelerator) as policy:
+    with generation_model(model, accelerator, engine) as policy:
         out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
-                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
+                                  args.max_new_tokens, args.temperature, args.gen_batch_size, engine)
     keys = sorted(k for k in out if k != "eval/reward_stderr")
     vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
     res = dict(zip(keys, vals.tolist()))
@@ -532,7 +552,7 @@ def check_args(args: Args) -> None:
     positive = ["eta", "beta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
                 "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
-                "max_tokens_per_batch", "max_dialogue_tokens"]
+                "max_tokens_per_batch", "max_dialogue_tokens", "vllm_gpu_memory_utilization"]
     non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
                     "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -596,7 +616,19 @@ def setup(args: Args):
                                   betas=args.adam_betas, weight_decay=args.weight_decay)
     configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps), args)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer
+    engine = make_engine(policy, accelerator, args) if args.vllm else None
+    return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine
+
+
+def make_engine(policy, accelerator, args):
+    """The optional vLLM engine for the policy's turns (vllm_engine.py), one per process, built from the policy's
+    full weights; MTPO-tau's two-model mixture and the tutor's head_dim-16 policy stay on the HF sampler."""
+    import vllm_engine
+
+    with full_weights(policy, accelerator) as full:
+        return vllm_engine.VLLMEngine(full, dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else "auto",
+                                      gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                                      enforce_eager=args.vllm_enforce_eager)
 
 
 def resume(accelerator, run_dir: Path, rng) -> dict:
@@ -636,20 +668,20 @@ def finish(accelerator, policy, run_dir: Path, args, first_eval: dict, final_eva
 def main(args: Args) -> dict:
     from accelerate.utils import gather_object
 
-    accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer = setup(args)
+    accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine = setup(args)
     meta = resume(accelerator, run_dir, rng) if args.resume else {}
     start_iter, global_pairs = meta.get("iteration", 0), meta.get("pairs", 0)
     optimizer_steps = meta.get("optimizer_steps", 0)
     main_rank = accelerator.is_main_process
     eval_seed = 10_000 + args.seed
-    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
     if main_rank:
         log(run_dir, start_iter, first_eval, echo=True)
     start, it = time.time() - meta.get("elapsed", 0.0), start_iter
     for it in tqdm(range(start_iter, args.num_iterations), disable=not main_rank, desc=f"{args.loss}-{args.mode}"):
         t0 = time.time()
-        with generation_model(policy, accelerator) as pi_t:
-            pairs, stats = collect_pairs(pi_t, tokenizer, env, rng, args, ref_policy)
+        with generation_model(policy, accelerator, engine) as pi_t:
+            pairs, stats = collect_pairs(pi_t, tokenizer, env, rng, args, ref_policy, engine)
         t_collect = time.time() - t0
         if args.save_rollouts:  # every rank's pairs, written by the main process
             everything = gather_object([pairs]) if args.world_size > 1 else [pairs]
@@ -671,11 +703,12 @@ def main(args: Args) -> dict:
                    "charts/pairs_trained": global_pairs, "charts/lr": optimizer.param_groups[0]["lr"],
                    "charts/optimizer_steps": optimizer_steps, "charts/iterations_per_sec": 1 / dt,
                    "charts/pairs_per_sec": len(pairs) * args.world_size / dt, "charts/collect_share": t_collect / dt,
-                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()}
+                   "charts/elapsed_min": (time.time() - start) / 60,
+                   **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}, **env.metrics()}
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.eval_every == 0 or last:
-            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
             metrics.update(latest_eval)
         if main_rank:
             log(run_dir, it + 1, metrics, echo="eval/mean_reward" in metrics)

@@ -240,9 +240,12 @@ def test_one_engine_per_rank_under_accelerate(tmp_path):
     assert len(ranks) == 2 and ranks[0].split(" ", 2)[2] != ranks[1].split(" ", 2)[2]
 
 
-def test_a_refuel_iteration_with_the_engine(tmp_path):
-    """`refuel.py --vllm` end to end on a chat task: every turn of the roll-in, the reset branch and the
-    evaluation is sampled by the engine (its timings are logged), whose weights follow the trained policy."""
+@pytest.mark.parametrize("script,extra", [("refuel.py", []),
+                                          ("baselines_dpo_rebel.py", ["--loss", "rebel", "--mode", "mt-mixed",
+                                                                      "--offline_path", "OFFLINE"])])
+def test_a_run_with_the_engine(tmp_path, script, extra):
+    """`--vllm` end to end on a chat task: every turn of the roll-in, the branches and the evaluation is sampled
+    by the engine (its timings are logged), whose weights follow the trained policy."""
     import json
     import subprocess
     import sys
@@ -264,7 +267,13 @@ def test_a_refuel_iteration_with_the_engine(tmp_path):
                                            "questions": ["i like songs best .", "go on ."]}) + "\n"
                                for t in ("planets", "rivers", "poems", "grammar")))
     env = dict(subprocess_env(), VLLM_CPU_KVCACHE_SPACE="1")
-    out = subprocess.run([sys.executable, "refuel.py", "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
+    offline = tmp_path / "offline.jsonl"  # D_off: whole dialogues of 2 and 3 turns
+    turns = ["how do you like to learn ?", "i like songs best .", "let us learn with songs .", "go on .", "ok ."]
+    offline.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} ."}] + [
+        {"role": "assistant" if k % 2 == 0 else "user", "content": x} for k, x in enumerate(turns[:n])]}) + "\n"
+        for t, n in (("planets", 3), ("rivers", 5), ("poems", 3), ("grammar", 5))))
+    extra = [str(offline) if x == "OFFLINE" else x for x in extra]
+    out = subprocess.run([sys.executable, script, *extra, "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
                           "--reward_model", str(tmp_path / "rm"), "--prompts_path", str(prompts), "--max_turns", "3",
                           "--max_new_tokens", "6", "--num_iterations", "2", "--prompts_per_iteration", "8",
                           "--minibatch_size", "4", "--num_eval", "4", "--lr", "1e-2", "--vllm",
@@ -274,5 +283,5 @@ def test_a_refuel_iteration_with_the_engine(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "charts/optimizer_steps" in r]
     assert len(trained) == 2 and all(r["charts/vllm_sync_s"] > 0 and r["charts/vllm_generated_tokens"] > 0
-                                     for r in trained)
+                                     for r in trained), rows
     assert json.loads((tmp_path / "v" / "summary.json").read_text())["iterations"] == 2
