@@ -63,6 +63,9 @@ class Args:
     """torch CPU threads (0 = default)"""
     seed: int = 0
     """seed"""
+    vllm: bool = False
+    """also time the vLLM engine (vllm_engine.py, needs vllm) on the same prompts, and the REFUEL collection with
+    the engine sampling the policy's turns (prefix caching on)"""
     fast_path: bool = True
     """also time the sampler's fast path (static cache + compiled step: compiles once per shape, minutes on CPU)"""
 
@@ -136,6 +139,29 @@ def time_generate(model, tok, convs, new_tokens, device):
     return int((gen != tok.pad_token_id).sum()), time.perf_counter() - t
 
 
+def time_engine(engine, tok, convs, new_tokens, device):
+    sync(device)
+    t = time.perf_counter()
+    out = engine.sample_turns(tok, convs, new_tokens, temperature=1.0)
+    sync(device)
+    return sum(len(i) for i in out.token_ids), time.perf_counter() - t
+
+
+def make_engine(model, tok, device):
+    """A vLLM engine holding the model's weights, or (None, why not) where it cannot serve this shape."""
+    import vllm_engine
+
+    engine = None
+    try:
+        engine = vllm_engine.VLLMEngine(model, enforce_eager=device != "cuda", gpu_memory_utilization=0.3)
+        engine.sample_turns(tok, [[{"role": "user", "content": "w1"}]], 1)  # the first step is where it can fail
+        return engine, ""
+    except Exception as e:  # e.g. vLLM's CPU attention rejects head dimension 16 (the tiny shape)
+        if engine is not None:
+            engine.close()
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+
+
 def count_generated_tokens():
     """Wrap the simulator's sampler so every call's generated tokens are counted (policy and user alike)."""
     counter = {"tokens": 0, "calls": 0}
@@ -150,8 +176,9 @@ def count_generated_tokens():
     return counter, lambda: setattr(sim, "sample_turns", original)
 
 
-def collection(model, user_model, tok, args, device, rng):
-    """One REFUEL collection with an LLM user vs the same token count as one flat batch."""
+def collection(model, user_model, tok, args, device, rng, engine=None):
+    """One REFUEL collection with an LLM user vs the same token count as one flat batch (with a vLLM engine: the
+    policy's turns and the flat batch sampled by it; the user stays on the HF sampler)."""
     records = [{"messages": c, "user": None} for c in prompts(tok, args.collection_prompts, 32, rng)]
     user = sim.PromptedUser(user_model, tok, prompt_template="{dialogue}", max_new_tokens=16)
     env = sim.ChatEnv(records, reward_model=lambda convs: torch.zeros(len(convs)), user=user, max_turns=3)
@@ -160,14 +187,17 @@ def collection(model, user_model, tok, args, device, rng):
     sync(device)
     t = time.perf_counter()
     try:
-        refuel.collect_pairs(model, tok, env, env.contexts(args.collection_prompts, "train", rng), rng, rargs)
+        refuel.collect_pairs(model, tok, env, env.contexts(args.collection_prompts, "train", rng), rng, rargs,
+                             engine=engine)
     finally:
         restore()
     sync(device)
     t_coll, tokens = time.perf_counter() - t, counter["tokens"]
     per_seq = 16
     n_flat = max(1, tokens // per_seq)
-    _, t_flat = time_sampler(model, tok, prompts(tok, n_flat, 64, rng), per_seq, device)
+    flat = prompts(tok, n_flat, 64, rng)
+    t_flat = time_engine(engine, tok, flat, per_seq, device)[1] if engine else \
+        time_sampler(model, tok, flat, per_seq, device)[1]
     return dict(tokens=tokens, calls=counter["calls"], t_collection=t_coll, t_flat=t_flat)
 
 
@@ -201,11 +231,12 @@ def main(args: Args) -> None:
                f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads")
     print(f"device: {machine}; torch {torch.__version__}; dtype {dtype}; prompt {args.prompt_len} tokens, "
           f"{args.new_tokens} new tokens\n")
-    rows, other = [], []
+    rows, other, vllm_rows = [], [], []
     for shape in args.shapes:
         tok = word_tokenizer(SHAPES[shape][5])
         model, cfg = build(shape, tok, device, dtype)
         n_params = sum(p.numel() for p in model.parameters())
+        engine, why = make_engine(model, tok, device) if args.vllm else (None, "")
         for b in args.batches:
             convs = prompts(tok, b, args.prompt_len, rng)
             time_sampler(model, tok, convs[:2], 2, device)  # warm-up
@@ -226,12 +257,28 @@ def main(args: Args) -> None:
                 roof = f" | {r:.2f} | {100 * r / step_s:.1f}% | {100 * r / step_f:.1f}% | {100 * r / step_g:.1f}%"
             rows.append(f"| {shape} ({n_params / 1e6:.1f}M) | {b} | {n_s / t_s:.0f} | {n_f / t_f:.0f} | "
                         f"{n_g / t_g:.0f} | {step_s:.1f} | {step_f:.1f} | {step_g:.1f}{roof} | {mem} |")
+            if args.vllm:
+                if engine is None:
+                    vllm_rows.append(f"| {shape} | {b} | - ({why}) | - |")
+                    continue
+                time_engine(engine, tok, convs[:2], 2, device)  # warm-up
+                n_v, t_v = time_engine(engine, tok, convs, args.new_tokens, device)
+                step_v = 1e3 * t_v / args.new_tokens
+                r = 1e3 * roofline_ms(model, cfg, b, args.prompt_len + args.new_tokens // 2, dtype)
+                share = f"{100 * r / args.bandwidth_gbs / step_v:.1f}%" if args.bandwidth_gbs else "-"
+                vllm_rows.append(f"| {shape} | {b} | {n_v / t_v:.0f} | {n_s / t_s:.0f} | {step_v:.1f} | {share} |")
         user_model, _ = build(shape, tok, device, dtype)
         c = collection(model, user_model, tok, args, device, rng)
         n_tok, dt = train_step(model, tok, 8, 256, device, rng)
         mfu = f"{100 * 6 * n_params * n_tok / dt / (args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else "-"
         other.append(f"| {shape} | {c['tokens']} tokens in {c['calls']} sampler calls: {c['t_collection']:.2f} s | "
                      f"{c['t_flat']:.2f} s | {c['t_collection'] / c['t_flat']:.2f}x | {n_tok / dt:.0f} | {mfu} |")
+        if engine is not None:
+            v = collection(model, user_model, tok, args, device, rng, engine)
+            other.append(f"| {shape}, vLLM policy | {v['tokens']} tokens in {v['calls']} sampler calls: "
+                         f"{v['t_collection']:.2f} s | {v['t_flat']:.2f} s | {v['t_collection'] / v['t_flat']:.2f}x "
+                         f"| - | - |")
+            engine.close()
         del model, user_model
     roof_head = " | roofline ms/step | sampler share | fast share | generate share" if args.bandwidth_gbs else ""
     print("| shape | batch | sampler tok/s | fast path tok/s | generate tok/s | sampler ms/step | fast path ms/step | "
@@ -241,6 +288,10 @@ def main(args: Args) -> None:
     print("\n| shape | REFUEL collection (H_max 3, LLM user) | same tokens, one flat batch | ratio | "
           "train step tok/s | MFU |\n|---|---|---|---|---|---|")
     print("\n".join(other))
+    if vllm_rows:
+        print("\n| shape | batch | vLLM tok/s | HF sampler tok/s | vLLM ms/step | vLLM roofline share |\n"
+              "|---|---|---|---|---|---|")
+        print("\n".join(vllm_rows))
 
 
 if __name__ == "__main__":
