@@ -73,6 +73,12 @@ class Args:
     names the served model; key from $OPENAI_API_KEY)"""
     user_prompt_path: Optional[str] = None
     """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
+    user_max_concurrency: int = 32
+    """chat, endpoint user: requests in flight per process (the server sees ranks x this many)"""
+    user_timeout: float = 120.0
+    """chat, endpoint user: seconds per request, time queued at the server included"""
+    user_retries: int = 3
+    """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model (scores the whole conversation: the only reward)"""
     reward_trust_remote_code: bool = False
@@ -196,11 +202,13 @@ class Args:
 # Steps 4-5: rollouts and Monte Carlo returns
 # ----------------------------------------------------------------------------------------------------------------
 def rollout(policy, tokenizer, env, contexts, rng, args):
-    """Algorithm 1 line 4: whole conversations of pi_i with the user, batched at every turn; and their rewards."""
+    """Algorithm 1 line 4: whole conversations of pi_i with the user, batched at every turn (H_max turns, or a
+    record's own number where it has one: setting two's pre-sampled questions); and their rewards."""
     if not contexts:
         raise ValueError("rollout: no contexts")
     convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
-                                      [c.user for c in contexts], [env.max_turns] * len(contexts), rng,
+                                      [c.user for c in contexts], [c.max_turns or env.max_turns for c in contexts],
+                                      rng,
                                       args.max_new_tokens, args.temperature, args.gen_batch_size)
     rewards = env.reward(convs)
     if not torch.isfinite(rewards).all():
@@ -805,7 +813,7 @@ def check_args(args: Args) -> None:
     positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "q_epochs", "q_minibatch_size", "ppo_batches", "ppo_epochs",
                 "ppo_minibatch_size", "cliprange", "cliprange_value", "eval_every", "num_eval", "save_every",
-                "reward_max_length", "max_dialogue_tokens"]
+                "reward_max_length", "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries"]
     non_negative = ["q_patience", "q_lr", "q_converged_tol", "kl_coef", "target_kl", "lr", "weight_decay",
                     "max_grad_norm", "time_budget_minutes", "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -858,7 +866,8 @@ def setup(args: Args):
                            dataset_format=args.dataset_format, bad_records=args.bad_records,
                            max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
                            reward_device=args.reward_device, user_device=args.user_device,
-                           reward_max_length=args.reward_max_length)
+                           reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
+                           user_timeout=args.user_timeout, user_retries=args.user_retries)
         q_model = build_q_model(q_path, tokenizer).to(accelerator.device)
         critic = build_q_model(q_path, tokenizer).to(accelerator.device)
         ref_policy = sim.load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
