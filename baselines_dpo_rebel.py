@@ -217,6 +217,14 @@ def replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args, e
                                    args.temperature, args.gen_batch_size, engine=engine) for _ in range(2)]
 
 
+def turns_of(contexts, H, u, args):
+    """(H, h) per context: a record's own number of turns where it has one (setting two's prompts; D_off dialogues,
+    whose last turn the LT modes train), else the drawn H ~ U{1..H_max}; h = H (LT-*) or h ~ U{1..H} (MT-MIXED,
+    from the uniform draws u)."""
+    H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])
+    return H, (u * H).astype(int) + 1 if args.mode == "mt-mixed" else H
+
+
 def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None, engine=None):
     """One iteration's pairs (dicts) and counts. Batched at every turn."""
     n = args.local_prompts
@@ -226,9 +234,7 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None, engine=Non
         contexts, dialogues = env.contexts(n, "train", rng), None
     else:
         contexts, dialogues = env.offline(n, rng)
-    # a record's own number of turns where it has one (setting two's prompts, D_off dialogues: their last turn)
-    H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])
-    h = (u * H).astype(int) + 1 if args.mode == "mt-mixed" else H  # h ~ U{1..H}, or the last turn
+    H, h = turns_of(contexts, H, u, args)
     s_h = states(policy, tokenizer, env, contexts, dialogues, h, rng, args, engine)
     (conv_a, info_a), (conv_b, info_b) = replies(policy, tokenizer, env, contexts, s_h, dialogues, h, H, rng, args,
                                                    engine)

@@ -198,12 +198,18 @@ def reset_and_rollout(policy, tokenizer, env, rolled_in, contexts, H, h, rng, ar
                                   args.max_new_tokens, args.temperature, args.gen_batch_size, engine=engine)
 
 
+def draw_turns(contexts, rng, args):
+    """H ~ U{1..H_max} (setting one), or the record's own number of turns where it has one (setting two, Sec. 4.2);
+    then h ~ U{1..H}."""
+    H = rng.integers(1, args.max_turns + 1, size=len(contexts))
+    H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])
+    return H, np.array([rng.integers(1, Hi + 1) for Hi in H])
+
+
 def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None, engine=None):
     """D for one iteration: a list of pair dicts, and counts. Batched at every turn, no per-sample generation."""
     n = len(contexts)
-    H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max} (setting one)
-    H = np.array([getattr(c, "max_turns", None) or Hi for c, Hi in zip(contexts, H)])  # setting two: the record's H
-    h = np.array([rng.integers(1, Hi + 1) for Hi in H])  # h ~ U{1..H}
+    H, h = draw_turns(contexts, rng, args)
     conv_a, info_a = rollin(policy, tokenizer, env, contexts, H, rng, args, engine)  # s_h ~ d_h^{pi_t}, y_h, its future
     conv_b, info_b = reset_and_rollout(policy, tokenizer, env, conv_a, contexts, H, h, rng, args,
                                        engine)  # y'_h, its future

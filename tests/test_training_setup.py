@@ -141,3 +141,41 @@ def test_a_bad_flag_stops_the_cli_before_anything_runs(tmp_path):
                          capture_output=True, text=True, env=subprocess_env(), timeout=120)
     assert out.returncode != 0 and "--eta must be > 0" in out.stderr
     assert not any(tmp_path.iterdir())  # no run directory was made
+
+
+# ---------------------------------------------------------------- the turn draws, by frequency
+def test_refuel_draws_h_max_uniformly_then_h_uniformly_and_setting_two_takes_the_records_h():
+    n, H_max = 40000, 5
+    rng = np.random.default_rng(0)
+    contexts = [sim.Context(i, [], None) for i in range(n)]
+    H, h = refuel.draw_turns(contexts, rng, refuel.Args(max_turns=H_max))
+    sd = math.sqrt(0.2 * 0.8 / n)
+    for k in range(1, H_max + 1):
+        assert abs(np.mean(H == k) - 1 / H_max) < 4 * sd  # H ~ U{1..H_max}
+        hk = h[H == k]
+        for j in range(1, k + 1):  # h | H ~ U{1..H}
+            p = 1 / k
+            assert abs(np.mean(hk == j) - p) <= 4 * math.sqrt(p * (1 - p) / len(hk))
+        assert hk.max() <= k
+    own = [sim.Context(i, [], None, max_turns=1 + i % 3) for i in range(3000)]  # setting two: the record's turns
+    H2, h2 = refuel.draw_turns(own, rng, refuel.Args(max_turns=H_max))
+    assert (H2 == [c.max_turns for c in own]).all() and ((1 <= h2) & (h2 <= H2)).all()
+    for k in (2, 3):
+        assert abs(np.mean(h2[H2 == k] == 1) - 1 / k) < 4 * math.sqrt((1 / k) * (1 - 1 / k) / 1000)
+
+
+@pytest.mark.parametrize("mode", ["lt-offline", "lt-mixed", "lt-online", "mt-mixed"])
+def test_baselines_train_the_turn_their_scheme_names(mode):
+    n, rng = 30000, np.random.default_rng(1)
+    args = baselines_dpo_rebel.Args(mode=mode, max_turns=5)
+    drawn, u = rng.integers(1, 6, size=n), rng.random(n)
+    own = [sim.Context(i, [], None, max_turns=(None if i % 2 else 1 + i % 4)) for i in range(n)]
+    H, h = baselines_dpo_rebel.turns_of(own, drawn, u, args)
+    assert (H == [c.max_turns or d for c, d in zip(own, drawn)]).all()  # a record's own H where it has one
+    if mode != "mt-mixed":
+        assert (h == H).all()  # the LT modes train the last turn
+    else:
+        for k in range(1, 6):
+            hk = h[H == k]
+            assert hk.min() >= 1 and hk.max() <= k
+            assert abs(np.mean(hk == 1) - 1 / k) <= 4 * math.sqrt((1 / k) * (1 - 1 / k) / len(hk))
