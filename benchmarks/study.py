@@ -32,6 +32,7 @@ for loss in ("rebel", "dpo"):
 METHODS["MTPO"] = ("mtpo.py", ["--variant", "mtpo"])
 METHODS["MTPO-tau"] = ("mtpo.py", ["--variant", "mtpo-tau"])
 METHODS["multi-turn RLHF"] = ("mtpo.py", ["--variant", "rlhf"])
+METHODS["multi-turn RLHF (learned reward)"] = ("mtpo.py", ["--variant", "rlhf", "--reward", "learned"])
 METHODS["Iterative PPO"] = ("iterative_ppo.py", [])
 
 
