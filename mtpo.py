@@ -103,6 +103,12 @@ class Args:
     names the served model; key from $OPENAI_API_KEY)"""
     user_prompt_path: Optional[str] = None
     """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
+    user_max_concurrency: int = 32
+    """chat, endpoint user (and an endpoint judge): requests in flight per process"""
+    user_timeout: float = 120.0
+    """chat, endpoint user (and an endpoint judge): seconds per request, time queued at the server included"""
+    user_retries: int = 3
+    """chat, endpoint user (and an endpoint judge): tries per request (exponential backoff)"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model (rlhf's reward; Bradley-Terry oracle when no judge is set)"""
     reward_trust_remote_code: bool = False
@@ -238,12 +244,13 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
     if tau == 0 or ref is None:
         return sim.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, max_batch_size)
-    eot_id = sim.end_of_turn_id(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eot_id
+    stop_ids = sim.stop_token_ids(tokenizer, policy)  # where the HF sampler stops: end-of-turn, the model's EOS
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
     device = next(policy.parameters()).device
+    stops = torch.tensor(stop_ids, device=device)
     models, modes = (policy, ref), [m.training for m in (policy, ref)]
     [m.eval() for m in models]
-    texts, ids_out, lps_out, hit = [], [], [], []
+    chunks = []
     for s in range(0, len(convs), max_batch_size):
         prompts = [sim.render_ids(tokenizer, c, add_generation_prompt=True) for c in convs[s:s + max_batch_size]]
         B, L = len(prompts), max(len(p) for p in prompts)
@@ -269,7 +276,7 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
             tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(1)
             toks[:, t] = torch.where(done, pad_id, tok)
             lps[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
-            done = done | (tok == eot_id)
+            done = done | torch.isin(tok, stops)
             n = t + 1
             if bool(done.all()) or t == max_new_tokens - 1:
                 break
@@ -278,35 +285,35 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
                       **{kw: pk}) for m, kw, pk in zip(models, kws, pasts)]
             pasts, next_pos = [sim.returned_cache(o) for o in outs], next_pos + 1
             logits = [o.logits[:, -1].float() for o in outs]
-        toks, lps = toks[:, :n].cpu(), lps[:, :n].cpu()
-        is_eot = toks == eot_id
-        has_eot = is_eot.any(1)
-        length = torch.where(has_eot, is_eot.float().argmax(1) + 1, torch.full((B,), n))
-        for b in range(B):  # bookkeeping on finished tensors
-            ids_out.append(toks[b, : length[b]].tolist())
-            lps_out.append(lps[b, : length[b]])
-        content = [row[:-1] if has_eot[i] else row for i, row in enumerate(ids_out[-B:])]
-        texts += [x.strip() for x in tokenizer.batch_decode(content, skip_special_tokens=True)]
-        hit.append(~has_eot)
+        chunks.append(sim.finish_turns(tokenizer, toks[:, :n], lps[:, :n], stop_ids))  # the sampler's stop rule
     [m.train(mode) for m, mode in zip(models, modes)]
-    return sim.TurnSamples(texts, ids_out, lps_out, torch.cat(hit))
+    return sim.TurnSamples([t for c in chunks for t in c.texts], [i for c in chunks for i in c.token_ids],
+                           [lp for c in chunks for lp in c.logprobs], torch.cat([c.hit_budget for c in chunks]))
 
 
-def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0):
-    """Whole conversations of H agent turns from the start (no shared prefix): one batched sampler call and one
-    batched user call per turn over every conversation. Returns (conversations, hit_budget N x H)."""
+def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_turns=None):
+    """Whole conversations of H agent turns from the start (no shared prefix; H = n_turns[i], by default H_max):
+    one batched sampler call and one batched user call per turn over every conversation still short of its H.
+    A turn that hit the token budget is marked "truncated" (its never-sampled end-of-turn token is not scored).
+    Returns (conversations, hit_budget N x H_max, False past a conversation's H)."""
     convs = [list(m) for m in messages]
-    hit = []
+    n_turns = [args.max_turns] * len(convs) if n_turns is None else list(n_turns)
+    hit = torch.zeros((len(convs), args.max_turns), dtype=torch.bool)
     for h in range(args.max_turns):
-        out = mixture_sample_turns(policy, ref, tokenizer, convs, args.max_new_tokens, args.temperature, tau,
-                                   args.gen_batch_size)
-        for c, text in zip(convs, out.texts):
-            c.append({"role": "assistant", "content": text})
-        hit.append(out.hit_budget)
-        if h < args.max_turns - 1 or env.scores_final_user_reply:
-            for c, r in zip(convs, env.user_turn(convs, users, rng)):
-                c.append({"role": "user", "content": r})
-    return convs, torch.stack(hit, 1)
+        active = [i for i in range(len(convs)) if h < n_turns[i]]
+        if not active:
+            break
+        out = mixture_sample_turns(policy, ref, tokenizer, [convs[i] for i in active], args.max_new_tokens,
+                                   args.temperature, tau, args.gen_batch_size)
+        for j, i in enumerate(active):
+            convs[i].append({"role": "assistant", "content": out.texts[j],
+                             **({"truncated": True} if out.hit_budget[j] else {})})
+            hit[i, h] = bool(out.hit_budget[j])
+        talk = [i for i in active if h < n_turns[i] - 1 or env.scores_final_user_reply]
+        if talk:
+            for i, r in zip(talk, env.user_turn([convs[i] for i in talk], [users[i] for i in talk], rng)):
+                convs[i].append({"role": "user", "content": r})
+    return convs, hit
 
 
 def preference(env, convs_a, convs_b) -> torch.Tensor:
@@ -519,7 +526,8 @@ def preference_pairs(ref, tokenizer, env, args, accelerator, seed: int):
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed + 7919 * accelerator.process_index)
-        convs = rollout(ref, None, tokenizer, env, msgs, users, rng, args)[0]
+        convs = rollout(ref, None, tokenizer, env, msgs, users, rng, args,
+                        n_turns=[c.max_turns or args.max_turns for c in ctx] * 2)[0]
     a, b = convs[:n], convs[n:]
     return a, b, preference(env, a, b), rng
 
@@ -814,14 +822,17 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
     s = seed + 7919 * accelerator.process_index
     ctx = env.contexts(n, "eval", np.random.default_rng(s))
     msgs, users = [c.messages for c in ctx], [c.user for c in ctx]
+    turns = [c.max_turns or args.max_turns for c in ctx]  # H_max, or a record's own number (setting two)
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # evaluation leaves the training sampler's RNG untouched
         if "mu" not in cache:
             torch.manual_seed(s + 2)
-            cache["mu"] = rollout(ref, None, tokenizer, env, msgs, users, np.random.default_rng(s + 2), args)[0]
+            cache["mu"] = rollout(ref, None, tokenizer, env, msgs, users, np.random.default_rng(s + 2), args,
+                                  n_turns=turns)[0]
         torch.manual_seed(s + 1)
         with generation_policy(model, accelerator) as policy:
-            convs = rollout(policy, None, tokenizer, env, msgs, users, np.random.default_rng(s + 1), args)[0]
+            convs = rollout(policy, None, tokenizer, env, msgs, users, np.random.default_rng(s + 1), args,
+                            n_turns=turns)[0]
     r, p = env.reward(convs), preference(env, convs, cache["mu"])
     out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(), "eval/mu_reward": env.reward(cache["mu"]).mean()}
     if reward_model is not None:
@@ -852,7 +863,7 @@ def check_args(args: Args) -> None:
     nothing without a word."""
     positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "num_minibatches", "eval_every", "num_eval", "save_every",
-                "reward_max_length", "max_dialogue_tokens"]
+                "reward_max_length", "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries"]
     positive.append("max_tokens_per_batch")
     non_negative = ["alpha", "lr", "value_lr", "weight_decay", "max_grad_norm", "value_warmup_iterations",
                     "time_budget_minutes", "threads"]
@@ -911,10 +922,13 @@ def setup(args: Args):
                            dataset_format=args.dataset_format, bad_records=args.bad_records,
                            max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
                            reward_device=args.reward_device, user_device=args.user_device,
-                           reward_max_length=args.reward_max_length)
+                           reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
+                           user_timeout=args.user_timeout, user_retries=args.user_retries)
         if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
             env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device),
-                                                  dtype, template=sim.judge_prompt(env, args.judge_prompt_path))
+                                                  dtype, template=sim.judge_prompt(env, args.judge_prompt_path),
+                                                  max_concurrency=args.user_max_concurrency,
+                                                  timeout=args.user_timeout, retries=args.user_retries)
     model = prepare_for_training(ActorCritic(policy, value_backbone), args)
     optimizer = torch.optim.AdamW(
         [{"params": list(model.policy.parameters()), "lr": args.lr},
@@ -984,8 +998,9 @@ def main(args: Args) -> dict:
         contexts = env.contexts(args.local_prompts, "train", rng)
         k = 1 if args.variant == "rlhf" else 2  # two whole conversations per context for self-play
         msgs, users = [c.messages for c in contexts] * k, [c.user for c in contexts] * k
-        with generation_policy(model, accelerator) as pi:
-            convs, hit = rollout(pi, ref, tokenizer, env, msgs, users, rng, args, tau)
+        with generation_policy(model, accelerator) as pi:  # H_max turns, or a record's own number (setting two)
+            convs, hit = rollout(pi, ref, tokenizer, env, msgs, users, rng, args, tau,
+                                 [c.max_turns or args.max_turns for c in contexts] * k)
         n = len(contexts)
         if args.variant == "rlhf":  # Theorem B.6: r_RLHF(x_{H+1}), the environment's or a learned r_phi
             R = env.reward(convs) if rm is None else rm.score(convs, args.gen_batch_size)

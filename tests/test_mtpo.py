@@ -410,3 +410,20 @@ def test_a_value_head_on_the_policys_backbone(base_policy):
     _, v = shared(ids, attn, state_pos)
     v.sum().backward()
     assert shared.policy.get_decoder().layers[0].mlp.up_proj.weight.grad.abs().sum() > 0
+
+
+def test_setting_two_records_of_few_turns_play_their_own_number_of_turns(tmp_path):
+    """With pre-sampled questions a record of k user turns supports k assistant turns: MTPO's whole-conversation
+    rollouts (training and evaluation) play each record's own H instead of running out of questions."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} ."}],
+                                           "questions": ["why ?", "go on ."][:k]}) + "\n"
+                               for k, t in zip([0, 1, 2] * 3, sim.TOPICS)))
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--prompts_path", str(prompts), "--variant", "mtpo", "--max_turns", "3", "--max_new_tokens", "4",
+         "--num_iterations", "1", "--prompts_per_iteration", "8", "--num_eval", "6", "--run_name", "s2",
+         "--value_warmup_iterations", "0", "--threads", "1"], tmp_path)
+    assert summary(tmp_path, "s2")["iterations"] == 1
