@@ -995,7 +995,7 @@ def tutor_model_config(tokenizer):
     from transformers import LlamaConfig
 
     # initializer_range 0.1, not HF's 0.02: with 0.02 SFT stalls and never learns "repeat the style that worked"
-    # (a copy from context), whatever the lr or steps (see ../shared/REFERENCE.md).
+    # (a copy from context), whatever the lr or steps (docs/implementation_notes.md#initialising-mu).
     return LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
                        initializer_range=0.1, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
