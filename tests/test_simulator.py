@@ -49,14 +49,16 @@ def chatml_tokenizer(template=CHATML_TEMPLATE, name="tiny-chatml"):
     return word_tokenizer(template, ["<|im_start|>", "<|im_end|>"], name)
 
 
-def tiny_llama(tok, seed=0):
+def tiny_llama(tok, seed=0, **shape):
+    """A random-init Llama for `tok`; `shape` overrides the tiny defaults (e.g. a head dimension vLLM serves)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     # bos/eos from the tokenizer: LlamaConfig's defaults (1, 2) would make id 2 a stop token of the sampler
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    sizes = {**dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=512), **shape}
+    cfg = LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id, **sizes)
     return LlamaForCausalLM(cfg).eval()
 
 

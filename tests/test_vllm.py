@@ -46,13 +46,11 @@ def llama3_tokenizer():
 
 
 def tiny_llama(tok, seed=0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The test suite's tiny Llama with head dimension 64 (vLLM's CPU attention rejects 16)."""
+    from test_simulator import tiny_llama as build
 
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    return LlamaForCausalLM(cfg).eval()
+    return build(tok, seed, hidden_size=128, intermediate_size=256, num_attention_heads=2, num_key_value_heads=1,
+                 max_position_embeddings=256)
 
 
 def dialogues():
