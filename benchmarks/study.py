@@ -60,6 +60,8 @@ class Args:
     """only evaluate the runs already in output_dir (finished runs are never retrained anyway)"""
     reuse_evaluation: bool = False
     """rewrite the tables from output_dir/evaluation.json (the last evaluation of these runs) without replaying"""
+    eval_every: int = 10
+    """iterations between held-out evaluations in each run (the learning curves' points)"""
     target: float = 0.6
     """the table counts the runs whose final mean reward reaches this (0.6 = 0.75 of V*)"""
 
@@ -76,7 +78,7 @@ def train_all(args: Args) -> dict:
             cmd = [sys.executable, script, *flags, "--seed", str(seed), "--run_name", name, "--output_dir",
                    args.output_dir, "--num_iterations", str(args.iterations), "--prompts_per_iteration",
                    str(args.prompts_per_iteration), "--time_budget_minutes", "0", "--eval_every",
-                   str(args.iterations), "--num_eval", "256", "--threads", str(args.threads)]
+                   str(args.eval_every), "--num_eval", "256", "--threads", str(args.threads)]
             (ROOT / args.output_dir).mkdir(parents=True, exist_ok=True)
             log = open(ROOT / args.output_dir / f"{name}.log", "w")
             procs[(method, seed)] = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -124,8 +126,9 @@ def main(args: Args) -> None:
     by = {(m, s): r for (m, s), r in zip(runs, out["rows"])}
     H = len(out["rows"][0]["win_rate"]["per_turn"])
     lines = ["| method | " + " | ".join(f"h={h}" for h in range(1, H + 1)) +
-             f" | avg win rate | reward | of V* | runs >= {args.target} | KL to mu | iterations | minutes per run |",
-             "|" + "---|" * (H + 8)]
+             f" | avg win rate | reward | of V* | runs >= {args.target} | KL to mu | iterations | optimizer steps | "
+             "minutes per run |",
+             "|" + "---|" * (H + 9)]
     table = {}
     for m in args.methods:
         rows = [by[(m, s)] for s in args.seeds]
@@ -136,6 +139,7 @@ def main(args: Args) -> None:
         summaries = [json.loads((run_dir(args, m, s) / "summary.json").read_text()) for s in args.seeds]
         minutes = np.mean([x["minutes"] for x in summaries])
         iters = "/".join(str(x["iterations"]) for x in summaries)
+        steps = np.mean([optimizer_steps(run_dir(args, m, s), x) for s, x in zip(args.seeds, summaries)])
         sd = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
         table[m] = dict(per_turn=per_turn.tolist(), average=avg.mean(), average_sd=sd(avg), reward=rew.mean(),
                         reward_sd=sd(rew), kl=kl, minutes=minutes,
@@ -143,7 +147,7 @@ def main(args: Args) -> None:
         lines.append(f"| {m} | " + " | ".join(f"{100 * x:.1f}" for x in per_turn) +
                      f" | {100 * avg.mean():.1f} ± {100 * sd(avg):.1f} | {rew.mean():.3f} ± {sd(rew):.3f} | "
                      f"{rew.mean() / out['v_star']:.2f} | {(rew >= args.target).sum()}/{len(rew)} | {kl:.2f} | "
-                     f"{iters} | {minutes:.1f} |")
+                     f"{iters} | {steps:.0f} | {minutes:.1f} |")
     matrix = ev.matrix_table([*args.methods, out["matrix_names"][-1]], np.array(out["matrix"]))
     cmd = "python benchmarks/study.py " + shlex.join(sys.argv[1:])
     text = (f"Win rate (%) against mu per turn h (oracle judge: lessons learned so far, ties half; "
@@ -169,6 +173,14 @@ def main(args: Args) -> None:
             raise SystemExit("README.md has no study markers")
         head, rest = readme.split(a, 1)
         (ROOT / "README.md").write_text(head + a + "\n" + text + "\n" + b + rest.split(b, 1)[1])
+
+
+def optimizer_steps(path: Path, summary: dict) -> int:
+    """Optimizer steps a run took: its summary's count, or (mtpo.py) epochs x minibatches per iteration."""
+    if "optimizer_steps" in summary:
+        return summary["optimizer_steps"]
+    a = json.loads((path / "args.json").read_text())
+    return summary["iterations"] * a["num_epochs"] * a["num_minibatches"]
 
 
 def reference_levels(out: dict) -> dict:
