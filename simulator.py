@@ -45,6 +45,7 @@ import time
 import warnings
 import weakref
 from collections import Counter
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -1854,6 +1855,65 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
         user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,
                             **style)
     return ChatEnv(records, rm, user, max_turns, offline_records=offline)
+
+
+@dataclass
+class EnvArgs:
+    """The environment's flags, shared by every script (whose Args extend this class, so the flags stay flat:
+    --env, --prompts_path, --user_model, ...). --max_turns stays in each script: H means something else in each."""
+    env: str = "tutor"
+    """'tutor': the embedded task; 'chat': prompts or dialogues from a dataset, a prompted user model (or the
+    dataset's pre-sampled questions), an HF reward model"""
+    prompts_path: Optional[str] = None
+    """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
+    pre-sampled questions of setting two)"""
+    user_model: Optional[str] = None
+    """chat: HF model prompted as the user (REFUEL paper, App. C.2); None = pre-sampled questions (setting two)"""
+    user_api_base: Optional[str] = None
+    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
+    names the served model; key from $OPENAI_API_KEY)"""
+    user_prompt_path: Optional[str] = None
+    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
+    user_max_concurrency: int = 32
+    """chat, endpoint user: requests in flight per process (the server sees ranks x this many)"""
+    user_timeout: float = 120.0
+    """chat, endpoint user: seconds per request, time queued at the server included (raise it, or lower the
+    concurrency, when ranks x concurrency x prompt tokens exceed what the server prefills in that time)"""
+    user_retries: int = 3
+    """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
+    reward_model: Optional[str] = None
+    """chat: HF sequence-classification reward model scoring the whole conversation"""
+    reward_trust_remote_code: bool = False
+    """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
+    reward_max_length: int = 4096
+    """chat: the reward model sees at most this many tokens of a conversation (left-truncated, counted as
+    charts/reward_truncated)"""
+    dataset_format: str = "auto"
+    """chat: format of the dataset files: auto (detected per record), messages, ultrainteract, hh, education; a
+    path `hf:NAME[:SPLIT]` loads from the hub"""
+    bad_records: str = "skip"
+    """chat: dataset records that do not parse (roles out of order, missing fields): 'skip' and count, or 'error'"""
+    max_dialogue_tokens: Optional[int] = None
+    """chat: drop dataset dialogues (and, in REFUEL and the baselines, generated pairs) longer than this many
+    chat-templated tokens (REFUEL paper, Sec. 4.1: 2048)"""
+    reward_device: Optional[str] = None
+    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
+    user_device: Optional[str] = None
+    """chat: an in-process user model's device (as --reward_device)"""
+
+    def __post_init__(self):  # checked at parse time, before anything is loaded
+        choices = {"env": ("tutor", "chat"), "dataset_format": DATASET_FORMATS, "bad_records": ("skip", "error")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+
+
+def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.float32, tokenizer=None,
+                       **extra) -> Environment:
+    """make_env with a script's parsed flags (an EnvArgs); `extra` passes what only some scripts have (offline_path)."""
+    names = [f.name for f in dataclasses.fields(EnvArgs) if f.name != "reward_trust_remote_code"]
+    return make_env(max_turns=max_turns, device=device, dtype=dtype, tokenizer=tokenizer,
+                    trust_remote_code=args.reward_trust_remote_code, **{k: getattr(args, k) for k in names}, **extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------
