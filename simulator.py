@@ -48,7 +48,7 @@ from collections import Counter
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence
 
 import numpy as np
 import torch
@@ -1861,7 +1861,7 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
 class EnvArgs:
     """The environment's flags, shared by every script (whose Args extend this class, so the flags stay flat:
     --env, --prompts_path, --user_model, ...). --max_turns stays in each script: H means something else in each."""
-    env: str = "tutor"
+    env: Literal["tutor", "chat"] = "tutor"
     """'tutor': the embedded task; 'chat': prompts or dialogues from a dataset, a prompted user model (or the
     dataset's pre-sampled questions), an HF reward model"""
     prompts_path: Optional[str] = None
@@ -1886,13 +1886,12 @@ class EnvArgs:
     reward_trust_remote_code: bool = False
     """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
     reward_max_length: int = 4096
-    """chat: the reward model sees at most this many tokens of a conversation (left-truncated, counted as
-    charts/reward_truncated)"""
-    dataset_format: str = "auto"
-    """chat: format of the dataset files: auto (detected per record), messages, ultrainteract, hh, education; a
-    path `hf:NAME[:SPLIT]` loads from the hub"""
-    bad_records: str = "skip"
-    """chat: dataset records that do not parse (roles out of order, missing fields): 'skip' and count, or 'error'"""
+    """chat: the reward model sees at most this many tokens of a conversation, its end (cut from the left,
+    counted as charts/reward_truncated)"""
+    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
+    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
+    bad_records: Literal["skip", "error"] = "skip"
+    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
     max_dialogue_tokens: Optional[int] = None
     """chat: drop dataset dialogues (and, in REFUEL and the baselines, generated pairs) longer than this many
     chat-templated tokens (REFUEL paper, Sec. 4.1: 2048)"""
@@ -1900,12 +1899,6 @@ class EnvArgs:
     """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
     user_device: Optional[str] = None
     """chat: an in-process user model's device (as --reward_device)"""
-
-    def __post_init__(self):  # checked at parse time, before anything is loaded
-        choices = {"env": ("tutor", "chat"), "dataset_format": DATASET_FORMATS, "bad_records": ("skip", "error")}
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"--{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
 
 
 def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.float32, tokenizer=None,
