@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+import distributed
+import fast_decode
 import simulator as sim
 from conftest import ROOT, subprocess_env
 
@@ -164,12 +166,12 @@ def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
     fast = dict(fast=True, compile_step=False, keep_cache=True)
     torch.manual_seed(0)
     first = sim.sample_turns(model, tok, convs, 8, 1.0, **fast)
-    kept = sim._STATIC_CACHES[model][1]
+    kept = fast_decode._STATIC_CACHES[model][1]
     torch.manual_seed(0)
     again = sim.sample_turns(model, tok, convs, 8, 1.0, **fast)
-    assert sim._STATIC_CACHES[model][1] is kept and again.token_ids == first.token_ids == runs[0].token_ids
+    assert fast_decode._STATIC_CACHES[model][1] is kept and again.token_ids == first.token_ids == runs[0].token_ids
     sim.free_static_caches()
-    assert not sim._STATIC_CACHES
+    assert not fast_decode._STATIC_CACHES
 
 
 def test_fast_path_compiles_a_bounded_number_of_times_over_many_prompt_lengths(monkeypatch):
@@ -211,15 +213,15 @@ def test_default_fast_path_falls_back_to_the_plain_loop_when_it_fails(monkeypatc
 
     def broken(*a, **k):
         raise RuntimeError("static cache not supported")
-    monkeypatch.setattr(sim, "use_fast_path", lambda model, fast: True)  # as on CUDA
-    monkeypatch.setattr(sim, "static_cache", broken)
+    monkeypatch.setattr(fast_decode, "use_fast_path", lambda model, fast: True)  # as on CUDA
+    monkeypatch.setattr(fast_decode, "static_cache", broken)
     torch.manual_seed(0)
     with pytest.warns(UserWarning, match="fast path failed.*static cache not supported"):
         out = sim.sample_turns(model, tok, convs, 8, 1.0)
-    assert out.token_ids == plain.token_ids and model in sim._FAST_PATH_FAILED
+    assert out.token_ids == plain.token_ids and model in fast_decode._FAST_PATH_FAILED
     with pytest.raises(RuntimeError, match="static cache not supported"):  # asked for by name, it is still tried
         sim.sample_turns(model, tok, convs, 8, 1.0, fast=True)
-    sim._FAST_PATH_FAILED.discard(model)
+    fast_decode._FAST_PATH_FAILED.discard(model)
 
 
 def test_sampler_chunks_and_stops_at_end_of_turn(base_policy):
@@ -498,7 +500,7 @@ def test_the_sampling_copy_keeps_the_models_stop_tokens():
     model.generation_config.eos_token_id = [end_of_text, eot]
     copy = sim.sampling_copy(model)
     assert sim.stop_token_ids(tok, copy) == sim.stop_token_ids(tok, model) == [eot, end_of_text]
-    sim._SAMPLING_COPIES.pop(model, None)
+    distributed._SAMPLING_COPIES.pop(model, None)
 
 
 def test_finish_turns_cuts_each_row_at_its_first_stop_token():

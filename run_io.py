@@ -1,0 +1,128 @@
+"""run_io.py: what a run writes and reads back, shared by the algorithm scripts.
+
+runs/<run_name>/ holds args.json, metrics.jsonl (one JSON line per logged step; TensorBoard with --tensorboard,
+Weights & Biases with --track), checkpoint/ (replaced atomically, so a crash never leaves a half-written one) and
+summary.json. `--resume --run_name NAME` continues from checkpoint/ (or checkpoint.old, which a crash during the
+replace leaves).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+
+def make_run_dir(args, accelerator) -> Path:
+    """runs/<run_name>/ with args.json; run_name defaults to exp_name__env__seed__time (the same on every rank)."""
+    if args.resume and not args.run_name:
+        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
+    if not args.run_name:
+        import time
+
+        stamp = torch.tensor([int(time.time())], device=accelerator.device)
+        stamp = int(accelerator.gather(stamp)[0])  # rank 0's clock: ranks may start a second apart
+        args.run_name = f"{args.exp_name}__{args.env}__{args.seed}__{stamp}"
+    run_dir = Path(args.output_dir) / args.run_name
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    return run_dir
+
+
+class Logger:
+    """Scalars by name to runs/<run>/metrics.jsonl, TensorBoard (--tensorboard) and Weights & Biases (--track:
+    `wandb` is imported only then), one console line per call. Only the main process logs."""
+
+    def __init__(self, run_dir: Path, args, enabled: bool):
+        self.enabled, self.path, self.tb, self.wandb = enabled, run_dir / "metrics.jsonl", None, None
+        if not enabled:
+            return
+        if getattr(args, "tensorboard", False):
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir))
+        if getattr(args, "track", False):
+            try:
+                import wandb
+            except ImportError:
+                raise ImportError("--track logs to Weights & Biases: `pip install wandb` (and `wandb login`), or "
+                                  "drop --track (metrics.jsonl is always written)") from None
+            # resuming the same run_name continues the same W&B run
+            self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
+                                    id=run_dir.name.replace("/", "_"), resume="allow", config=vars(args),
+                                    dir=str(run_dir))
+
+    def log(self, step: int, metrics: dict, echo: bool = True) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if echo:
+            tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
+                                                   if not k.startswith("eval/learned")))
+
+    def close(self) -> None:
+        if self.tb:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng,
+                    policy_of: Optional[Callable] = None, extra: Optional[dict] = None) -> None:
+    """runs/<run>/checkpoint/{policy (save_pretrained), state (accelerate: model, optimizer, RNGs), meta.json and
+    `extra` (name -> object, torch.save'd)}, written to checkpoint.tmp and swapped in atomically.
+
+    policy_of(unwrapped model, its full state dict) -> (policy module, policy state dict): what goes to policy/
+    when the prepared model is more than the policy (MTPO's actor-critic)."""
+    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
+    if accelerator.is_main_process:
+        policy, policy_sd = (policy_of or (lambda m, sd: (m, sd)))(accelerator.unwrap_model(model), state_dict)
+        policy.save_pretrained(tmp / "policy", state_dict=policy_sd)
+        tokenizer.save_pretrained(tmp / "policy")
+    accelerator.save_state(str(tmp / "state"))
+    (tmp / "state").mkdir(parents=True, exist_ok=True)
+    with open(tmp / "state" / f"numpy_rng_{accelerator.process_index}.json", "w") as f:
+        json.dump(rng.bit_generator.state, f)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for name, obj in (extra or {}).items():
+            torch.save(obj, tmp / name)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def load_checkpoint(accelerator, run_dir: Path, rng) -> tuple[dict, Path]:
+    """Restore runs/<run>/checkpoint (or the .old one a crash mid-replace left): the prepared model and optimizer,
+    the RNGs, this rank's numpy generator. Returns (meta, the checkpoint folder, for a script's extra files)."""
+    ckpt = run_dir / "checkpoint"
+    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
+    if not ckpt.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
+    accelerator.load_state(str(ckpt / "state"))
+    meta = json.loads((ckpt / "meta.json").read_text())
+    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
+    if rng_file.exists():
+        rng.bit_generator.state = json.loads(rng_file.read_text())
+    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
+    return meta, ckpt
