@@ -18,8 +18,9 @@ import torch
 from tqdm.auto import tqdm
 
 
-def make_run_dir(args, accelerator) -> Path:
-    """runs/<run_name>/ with args.json; run_name defaults to exp_name__env__seed__time (the same on every rank)."""
+def make_run_dir(args, accelerator, name: Optional[str] = None) -> Path:
+    """runs/<run_name>/ with args.json; run_name defaults to NAME__env__seed__time, NAME = `name` or exp_name (the
+    same on every rank)."""
     if args.resume and not args.run_name:
         raise ValueError("--resume needs --run_name (the run directory under output_dir)")
     if not args.run_name:
@@ -27,7 +28,7 @@ def make_run_dir(args, accelerator) -> Path:
 
         stamp = torch.tensor([int(time.time())], device=accelerator.device)
         stamp = int(accelerator.gather(stamp)[0])  # rank 0's clock: ranks may start a second apart
-        args.run_name = f"{args.exp_name}__{args.env}__{args.seed}__{stamp}"
+        args.run_name = f"{name or args.exp_name}__{args.env}__{args.seed}__{stamp}"
     run_dir = Path(args.output_dir) / args.run_name
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
