@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-import chat_datasets
+from chat_datasets import is_education, load_offline, load_prompts, split_opening
 import simulator as sim
 
 JUDGE_PROMPT = """I require a leaderboard for various chatbots. I'll provide you with dialogues with these chatbots. \
@@ -92,7 +92,7 @@ def judge_prompt(env, path: Optional[str] = None) -> str:
         if "{dialogue_a}" not in text or "{dialogue_b}" not in text:
             raise ValueError(f"judge prompt {path} must contain {{dialogue_a}} and {{dialogue_b}}")
         return text
-    return EDUCATION_JUDGE_PROMPT if chat_datasets.is_education(getattr(env, "records", None) or []) else JUDGE_PROMPT
+    return EDUCATION_JUDGE_PROMPT if is_education(getattr(env, "records", None) or []) else JUDGE_PROMPT
 
 
 class JudgePreference:
@@ -173,7 +173,8 @@ def parse_user_question(text: str, key: str = "Question") -> tuple[str, bool]:
     m = re.findall(rf"{key}\s*:\s*(.+)", text, flags=re.IGNORECASE)
     if m and m[-1].strip():
         return m[-1].strip(), True
-    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lower().startswith("justification")]
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.lower().startswith("justification")]
     return (lines[-1] if lines else text.strip()), False
 
 
@@ -302,7 +303,8 @@ class HFRewardModel:
     def __init__(self, model, tokenizer, max_length: int = 4096, max_batch_size: int = 16):
         if max_length < 2:
             raise ValueError(f"reward max_length must be >= 2 tokens, got {max_length}")
-        self.model, self.tokenizer, self.max_length, self.max_batch_size = model.eval(), tokenizer, max_length, max_batch_size
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.max_length, self.max_batch_size = max_length, max_batch_size
         self.n_truncated = 0
         self._configs = [sim.unwrap_model(model).config]
         text = getattr(self._configs[0], "get_text_config", None)
@@ -361,7 +363,8 @@ class HFRewardModel:
         device = next(self.model.parameters()).device
         scores = []
         for s in range(0, len(convs), self.max_batch_size):
-            rows = [sim.render_ids(self.tokenizer, c, add_generation_prompt=False) for c in convs[s:s + self.max_batch_size]]
+            rows = [sim.render_ids(self.tokenizer, c, add_generation_prompt=False)
+                    for c in convs[s:s + self.max_batch_size]]
             self.n_truncated += sum(len(r) > self.max_length for r in rows)
             rows = [self.truncate(r) for r in rows]
             pad = self.batch_pad_id(rows)
@@ -442,7 +445,7 @@ class ChatEnv(sim.Environment):
         for i in idx:
             d = self.offline_records[i]
             # without a user model, later user turns are the dialogue's own (pre-sampled, setting two)
-            context, later = chat_datasets.split_opening(d["messages"])
+            context, later = split_opening(d["messages"])
             n_turns = sum(m["role"] == "assistant" for m in d["messages"])
             # max_turns: the dialogue's own last turn (LT-OFFLINE / LT-MIXED train it), at most H_max
             ctx.append(sim.Context(int(i), context, {**(d.get("user") or {}), "questions": later},
@@ -521,3 +524,32 @@ def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust
     except (ImportError, NameError) as e:  # remote code written for another transformers (ArmoRM's copies)
         raise remote_code_error("reward model", name, e) from None
     return HFRewardModel(model if device == "auto" else model.to(device), tok, max_length=max_length)
+
+
+def make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dtype, trust_remote_code, offline_path,
+                  user_api_base, user_prompt_path, dataset_format, bad_records, max_dialogue_tokens, tokenizer,
+                  reward_device, user_device, reward_max_length, user_max_concurrency, user_timeout,
+                  user_retries) -> ChatEnv:
+    """simulator.make_env's --env chat (its docstring describes the arguments)."""
+    if not prompts_path or not reward_model:
+        raise ValueError("--env chat needs --prompts_path (a dataset file) and --reward_model")
+    if user_api_base and not user_model:
+        raise ValueError("--user_api_base needs --user_model, the model name the endpoint serves")
+    filters = dict(max_turns=max_turns, max_tokens=max_dialogue_tokens, tokenizer=tokenizer, bad_records=bad_records)
+    records = load_prompts(prompts_path, dataset_format, **filters)
+    offline = load_offline(offline_path, dataset_format, **filters) if offline_path else None
+    rm = load_reward_model(reward_model, dtype, resolve_device(reward_device, device), trust_remote_code,
+                           reward_max_length)
+    student = is_education(records)
+    template = Path(user_prompt_path).read_text() if user_prompt_path else (STUDENT_PROMPT if student else USER_PROMPT)
+    style = dict(reply_key="Student", role_names={"user": "Student", "assistant": "Teacher"}) if student else {}
+    user = None
+    if user_api_base:
+        client = OpenAIChatClient(user_api_base, user_model, max_workers=user_max_concurrency, timeout=user_timeout,
+                                  retries=user_retries)
+        user = PromptedUser(prompt_template=template, client=client, **style)
+    elif user_model:
+        u_model, u_tok = sim.load_policy(user_model, dtype)
+        user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,
+                            **style)
+    return ChatEnv(records, rm, user, max_turns, offline_records=offline)

@@ -582,32 +582,12 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
         return TutorEnv(TutorRules(max_turns=max_turns))
     if env != "chat":
         raise ValueError(f"unknown env {env!r}: expected 'tutor' or 'chat'")
-    if not prompts_path or not reward_model:
-        raise ValueError("--env chat needs --prompts_path (a dataset file) and --reward_model")
-    if user_api_base and not user_model:
-        raise ValueError("--user_api_base needs --user_model, the model name the endpoint serves")
-    import chat_env
-    from chat_datasets import is_education, load_offline, load_prompts
+    from chat_env import make_chat_env
 
-    filters = dict(max_turns=max_turns, max_tokens=max_dialogue_tokens, tokenizer=tokenizer, bad_records=bad_records)
-    records = load_prompts(prompts_path, dataset_format, **filters)
-    offline = load_offline(offline_path, dataset_format, **filters) if offline_path else None
-    rm = chat_env.load_reward_model(reward_model, dtype, chat_env.resolve_device(reward_device, device),
-                                    trust_remote_code, reward_max_length)
-    student = is_education(records)
-    template = (Path(user_prompt_path).read_text() if user_prompt_path else
-                chat_env.STUDENT_PROMPT if student else chat_env.USER_PROMPT)
-    style = dict(reply_key="Student", role_names={"user": "Student", "assistant": "Teacher"}) if student else {}
-    user = None
-    if user_api_base:
-        client = chat_env.OpenAIChatClient(user_api_base, user_model, max_workers=user_max_concurrency,
-                                           timeout=user_timeout, retries=user_retries)
-        user = chat_env.PromptedUser(prompt_template=template, client=client, **style)
-    elif user_model:
-        u_model, u_tok = load_policy(user_model, dtype)
-        user = chat_env.PromptedUser(u_model.to(chat_env.resolve_device(user_device, device)).eval(), u_tok,
-                                     prompt_template=template, **style)
-    return chat_env.ChatEnv(records, rm, user, max_turns, offline_records=offline)
+    return make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dtype, trust_remote_code,
+                         offline_path, user_api_base, user_prompt_path, dataset_format, bad_records,
+                         max_dialogue_tokens, tokenizer, reward_device, user_device, reward_max_length,
+                         user_max_concurrency, user_timeout, user_retries)
 
 
 @dataclass

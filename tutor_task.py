@@ -321,7 +321,8 @@ def train_base_policy(env: TutorEnv, steps: int = 900, batch_size: int = 64, lr:
     data = env.reference_dialogues(pool, rng)
     batches = [sft_batch(tok, data[i:i + batch_size]) for i in range(0, pool, batch_size)]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    warmup_cosine = lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine)
     model.train()
     start = time.time()
     for step in range(steps):
@@ -389,7 +390,8 @@ def main(args: Args) -> dict:
     ref = env.reward(env.reference_dialogues(args.num_eval, np.random.default_rng(args.seed + 2)))
     values = {p: tutor_value(env.rules, p) for p in ("optimal", "reference", "last_turn", "never_ask")}
     se = lambda x: x.std().item() / math.sqrt(len(x))
-    print(f"mu (SFT base policy, {args.num_eval} dialogues): {mu['eval/mean_reward']:.4f} +- {mu['eval/reward_stderr']:.4f}"
+    print(f"mu (SFT base policy, {args.num_eval} dialogues): "
+          f"{mu['eval/mean_reward']:.4f} +- {mu['eval/reward_stderr']:.4f}"
           f"   (loaded/built in {t_build:.0f}s)")
     print(f"scripted reference, sampled:                   {ref.mean().item():.4f} +- {se(ref):.4f}")
     print(f"scripted reference, exact:                     {values['reference']:.4f}")
