@@ -48,24 +48,24 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 out_dir = Path(sys.argv[2])
 import numpy as np, torch
-import refuel, simulator as sim
+import distributed, refuel, run_io, simulator as sim
 import deepspeed.comm as dcomm
 from transformers import AutoModelForCausalLM
 
 args = refuel.Args(prompts_per_iteration=8, minibatch_size=8, num_epochs=1)
-accelerator = refuel.make_accelerator(args)
+accelerator = distributed.make_accelerator(args.bf16, args.gradient_accumulation_steps)
 rank = accelerator.process_index
 report = {"distributed_type": str(accelerator.distributed_type).split(".")[-1],
           "num_processes": accelerator.num_processes, "zero_stage": accelerator.state.deepspeed_plugin.zero_stage}
 path = str(sim.DEFAULT_BASE_POLICY)  # the tutor's mu, cached by the test before launch
-with refuel.outside_zero3_init(accelerator):  # how the scripts load models that are not trained
+with distributed.outside_zero3_init(accelerator):  # how the scripts load models that are not trained
     frozen = AutoModelForCausalLM.from_pretrained(path)
     report["frozen_numel"] = sum(p.numel() for p in frozen.parameters())
 policy, tok = sim.load_policy(path)  # trained: under ZeRO-3 this loads straight into shards
 report["policy_numel_before_prepare"] = sum(p.numel() for p in policy.parameters())
 refuel.prepare_for_training(policy, args)
 optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
-refuel.configure_deepspeed(accelerator, 4, args)
+distributed.configure_deepspeed(accelerator, 4, args.gradient_accumulation_steps, args.max_grad_norm)
 model, optimizer = accelerator.prepare(policy, optimizer)
 report["train_batch_size"] = model.train_batch_size()
 
@@ -89,7 +89,7 @@ convs = [[{"role": "user", "content": f"hello teacher , please teach me {t} ."}]
 report["gathers"], report["decoded"] = {}, {}
 for budget in (2, 12):
     calls[0] = 0
-    with refuel.generation_model(model, accelerator) as pi:  # one collection: two sampler calls
+    with distributed.sampling_weights(model, accelerator) as pi:  # one collection: two sampler calls
         n = budget + 5 * rank  # the ranks' decode loops stop at different steps
         lengths = [max(map(len, sim.sample_turns(pi, tok, convs, n, fast=False).token_ids)) for _ in range(2)]
     report["gathers"][budget], report["decoded"][budget] = calls[0], lengths
@@ -102,12 +102,12 @@ def step():
     optimizer.zero_grad()
 
 def weights():
-    with refuel.generation_model(model, accelerator) as full:
+    with distributed.sampling_weights(model, accelerator) as full:
         return {k: v.detach().clone() for k, v in full.state_dict().items()}
 
 step()
 saved = weights()
-refuel.save_checkpoint(accelerator, model, tok, out_dir, dict(iteration=1, elapsed=0.0, pairs=0, optimizer_steps=1),
+run_io.save_checkpoint(accelerator, model, tok, out_dir, dict(iteration=1, elapsed=0.0, pairs=0, optimizer_steps=1),
                        np.random.default_rng(0))
 step()
 moved = weights()
@@ -118,7 +118,7 @@ again = weights()
 report["moved"] = any(not torch.equal(saved[k], moved[k]) for k in saved)
 report["restored"] = all(torch.equal(saved[k], restored[k]) for k in saved)
 report["same_step_after_restore"] = max(float((moved[k] - again[k]).abs().max()) for k in moved)
-report["ranks_in_sync"] = refuel.ranks_in_sync(model, accelerator)
+report["ranks_in_sync"] = distributed.ranks_in_sync(model, accelerator)
 (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
 accelerator.wait_for_everyone()
 '''

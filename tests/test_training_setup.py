@@ -103,13 +103,14 @@ def test_dropout_is_off_after_prepare_for_training(base_policy):
 
 # ---------------------------------------------------------------- launches that do what their config says
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda m: m.__name__)
-def test_an_fsdp_config_without_a_gpu_is_refused(script, monkeypatch):
-    """On CPU, accelerate would run an FSDP config as plain DDP without a word."""
+def test_an_fsdp_config_without_a_gpu_is_refused(script, monkeypatch, tmp_path):
+    """On CPU, accelerate would run an FSDP config as plain DDP without a word. (setup makes the accelerator first,
+    through distributed.make_accelerator or the script's own.)"""
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="FSDP config was given but no GPU"):
-        script.make_accelerator(script.Args())
+        script.setup(script.Args(output_dir=str(tmp_path)))
 
 
 # ---------------------------------------------------------------- flags checked after parsing
