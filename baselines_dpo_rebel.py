@@ -1,7 +1,8 @@
 """baselines_dpo_rebel.py: the single-turn and multi-turn baselines of the REFUEL paper (Gao et al., ICLR 2025,
 Section 4.1): DPO (Rafailov et al., 2023) and REBEL (Gao et al., 2024), each with four data schemes.
 
-Where the state comes from, which turn is trained, and whether the replies are rolled out:
+Where the state comes from, which turn is trained, and whether the replies are rolled out
+(`collect_pairs`: `turns_of`, `states`, `replies`):
   LT-OFFLINE  s_H, y_H, y'_H all from the offline dataset D_off; reward on the two one-turn completions.
   LT-MIXED    s_H from D_off; y_H, y'_H ~ pi_t; reward on the two one-turn completions.
   LT-ONLINE   s_H rolled in on-policy with pi_t and the user; y_H, y'_H ~ pi_t; one-turn completions.
@@ -9,23 +10,24 @@ Where the state comes from, which turn is trained, and whether the replies are r
 (REFUEL = on-policy roll-in + every turn + rollouts to H; see refuel.py.) H ~ U{1..H_max} everywhere, so "last turn"
 means the last turn of a conversation of H turns: LT-* methods optimise each turn for its immediate reward only.
 
-Losses, over the pairs of one iteration:
+Losses, over the pairs of one iteration (`pair_loss` picks one; `train_on_pairs` takes epochs of minibatches):
   DPO    -log sigmoid( beta [ ln pi(y_w)/pi_ref(y_w) - ln pi(y_l)/pi_ref(y_l) ] ), y_w the higher-reward reply
          (ties dropped), pi_ref the frozen initial policy.                                   -> `dpo_loss`
   REBEL  ( (1/eta) [ ln pi(y)/pi_t(y) - ln pi(y')/pi_t(y') ] - (r - r') )^2, REFUEL's Eq. (1) on one turn.
                                                                                              -> `rebel_loss`
+The pairs' rewards may carry REFUEL's Eq. (11) KL shaping (REBEL) and the length penalty Gamma (`pair_rewards`).
 On the tutor task D_off is the simulator's fixed set of scripted-reference dialogues, and LT-OFFLINE's second reply
 is the reference teacher resampled at s_H; on `--env chat` it is `--offline_path` (chosen/rejected pairs).
+The launch plumbing (accelerator, ZeRO-3, FSDP2, vLLM weight sync) is distributed.py's, the run's files (metrics,
+TensorBoard, W&B, checkpoints) run_io.py's; `setup`, `resume` and `finish` put them together.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -34,17 +36,21 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+import distributed
+import run_io
 import simulator as sim
 
 
 @dataclass
-class Args:
+class Args(sim.EnvArgs):
+    """DPO's and REBEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come
+    from simulator.EnvArgs."""
     loss: Literal["dpo", "rebel"] = "rebel"
     """the pairwise loss"""
     mode: Literal["lt-offline", "lt-mixed", "lt-online", "mt-mixed"] = "lt-online"
     """the data scheme (see the module docstring)"""
     exp_name: str = "baseline"
-    """experiment name, the first part of run_name"""
+    """experiment name (in args.json; the default run_name starts with LOSS-MODE instead)"""
     run_name: Optional[str] = None
     """runs/<run_name>/ holds metrics, checkpoints and rollouts (default: loss-mode__env__seed__time)"""
     resume: bool = False
@@ -53,47 +59,8 @@ class Args:
     """random seed (rank r uses seed + r for sampling)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
-
-    # environment
-    env: Literal["tutor", "chat"] = "tutor"
-    """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF reward model"""
-    prompts_path: Optional[str] = None
-    """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
-    pre-sampled questions of setting two)"""
     offline_path: Optional[str] = None
     """chat: D_off, JSONL of full dialogues or {"chosen": [...], "rejected": [...]} pairs"""
-    user_model: Optional[str] = None
-    """chat: HF model prompted as the user; None = pre-sampled questions"""
-    user_api_base: Optional[str] = None
-    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
-    names the served model; key from $OPENAI_API_KEY)"""
-    user_prompt_path: Optional[str] = None
-    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
-    user_max_concurrency: int = 32
-    """chat, endpoint user: requests in flight per process (the server sees ranks x this many)"""
-    user_timeout: float = 120.0
-    """chat, endpoint user: seconds per request, time queued at the server included (raise it, or lower the
-    concurrency, when ranks x concurrency x prompt tokens exceed what the server prefills in that time)"""
-    user_retries: int = 3
-    """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
-    reward_model: Optional[str] = None
-    """chat: HF sequence-classification reward model"""
-    reward_trust_remote_code: bool = False
-    """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
-    reward_max_length: int = 4096
-    """chat: the reward model sees at most this many tokens of a conversation (right-truncated, counted as
-    charts/reward_truncated)"""
-    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
-    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
-    bad_records: Literal["skip", "error"] = "skip"
-    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
-    max_dialogue_tokens: Optional[int] = None
-    """chat: drop dataset dialogues, and generated pairs whose dialogues are longer than this many chat-templated
-    tokens (REFUEL paper, Sec. 4.1: 2048)"""
-    reward_device: Optional[str] = None
-    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
-    user_device: Optional[str] = None
-    """chat: an in-process user model's device (as --reward_device)"""
     max_turns: int = 5
     """H_max: H ~ U{1..H_max}"""
 
@@ -171,6 +138,14 @@ class Args:
     """append every collected pair to this JSONL file"""
     output_dir: str = "runs"
     """parent of runs/<run_name>/"""
+    tensorboard: bool = False
+    """also write TensorBoard scalars (needs the tensorboard package)"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "multiturn-rlhf"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team or user; None = your default)"""
 
     # derived after parsing
     world_size: int = 0
@@ -226,7 +201,7 @@ def turns_of(contexts, H, u, args):
 
 
 def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None, engine=None):
-    """One iteration's pairs (dicts) and counts. Batched at every turn."""
+    """One iteration's pairs (dicts) and this rank's collection metrics by name. Batched at every turn."""
     n = args.local_prompts
     H = rng.integers(1, args.max_turns + 1, size=n)  # H ~ U{1..H_max}
     u = rng.random(n) if args.mode == "mt-mixed" else None
@@ -264,10 +239,10 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None, engine=Non
                               logprob_a=float(old[j]), logprob_b=float(old[k + j]), ref_logprob_a=float(ref[j]),
                               ref_logprob_b=float(ref[k + j]), hit_budget_a=info_a[i][h[i]][1],
                               hit_budget_b=info_b[i][h[i]][1]))
-    stats = dict(collected=n, dropped_identical=sum(same), dropped_too_long=sum(too_long),
-                 dropped_ties=n - len(keep) - sum(same) - sum(too_long),
-                 reward=float(torch.cat([r_a, r_b]).mean()))
-    return pairs, stats
+    metrics = {"charts/pair_reward": float(torch.cat([r_a, r_b]).mean()),
+               "charts/dropped_identical_frac": sum(same) / n, "charts/dropped_too_long_frac": sum(too_long) / n,
+               "charts/dropped_ties_frac": (n - len(keep) - sum(same) - sum(too_long)) / n}
+    return pairs, metrics
 
 
 def pair_rewards(pair, length_penalty=None, gamma=0.0):
@@ -325,7 +300,8 @@ def get_lr(step: int, args) -> float:
 
 
 def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, optimizer_steps: int):
-    """num_epochs passes over this rank's pairs; returns the mean loss and the optimizer steps taken so far."""
+    """num_epochs passes over this rank's pairs; returns the mean loss by name and the optimizer steps taken so far
+    (the learning-rate schedule's clock)."""
     losses = []
     micro = max(1, args.local_minibatch // args.gradient_accumulation_steps)
     for _ in range(args.num_epochs):
@@ -347,93 +323,37 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
                 optimizer.zero_grad()
                 optimizer_steps += int(accelerator.sync_gradients)
             losses.append(loss.item())
-    return (float(np.mean(losses)) if losses else 0.0), optimizer_steps
+    return {f"losses/{args.loss}_loss": float(np.mean(losses)) if losses else 0.0}, optimizer_steps
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plumbing: balancing across ranks, generation under ZeRO-3, checkpoints, logging, evaluation
+# Plumbing: balancing across ranks, models for training, evaluation, setup, resume, finish
 # ----------------------------------------------------------------------------------------------------------------
-def reduce_mean(accelerator, values: dict) -> dict:
-    """The mean over ranks of each named scalar."""
-    keys = sorted(values)
-    means = accelerator.reduce(torch.tensor([float(values[k]) for k in keys], device=accelerator.device,
-                                            dtype=torch.float64), "mean")
-    return dict(zip(keys, means.tolist()))
-
-
 def balance_pairs(pairs, accelerator):
     """Gather every rank's pairs and give each rank an equal share, so all ranks take the same optimizer steps."""
     if accelerator.num_processes == 1:
         return pairs
     from accelerate.utils import gather_object
 
-    flat = [p for rank_pairs in gather_object([pairs]) for p in rank_pairs]
+    everything = gather_object([pairs])  # one list per rank
+    flat = [p for rank_pairs in everything for p in rank_pairs]
     share = len(flat) // accelerator.num_processes
     return flat[accelerator.process_index * share:(accelerator.process_index + 1) * share]
 
 
-def make_accelerator(args):
-    """The Accelerator for any launch: one CPU process, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3
-    (GPUs, or CPU processes through DeepSpeed's CPU accelerator), FSDP2 (GPUs)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
+def append_rollouts(path: str, iteration: int, pairs, accelerator) -> None:
+    """--save_rollouts: every rank's pairs, appended to one JSONL file by the main process."""
+    from accelerate.utils import gather_object
 
-    cuda = torch.cuda.is_available()
-    launched_with = lambda kind: os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
-    deepspeed = launched_with("DEEPSPEED")
-    if launched_with("FSDP") and not cuda:
-        raise ValueError("an FSDP config was given but no GPU is visible: accelerate's FSDP path needs GPUs (on CPU "
-                         "it would silently run plain DDP instead)")
-    handlers = []
-    if deepspeed and not cuda:
-        # accelerate makes a process group only for a device or for cpu=True, and cpu=True means plain DDP (the
-        # DeepSpeed config would be silently ignored); DeepSpeed's CPU accelerator speaks gloo.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    bf16 = cuda if args.bf16 is None else args.bf16
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="bf16" if bf16 else "no",
-                              gradient_accumulation_steps=args.gradient_accumulation_steps, kwargs_handlers=handlers)
-    if deepspeed != (accelerator.distributed_type == DistributedType.DEEPSPEED):
-        raise RuntimeError(f"launched with a DeepSpeed config = {deepspeed}, but accelerate set up "
-                           f"{accelerator.distributed_type}: refusing to train with something else than asked")
-    return accelerator
-
-
-def configure_deepspeed(accelerator, micro_batch: int, args) -> None:
-    """DeepSpeed asserts train_batch_size = micro-batch x accumulation x ranks. accelerate fills the configs' "auto"
-    sizes from a prepared DataLoader, and there is none here (rollouts are collected, not loaded), so set them."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = args.gradient_accumulation_steps
-    config["train_batch_size"] = micro_batch * args.gradient_accumulation_steps * accelerator.num_processes
-    config["gradient_clipping"] = args.max_grad_norm
-    if plugin.zero_stage == 3:  # every checkpoint saves the policy in save_pretrained format, gathered
-        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-
-
-@contextlib.contextmanager
-def outside_zero3_init(accelerator):
-    """Load models that are never trained here. They do not pass through prepare(), so under ZeRO-3 with
-    zero3_init_flag, from_pretrained inside deepspeed.zero.Init would leave each rank 0-element shards of them.
-    (accelerate's zero3_init_context_manager(enable=False) keeps transformers' DeepSpeed config, so it does not.)"""
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()  # zero.Init again for models that are trained
+    everything = gather_object([pairs]) if accelerator.num_processes > 1 else [pairs]
+    if accelerator.is_main_process:
+        with open(path, "a") as f:
+            f.writelines(json.dumps({"iteration": iteration, **p}) + "\n" for rank in everything for p in rank)
 
 
 def prepare_for_training(policy, args):
-    """--train_top_layers, --gradient_checkpointing, and training mode with dropout off."""
+    """--train_top_layers (as REFUEL's setting two: the top 4), --gradient_checkpointing, and training mode with
+    dropout off (log pi_t at collection and log pi in the loss are then the same function of the weights)."""
     if args.train_top_layers:
         policy.requires_grad_(False)
         top = list(policy.get_decoder().layers[-args.train_top_layers:])
@@ -441,98 +361,15 @@ def prepare_for_training(policy, args):
             top += [policy.get_decoder().norm, policy.get_output_embeddings()]
         for module in top:
             module.requires_grad_(True)
-    if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
-        getattr(policy, "activation_checkpointing_enable", policy.gradient_checkpointing_enable)()
-    # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
-    # off so that log pi_t (no grad, at collection) and log pi (the loss) are the same function of the weights.
-    policy.train()
-    for module in policy.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    return policy
-
-
-@contextlib.contextmanager
-def generation_model(model, accelerator, engine=None):
-    """The policy for sampling, with full weights on every rank for the whole collection (and, with a vLLM engine,
-    copied into it on entry; the engine sleeps again on exit, leaving the GPU to training)."""
-    with full_weights(model, accelerator) as policy:
-        if engine is not None:
-            engine.sync_weights(policy)
-        yield policy
-    if engine is not None:
-        engine.sleep()
-
-
-@contextlib.contextmanager
-def full_weights(model, accelerator):
-    """The unwrapped policy with full weights on every rank for as long as the context lasts."""
-    unwrapped = accelerator.unwrap_model(model)
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is not None and ds.zero_stage == 3:
-        import deepspeed
-
-        offload = model.optimizer.parameter_offload  # the engine's ZeRO-3 per-module hooks
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            # Gathering alone leaves the hooks in place: after each layer's forward they release its parameters and
-            # the next token gathers them again (all layers per token), and ranks whose decode loops stop at
-            # different steps then issue different numbers of all-gathers and hang. Off for the collection.
-            for hook in offload.forward_hooks + offload.backward_hooks:
-                hook.remove()
-            offload.forward_hooks, offload.backward_hooks = [], []
-            try:
-                yield unwrapped
-            finally:
-                offload._register_deepspeed_module(offload.module)
-    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
-        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
-        half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-        yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
-    else:
-        yield unwrapped
-
-
-def ranks_in_sync(model, accelerator) -> bool:
-    """Whether every rank holds the same full weights. With replicas (DDP, ZeRO-1/2) a silently unsynced run shows
-    up here; under ZeRO-3 and FSDP2 there is one sharded copy, so this checks the gathered weights that every rank
-    samples with."""
-    with full_weights(model, accelerator) as full:
-        checksum = sum(p.detach().double().sum() for p in full.parameters())
-    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
-    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
-
-
-def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
-    """runs/<run>/checkpoint/{policy (save_pretrained), state (accelerate), meta.json}, replaced atomically."""
-    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "policy", state_dict=state_dict)
-        tokenizer.save_pretrained(tmp / "policy")
-    accelerator.save_state(str(tmp / "state"))
-    (tmp / "state").mkdir(parents=True, exist_ok=True)
-    (tmp / "state" / f"numpy_rng_{accelerator.process_index}.json").write_text(json.dumps(rng.bit_generator.state))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if args.gradient_checkpointing:
+        distributed.enable_gradient_checkpointing(policy)
+    return distributed.without_dropout(policy)
 
 
 def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     """Mean reward (and per-turn detail on the tutor) on held-out contexts; each rank plays its share."""
     n = max(1, args.num_eval // accelerator.num_processes)
-    with generation_model(model, accelerator, engine) as policy:
+    with distributed.sampling_weights(model, accelerator, engine=engine) as policy:
         out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
                                   args.max_new_tokens, args.temperature, args.gen_batch_size, engine)
     keys = sorted(k for k in out if k != "eval/reward_stderr")
@@ -542,14 +379,6 @@ def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     if isinstance(env, sim.TutorEnv):
         res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
     return res
-
-
-def log(run_dir: Path, step: int, metrics: dict, echo: bool) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, **metrics}) + "\n")
-    if echo:
-        tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
-                                               if not k.startswith("eval/learned")))
 
 
 def check_args(args: Args) -> None:
@@ -576,12 +405,13 @@ def check_args(args: Args) -> None:
         raise ValueError("invalid flags: " + "; ".join(bad) + hint)
 
 
+
 def setup(args: Args):
     """Processes, derived sizes, the run directory, seeds, models and the optimizer, prepared for the launch."""
     from accelerate.utils import set_seed
 
     check_args(args)
-    accelerator = make_accelerator(args)
+    accelerator = distributed.make_accelerator(args.bf16, args.gradient_accumulation_steps)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = accelerator.num_processes
@@ -590,29 +420,18 @@ def setup(args: Args):
     args.local_prompts = args.prompts_per_iteration // args.world_size
     args.local_minibatch = args.minibatch_size // args.world_size
     args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
-    if args.resume and not args.run_name:
-        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
-    args.run_name = args.run_name or f"{args.loss}-{args.mode}__{args.env}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output_dir) / args.run_name
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    run_dir = run_io.make_run_dir(args, accelerator, f"{args.loss}-{args.mode}")
     set_seed(args.seed + accelerator.process_index)
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
     frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
-    with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
+    with accelerator.main_process_first(), (distributed.outside_zero3_init(accelerator) if tutor
+                                            else contextlib.nullcontext()):
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    with outside_zero3_init(accelerator):
-        env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                           str(accelerator.device), frozen_dtype, args.reward_trust_remote_code, args.offline_path,
-                           user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
-                           dataset_format=args.dataset_format, bad_records=args.bad_records,
-                           max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                           reward_device=args.reward_device, user_device=args.user_device,
-                           reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
-                           user_timeout=args.user_timeout, user_retries=args.user_retries)
+    with distributed.outside_zero3_init(accelerator):
+        env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), frozen_dtype, tokenizer,
+                                     offline_path=args.offline_path)
         ref_policy = None
         if args.loss == "dpo" or args.gamma:  # DPO's pi_ref, or pi_0 for Eq. (11); frozen
             ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
@@ -620,7 +439,8 @@ def setup(args: Args):
     prepare_for_training(policy, args)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
                                   betas=args.adam_betas, weight_decay=args.weight_decay)
-    configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps), args)
+    distributed.configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
+                                    args.gradient_accumulation_steps, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     engine = make_engine(policy, accelerator, args) if args.vllm else None
     return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine
@@ -628,39 +448,34 @@ def setup(args: Args):
 
 def make_engine(policy, accelerator, args):
     """The optional vLLM engine for the policy's turns (vllm_engine.py), one per process, built from the policy's
-    full weights; MTPO-tau's two-model mixture and the tutor's head_dim-16 policy stay on the HF sampler."""
+    full weights; the tutor's head_dim-16 policy stays on the HF sampler."""
     import vllm_engine
 
-    with full_weights(policy, accelerator) as full:
+    with distributed.full_weights(policy, accelerator) as full:
         return vllm_engine.VLLMEngine(full, dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else "auto",
                                       gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                                       enforce_eager=args.vllm_enforce_eager)
 
 
-def resume(accelerator, run_dir: Path, rng) -> dict:
-    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): model, optimizer, RNGs, counters."""
-    ckpt = run_dir / "checkpoint"
-    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
-    if not ckpt.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-    accelerator.load_state(str(ckpt / "state"))
-    meta = json.loads((ckpt / "meta.json").read_text())
-    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
-    if rng_file.exists():
-        rng.bit_generator.state = json.loads(rng_file.read_text())
-    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
-    return meta
+def resume(accelerator, run_dir: Path, rng, args) -> dict:
+    """The run's counters: zero, or with --resume those of runs/<run>/checkpoint (or the .old one a crash mid-replace
+    left), whose model, optimizer and RNG states are restored in place (run_io.load_checkpoint)."""
+    counters = dict(iteration=0, elapsed=0.0, pairs=0, optimizer_steps=0)
+    if args.resume:
+        counters.update(run_io.load_checkpoint(accelerator, run_dir, rng)[0])
+    return counters
 
 
-def finish(accelerator, policy, run_dir: Path, args, first_eval: dict, final_eval: dict, iterations: int,
+def finish(accelerator, policy, logger, run_dir: Path, args, first_eval: dict, final_eval: dict, iterations: int,
            minutes: float) -> dict:
     """summary.json and the closing line; ranks tear the process group down together."""
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-               "ranks_in_sync": ranks_in_sync(policy, accelerator),
+               "ranks_in_sync": distributed.ranks_in_sync(policy, accelerator),
                **{k: v for k, v in final_eval.items() if k.startswith("eval/learned")}}
+    logger.close()
     if accelerator.is_main_process:
         print(f"mean reward ({args.loss}, {args.mode}): start of run {summary['initial_reward']:.3f} -> "
               f"{summary['final_reward']:.3f} +- {summary['final_stderr']:.3f} after {iterations} iterations, "
@@ -672,59 +487,49 @@ def finish(accelerator, policy, run_dir: Path, args, first_eval: dict, final_eva
 
 
 def main(args: Args) -> dict:
-    from accelerate.utils import gather_object
-
+    """Per iteration: collect pairs with the mode's data scheme, then take epochs of minibatches of the chosen loss;
+    evaluate, log by name and checkpoint on the way."""
     accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine = setup(args)
-    meta = resume(accelerator, run_dir, rng) if args.resume else {}
-    start_iter, global_pairs = meta.get("iteration", 0), meta.get("pairs", 0)
-    optimizer_steps = meta.get("optimizer_steps", 0)
-    main_rank = accelerator.is_main_process
+    counters = resume(accelerator, run_dir, rng, args)  # iteration, elapsed, pairs, optimizer_steps
+    logger = run_io.Logger(run_dir, args, accelerator.is_main_process)
     eval_seed = 10_000 + args.seed
     first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
-    if main_rank:
-        log(run_dir, start_iter, first_eval, echo=True)
-    start, it = time.time() - meta.get("elapsed", 0.0), start_iter
-    for it in tqdm(range(start_iter, args.num_iterations), disable=not main_rank, desc=f"{args.loss}-{args.mode}"):
-        t0 = time.time()
-        with generation_model(policy, accelerator, engine) as pi_t:
-            pairs, stats = collect_pairs(pi_t, tokenizer, env, rng, args, ref_policy, engine)
-        t_collect = time.time() - t0
-        if args.save_rollouts:  # every rank's pairs, written by the main process
-            everything = gather_object([pairs]) if args.world_size > 1 else [pairs]
-            if main_rank:
-                with open(args.save_rollouts, "a") as f:
-                    f.writelines(json.dumps({"iteration": it, **p}) + "\n" for rank in everything for p in rank)
-        pairs = balance_pairs(pairs, accelerator)
-        loss = 0.0
-        if pairs:  # same on every rank after balancing
-            loss, optimizer_steps = train_on_pairs(policy, tokenizer, pairs, optimizer, accelerator, rng, args,
-                                                   optimizer_steps)
-        global_pairs += len(pairs) * args.world_size
-        mean = reduce_mean(accelerator, {**stats, "loss": loss})
-        dt = time.time() - t0
-        metrics = {f"losses/{args.loss}_loss": mean["loss"], "charts/pair_reward": mean["reward"],
-                   "charts/dropped_identical_frac": mean["dropped_identical"] / mean["collected"],
-                   "charts/dropped_ties_frac": mean["dropped_ties"] / mean["collected"],
-                   "charts/dropped_too_long_frac": mean["dropped_too_long"] / mean["collected"],
-                   "charts/pairs_trained": global_pairs, "charts/lr": optimizer.param_groups[0]["lr"],
-                   "charts/optimizer_steps": optimizer_steps, "charts/iterations_per_sec": 1 / dt,
-                   "charts/pairs_per_sec": len(pairs) * args.world_size / dt, "charts/collect_share": t_collect / dt,
-                   "charts/elapsed_min": (time.time() - start) / 60,
-                   **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}, **env.metrics()}
+    logger.log(counters["iteration"], first_eval)
+    start = time.time() - counters["elapsed"]
+    iterations = range(counters["iteration"], args.num_iterations)
+    for it in tqdm(iterations, disable=not accelerator.is_main_process, desc=f"{args.loss}-{args.mode}"):
+        iteration_start = time.time()
+        with distributed.sampling_weights(policy, accelerator, engine=engine) as pi_t:
+            pairs, collection = collect_pairs(pi_t, tokenizer, env, rng, args, ref_policy, engine)
+        collect_seconds = time.time() - iteration_start
+        if args.save_rollouts:
+            append_rollouts(args.save_rollouts, it, pairs, accelerator)
+        pairs = balance_pairs(pairs, accelerator)  # as many on every rank
+        training, counters["optimizer_steps"] = train_on_pairs(policy, tokenizer, pairs, optimizer, accelerator, rng,
+                                                               args, counters["optimizer_steps"])
+        counters["pairs"] += len(pairs) * args.world_size
+        counters["iteration"] = it + 1
+        seconds = time.time() - iteration_start
+        metrics = distributed.reduce_mean(accelerator, {**collection, **training})  # means over ranks
+        metrics.update({
+            "charts/pairs_trained": counters["pairs"], "charts/lr": optimizer.param_groups[0]["lr"],
+            "charts/optimizer_steps": counters["optimizer_steps"], "charts/iterations_per_sec": 1 / seconds,
+            "charts/pairs_per_sec": len(pairs) * args.world_size / seconds,
+            "charts/collect_share": collect_seconds / seconds, "charts/elapsed_min": (time.time() - start) / 60,
+            **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}, **env.metrics()})
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
             metrics.update(latest_eval)
-        if main_rank:
-            log(run_dir, it + 1, metrics, echo="eval/mean_reward" in metrics)
+        logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
         if (it + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, policy, tokenizer, run_dir, dict(
-                iteration=it + 1, elapsed=time.time() - start, pairs=global_pairs, optimizer_steps=optimizer_steps),
-                rng)
+            counters["elapsed"] = time.time() - start
+            run_io.save_checkpoint(accelerator, policy, tokenizer, run_dir, counters, rng)
         if out_of_time:
             break
-    return finish(accelerator, policy, run_dir, args, first_eval, latest_eval, it + 1, (time.time() - start) / 60)
+    return finish(accelerator, policy, logger, run_dir, args, first_eval, latest_eval, counters["iteration"],
+                  (time.time() - start) / 60)
 
 
 if __name__ == "__main__":
