@@ -3,7 +3,8 @@
 Trains every method with the same budget (the same iterations x prompts per iteration, so the same number of
 trained pairs / conversations started, and the same seeds), evaluates every final policy with `evaluate.py`
 (per-turn win rate against mu with the oracle judge, mean reward as a fraction of V*, KL to mu), and writes the
-markdown tables to benchmarks/study_results.md (and into README.md between the study markers with --update_readme).
+markdown tables to benchmarks/study_results.md (with --update_readme also into docs/study.md, and the headline table
+into README.md, each between its study markers).
 
     python benchmarks/study.py --seeds 1 2 3 --iterations 60 --parallel 2 --update_readme
 """
@@ -55,7 +56,7 @@ class Args:
     output_dir: str = "runs/study"
     """where the runs go"""
     update_readme: bool = False
-    """replace the README's study section with the new tables"""
+    """write the tables into docs/study.md and the headline table into README.md (between their study markers)"""
     skip_training: bool = False
     """only evaluate the runs already in output_dir (finished runs are never retrained anyway)"""
     reuse_evaluation: bool = False
@@ -167,12 +168,41 @@ def main(args: Args) -> None:
     (ROOT / "benchmarks" / "study_results.md").write_text(text + "\n")
     (ROOT / args.output_dir / "study.json").write_text(json.dumps(table, indent=1))
     if args.update_readme:
-        readme = (ROOT / "README.md").read_text()
-        a, b = "<!-- study:begin -->", "<!-- study:end -->"
-        if a not in readme or b not in readme:
-            raise SystemExit("README.md has no study markers")
-        head, rest = readme.split(a, 1)
-        (ROOT / "README.md").write_text(head + a + "\n" + text + "\n" + b + rest.split(b, 1)[1])
+        update_docs(text, headline_table(table, args, out))
+
+
+def headline_table(table: dict, args: Args, out: dict) -> str:
+    """The README's study table: the headline columns of the full table (docs/study.md), from the same `table`."""
+    lines = [f"Mean over seeds {', '.join(map(str, args.seeds))} (± sd across seeds) of each method trained from mu for "
+             f"{args.iterations} iterations x {args.prompts_per_iteration} conversations and evaluated by `evaluate.py` "
+             f"on {args.num_contexts} held-out contexts: win rate against mu averaged over the turns (oracle judge), "
+             f"final reward (mu {out['reference_reward']:.3f}, V* {out['v_star']:.3f}), runs whose final reward reaches "
+             f"{args.target}, KL to mu, minutes per run. Per-turn win rates, the preference matrix and the figure: "
+             "[docs/study.md](docs/study.md).",
+             "",
+             f"| method | avg win rate (%) | reward | runs >= {args.target} | KL to mu | minutes per run |",
+             "|---|---|---|---|---|---|"]
+    for m, r in table.items():
+        rewards = np.array(r["reward_seeds"])
+        lines.append(f"| {m} | {100 * r['average']:.1f} ± {100 * r['average_sd']:.1f} | {r['reward']:.3f} ± "
+                     f"{r['reward_sd']:.3f} | {(rewards >= args.target).sum()}/{len(rewards)} | {r['kl']:.2f} | "
+                     f"{r['minutes']:.1f} |")
+    return "\n".join(lines)
+
+
+def update_docs(text: str, headline: str) -> None:
+    """--update_readme: the full tables, matrix and figure (`text`) into docs/study.md and the headline table into
+    README.md, each between its study markers (both checked before either is written)."""
+    a, b = "<!-- study:begin -->", "<!-- study:end -->"
+    # the figure's path is relative to the repository root in `text`, to docs/ in docs/study.md
+    targets = [(ROOT / "docs" / "study.md", text.replace("](benchmarks/", "](../benchmarks/")),
+               (ROOT / "README.md", headline)]
+    for path, _ in targets:
+        if a not in path.read_text() or b not in path.read_text():
+            raise SystemExit(f"{path.relative_to(ROOT)} has no study markers")
+    for path, body in targets:
+        head, rest = path.read_text().split(a, 1)
+        path.write_text(head + a + "\n" + body + "\n" + b + rest.split(b, 1)[1])
 
 
 def optimizer_steps(path: Path, summary: dict) -> int:

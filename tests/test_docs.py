@@ -1,6 +1,8 @@
-"""The docs/ pages stay true to the code: every `file.py:function` they cite exists and, where a table row cites
-`Eq. (n)`, carries that marker; every relative link and #anchor resolves (also the docs links in code comments); no
-page points outside the repository. Also the study's and the learning curves' plotting on small synthetic input."""
+"""The README and every docs/ page stay true to the code: every `file.py:function` they cite exists and, where a
+table row cites `Eq. (n)`, carries that marker; every relative link and #anchor resolves (also the docs links in code
+comments); no page points outside the repository; the README stays a landing page (under 200 lines, a link to every
+page, the study's headline between its markers, the full tables in docs/study.md). Also the study's and the learning
+curves' plotting on small synthetic input."""
 import ast
 import importlib.util
 import json
@@ -20,7 +22,12 @@ FENCE = re.compile(r"^```.*?^```", re.S | re.M)
 
 
 def doc_files():
-    return sorted(DOCS.glob("*.md"))
+    """Every page a reader may open: the README and docs/*.md."""
+    return [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]
+
+
+def name(doc: Path) -> str:
+    return str(doc.relative_to(ROOT))
 
 
 def prose(text: str) -> str:
@@ -83,9 +90,9 @@ def test_cited_functions_exist_and_carry_their_eq_markers():
         for file, func in set(REF.findall(text)):
             path = ROOT / file
             if not path.exists():
-                problems.append(f"docs/{doc.name}: `{file}:{func}`: no file {file}")
+                problems.append(f"{name(doc)}: `{file}:{func}`: no file {file}")
             elif find_def(path, func) is None:
-                problems.append(f"docs/{doc.name}: `{file}:{func}`: {file} defines no {func}")
+                problems.append(f"{name(doc)}: `{file}:{func}`: {file} defines no {func}")
         for row in table_rows(text):
             cells = [c.strip() for c in row.strip("|").split("|")]
             eqs = EQ.findall(cells[0]) if cells else []
@@ -97,7 +104,7 @@ def test_cited_functions_exist_and_carry_their_eq_markers():
                 source = ast.get_source_segment(path.read_text(), node) or ""
                 for n in eqs:
                     if f"Eq. ({n})" not in source:
-                        problems.append(f"docs/{doc.name}: the row citing Eq. ({n}) maps it to `{file}:{func}`, "
+                        problems.append(f"{name(doc)}: the row citing Eq. ({n}) maps it to `{file}:{func}`, "
                                         f"whose source has no 'Eq. ({n})' marker")
     assert not problems, "\n".join(problems)
 
@@ -131,7 +138,7 @@ def test_relative_links_and_anchors_resolve():
         for target in LINK.findall(prose(doc.read_text())):
             why = check_link(doc, target)
             if why:
-                problems.append(f"docs/{doc.name}: {why}")
+                problems.append(f"{name(doc)}: {why}")
     assert not problems, "\n".join(problems)
 
 
@@ -150,14 +157,56 @@ def test_docs_point_nowhere_outside_the_repository():
     for doc in doc_files():
         text = doc.read_text()
         for bad in ("../shared", "shared/papers", "REFERENCE.md", "notes A."):
-            assert bad not in text, f"docs/{doc.name} mentions {bad!r}"
+            assert bad not in text, f"{name(doc)} mentions {bad!r}"
 
 
 def test_simulator_names_in_docs_exist():
     sim = pytest.importorskip("simulator")
-    missing = sorted({(doc.name, name) for doc in doc_files()
-                      for name in re.findall(r"\bsim\.([A-Za-z_]\w*)", doc.read_text()) if not hasattr(sim, name)})
+    missing = sorted({(doc.name, attr) for doc in doc_files()
+                      for attr in re.findall(r"\bsim\.([A-Za-z_]\w*)", doc.read_text()) if not hasattr(sim, attr)})
     assert not missing, f"docs cite sim.<name> that simulator does not have: {missing}"
+
+
+def test_the_readme_is_a_landing_page():
+    """Under 200 lines, linking every docs page; the study's headline table between the README's markers and the
+    full tables between docs/study.md's (where benchmarks/study.py --update_readme writes them)."""
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 200, f"README.md has {len(readme.splitlines())} lines: move sections to docs/"
+    linked = {Path(target.partition("#")[0]).name for target in LINK.findall(prose(readme))
+              if target.startswith("docs/")}
+    unlinked = sorted(p.name for p in DOCS.glob("*.md") if p.name not in linked)
+    assert not unlinked, f"README.md links no docs/ page named {unlinked}"
+    a, b = "<!-- study:begin -->", "<!-- study:end -->"
+    for path in (ROOT / "README.md", DOCS / "study.md"):
+        text = path.read_text()
+        assert text.count(a) == 1 and text.count(b) == 1 and text.index(a) < text.index(b), f"{path.name}: markers"
+    headline = readme.split(a)[1].split(b)[0]
+    full = (DOCS / "study.md").read_text().split(a)[1].split(b)[0]
+    assert "| method | avg win rate" in headline and "h=1" not in headline, "README: not the headline table"
+    assert "| method | h=1" in full and "Preference matrix" in full, "docs/study.md: not the full tables"
+
+
+def test_study_writes_the_readme_headline_and_the_full_tables(tmp_path, monkeypatch):
+    """--update_readme's path: the full text into docs/study.md (figure path made relative to docs/), the headline
+    table into README.md, each between its markers, the rest of both pages untouched."""
+    study = bench("study")
+    (tmp_path / "docs").mkdir()
+    a, b = "<!-- study:begin -->", "<!-- study:end -->"
+    (tmp_path / "README.md").write_text(f"# R\n\nbefore\n{a}\nold\n{b}\nafter\n")
+    (tmp_path / "docs" / "study.md").write_text(f"# S\n{a}\nold\n{b}\ntail\n")
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    table = synthetic_table(["REFUEL", "MTPO"])
+    for row in table.values():
+        row.update(average=0.6, average_sd=0.01, reward_sd=0.02, kl=3.0, minutes=1.5)
+    args = study.Args(seeds=[1, 2, 3], iterations=50)
+    headline = study.headline_table(table, args, dict(reference_reward=0.278, v_star=0.805))
+    assert headline.count("\n| REFUEL |") == 1 and "| MTPO |" in headline and "h=1" not in headline
+    assert "[docs/study.md](docs/study.md)" in headline
+    full = "| method | h=1 |\n\n![win rate against mu per turn](benchmarks/study_win_rate.png)"
+    study.update_docs(full, headline)
+    readme, page = (tmp_path / "README.md").read_text(), (tmp_path / "docs" / "study.md").read_text()
+    assert readme == f"# R\n\nbefore\n{a}\n{headline}\n{b}\nafter\n"
+    assert page == f"# S\n{a}\n" + full.replace("](benchmarks/", "](../benchmarks/") + f"\n{b}\ntail\n"
 
 
 # ------------------------------------------------------------------------------------------------------------------
