@@ -1,22 +1,23 @@
-"""Every chat command in the README runs: the README's fenced code blocks are parsed (backslash-continued lines
-joined) and each command that runs a repository script with `--env chat` is run once, as a user would
-(a subprocess), with every flag as the README writes it except what cannot exist here, replaced through the
-explicit tables below:
+"""Every documented chat command runs: the fenced code blocks of README.md and of every docs/*.md page are parsed
+(backslash-continued lines joined) and each command that runs a repository script with `--env chat` is run once, as
+a user would (a subprocess), with every flag as the page writes it except what cannot exist here, replaced through
+the explicit tables below:
 
 - hub model names -> tiny random-init local models built here (a Llama-3-template policy, a Bradley-Terry reward
   model, an ArmoRM-style reward model with its own code and a `.score` output);
-- `hf:` datasets and the README's local files -> fixture files in the same format, with real data's variety
+- `hf:` datasets and the pages' local files -> fixture files in the same format, with real data's variety
   (tests/fixtures_chat.py);
-- the endpoint URL -> a local OpenAI-compatible server standing in for the README's `vllm serve` lines (it serves
+- the endpoint URL -> a local OpenAI-compatible server standing in for the pages' `vllm serve` lines (it serves
   only the models those lines serve);
 - `runs/RUN_A...` -> a run made here first (one tiny REFUEL iteration);
 - sizes -> tiny ones (one iteration, a few prompts and evaluation contexts, a few new tokens).
 
 The launcher `accelerate launch --config_file configs/deepspeed_zero*.yaml` becomes a single `python` process:
 DeepSpeed launches are covered by tests/test_deepspeed.py. A template line with literal `...` placeholders is not a
-runnable command and is skipped (only those are). A README command whose hub model, `hf:` dataset, file or URL
-the tables do not cover fails here with "add a local stand-in to tests/test_readme_commands.py", so a chat command
-added to the README without a stand-in makes the suite fail."""
+runnable command and is skipped (only those are). A command written on two pages is run once. A documented command
+whose hub model, `hf:` dataset, file or URL the tables do not cover fails here with "add a local stand-in to
+tests/test_readme_commands.py", so a chat command added to the README or to a docs page without a stand-in makes the
+suite fail."""
 import json
 import re
 import shlex
@@ -29,7 +30,8 @@ import pytest
 from conftest import ROOT, subprocess_env
 
 SCRIPTS = ("refuel.py", "baselines_dpo_rebel.py", "mtpo.py", "iterative_ppo.py", "evaluate.py")
-README = ROOT / "README.md"
+# where the commands are documented: the README and every docs page
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 HINT = "add a local stand-in to tests/test_readme_commands.py"
 
 # ------------------------------------------------------------------------------------------ substitution tables
@@ -48,7 +50,7 @@ DATASETS = {
     "hf:Anthropic/hh-rlhf": "hh.jsonl",
     "hf:openbmb/UltraInteract_pair": "ultrainteract.jsonl",
 }
-# a local file or folder the README names (exact, or a prefix ending in '/') -> its stand-in under tmp
+# a local file or folder a page names (exact, or a prefix ending in '/') -> its stand-in under tmp
 FILES = {
     "conversations_train1.json": "conversations_train1.json",  # Education Dialogue's training file
     "runs/RUN_A/": "RUN_A/",  # a tiny REFUEL run made by the test first
@@ -58,7 +60,7 @@ URLS = {"http://USER_HOST:8000/v1": "server"}
 # flags whose values a run writes: redirected under tmp, no stand-in needed
 OUTPUT_FLAGS = ("--save_rollouts", "--output", "--output_dir")
 API_OF = {"--user_model": "--user_api_base", "--judge_model": "--judge_api_base"}
-# sizes: replaced where the README sets them, added where it does not (the defaults are for real runs)
+# sizes: replaced where a page sets them, added where it does not (the defaults are for real runs)
 COMMON_SIZES = {"--num_iterations": "1", "--prompts_per_iteration": "8", "--num_eval": "4", "--max_new_tokens": "4",
                 "--gen_batch_size": "8"}
 SIZES = {
@@ -76,7 +78,7 @@ PLACEHOLDER = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)+$")  # YOUR_BT_REWARD_MOD
 FILE_EXT = re.compile(r"\.(jsonl?|txt|ya?ml|csv|parquet|tsv|pt|bin|safetensors)$")
 
 
-# ------------------------------------------------------------------------------------------------ README parsing
+# -------------------------------------------------------------------------------------------------- page parsing
 def fenced_lines(text: str) -> list[tuple[int, list[str]]]:
     """(block number, logical lines) of every fenced code block, backslash-continued lines joined."""
     blocks, inside, lines, pending = [], False, [], ""
@@ -98,9 +100,9 @@ def fenced_lines(text: str) -> list[tuple[int, list[str]]]:
     return blocks
 
 
-def parse_readme(text: str) -> dict:
-    """{'commands': chat commands as dicts (block, line, launcher, script, args), 'templates': chat command lines
-    with '...' placeholders, 'served': [(model, port)] of the `vllm serve` lines}."""
+def parse_page(text: str) -> dict:
+    """One markdown page's {'commands': chat commands as dicts (block, line, launcher, script, args), 'templates':
+    chat command lines with '...' placeholders, 'served': [(model, port)] of the `vllm serve` lines}."""
     commands, templates, served = [], [], []
     for block, lines in fenced_lines(text):
         for line in lines:
@@ -123,12 +125,29 @@ def parse_readme(text: str) -> dict:
     return dict(commands=commands, templates=templates, served=served)
 
 
+def parse_pages(paths: list[Path]) -> dict:
+    """parse_page over several pages, each command tagged with its page ('page'); a command written on more than one
+    page (the same launcher, script and arguments) is kept once, so it runs once."""
+    parsed, seen = dict(commands=[], templates=[], served=[]), set()
+    for path in paths:
+        one = parse_page(path.read_text())
+        page = str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+        for kind in ("commands", "templates"):
+            for cmd in one[kind]:
+                key = (tuple(cmd["launcher"]), cmd["script"], tuple(cmd["args"]))
+                if key not in seen:
+                    seen.add(key)
+                    parsed[kind].append(dict(cmd, page=page))
+        parsed["served"] += one["served"]
+    return parsed
+
+
 def flag_value(args: list, flag: str):
     return args[args.index(flag) + 1] if flag in args else None
 
 
 def label(cmd: dict) -> str:
-    """A readable name for a README command."""
+    """A readable name for a documented command."""
     a, script = cmd["args"], cmd["script"]
     if script == "refuel.py":
         if "--user_model" in a or "--user_api_base" in a:
@@ -170,7 +189,7 @@ def covered(value: str) -> bool:
 
 
 def uncovered(cmd: dict) -> list[str]:
-    """The values of a README command that need a stand-in the tables lack, each with what to do."""
+    """The values of a documented command that need a stand-in the tables lack, each with what to do."""
     problems, args = [], cmd["args"]
     for i, value in enumerate(args):
         if value.startswith("--") or (i and args[i - 1] in OUTPUT_FLAGS):
@@ -189,9 +208,9 @@ def uncovered(cmd: dict) -> list[str]:
     return problems
 
 
-PARSED = parse_readme(README.read_text())
+PARSED = parse_pages(PAGES)
 COMMANDS = PARSED["commands"]
-# the chat commands the README has today; a new one is run as well (and must have its stand-ins)
+# the chat commands the README and docs pages have today; a new one is run as well (and must have its stand-ins)
 EXPECTED = {"refuel-setting-one", "refuel-setting-two-hh", "refuel-setting-two-ultrainteract",
             "mtpo-mtpo-tau-education", "baselines-rebel-lt-mixed", "iterative-ppo", "evaluate-reward_model-judge",
             "evaluate-llm-judge"}
@@ -220,7 +239,7 @@ def stand_ins(tmp_path_factory):
 
 
 def substitute(cmd: dict, s: dict, run: Path) -> list[str]:
-    """The command line to run: python, the script, the README's args with the tables applied, tiny sizes."""
+    """The command line to run: python, the script, the page's args with the tables applied, tiny sizes."""
     args, out = list(cmd["args"]), []
     for i, value in enumerate(args):
         flag = args[i - 1] if i else None
@@ -262,24 +281,26 @@ def metrics(run_dir: Path) -> list[dict]:
 
 
 # ------------------------------------------------------------------------------------------------------- tests
-def test_the_readme_chat_commands_are_found_and_only_templates_are_skipped():
+def test_the_documented_chat_commands_are_found_and_only_templates_are_skipped():
     labels = [label(c) for c in COMMANDS]
-    assert EXPECTED <= set(labels), f"README chat commands not found: {sorted(EXPECTED - set(labels))}"
-    assert len(labels) == len(set(labels)), f"two README commands with the same label: {labels}"
+    assert EXPECTED <= set(labels), f"documented chat commands not found: {sorted(EXPECTED - set(labels))}"
+    assert len(labels) == len(set(labels)), \
+        f"two different documented commands with the same label: {[(label(c), c['page']) for c in COMMANDS]}"
     # the only chat lines not run are templates with literal '...' placeholders
     for t in PARSED["templates"]:
         assert any(tok == "..." or tok.startswith("...") or tok.endswith("...") for tok in t["args"]), t["line"]
     assert "mtpo.py" in [t["script"] for t in PARSED["templates"]], PARSED["templates"]  # `--model_name_or_path ...`
-    # the endpoint the commands use is the README's `vllm serve` line's (the local server stands in for it)
+    # the endpoint the commands use is a page's `vllm serve` line's (the local server stands in for it)
     assert PARSED["served"] and all(port == "8000" for _, port in PARSED["served"])
     for c in COMMANDS:
         for api in API_OF.values():
             if api in c["args"]:
                 model = flag_value(c["args"], next(k for k, v in API_OF.items() if v == api))
-                assert model in {m for m, _ in PARSED["served"]}, f"{label(c)}: {model} is not served by the README"
+                assert model in {m for m, _ in PARSED["served"]}, \
+                    f"{label(c)} ({c['page']}): {model} is not served by any page's `vllm serve` line"
 
 
-def test_every_readme_chat_command_has_its_stand_ins():
+def test_every_documented_chat_command_has_its_stand_ins():
     problems = [p for c in COMMANDS for p in uncovered(c)]
     assert not problems, "\n".join(problems)
 
@@ -301,8 +322,8 @@ python evaluate.py --env chat --policies runs/RUN_A/checkpoint/policy --names x 
 """
 
 
-def test_a_new_readme_command_without_stand_ins_fails_with_what_to_add():
-    parsed = parse_readme(SYNTHETIC)
+def test_a_new_documented_command_without_stand_ins_fails_with_what_to_add():
+    parsed = parse_page(SYNTHETIC)
     assert [label(c) for c in parsed["commands"]] == ["refuel-setting-one", "evaluate-oracle-judge"]
     assert [t["script"] for t in parsed["templates"]] == ["mtpo.py"]
     assert parsed["served"] == [("org/served-judge", "9000")]
@@ -319,8 +340,17 @@ def test_a_new_readme_command_without_stand_ins_fails_with_what_to_add():
     assert needs_stand_in("YOUR_REWARD_MODEL") == "placeholder" and needs_stand_in("lt-mixed") is None
 
 
+def test_a_command_on_two_pages_runs_once(tmp_path):
+    (tmp_path / "a.md").write_text(SYNTHETIC)
+    (tmp_path / "b.md").write_text(SYNTHETIC.replace("--names x", "--names y"))
+    parsed = parse_pages([tmp_path / "a.md", tmp_path / "b.md"])
+    assert [(label(c), Path(c["page"]).name) for c in parsed["commands"]] == [
+        ("refuel-setting-one", "a.md"), ("evaluate-oracle-judge", "a.md"), ("evaluate-oracle-judge", "b.md")]
+    assert len(parsed["templates"]) == 1 and len(parsed["served"]) == 2
+
+
 @pytest.mark.parametrize("cmd", COMMANDS, ids=[label(c) for c in COMMANDS])
-def test_readme_chat_command_runs(cmd, stand_ins, tmp_path):
+def test_documented_chat_command_runs(cmd, stand_ins, tmp_path):
     problems = uncovered(cmd)
     assert not problems, "\n".join(problems)
     name = label(cmd)
