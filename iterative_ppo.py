@@ -11,12 +11,13 @@ Batch-online policy iteration (paper Algorithm 1), per outer iteration i:
   6. D_single = the states s_h visited by pi_i, as prompts (the very serialisation pi_i saw)
   7. pi_{i+1} = PPO(D_single, reward model = Q_i): ordinary single-turn token-level PPO (Observation 1), maximising
         E_{y~pi(.|s)} Q_i(s, y) - beta KL(pi(.|s) || pi_i(.|s))          (Theorem 2: the KL anchor is pi_i, not mu)
+     D_single is cut into PPO batches, each sampled anew from the current policy                      -> `ppo`
      the reward is Q_i(s, y) at the last token                                                  -> `ppo_rewards`
      the KL to pi_i is exact per token over the vocabulary, in every minibatch's loss (pi_i stays fixed while the
      sampling policy moves, so it acts from the first optimizer step of the first PPO batch)  -> `token_kl_entropy`
      GAE over the response tokens with PPO's own token-level critic (initialised from Q_0, then kept with its
      optimizer across outer iterations)                                                          -> `token_gae`
-     whitened advantages, clipped surrogate and clipped value loss.                -> `whiten`, `ppo_clipped_loss`
+     whitened advantages, clipped surrogate and clipped value loss.  -> `whiten`, `ppo_clipped_loss`, `value_loss`
      No environment step happens inside PPO: the future turns are compressed into Q_i.
      Afterwards KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn are measured on fresh samples at the states pi_i
      visited                                                                                  -> `policy_shift`
@@ -24,8 +25,9 @@ Batch-online policy iteration (paper Algorithm 1), per outer iteration i:
      held-out first turns) moves less than the tolerance between iterations; otherwise run num_iterations.
 
 Runs as `python iterative_ppo.py` (CPU, the embedded tutor task) or `accelerate launch [--config_file configs/...]
-iterative_ppo.py --model_name_or_path ... --env chat ...`. The policy goes through accelerate (DDP / DeepSpeed);
-the Q-model and the critic are replicated on every rank and kept in sync by an all-reduce of their gradients.
+iterative_ppo.py --model_name_or_path ... --env chat ...`. The policy goes through accelerate (DDP, DeepSpeed, FSDP2:
+distributed.py); Q_i and the critic are replicated on every rank and kept in sync by an all-reduce of their gradients.
+Run files (metrics, checkpoints) are run_io.py's.
 """
 from __future__ import annotations
 
@@ -33,11 +35,8 @@ import contextlib
 import copy
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Literal, Optional
 
 import numpy as np
@@ -45,10 +44,13 @@ import torch
 from tqdm.auto import tqdm
 
 import simulator as sim
+from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
+                         ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
+from run_io import Logger, load_checkpoint, make_run_dir, save_checkpoint
 
 
 @dataclass
-class Args:
+class Args(sim.EnvArgs):  # the environment's flags (--env, --prompts_path, --user_model, ...) are simulator.EnvArgs'
     exp_name: str = "iterative_ppo"
     """experiment name, the first part of run_name"""
     run_name: Optional[str] = None
@@ -59,43 +61,12 @@ class Args:
     """random seed (rank r uses seed + r for sampling)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
-
-    # environment
-    env: Literal["tutor", "chat"] = "tutor"
-    """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF RM"""
-    prompts_path: Optional[str] = None
-    """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
-    pre-sampled questions of setting two)"""
-    user_model: Optional[str] = None
-    """chat: HF model prompted as the user; None = pre-sampled questions"""
-    user_api_base: Optional[str] = None
-    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
-    names the served model; key from $OPENAI_API_KEY)"""
-    user_prompt_path: Optional[str] = None
-    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
-    user_max_concurrency: int = 32
-    """chat, endpoint user: requests in flight per process (the server sees ranks x this many)"""
-    user_timeout: float = 120.0
-    """chat, endpoint user: seconds per request, time queued at the server included"""
-    user_retries: int = 3
-    """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
-    reward_model: Optional[str] = None
-    """chat: HF sequence-classification reward model (scores the whole conversation: the only reward)"""
-    reward_trust_remote_code: bool = False
-    """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
-    reward_max_length: int = 4096
-    """chat: the reward model sees at most this many tokens of a conversation (right-truncated, counted as
-    charts/reward_truncated)"""
-    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
-    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
-    bad_records: Literal["skip", "error"] = "skip"
-    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
-    max_dialogue_tokens: Optional[int] = None
-    """chat: drop dataset dialogues longer than this many chat-templated tokens (REFUEL paper: 2048)"""
-    reward_device: Optional[str] = None
-    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
-    user_device: Optional[str] = None
-    """chat: an in-process user model's device (as --reward_device)"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "multiturn-rlhf"
+    """the W&B project (with --track)"""
+    wandb_entity: Optional[str] = None
+    """the W&B team or user (with --track; None = the default entity)"""
     max_turns: int = 5
     """H: agent turns per collected conversation"""
 
@@ -206,10 +177,9 @@ def rollout(policy, tokenizer, env, contexts, rng, args):
     record's own number where it has one: setting two's pre-sampled questions); and their rewards."""
     if not contexts:
         raise ValueError("rollout: no contexts")
-    convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
-                                      [c.user for c in contexts], [c.max_turns or env.max_turns for c in contexts],
-                                      rng,
-                                      args.max_new_tokens, args.temperature, args.gen_batch_size)
+    convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], [c.user for c in contexts],
+                                      [c.max_turns or env.max_turns for c in contexts], rng, args.max_new_tokens,
+                                      args.temperature, args.gen_batch_size)
     rewards = env.reward(convs)
     if not torch.isfinite(rewards).all():
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
@@ -232,10 +202,7 @@ def monte_carlo_returns(turn_rewards, gamma: float = 1.0) -> list:
 
 def q_examples(convs, rewards, gamma: float) -> list:
     """D^pi: ((s_h, y_h), G_h) per agent turn; the conversation reward is the last turn's reward, the others are 0."""
-    turn_rewards = []
-    for c, r in zip(convs, rewards):
-        n = sum(m["role"] == "assistant" for m in c)
-        turn_rewards.append([0.0] * (n - 1) + [float(r)])
+    turn_rewards = [[0.0] * (sum(m["role"] == "assistant" for m in c) - 1) + [float(r)] for c, r in zip(convs, rewards)]
     examples = []
     for g, (c, gs) in enumerate(zip(convs, monte_carlo_returns(turn_rewards, gamma))):
         for h, G in enumerate(gs, 1):
@@ -279,35 +246,29 @@ def token_scores(model, input_ids, attention_mask) -> torch.Tensor:
     return head(hidden).squeeze(-1).float()
 
 
-def q_inputs(tokenizer, messages_list, rows=None):
-    """Right-padded ids of the chat-templated (s_h + y_h) and the index of each row's last token."""
-    rows = rows or [sim.render_ids(tokenizer, m, add_generation_prompt=False) for m in messages_list]
-    L = max(len(r) for r in rows)
-    ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
-    attn = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, :len(r)], attn[b, :len(r)] = torch.tensor(r), 1
-    return ids, attn, torch.tensor([len(r) - 1 for r in rows])
-
-
 def q_forward(q_model, tokenizer, messages_list, rows=None) -> torch.Tensor:
-    """Q(s, y) of each (s + y) message list: the scalar head at the response's last token. Differentiable."""
+    """Q(s, y) of each (s + y) message list (or of its chat-templated ids, `rows`): the scalar head at the
+    response's last token. Differentiable."""
+    rows = rows or [sim.render_ids(tokenizer, m, add_generation_prompt=False) for m in messages_list]
     device = next(q_model.parameters()).device
-    ids, attn, last = q_inputs(tokenizer, messages_list, rows)
-    scores = token_scores(q_model, ids.to(device), attn.to(device))
-    return scores.gather(1, last.to(device)[:, None]).squeeze(1)
+    ids = torch.full((len(rows), max(len(r) for r in rows)), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros_like(ids)
+    for b, r in enumerate(rows):  # right-padded
+        ids[b, :len(r)], attn[b, :len(r)] = torch.tensor(r), 1
+    last = torch.tensor([len(r) - 1 for r in rows], device=device)
+    return token_scores(q_model, ids.to(device), attn.to(device)).gather(1, last[:, None]).squeeze(1)
 
 
 @torch.no_grad()
 def q_predict(q_model, tokenizer, messages_list, batch_size: int = 256, rows=None) -> torch.Tensor:
     if not messages_list:
         raise ValueError("q_predict: empty input")
-    was = q_model.training
+    was_training = q_model.training
     q_model.eval()
     out = torch.cat([q_forward(q_model, tokenizer, messages_list[s:s + batch_size],
                                rows[s:s + batch_size] if rows else None).cpu()
                      for s in range(0, len(messages_list), batch_size)])
-    q_model.train(was)
+    q_model.train(was_training)
     if not torch.isfinite(out).all():
         raise FloatingPointError("the Q-model returned NaN or infinite values")
     return out
@@ -318,12 +279,10 @@ def sync_gradients(model, accelerator) -> None:
     if accelerator is None or accelerator.num_processes == 1:
         return
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = accelerator.reduce(flat, "mean")
-    n = 0
-    for p in params:
-        p.grad = flat[n:n + p.numel()].view_as(p).clone()
-        n += p.numel()
+    flat = accelerator.reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                         for p in params]), "mean")
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p).clone()
 
 
 def split_heldout(examples, fraction: float, rng):
@@ -346,7 +305,7 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
     for e in examples:  # tokenize once per fit, not once per epoch
         e.setdefault("ids", sim.render_ids(tokenizer, e["messages"], add_generation_prompt=False))
     fit, held = split_heldout(examples, heldout_fraction, rng)
-    reduce = (lambda x: accelerator.reduce(torch.tensor(x, device=accelerator.device), "mean").item()) \
+    mean_over_ranks = (lambda x: accelerator.reduce(torch.tensor(x, device=accelerator.device), "mean").item()) \
         if accelerator is not None and accelerator.num_processes > 1 else (lambda x: x)
     device = next(q_model.parameters()).device
 
@@ -354,13 +313,13 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
         if not held:
             return float("nan")
         pred = q_predict(q_model, tokenizer, [e["messages"] for e in held], rows=[e["ids"] for e in held])
-        return reduce(float(((pred - torch.tensor([e["G"] for e in held])) ** 2).mean()))
+        return mean_over_ranks(float(((pred - torch.tensor([e["G"] for e in held])) ** 2).mean()))
 
     opt = optimizer or torch.optim.AdamW([p for p in q_model.parameters() if p.requires_grad], lr=lr,
                                          weight_decay=weight_decay)
     q_model.train()
     before = best = heldout_mse()
-    best_state, bad, train_mse, epochs_run = copy.deepcopy(q_model.state_dict()), 0, float("nan"), 0
+    best_state, epochs_without_gain, train_mse, epochs_run = copy.deepcopy(q_model.state_dict()), 0, float("nan"), 0
     improved, steps = False, 0
     for epoch in range(epochs):
         order, losses = rng.permutation(len(fit)), []
@@ -377,22 +336,22 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
             opt.step()
             steps += 1
             losses.append(loss.item())
-        train_mse, epochs_run = reduce(float(np.mean(losses))), epoch + 1
+        train_mse, epochs_run = mean_over_ranks(float(np.mean(losses))), epoch + 1
         if not held:
             continue
         mse = heldout_mse()
         if mse < best:  # the held-out error is the "Q has converged" signal of the fit
-            best, bad, best_state, improved = mse, 0, copy.deepcopy(q_model.state_dict()), True
+            best, epochs_without_gain, best_state, improved = mse, 0, copy.deepcopy(q_model.state_dict()), True
         else:
-            bad += 1
-            if bad >= patience:
+            epochs_without_gain += 1
+            if epochs_without_gain >= patience:
                 break
     if held:
         q_model.load_state_dict(best_state)
     q_model.eval()
     first = [e for e in held if e["h"] == 1] or [e for e in fit if e["h"] == 1] or held or fit
-    v_hat = reduce(float(q_predict(q_model, tokenizer, [e["messages"] for e in first]).mean()))
-    v_mc = reduce(float(np.mean([e["G"] for e in first])))
+    v_hat = mean_over_ranks(float(q_predict(q_model, tokenizer, [e["messages"] for e in first]).mean()))
+    v_mc = mean_over_ranks(float(np.mean([e["G"] for e in first])))
     return {"q/heldout_mse_before": before, "q/heldout_mse": best, "q/train_mse": train_mse, "q/epochs": epochs_run,
             "q/v_hat": v_hat, "q/v_monte_carlo": v_mc, "q/examples": len(fit), "q/heldout_examples": len(held),
             "q/reverted": float(bool(held) and not improved), "q/optimizer_steps": steps}
@@ -408,20 +367,16 @@ def masked_mean(x, mask):
 def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
     """(x - mean) / std over the masked entries (mean kept when shift_mean=False), masked entries left at 0."""
     mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out * mask
+    out = (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + eps)
+    return (out if shift_mean else out + mean) * mask
 
 
 def ppo_rewards(q_scores, logprobs, ref_logprobs, mask, kl_coef):
     """Per-token reward: -beta (ln pi_old - ln pi_i) on every response token, plus Q_i(s, y) at the last one; and the
     log-ratio. With --kl_penalty loss (the default) beta is 0 here: the KL to pi_i is in the loss instead."""
     kl = (logprobs - ref_logprobs) * mask
-    rewards = -kl_coef * kl
     last = (mask.cumsum(1) == mask.sum(1, keepdim=True)) & mask.bool()  # one-hot at each row's last token
-    return rewards + last * q_scores[:, None], kl
+    return -kl_coef * kl + last * q_scores[:, None], kl
 
 
 def token_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
@@ -439,11 +394,10 @@ def token_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
 
 
 def ppo_clipped_loss(logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2):
-    """PPO's clipped surrogate, masked mean over tokens: max(-A r, -A clip(r, 1-eps, 1+eps))."""
+    """PPO's clipped surrogate, masked mean over tokens: max(-A r, -A clip(r, 1-eps, 1+eps)); and the clip fraction."""
     ratio = torch.exp(logprobs - old_logprobs)
     loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
-    clipfrac = masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
-    return masked_mean(loss, mask), clipfrac
+    return masked_mean(loss, mask), masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value: float = 0.2):
@@ -476,10 +430,8 @@ def response_log_dists(model, ids, attn, idx, mask, temperature):
     """log softmax(logits / temperature) over the whole vocabulary at each response token's predicting position
     (B x T x V, float32, 0 on padding), for response_batch's rows. Each row is re-aligned at its end (its response
     ends it; positions from the mask), so the LM head runs over the last T + 1 positions only. Differentiable."""
-    B, L = ids.shape
-    T = mask.shape[1]
-    n = attn.sum(1)
-    src = torch.arange(L, device=ids.device) - (L - n)[:, None]  # left padding: row ends aligned
+    L, T = ids.shape[1], mask.shape[1]
+    src = torch.arange(L, device=ids.device) - (L - attn.sum(1))[:, None]  # left padding: row ends aligned
     ids_l = ids.gather(1, src.clamp(min=0))
     attn_l = attn.gather(1, src.clamp(min=0)) * (src >= 0)
     pos = (attn_l.cumsum(-1) - 1).clamp(min=0)
@@ -502,9 +454,7 @@ def token_kl_entropy(logp, ref_logp, mask):
     """Exact per-token KL(p || q) = sum_v p_v (ln p_v - ln q_v) and entropy -sum_v p_v ln p_v over the vocabulary
     (B x T, 0 on padding), from log-distributions p = exp(logp), q = exp(ref_logp) (B x T x V)."""
     p = logp.exp()
-    kl = (p * (logp - ref_logp)).sum(-1)
-    ent = -(p * logp).sum(-1)
-    return kl * mask, ent * mask
+    return (p * (logp - ref_logp)).sum(-1) * mask, -(p * logp).sum(-1) * mask
 
 
 @torch.no_grad()
@@ -513,17 +463,15 @@ def policy_shift(policy, ref_policy, tokenizer, prompts, turns, accelerator, arg
     agent turn h. Fresh responses y ~ pi_{i+1}(.|s) for every prompt s of D_single; per response, the exact
     per-token KL and entropy over the vocabulary summed over its tokens (unbiased estimates of the response-level
     KL(pi_{i+1}(.|s) || pi_i(.|s)) and entropy H(pi_{i+1}(.|s))), averaged over prompts and over ranks."""
-    dev = accelerator.device
-    H = max(args.max_turns, max(turns))
-    with generation_model(policy, accelerator) as pi:
-        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, args.temperature, args.gen_batch_size)
+    dev, H, T = accelerator.device, max(args.max_turns, max(turns)), args.temperature
+    with sampling_weights(policy, accelerator) as pi:
+        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, T, args.gen_batch_size)
         ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
         kl, ent = [], []
         for s in range(0, len(prompts), args.gen_batch_size):
             c = slice(s, s + args.gen_batch_size)
-            k, e = token_kl_entropy(response_log_dists(pi, ids[c], attn[c], idx[c], mask[c], args.temperature),
-                                    response_log_dists(ref_policy, ids[c], attn[c], idx[c], mask[c],
-                                                       args.temperature), mask[c])
+            k, e = token_kl_entropy(response_log_dists(pi, ids[c], attn[c], idx[c], mask[c], T),
+                                    response_log_dists(ref_policy, ids[c], attn[c], idx[c], mask[c], T), mask[c])
             kl.append(k.sum(1))
             ent.append(e.sum(1))
     kl, ent = torch.cat(kl).double(), torch.cat(ent).double()
@@ -538,27 +486,23 @@ def policy_shift(policy, ref_policy, tokenizer, prompts, turns, accelerator, arg
     return out
 
 
-def response_values(critic, ids, attn, idx):
-    return token_scores(critic, ids, attn).gather(1, idx.to(ids.device))
-
-
 def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer, accelerator,
                    rng, args, log_rows=None):
     """One PPO batch: sample y ~ pi(.|s) for every prompt (batched), score with Q_i, GAE, ppo_epochs of updates.
     With --kl_penalty loss each minibatch's loss is the clipped surrogate + beta x the exact per-token
     KL(pi_theta || pi_i) (ppo/kl_term, nats per token, on the weights before the step); charts/optimizer_steps
     counts the steps taken (fewer than epochs x minibatches when target-KL stops the batch)."""
-    dev = accelerator.device
-    with generation_model(policy, accelerator) as pi:
-        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, args.temperature, args.gen_batch_size)
+    dev, T = accelerator.device, args.temperature
+    with sampling_weights(policy, accelerator) as pi:
+        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, T, args.gen_batch_size)
     ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
+    values_of = lambda j: token_scores(critic, ids[j], attn[j]).gather(1, idx[j])  # the critic's V per token
     chunks = [slice(s, s + args.gen_batch_size) for s in range(0, len(prompts), args.gen_batch_size)]  # memory
     with torch.no_grad():
-        old_lp = torch.cat([response_logprobs(policy, ids[c], attn[c], idx[c], mask[c], args.temperature)
-                            for c in chunks]) * mask
-        ref_lp = torch.cat([response_logprobs(ref_policy, ids[c], attn[c], idx[c], mask[c], args.temperature)
+        old_lp = torch.cat([response_logprobs(policy, ids[c], attn[c], idx[c], mask[c], T) for c in chunks]) * mask
+        ref_lp = torch.cat([response_logprobs(ref_policy, ids[c], attn[c], idx[c], mask[c], T)
                             for c in chunks]) * mask  # pi_i (Theorem 2)
-        old_v = torch.cat([response_values(critic, ids[c], attn[c], idx[c]) for c in chunks]) * mask
+        old_v = torch.cat([values_of(c) for c in chunks]) * mask
         q = q_predict(q_model, tokenizer, [p + [{"role": "assistant", "content": t}]
                                            for p, t in zip(prompts, samples.texts)]).to(dev)  # reward model = Q_i
         in_reward = args.kl_penalty == "reward"  # else the KL to pi_i is in the loss (below)
@@ -580,13 +524,13 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
         for s in range(0, len(prompts), mb):
             j = order[s:s + mb]
             if in_loss:  # Theorem 2's KL to pi_i, exact over the vocabulary, on the current weights
-                logp = response_log_dists(policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
+                logp = response_log_dists(policy, ids[j], attn[j], idx[j], mask[j], T)
                 lp = logp.gather(2, tokens[j][:, :, None]).squeeze(-1)
                 with torch.no_grad():
-                    ref_logp = response_log_dists(ref_policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
+                    ref_logp = response_log_dists(ref_policy, ids[j], attn[j], idx[j], mask[j], T)
                 kl_term = masked_mean(token_kl_entropy(logp, ref_logp, mask[j])[0], mask[j])  # nats per token
             else:
-                lp = response_logprobs(policy, ids[j], attn[j], idx[j], mask[j], args.temperature)
+                lp = response_logprobs(policy, ids[j], attn[j], idx[j], mask[j], T)
                 kl_term = torch.zeros((), device=dev)
             pg_loss, clipfrac = ppo_clipped_loss(lp, old_lp[j], adv[j], mask[j], args.cliprange)
             accelerator.backward(pg_loss + args.kl_coef * kl_term if in_loss else pg_loss)
@@ -594,245 +538,98 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
                 accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-            v = response_values(critic, ids[j], attn[j], idx[j])
-            vf_loss = value_loss(v, old_v[j], returns[j], mask[j], args.cliprange_value)
+            vf_loss = value_loss(values_of(j), old_v[j], returns[j], mask[j], args.cliprange_value)
             critic_opt.zero_grad()
             vf_loss.backward()
             sync_gradients(critic, accelerator)
             torch.nn.utils.clip_grad_norm_(critic.parameters(), args.max_grad_norm)
             critic_opt.step()
             with torch.no_grad():
-                approx_kl = accelerator.reduce(masked_mean(0.5 * (lp - old_lp[j]) ** 2, mask[j]), "mean")
-            logs.append((pg_loss.item(), vf_loss.item(), clipfrac.item(), approx_kl.item(), kl_term.item()))
-            if args.target_kl and approx_kl.item() > args.target_kl:  # same decision on every rank
+                approx_kl = accelerator.reduce(masked_mean(0.5 * (lp - old_lp[j]) ** 2, mask[j]), "mean").item()
+            logs.append({"losses/policy_loss": pg_loss.item(), "losses/value_loss": vf_loss.item(),
+                         "losses/clipfrac": clipfrac.item(), "losses/approx_kl": approx_kl,
+                         "ppo/kl_term": kl_term.item()})
+            if args.target_kl and approx_kl > args.target_kl:  # same decision on every rank
                 break
         else:
             continue
         break
-    pg, vf, cf, akl, klt = np.mean(logs, 0)
-    return {"losses/policy_loss": pg, "losses/value_loss": vf, "losses/clipfrac": cf, "losses/approx_kl": akl,
-            "ppo/kl_term": klt, "ppo/kl_term_first_minibatch": logs[0][4], "ppo/kl_term_last_minibatch": logs[-1][4],
-            "charts/optimizer_steps": len(logs),
-            "ppo/q_score": float(q.mean()), "ppo/kl_to_pi_i": float(kl.sum(1).mean()),
-            "ppo/response_tokens": float(mask.sum(1).mean()),
+    return {**{k: float(np.mean([log[k] for log in logs])) for k in logs[0]},
+            "ppo/kl_term_first_minibatch": logs[0]["ppo/kl_term"], "ppo/kl_term_last_minibatch": logs[-1]["ppo/kl_term"],
+            "charts/optimizer_steps": len(logs), "ppo/q_score": float(q.mean()),
+            "ppo/kl_to_pi_i": float(kl.sum(1).mean()), "ppo/response_tokens": float(mask.sum(1).mean()),
             "ppo/hit_budget": float(samples.hit_budget.float().mean())}
 
 
+def ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer, accelerator, rng, args,
+        iteration: int):
+    """Algorithm 1 line 7: D_single shuffled and cut into --ppo_batches PPO batches, each sampled anew from the
+    current policy (ppo_step_batch); every sample appended to --save_rollouts. Returns the batches' mean statistics
+    (and the first batch's KL to pi_i) and the optimizer steps taken (the same on every rank)."""
+    rows, batch_stats = [], []
+    for b, chunk in enumerate(np.array_split(rng.permutation(len(prompts)), args.ppo_batches)):
+        batch_rows = [] if args.save_rollouts else None
+        batch_stats.append(ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer,
+                                          [prompts[k] for k in chunk], optimizer, accelerator, rng, args, batch_rows))
+        rows += [{**row, "ppo_batch": b} for row in batch_rows or []]
+    if args.save_rollouts:
+        from accelerate.utils import gather_object
+
+        rows_per_rank = gather_object([rows]) if accelerator.num_processes > 1 else [rows]
+        if accelerator.is_main_process:
+            with open(args.save_rollouts, "a") as f:
+                f.writelines(json.dumps({"iteration": iteration, "rank": r, **row}) + "\n"
+                             for r, rank_rows in enumerate(rows_per_rank) for row in rank_rows)
+    steps = sum(s.pop("charts/optimizer_steps") for s in batch_stats)
+    means = {k: float(np.mean([s[k] for s in batch_stats])) for k in batch_stats[0]}
+    return {**means, **{f"{k}_first_batch": batch_stats[0][k] for k in ("ppo/kl_to_pi_i", "ppo/kl_term")}}, steps
+
 
 # ----------------------------------------------------------------------------------------------------------------
-# Plumbing (as in refuel.py: each script is self-contained): ZeRO-3 generation, checkpoints, logging, evaluation
+# The run: flags, setup, evaluation, resume, finish, and the outer loop (launch plumbing: distributed.py, run_io.py)
 # ----------------------------------------------------------------------------------------------------------------
-def make_accelerator(args):
-    """The Accelerator for any launch: one CPU process, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3
-    (GPUs, or CPU processes through DeepSpeed's CPU accelerator), FSDP2 (GPUs)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    launched_with = lambda kind: os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
-    deepspeed = launched_with("DEEPSPEED")
-    if launched_with("FSDP") and not cuda:
-        raise ValueError("an FSDP config was given but no GPU is visible: accelerate's FSDP path needs GPUs (on CPU "
-                         "it would silently run plain DDP instead)")
-    handlers = []
-    if deepspeed and not cuda:
-        # accelerate makes a process group only for a device or for cpu=True, and cpu=True means plain DDP (the
-        # DeepSpeed config would be silently ignored); DeepSpeed's CPU accelerator speaks gloo.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    bf16 = cuda if args.bf16 is None else args.bf16
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="bf16" if bf16 else "no",
-                              kwargs_handlers=handlers)
-    if deepspeed != (accelerator.distributed_type == DistributedType.DEEPSPEED):
-        raise RuntimeError(f"launched with a DeepSpeed config = {deepspeed}, but accelerate set up "
-                           f"{accelerator.distributed_type}: refusing to train with something else than asked")
-    return accelerator
+SHOWN = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/reverted", "q/v_hat",
+         "ppo/q_score", "ppo/kl_new_to_pi_i", "charts/entropy", "charts/optimizer_steps", "losses/clipfrac",
+         "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")  # on the console; metrics.jsonl has every metric
 
 
-def configure_deepspeed(accelerator, micro_batch: int, args) -> None:
-    """DeepSpeed asserts train_batch_size = micro-batch x accumulation x ranks. accelerate fills the configs' "auto"
-    sizes from a prepared DataLoader, and there is none here (rollouts are collected, not loaded), so set them."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = 1
-    config["train_batch_size"] = micro_batch * accelerator.num_processes
-    config["gradient_clipping"] = args.max_grad_norm
-    if plugin.zero_stage == 3:  # every checkpoint saves the policy in save_pretrained format, gathered
-        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-
-
-@contextlib.contextmanager
-def outside_zero3_init(accelerator):
-    """Load models that are never trained here. They do not pass through prepare(), so under ZeRO-3 with
-    zero3_init_flag, from_pretrained inside deepspeed.zero.Init would leave each rank 0-element shards of them.
-    (accelerate's zero3_init_context_manager(enable=False) keeps transformers' DeepSpeed config, so it does not.)"""
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()  # zero.Init again for models that are trained
+def check_args(args: Args) -> None:
+    """Every flag in its range, named in the error (a bad value would fail deep inside a run, or train on nothing)."""
+    positive = ("temperature max_new_tokens gen_batch_size max_turns num_iterations prompts_per_iteration q_epochs "
+                "q_minibatch_size ppo_batches ppo_epochs ppo_minibatch_size cliprange cliprange_value eval_every "
+                "num_eval save_every reward_max_length max_dialogue_tokens user_max_concurrency user_timeout "
+                "user_retries").split()
+    non_negative = ("q_patience q_lr q_converged_tol kl_coef target_kl lr weight_decay max_grad_norm "
+                    "time_budget_minutes threads").split()
+    bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
+    bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
+    bad += [f"--{k} must lie in [0, 1]" for k in ("gamma", "lam", "ppo_gamma") if not 0 <= getattr(args, k) <= 1]
+    bad += ["--q_heldout_fraction must lie in (0, 1)"] * (not 0 < args.q_heldout_fraction < 1)
+    bad += ["--adam_betas must lie in [0, 1)"] * (not all(0 <= b < 1 for b in args.adam_betas))
+    if bad:
+        raise ValueError("invalid flags: " + "; ".join(bad))
 
 
 def prepare_for_training(models, args):
     """--gradient_checkpointing (policy, Q model, critic), and training mode with dropout off."""
     for model in models:
-        if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
-            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
-        # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout
-        # stays off so that old log-probs (no grad) and the loss's are the same function of the weights.
-        model.train()
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-            if isinstance(getattr(module, "attention_dropout", None), float):
-                module.attention_dropout = 0.0
+        if args.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+        without_dropout(model)
 
 
-@contextlib.contextmanager
-def generation_model(model, accelerator):
-    """The unwrapped policy for sampling, with full weights on every rank for the whole collection."""
-    unwrapped = accelerator.unwrap_model(model)
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is not None and ds.zero_stage == 3:
-        import deepspeed
-
-        offload = model.optimizer.parameter_offload  # the engine's ZeRO-3 per-module hooks
-        with deepspeed.zero.GatheredParameters(list(unwrapped.parameters())):
-            # Gathering alone leaves the hooks in place: after each layer's forward they release its parameters and
-            # the next token gathers them again (all layers per token), and ranks whose decode loops stop at
-            # different steps then issue different numbers of all-gathers and hang. Off for the collection.
-            for hook in offload.forward_hooks + offload.backward_hooks:
-                hook.remove()
-            offload.forward_hooks, offload.backward_hooks = [], []
-            try:
-                yield unwrapped
-            finally:
-                offload._register_deepspeed_module(offload.module)
-    elif getattr(accelerator.state, "fsdp_plugin", None) is not None:
-        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
-        half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-        yield sim.sampling_copy(unwrapped, half)  # all-gathered once per collection
-    else:
-        yield unwrapped
-
-
-def ranks_in_sync(model, q_model, accelerator) -> bool:
-    """Whether every rank holds the same full weights (policy and Q_i). With replicas (DDP, ZeRO-1/2; Q_i always)
-    a silently unsynced run shows up here; under ZeRO-3 and FSDP2 the policy is one sharded copy, so this checks
-    its gathered weights."""
-    with generation_model(model, accelerator) as full:
-        checksum = sum(p.detach().double().sum() for p in [*full.parameters(), *q_model.parameters()])
-    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
-    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
-
-
-def save_checkpoint(accelerator, model, tokenizer, q_state: dict, run_dir: Path, meta: dict, rng) -> None:
-    """runs/<run>/checkpoint/{policy (save_pretrained), q_model.pt, state (accelerate), meta.json}, atomic."""
-    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
-    if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(tmp / "policy", state_dict=state_dict)
-        tokenizer.save_pretrained(tmp / "policy")
-    accelerator.save_state(str(tmp / "state"))
-    (tmp / "state").mkdir(parents=True, exist_ok=True)
-    with open(tmp / "state" / f"numpy_rng_{accelerator.process_index}.json", "w") as f:
-        json.dump(rng.bit_generator.state, f)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        torch.save(q_state, tmp / "q_model.pt")  # Q_i and its optimizer: the warm start of Q_{i+1}
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-class Logger:
-    """Scalars to runs/<run>/metrics.jsonl (and TensorBoard when asked), one console line per call."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
-        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir))
-
-    def log(self, step: int, metrics: dict, keys=None) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-        tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
-                                           if keys is None or k in keys))
-
-
-def evaluate(model, tokenizer, env, accelerator, args, seed):
-    """Mean reward with the real user (and per-turn detail on the tutor) on held-out contexts; ranks share it."""
-    n = max(1, args.num_eval // accelerator.num_processes)
-    with generation_model(model, accelerator) as policy:
-        out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
-                                  args.max_new_tokens, args.temperature, args.gen_batch_size)
-    keys = sorted(k for k in out if k != "eval/reward_stderr")
-    vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
-    res = dict(zip(keys, vals.tolist()))
-    res["eval/reward_stderr"] = out["eval/reward_stderr"] / math.sqrt(accelerator.num_processes)
-    if isinstance(env, sim.TutorEnv):
-        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
-    return res
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The outer loop
-# ----------------------------------------------------------------------------------------------------------------
-SHOW = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/reverted", "q/v_hat",
-        "ppo/q_score", "ppo/kl_new_to_pi_i", "charts/entropy", "charts/optimizer_steps", "losses/clipfrac",
-        "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")
-
-
-def check_args(args: Args) -> None:
-    """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
-    nothing without a word."""
-    positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
-                "prompts_per_iteration", "q_epochs", "q_minibatch_size", "ppo_batches", "ppo_epochs",
-                "ppo_minibatch_size", "cliprange", "cliprange_value", "eval_every", "num_eval", "save_every",
-                "reward_max_length", "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries"]
-    non_negative = ["q_patience", "q_lr", "q_converged_tol", "kl_coef", "target_kl", "lr", "weight_decay",
-                    "max_grad_norm", "time_budget_minutes", "threads"]
-    bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
-    bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
-    bad += [f"--{k} must lie in [0, 1]" for k in ("gamma", "lam", "ppo_gamma") if not 0 <= getattr(args, k) <= 1]
-    if not 0 < args.q_heldout_fraction < 1:
-        bad.append("--q_heldout_fraction must lie in (0, 1)")
-    if not all(0 <= b < 1 for b in args.adam_betas):
-        bad.append("--adam_betas must lie in [0, 1)")
-    if bad:
-        raise ValueError("invalid flags: " + "; ".join(bad))
+def regression_adamw(model, lr: float):
+    """The optimizer of Q_i and of the token critic (no weight decay)."""
+    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
 
 
 def setup(args: Args):
-    """Processes, derived sizes, the run directory, seeds, models and optimizers, prepared for the launch."""
+    """Processes, derived sizes, the run directory, seeds, the environment, models and optimizers, prepared for the
+    launch."""
     from accelerate.utils import set_seed
 
     check_args(args)
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args.bf16)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = W = accelerator.num_processes
@@ -840,18 +637,11 @@ def setup(args: Args):
         raise ValueError("prompts_per_iteration, ppo_minibatch_size and q_minibatch_size must be divisible by the "
                          "number of processes")
     args.local_prompts = args.prompts_per_iteration // W
-    if args.local_prompts < 2 or args.ppo_batches < 1:
-        raise ValueError("need at least 2 conversations per rank per iteration and ppo_batches >= 1")
-    if args.resume and not args.run_name:
-        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
-    args.run_name = args.run_name or f"{args.exp_name}__{args.env}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output_dir) / args.run_name
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    if args.local_prompts < 2:
+        raise ValueError("need at least 2 conversations per rank per iteration")
+    run_dir = make_run_dir(args, accelerator)
     set_seed(args.seed)  # the same fresh Q head on every rank
     rng = np.random.default_rng(args.seed + accelerator.process_index)
-
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
@@ -859,15 +649,8 @@ def setup(args: Args):
     # Q_i, the critic and pi_i are replicas that never pass through prepare() (Q and the critic sync their own
     # gradients): full weights on every rank, loaded outside zero.Init
     with outside_zero3_init(accelerator):
-        env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                           str(accelerator.device), torch.bfloat16 if accelerator.mixed_precision == "bf16"
-                           else torch.float32, args.reward_trust_remote_code,
-                           user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
-                           dataset_format=args.dataset_format, bad_records=args.bad_records,
-                           max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                           reward_device=args.reward_device, user_device=args.user_device,
-                           reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
-                           user_timeout=args.user_timeout, user_retries=args.user_retries)
+        env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), torch.bfloat16
+                                     if accelerator.mixed_precision == "bf16" else torch.float32, tokenizer)
         q_model = build_q_model(q_path, tokenizer).to(accelerator.device)
         critic = build_q_model(q_path, tokenizer).to(accelerator.device)
         ref_policy = sim.load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
@@ -875,48 +658,52 @@ def setup(args: Args):
     prepare_for_training([policy, q_model, critic], args)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas,
                                   weight_decay=args.weight_decay)
-    configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), args)
+    configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), 1, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
-    return accelerator, run_dir, rng, policy, tokenizer, env, q_model, critic, ref_policy, optimizer
+    return accelerator, run_dir, rng, env, tokenizer, policy, optimizer, ref_policy, q_model, critic
 
 
-def resume(accelerator, run_dir: Path, rng, q_model, q_opt, critic=None, critic_opt=None) -> dict:
-    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): policy, optimizer, Q_i, the token
-    critic and its optimizer (when given and saved: meta["critic_restored"]), RNGs."""
-    ckpt = run_dir / "checkpoint"
-    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
-    if not ckpt.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-    accelerator.load_state(str(ckpt / "state"))
-    meta = json.loads((ckpt / "meta.json").read_text())
-    meta["critic_restored"] = False
-    if (ckpt / "q_model.pt").exists():
-        q_state = torch.load(ckpt / "q_model.pt", map_location=accelerator.device)
+def evaluate(model, tokenizer, env, accelerator, args, seed):
+    """Mean reward with the real user (and per-turn detail on the tutor) on held-out contexts; ranks share it."""
+    with sampling_weights(model, accelerator) as policy:
+        out = sim.evaluate_policy(policy, tokenizer, env, max(1, args.num_eval // accelerator.num_processes),
+                                  seed + 7919 * accelerator.process_index, args.max_new_tokens, args.temperature,
+                                  args.gen_batch_size)
+    stderr = out.pop("eval/reward_stderr") / math.sqrt(accelerator.num_processes)
+    metrics = {**reduce_mean(accelerator, out), "eval/reward_stderr": stderr}
+    if isinstance(env, sim.TutorEnv):
+        metrics["eval/fraction_of_v_star"] = metrics["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    return metrics
+
+
+def resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) -> dict:
+    """run_io.load_checkpoint (policy, optimizer, RNGs), then from its q_model.pt Q_i and its optimizer, and the
+    token critic and its optimizer where saved (meta["critic_restored"])."""
+    meta, ckpt_dir = load_checkpoint(accelerator, run_dir, rng)
+    path = ckpt_dir / "q_model.pt"  # written by save_checkpoint's `extra` in main
+    q_state = torch.load(path, map_location=accelerator.device) if path.exists() else {}
+    if q_state:
         q_model.load_state_dict(q_state["model"])
         q_opt.load_state_dict(q_state["opt"])
-        if critic is not None and "critic" in q_state:
-            critic.load_state_dict(q_state["critic"])
-            critic_opt.load_state_dict(q_state["critic_opt"])
-            meta["critic_restored"] = True
-    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
-    if rng_file.exists():
-        rng.bit_generator.state = json.loads(rng_file.read_text())
-    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
+    meta["critic_restored"] = "critic" in q_state
+    if meta["critic_restored"]:
+        critic.load_state_dict(q_state["critic"])
+        critic_opt.load_state_dict(q_state["critic_opt"])
     return meta
 
 
-def finish(accelerator, policy, q_model, env, run_dir: Path, first_eval: dict, final: dict, iterations: int,
-           minutes: float, totals: Optional[dict] = None) -> dict:
-    """summary.json (with totals: the run's policy optimizer steps and Q reverts) and the closing line; ranks tear
-    the process group down together."""
-    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
-               "final_stderr": final["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
+def finish(accelerator, policy, q_model, env, run_dir, logger, first_eval: dict, final_eval: dict, iterations: int,
+           minutes: float, totals: dict) -> dict:
+    """summary.json (with the run's policy optimizer steps and Q reverts) and the closing line; ranks tear the
+    process group down together."""
+    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
+               "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-               "ranks_in_sync": ranks_in_sync(policy, q_model, accelerator)}
-    if totals:
-        summary.update(optimizer_steps=totals["charts/optimizer_steps_total"], q_reverted=totals["q/reverted_total"])
+               "ranks_in_sync": ranks_in_sync(policy, accelerator, q_model),
+               "optimizer_steps": totals["charts/optimizer_steps_total"], "q_reverted": totals["q/reverted_total"]}
+    logger.close()
     if accelerator.is_main_process:
         v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
         print(f"mean reward: start of run {summary['initial_reward']:.3f} -> Iterative PPO "
@@ -929,36 +716,35 @@ def finish(accelerator, policy, q_model, env, run_dir: Path, first_eval: dict, f
 
 
 def main(args: Args) -> dict:
-    accelerator, run_dir, rng, policy, tokenizer, env, q_model, critic, ref_policy, optimizer = setup(args)
+    accelerator, run_dir, rng, env, tokenizer, policy, optimizer, ref_policy, q_model, critic = setup(args)
     W = args.world_size
-    q_init = copy.deepcopy(q_model.state_dict())
-    q_opt = torch.optim.AdamW(q_model.parameters(), lr=args.q_lr, weight_decay=0.0)  # kept across iterations
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr, weight_decay=0.0)  # kept too (--reset_critic)
+    # --no-q_warm_start refits every Q_i from Q_0's weights: a full model copy (32 GB at 8B), so it is kept on the
+    # CPU, and load_state_dict copies it back onto the device at each iteration
+    q_initial = None if args.q_warm_start else {k: v.to("cpu", copy=True) for k, v in q_model.state_dict().items()}
+    q_opt, critic_opt = regression_adamw(q_model, args.q_lr), regression_adamw(critic, args.q_lr)  # kept across i
     meta = resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) if args.resume else {}
-    start_iter, elapsed_before, v_prev = meta.get("iteration", 0), meta.get("elapsed", 0.0), meta.get("v_hat")
+    start_iter, v_prev = meta.get("iteration", 0), meta.get("v_hat")
     critic_ready = meta.get("critic_restored", False)  # else initialised from the first Q_i fitted
     totals = {"charts/optimizer_steps_total": 0, "q/reverted_total": 0, **meta.get("totals", {})}
     # shared by all ranks: same held-out split sizes and stopping epochs
     fit_rng = np.random.default_rng(args.seed + 7 * start_iter if args.resume else args.seed)
-    logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
-    eval_seed = 10_000 + args.seed
+    logger, eval_seed = Logger(run_dir, args, accelerator.is_main_process), 10_000 + args.seed
     first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
     logger.log(start_iter, first_eval)
-    start = time.time() - elapsed_before
-    it = start_iter
-    bar = tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc="iterative_ppo")
-    for it in bar:
+    start, it = time.time() - meta.get("elapsed", 0.0), start_iter
+    for it in tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process,
+                   desc="iterative_ppo"):
         t0 = time.time()
         # line 4: deploy pi_i and collect conversations with the user
         contexts = env.contexts(args.local_prompts, "train", rng)
-        with generation_model(policy, accelerator) as pi_i:
+        with sampling_weights(policy, accelerator) as pi_i:
             convs, rewards = rollout(pi_i, tokenizer, env, contexts, rng, args)
         t_collect = time.time() - t0
         # line 5: Monte Carlo policy evaluation, Q_i by regression on G_h
         examples = q_examples(convs, rewards, args.gamma)
-        if not args.q_warm_start:
-            q_model.load_state_dict(q_init)
-            q_opt = torch.optim.AdamW(q_model.parameters(), lr=args.q_lr, weight_decay=0.0)
+        if q_initial is not None:
+            q_model.load_state_dict(q_initial)
+            q_opt = regression_adamw(q_model, args.q_lr)
         q_stats = fit_q_model(q_model, tokenizer, examples, fit_rng, args.q_epochs, args.q_lr,
                               args.q_minibatch_size // W, args.q_heldout_fraction, args.q_patience,
                               args.max_grad_norm, accelerator, optimizer=q_opt)
@@ -966,43 +752,22 @@ def main(args: Args) -> dict:
         # line 6: D_single = the states visited by pi_i, as pi_i's prompts
         prompts = [e["messages"][:-1] for e in examples]
         # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and the token critic (from Q_0, then kept)
-        with generation_model(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
+        with sampling_weights(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
             ref_policy.load_state_dict(pi_i.state_dict())
         if args.reset_critic or not critic_ready:  # else the critic (and its AdamW state) carries over from i - 1
             critic.load_state_dict(q_model.state_dict())
-            critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr, weight_decay=0.0)
-            critic_ready = True
+            critic_opt, critic_ready = regression_adamw(critic, args.q_lr), True
         critic.train()
-        rows = [] if args.save_rollouts else None
-        order, ppo_logs = rng.permutation(len(prompts)), []
-        for b, chunk in enumerate(np.array_split(order, args.ppo_batches)):
-            n_rows = len(rows or [])
-            ppo_logs.append(ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer,
-                                           [prompts[k] for k in chunk], optimizer, accelerator, rng, args, rows))
-            for row in (rows or [])[n_rows:]:
-                row["ppo_batch"] = b
-        if rows is not None:
-            from accelerate.utils import gather_object
-
-            rows = gather_object([rows]) if W > 1 else [rows]
-            if accelerator.is_main_process:
-                with open(args.save_rollouts, "a") as f:
-                    f.writelines(json.dumps({"iteration": it, "rank": r, **row}) + "\n"
-                                 for r, rank_rows in enumerate(rows) for row in rank_rows)
-        steps = sum(p.pop("charts/optimizer_steps") for p in ppo_logs)  # the same on every rank
-        ppo = {k: float(np.mean([p[k] for p in ppo_logs])) for k in ppo_logs[0]}
-        ppo.update({f"{k}_first_batch": ppo_logs[0][k] for k in ("ppo/kl_to_pi_i", "ppo/kl_term")})
+        ppo_stats, steps = ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer,
+                               accelerator, rng, args, it)
         # KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn, on fresh samples at the states pi_i visited
         shift = policy_shift(policy, ref_policy, tokenizer, prompts, [e["h"] for e in examples], accelerator, args)
         totals["charts/optimizer_steps_total"] += steps
         totals["q/reverted_total"] += int(q_stats["q/reverted"])
-        red = accelerator.reduce(torch.tensor([float(rewards.mean()), *ppo.values()], device=accelerator.device,
-                                              dtype=torch.float64), "mean").tolist()
         dt = time.time() - t0
-        metrics = {"charts/rollout_reward": red[0], **dict(zip(ppo, red[1:])), **q_stats, **shift,
-                   "charts/optimizer_steps": steps, **totals,
-                   "charts/outer_iterations_per_sec": 1 / dt, "charts/conversations_per_sec":
-                   args.prompts_per_iteration / dt,
+        metrics = {**reduce_mean(accelerator, {"charts/rollout_reward": rewards.mean(), **ppo_stats}), **q_stats,
+                   **shift, "charts/optimizer_steps": steps, **totals, "charts/outer_iterations_per_sec": 1 / dt,
+                   "charts/conversations_per_sec": args.prompts_per_iteration / dt,
                    "charts/ppo_samples_per_sec": len(prompts) * W / max(1e-9, dt - t_collect - t_q),
                    "charts/collect_share": t_collect / dt, "charts/q_fit_share": t_q / dt,
                    "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()}
@@ -1014,15 +779,18 @@ def main(args: Args) -> dict:
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)  # real user, not Q
             metrics.update(latest_eval)
-        logger.log(it + 1, metrics, SHOW)
+        logger.log(it + 1, metrics, echo=False)
+        if accelerator.is_main_process:
+            tqdm.write(f"[{it + 1:4d}] " + "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in SHOWN
+                                                     if k in metrics))
         if (it + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, policy, tokenizer,
-                            dict(model=q_model.state_dict(), opt=q_opt.state_dict(), critic=critic.state_dict(),
-                                 critic_opt=critic_opt.state_dict()), run_dir,
-                            dict(iteration=it + 1, elapsed=time.time() - start, v_hat=v_prev, totals=totals), rng)
+            save_checkpoint(accelerator, policy, tokenizer, run_dir, dict(iteration=it + 1, elapsed=time.time() - start,
+                                                                          v_hat=v_prev, totals=totals), rng,
+                            extra={"q_model.pt": dict(model=q_model.state_dict(), opt=q_opt.state_dict(),
+                                                      critic=critic.state_dict(), critic_opt=critic_opt.state_dict())})
         if out_of_time or converged:
             break
-    return finish(accelerator, policy, q_model, env, run_dir, first_eval, latest_eval, it + 1,
+    return finish(accelerator, policy, q_model, env, run_dir, logger, first_eval, latest_eval, it + 1,
                   (time.time() - start) / 60, totals)
 
 

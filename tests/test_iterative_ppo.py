@@ -215,7 +215,7 @@ def ppo_setup(base_policy, **kw):
     """A fresh copy of mu as both the policy and pi_i, a random-head Q and critic, and 8 first-turn prompts."""
     mu, tok = base_policy
     args = ippo.Args(**{**dict(world_size=1, ppo_minibatch_size=4, ppo_epochs=2, target_kl=0.0, lr=3e-3), **kw})
-    acc = ippo.make_accelerator(args)
+    acc = ippo.make_accelerator(args.bf16)
     torch.manual_seed(0)
     policy, ref = copy.deepcopy(mu), copy.deepcopy(mu).eval().requires_grad_(False)
     q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
