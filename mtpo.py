@@ -1,6 +1,7 @@
 """mtpo.py: MTPO, MTPO-tau and the multi-turn RLHF baseline (Shani et al., "Multi-turn Reinforcement Learning from
-Preference Human Feedback", NeurIPS 2024; the derivations and design notes are in docs/mtpo.md), one
-self-contained CleanRL-style script.
+Preference Human Feedback", NeurIPS 2024; the derivations and design notes are in docs/mtpo.md), a CleanRL-style
+single-file script (the launch plumbing every script shares is in distributed.py, run files in run_io.py, the RLHF
+baseline's learned reward model in learned_reward.py).
 
 The game (Sec. 3, Lemmas 3.1-3.2): the regularised preference
 P_a(pi > pi') = P(pi > pi') - a KL_p(pi||mu) + a KL_p(pi'||mu); its Nash equilibrium is the target. Self-play
@@ -8,48 +9,32 @@ mirror descent, Eq. (1)/(2): pi_{t+1}(y|x) ~ mu^(a eta) pi_t^(1 - a eta)
 exp(eta Q_a^{pi_t,pi_t}(x, y)), with Q_a(x_h, y_h) = E[P(x_{H+1} > pi') - a sum_{h'>=h} KL(pi||mu)[x_h']]: the opponent's
 conversation starts afresh from the context (no shared prefix). The deep version (Sec. 4.1) is an actor-critic:
   --variant mtpo      per context two whole conversations from pi_theta; p = P(conv 1 > conv 2) from the preference
-                      oracle; rewards p and 1 - p ("2 generations, 2 updates per context").       -> `rollout`
+                      oracle; rewards p and 1 - p ("2 generations, 2 updates per context").    -> `rollout`, `collect`
   --variant mtpo-tau  the same, both conversations sampled from the geometric mixture pi^tau ~ pi^(1-tau) mu^tau
-                      (Theorem B.2), per token: softmax((1 - tau) logits_pi + tau logits_mu), a two-model KV-cached
-                      decode loop batched over all conversations.                          -> `mixture_sample_turns`
+                      (Theorem B.2), per token: softmax((1 - tau) logits_pi + tau logits_mu), the simulator's decode
+                      loop with mu as a partner model (two KV caches), batched over all conversations.
+                                                                                           -> `mixture_sample_turns`
   --variant rlhf      one conversation per context, the conversation-level reward instead (Theorem B.6): the
                       environment's own (--reward exact, a control as the paper's Car Dealer online oracle) or,
                       --reward learned, a Bradley-Terry reward model r_phi fitted before training on pairs of mu's
                       conversations labelled by the preference oracle (the paper's baseline, Sec. 5).
-                                                            -> `learned_reward_model`, `bradley_terry_loss`
+                  -> `preference_pairs`, `learned_reward_model`; learned_reward.py: `bradley_terry_loss`, the fit
 Losses for agent turn y_h at state x_h (Sec. 4.1):
   L_policy = -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h]                                       -> `policy_loss`
   L_value  = (V_hat_h - V(x_h))^2                                                           -> `value_loss`
 with log pi(y_h|x_h) the SUM of the turn's token log-probs, a turn-level value (one scalar per agent state), GAE with
 lambda = 0.95, gamma = 1 over agent turns (`gae`), advantages normalised over the batch, and the value trained alone
 for the first --value_warmup_iterations ("policy learning delay"). No mirror-descent term to pi_t (the paper drops it).
+One iteration (`main`): `collect`, then `score_batch` (log-probs, values, `turn_rewards`, `gae`), then `update`.
 
-Choices the paper leaves open, and why:
-  * KL without double counting (docs/mtpo.md#kl-without-double-counting). The explicit +a KL(pi||mu)[x_h] of
-    L_policy supplies the gradient of
-    the CURRENT state's KL; GAE must then carry only the FUTURE states' KL: r_h = -a KLhat[x_{h+1}] for h < H and
-    r_H = R (the preference p, 1 - p or the reward), with V(x_h) the value before paying x_h's KL (`turn_rewards`).
-    KLhat[x] = sum over the sampled turn of log pi_t - log mu (unbiased on pi_t's samples). The gradient of the
-    explicit term is the score-function estimator with the token-level reward-to-go of log pi/mu inside the turn,
-    sum_t sg(sum_{t'>=t} log pi/mu) grad log pi(y_t) (unbiased for grad KL(pi(.|x)||mu(.|x)) over whole turns; the
-    per-token analytic KL would miss how early tokens change later tokens' KL). The alternative (r_h = -a log pi/mu
-    of the current turn and no explicit term) has the same expected gradient; the paper's loss as written keeps
-    the current state's KL term out of the advantage normalisation (future states' KL passes through it).
-  * Turn-level value: a scalar head on a SEPARATE copy of the initial policy's backbone (as the paper, which
-    initialises V from a pretrained checkpoint), read at the last token of x_h (its generation prompt). One forward
-    over each whole conversation yields every turn's log-prob and every state's value (causal attention), so the
-    batch costs one pass per conversation, not one per turn.
-  * MTPO-tau trains on mixture samples with the on-policy loss (tau is small; the paper does the same;
-    docs/mtpo.md#training-on-mixture-samples).
-  * The preference probability p is used as the reward (the paper's model "outputs the probability"), not a
-    Bernoulli draw. The oracle is the simulator's: Bradley-Terry sigmoid(4 (r_a - r_b)) on the tutor task, or a
-    prompted judge (--judge_model [--judge_api_base]) asked in both orders and averaged (sim.JudgePreference).
-  * Value targets are not renormalised: p lies in [0, 1], so the value loss is already O(1).
-  * The learned reward (docs/mtpo.md#the-learned-reward-model): two whole conversations from mu per context, a
-    binary label drawn from the oracle's p (the paper's preference data are labelled pairs; --rm_labels soft fits p
-    itself), r_phi = a scalar head on a copy of the initial policy's backbone read at the conversation's last token,
-    fitted with the Bradley-Terry loss, gradients averaged over ranks, then frozen and shifted to mean 0 on mu's
-    conversations (no rescaling: on the tutor task r_phi ~ 4 r + c, the oracle's scale).
+Choices the paper leaves open (the reasons: docs/mtpo.md#implementation-details): no KL counted twice (`turn_rewards`:
+r_h = -a KLhat[x_{h+1}] for h < H, r_H = R, KLhat[x] = sum over the sampled turn of log pi_t - log mu; the current
+state's KL is L_policy's explicit term, whose gradient is the score-function estimator with the in-turn reward-to-go
+of log pi/mu, unbiased over whole turns: `policy_loss`); a turn-level value, a scalar head on a SEPARATE copy of the
+initial policy's backbone read at x_h's last token (`ActorCritic`: one forward per conversation gives every turn's
+log-prob and every state's value); MTPO-tau trains on mixture samples with the on-policy loss (tau is small); the
+reward is p itself, not a draw (the tutor's oracle sigmoid(4 (r_a - r_b)), or a prompted judge asked in both orders:
+--judge_model), and value targets are not renormalised (p lies in [0, 1]); --reward learned: learned_reward.py.
 Hyperparameters (the paper's a = 0.01/0.005/0.0025, lr 4e-5, 16 contexts are for T5 models): the defaults are the
 first settings tried on the tutor task, which worked; they were not swept (README).
 
@@ -61,10 +46,8 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -73,10 +56,14 @@ import torch
 from tqdm.auto import tqdm
 
 import simulator as sim
+from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
+                         ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
+from learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, same_on_all_ranks
+from run_io import Logger, load_checkpoint, make_run_dir, save_checkpoint
 
 
 @dataclass
-class Args:
+class Args(sim.EnvArgs, RewardModelArgs):  # the environment's flags (--env, ...) and the --rm_* ones
     variant: Literal["mtpo", "mtpo-tau", "rlhf"] = "mtpo-tau"
     """mtpo: self-play from pi; mtpo-tau: self-play from the geometric mixture; rlhf: one conversation, the reward"""
     exp_name: str = "mtpo"
@@ -90,45 +77,11 @@ class Args:
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
 
-    # environment and preference oracle
-    env: Literal["tutor", "chat"] = "tutor"
-    """'tutor': the embedded task; 'chat': JSONL prompts, an HF user model (or pre-sampled questions), an HF reward model"""
-    prompts_path: Optional[str] = None
-    """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
-    pre-sampled questions of setting two)"""
-    user_model: Optional[str] = None
-    """chat: HF model prompted as the user; None = pre-sampled questions"""
-    user_api_base: Optional[str] = None
-    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
-    names the served model; key from $OPENAI_API_KEY)"""
-    user_prompt_path: Optional[str] = None
-    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
-    user_max_concurrency: int = 32
-    """chat, endpoint user (and an endpoint judge): requests in flight per process"""
-    user_timeout: float = 120.0
-    """chat, endpoint user (and an endpoint judge): seconds per request, time queued at the server included"""
-    user_retries: int = 3
-    """chat, endpoint user (and an endpoint judge): tries per request (exponential backoff)"""
-    reward_model: Optional[str] = None
-    """chat: HF sequence-classification reward model (rlhf's reward; Bradley-Terry oracle when no judge is set)"""
-    reward_trust_remote_code: bool = False
-    """chat: load the reward model's own code"""
-    reward_max_length: int = 4096
-    """chat: the reward model sees at most this many tokens of a conversation (right-truncated, counted as
-    charts/reward_truncated)"""
-    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
-    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
-    bad_records: Literal["skip", "error"] = "skip"
-    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
-    max_dialogue_tokens: Optional[int] = None
-    """chat: drop dataset dialogues longer than this many chat-templated tokens (REFUEL paper: 2048)"""
-    reward_device: Optional[str] = None
-    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
-    user_device: Optional[str] = None
-    """chat: an in-process user model's device (as --reward_device)"""
+    # preference oracle
     judge_model: Optional[str] = None
-    """preference oracle: a prompted judge model comparing two conversations (both orders averaged); None = the
-    environment's Bradley-Terry oracle sigmoid(4 (r_a - r_b))"""
+    """preference oracle: a prompted judge model comparing two conversations (both orders averaged; an endpoint
+    judge shares --user_max_concurrency, --user_timeout, --user_retries); None = the environment's Bradley-Terry
+    oracle sigmoid(4 (r_a - r_b)) (on chat, from --reward_model, which is also rlhf's reward)"""
     judge_api_base: Optional[str] = None
     """an OpenAI-compatible endpoint serving --judge_model (key from $OPENAI_API_KEY); None = a local HF model"""
     judge_prompt_path: Optional[str] = None
@@ -163,22 +116,7 @@ class Args:
     reward: Literal["exact", "learned"] = "exact"
     """rlhf: 'exact' = the environment's reward (the Car-Dealer-style control); 'learned' = a Bradley-Terry reward
     model r_phi fitted before training on pairs of mu's conversations labelled by the preference oracle (the
-    paper's multi-turn RLHF baseline)"""
-    rm_pairs: int = 2048
-    """learned: pairs of whole conversations sampled from mu (two per context) across all ranks"""
-    rm_labels: Literal["sampled", "soft"] = "sampled"
-    """learned: 'sampled' = a binary label drawn from the oracle's p (preference data, as the paper's labelled
-    pairs); 'soft' = p itself as the Bradley-Terry target"""
-    rm_epochs: int = 4
-    """learned: passes over the reward model's training pairs"""
-    rm_lr: float = 1e-3
-    """learned: reward model AdamW learning rate"""
-    rm_batch_size: int = 64
-    """learned: pairs per reward model step (per rank)"""
-    rm_heldout_fraction: float = 0.2
-    """learned: pairs held out of the fit, for reward_model/heldout_accuracy and reward_model/heldout_loss"""
-    rm_model_name_or_path: Optional[str] = None
-    """learned: the reward model's backbone (None = a copy of the initial policy's), with its own tokenizer"""
+    paper's multi-turn RLHF baseline; its --rm_* flags are learned_reward.RewardModelArgs)"""
 
     # optimisation
     num_iterations: int = 1000
@@ -220,6 +158,12 @@ class Args:
     """write an atomic checkpoint every N iterations (and at the end)"""
     tensorboard: bool = False
     """also write TensorBoard scalars"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "multiturn-rlhf"
+    """the W&B project"""
+    wandb_entity: Optional[str] = None
+    """the W&B entity (team or user; None = your default)"""
     output_dir: str = "runs"
     """parent of runs/<run_name>/"""
 
@@ -231,64 +175,22 @@ class Args:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Sampling: the geometric mixture pi^(1-tau) mu^tau, two KV caches, batched
+# Sampling: whole conversations, from pi or the geometric mixture pi^(1-tau) mu^tau
 # ----------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, temperature: float = 1.0,
                          tau: float = 0.0, max_batch_size: int = 256) -> sim.TurnSamples:
     """Next assistant turn of every conversation from softmax(((1 - tau) logits_pi + tau logits_mu) / T), the
-    per-token normalised geometric mixture pi^(1-tau) mu^tau (Theorem B.2; docs/mtpo.md#the-mixture-sampler).
-    Both models keep their KV cache; tau = 0 runs the policy alone (= sim.sample_turns). Log-probs are under the
-    mixture."""
+    per-token normalised geometric mixture pi^(1-tau) mu^tau (Theorem B.2; docs/mtpo.md#the-mixture-sampler):
+    sim.sample_turns with mu as the partner model, both models keeping their KV cache. tau = 0 runs the policy
+    alone. Log-probs are under the mixture."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
     if tau == 0 or ref is None:
         return sim.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, max_batch_size)
-    stop_ids = sim.stop_token_ids(tokenizer, policy)  # where the HF sampler stops: end-of-turn, the model's EOS
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    device = next(policy.parameters()).device
-    stops = torch.tensor(stop_ids, device=device)
-    models, modes = (policy, ref), [m.training for m in (policy, ref)]
-    [m.eval() for m in models]
-    chunks = []
-    for s in range(0, len(convs), max_batch_size):
-        prompts = [sim.render_ids(tokenizer, c, add_generation_prompt=True) for c in convs[s:s + max_batch_size]]
-        B, L = len(prompts), max(len(p) for p in prompts)
-        ids = torch.full((B, L), pad_id, dtype=torch.long)
-        attn = torch.zeros((B, L), dtype=torch.long)
-        for b, p in enumerate(prompts):  # left padding
-            ids[b, L - len(p):] = torch.tensor(p)
-            attn[b, L - len(p):] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        outs = [m(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
-                for m in models]  # the prefill keeps the last position's logits only
-        pasts, next_pos = [sim.returned_cache(o) for o in outs], pos[:, -1:] + 1
-        kws = [sim.cache_kwarg(m) for m in models]  # the cache keyword, read once, not per decode step
-        logits = [o.logits[:, -1].float() for o in outs]
-        toks = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-        lps = torch.zeros((B, max_new_tokens), device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        n = 0
-        for t in range(max_new_tokens):
-            mixed = (1 - tau) * logits[0] + tau * logits[1]  # log pi^tau = (1-tau) log pi + tau log mu + c
-            logp = (mixed / (temperature or 1.0)).log_softmax(-1)
-            tok = logp.argmax(-1) if temperature == 0 else torch.multinomial(logp.exp(), 1).squeeze(1)
-            toks[:, t] = torch.where(done, pad_id, tok)
-            lps[:, t] = torch.where(done, 0.0, logp.gather(1, tok[:, None]).squeeze(1))
-            done = done | torch.isin(tok, stops)
-            n = t + 1
-            if bool(done.all()) or t == max_new_tokens - 1:
-                break
-            attn = torch.cat([attn, torch.ones((B, 1), dtype=attn.dtype, device=device)], 1)
-            outs = [m(input_ids=toks[:, t:t + 1], attention_mask=attn, position_ids=next_pos, use_cache=True,
-                      **{kw: pk}) for m, kw, pk in zip(models, kws, pasts)]
-            pasts, next_pos = [sim.returned_cache(o) for o in outs], next_pos + 1
-            logits = [o.logits[:, -1].float() for o in outs]
-        chunks.append(sim.finish_turns(tokenizer, toks[:, :n], lps[:, :n], stop_ids))  # the sampler's stop rule
-    [m.train(mode) for m, mode in zip(models, modes)]
-    return sim.TurnSamples([t for c in chunks for t in c.texts], [i for c in chunks for i in c.token_ids],
-                           [lp for c in chunks for lp in c.logprobs], torch.cat([c.hit_budget for c in chunks]))
+    mixture = lambda pi, mu: (1 - tau) * pi + tau * mu  # Theorem B.2: log pi^tau = (1-tau) log pi + tau log mu + c
+    return sim.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, max_batch_size, partner=ref,
+                            combine=mixture)
 
 
 def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_turns=None):
@@ -327,7 +229,8 @@ def preference(env, convs_a, convs_b) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Batches: one forward per whole conversation gives every turn's log-prob and every state's value
+# Batches (one forward per whole conversation gives every turn's log-prob and every state's value), rewards,
+# GAE, losses
 # ----------------------------------------------------------------------------------------------------------------
 def conversation_batch(tokenizer, convs, H: int):
     """Right-padded (input_ids N x L, attention_mask, token_turn N x (L-1): h for target tokens of assistant turn h
@@ -398,9 +301,6 @@ class ActorCritic(torch.nn.Module):
         return lp, self.value_head(h.float()).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Rewards, GAE, losses
-# ----------------------------------------------------------------------------------------------------------------
 def turn_rewards(final_reward, logratio_turn, turn_mask, alpha: float):
     """r_h = -a KLhat[x_{h+1}] for h < H_k, r_{H_k} = R (docs/mtpo.md#kl-without-double-counting): the KL of a
     state is paid on the turn before it, the current state's KL is the explicit term of L_policy, so none is
@@ -456,64 +356,71 @@ def value_loss(values, returns, turn_mask):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Multi-turn RLHF with a learned reward: a Bradley-Terry reward model fitted on mu's conversations
+# One iteration (collect, score: log-probs, values, rewards, GAE; update), and mu's pairs for a learned reward
 # ----------------------------------------------------------------------------------------------------------------
-def bradley_terry_loss(r_a, r_b, target):
-    """Mean over pairs of -[t log sigmoid(r_a - r_b) + (1 - t) log sigmoid(r_b - r_a)]: t = 1 when conversation a
-    is the preferred one (a sampled label; -log sigmoid(r_chosen - r_rejected)), or t = p for a soft target.
-    Gradient with respect to r_a: (sigmoid(r_a - r_b) - t) / n."""
-    d = r_a - r_b
-    target = target.to(d.dtype)
-    return -(target * torch.nn.functional.logsigmoid(d) + (1 - target) * torch.nn.functional.logsigmoid(-d)).mean()
+def collect(model, ref, tokenizer, env, accelerator, rng, args, tau: float, reward_model=None):
+    """This rank's contexts played to the end, (conversations, hit_budget N x H_max, final reward R): mtpo and
+    mtpo-tau two whole conversations per context rewarded p and 1 - p, rlhf one rewarded r_RLHF."""
+    contexts = env.contexts(args.local_prompts, "train", rng)
+    copies = 1 if args.variant == "rlhf" else 2  # two whole conversations per context for self-play
+    messages, users = [c.messages for c in contexts] * copies, [c.user for c in contexts] * copies
+    n_turns = [c.max_turns or args.max_turns for c in contexts] * copies  # H_max, or a record's own (setting two)
+    with sampling_weights(model, accelerator, part=lambda actor_critic: actor_critic.policy) as policy:
+        convs, hit_budget = rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau, n_turns)
+    if args.variant == "rlhf":  # Theorem B.6: r_RLHF(x_{H+1}), the environment's or a learned r_phi
+        final_reward = env.reward(convs) if reward_model is None else reward_model.score(convs, args.gen_batch_size)
+        if not torch.isfinite(final_reward).all():
+            raise FloatingPointError("the reward is NaN or infinite for some conversations")
+    else:
+        p = preference(env, convs[:len(contexts)], convs[len(contexts):])  # p = P(conv 1 > conv 2)
+        final_reward = torch.cat([p, 1 - p])  # docs/mtpo.md#the-rewards-of-the-two-conversations
+    return convs, hit_budget, final_reward
 
 
-class RewardModel(torch.nn.Module):
-    """r_phi(x_{H+1}): a scalar head on an LM backbone, read at the last token of the whole conversation (its final
-    user reply included where the environment scores it), rendered with the backbone's own chat template."""
-
-    def __init__(self, backbone, tokenizer):
-        super().__init__()
-        self.backbone, self.tokenizer = backbone, tokenizer
-        self.head = torch.nn.Linear(backbone.config.hidden_size, 1)
-        torch.nn.init.zeros_(self.head.weight)  # the same on every rank; r_phi = 0 before the fit
-        torch.nn.init.zeros_(self.head.bias)
-
-    def inputs(self, convs):
-        """Right-padded (input_ids, attention_mask) of whole conversations."""
-        rows = [sim.render_ids(self.tokenizer, c, add_generation_prompt=False) for c in convs]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else sim.end_of_turn_id(
-            self.tokenizer)
-        ids = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)], attn[i, : len(r)] = torch.tensor(r), 1
-        return ids, attn
-
-    def forward(self, convs):
-        """r_phi of each conversation (differentiable)."""
-        device = self.head.weight.device
-        ids, attn = [x.to(device) for x in self.inputs(convs)]
-        hidden = self.backbone(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
-        last = hidden[torch.arange(len(convs), device=device), attn.sum(1) - 1]
-        return self.head(last.float()).squeeze(-1)
-
-    @torch.no_grad()
-    def score(self, convs, batch_size: int = 256) -> torch.Tensor:
-        """r_phi of each conversation, batched, on the CPU."""
-        out = torch.cat([self(convs[s:s + batch_size]).float().cpu() for s in range(0, len(convs), batch_size)])
-        if not torch.isfinite(out).all():
-            raise FloatingPointError("the learned reward model returned NaN or infinite values")
-        return out
+@torch.no_grad()
+def score_batch(model, ref, tokenizer, convs, final_reward, accelerator, args) -> dict:
+    """The batch of one update, by name: the conversations' tensors (`conversation_batch`), pi_t's and mu's
+    log-probs and V(x_h) (no grad, in row chunks: memory), KLhat[x_h], the turn rewards' GAE advantages
+    (normalised) and value targets."""
+    dev, H = accelerator.device, args.max_turns
+    ids, attn, token_turn, state_pos, turn_mask = [x.to(dev) for x in conversation_batch(tokenizer, convs, H)]
+    agent_tokens = token_turn > 0  # the LM head runs over the agent turns' span only
+    chunks = row_chunks(attn, args, accelerator)
+    old_logprobs, old_values = [torch.cat(x) for x in zip(*[
+        model(ids[c], attn[c], state_pos[c], args.temperature, agent_tokens[c]) for c in chunks])]
+    ref_logprobs = torch.cat([sim.token_logprobs(ref, ids[c], attn[c], args.temperature,
+                                                 target_mask=agent_tokens[c]).float() for c in chunks])
+    logratio_turn = per_turn(old_logprobs - ref_logprobs, token_turn, H)  # KLhat[x_h] = sum log pi_t/mu over y_h
+    rewards = turn_rewards(final_reward.to(dev), logratio_turn, turn_mask, args.alpha)
+    advantages, returns = gae(rewards, old_values, turn_mask, args.gamma, args.gae_lambda)
+    return dict(input_ids=ids, attention_mask=attn, token_turn=token_turn, state_pos=state_pos, turn_mask=turn_mask,
+                agent_tokens=agent_tokens, ref_logprobs=ref_logprobs, old_values=old_values,
+                logratio_turn=logratio_turn, advantages=normalize(advantages, turn_mask), returns=returns)
 
 
-def build_reward_model(args, accelerator) -> RewardModel:
-    """r_phi's backbone: a copy of the initial policy's (or --rm_model_name_or_path's), whole on every rank (built
-    outside zero.Init: it is trained here, before and apart from the prepared models, then frozen)."""
-    with outside_zero3_init(accelerator):
-        lm, tok = sim.load_policy(args.rm_model_name_or_path or args.model_name_or_path)
-    rm = RewardModel(lm.get_decoder(), tok).to(accelerator.device)
-    rm.eval()  # dropout off for the fit as well; gradients still flow
-    return rm
+def update(model, optimizer, batch: dict, accelerator, rng, args, policy_on: bool) -> tuple[dict, int]:
+    """num_epochs passes of num_minibatches optimizer steps on L_policy + L_value (the value alone while policy_on
+    is False: the policy learning delay). Returns (this rank's mean losses by name, optimizer steps)."""
+    policy_losses, value_losses = [], []
+    for _ in range(args.num_epochs):
+        order = torch.as_tensor(rng.permutation(len(batch["input_ids"])), device=accelerator.device)
+        for rows in order.chunk(args.num_minibatches):
+            b = {k: v[rows] for k, v in batch.items()}
+            logprobs, values = model(b["input_ids"], b["attention_mask"], b["state_pos"], args.temperature,
+                                     b["agent_tokens"])
+            policy_term = policy_loss(logprobs, b["ref_logprobs"], b["token_turn"], b["advantages"], b["turn_mask"],
+                                      args.alpha)
+            value_term = value_loss(values, b["returns"], b["turn_mask"])
+            loss = (policy_term if policy_on else 0.0 * policy_term) + value_term  # 0 * keeps DDP's hooks in step
+            accelerator.backward(loss)
+            if args.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            policy_losses.append(policy_term.item())
+            value_losses.append(value_term.item())
+    return {"losses/policy_loss": float(np.mean(policy_losses)),
+            "losses/value_loss": float(np.mean(value_losses))}, len(policy_losses)
 
 
 def preference_pairs(ref, tokenizer, env, args, accelerator, seed: int):
@@ -532,285 +439,21 @@ def preference_pairs(ref, tokenizer, env, args, accelerator, seed: int):
     return a, b, preference(env, a, b), rng
 
 
-def sync_gradients(module, accelerator) -> None:
-    """All-reduce (mean) the gradients of a replicated model that is not prepared, so every rank takes the same
-    step."""
-    if accelerator.num_processes == 1:
-        return
-    params = [p for p in module.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = accelerator.reduce(flat, "mean")
-    n = 0
-    for p in params:
-        p.grad = flat[n:n + p.numel()].view_as(p).clone()
-        n += p.numel()
-
-
-def same_on_all_ranks(module, accelerator) -> bool:
-    """Whether every rank holds the same weights of a replicated module that is not prepared (r_phi)."""
-    checksum = sum(p.detach().double().sum() for p in module.state_dict().values())
-    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
-    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
-
-
-def pair_metrics(r_a, r_b, p, target) -> torch.Tensor:
-    """Sums over pairs: [pairs, expected agreement with an oracle label (p where r_phi prefers a, 1 - p where it
-    prefers b, 1/2 on a tie), the same for the oracle's own best guess max(p, 1 - p) (the ceiling), untied pairs
-    (p != 1/2), untied pairs whose side r_phi picks, Bradley-Terry loss]."""
-    d = r_a - r_b
-    agree = torch.where(d > 0, p, torch.where(d < 0, 1 - p, torch.full_like(p, 0.5)))
-    untied = p != 0.5
-    right = untied & ((d > 0) == (p > 0.5)) & (d != 0)
-    return torch.stack([torch.tensor(float(len(p))), agree.sum(), torch.maximum(p, 1 - p).sum(),
-                        untied.sum().float(), right.sum().float(), bradley_terry_loss(r_a, r_b, target) * len(p)])
-
-
-def fit_reward_model(rm, convs_a, convs_b, p, target, args, accelerator, rng) -> dict:
-    """Bradley-Terry fit of r_phi on this rank's training pairs, gradients averaged over ranks (every rank takes
-    the same steps from the same start, so all end with the same r_phi; rank 0's weights are then broadcast to
-    make that exact). Then r_phi is shifted to mean 0 on mu's training conversations. Returns the reward_model/*
-    metrics, held-out ones over all ranks' held-out pairs."""
-    n = len(convs_a)
-    k = min(n - 1, max(1, round(args.rm_heldout_fraction * n)))
-    perm = rng.permutation(n)
-    held, train = perm[:k], perm[k:]
-    optimizer = torch.optim.AdamW(rm.parameters(), lr=args.rm_lr, betas=args.adam_betas, weight_decay=0.0)
-    losses = []
-    for _ in range(args.rm_epochs):
-        order = rng.permutation(train)
-        for s in range(0, len(order), args.rm_batch_size):
-            idx = order[s:s + args.rm_batch_size]
-            with accelerator.autocast():
-                r = rm([convs_a[i] for i in idx] + [convs_b[i] for i in idx])
-            loss = bradley_terry_loss(r[: len(idx)], r[len(idx):], target[idx].to(r.device))
-            loss.backward()
-            sync_gradients(rm, accelerator)
-            if args.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(rm.parameters(), args.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-    if accelerator.num_processes > 1:  # exact agreement, whatever the reductions' rounding
-        for t in rm.state_dict().values():
-            torch.distributed.broadcast(t, src=0)
-    with accelerator.autocast():
-        score = lambda convs, idx: rm.score([convs[i] for i in idx], args.gen_batch_size)
-        (ha, hb), (ta, tb) = [(score(convs_a, ix), score(convs_b, ix)) for ix in (held, train)]
-    dev = accelerator.device
-    sums = accelerator.reduce(torch.stack([pair_metrics(ha, hb, p[held], target[held]),
-                                           pair_metrics(ta, tb, p[train], target[train])]).to(dev), "sum")
-    mu_sum = accelerator.reduce(torch.tensor([float(ta.sum() + tb.sum()), float((ta ** 2).sum() + (tb ** 2).sum()),
-                                              2.0 * len(train)], device=dev, dtype=torch.float64), "sum")
-    mean = float(mu_sum[0] / mu_sum[2])
-    with torch.no_grad():
-        rm.head.bias -= mean  # r_phi averages 0 on mu's training conversations (a BT reward's offset is free)
-    h, t = sums[0].tolist(), sums[1].tolist()
-    return {"reward_model/heldout_accuracy": h[1] / h[0], "reward_model/heldout_accuracy_ceiling": h[2] / h[0],
-            "reward_model/heldout_untied_accuracy": h[4] / max(h[3], 1.0), "reward_model/heldout_loss": h[5] / h[0],
-            "reward_model/train_accuracy": t[1] / t[0], "reward_model/train_loss": t[5] / t[0],
-            "reward_model/last_epoch_loss": float(np.mean(losses[-max(1, len(losses) // args.rm_epochs):])),
-            "reward_model/heldout_pairs": h[0], "reward_model/train_pairs": t[0],
-            "reward_model/untied_fraction": (h[3] + t[3]) / (h[0] + t[0]),
-            "reward_model/mu_score_std": math.sqrt(max(float(mu_sum[1] / mu_sum[2]) - mean ** 2, 0.0)),
-            "reward_model/steps": float(len(losses))}
-
-
-def learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir: Path):
-    """--reward learned: sample mu's pairs, label them with the oracle, fit r_phi (or, on --resume, load the one
-    the run fitted). Returns (r_phi, its reward_model/* metrics)."""
-    rm = build_reward_model(args, accelerator)
-    path = run_dir / "reward_model"
-    if args.resume and (path / "model.pt").exists():
-        rm.load_state_dict(torch.load(path / "model.pt", map_location=accelerator.device))
-        return rm, json.loads((path / "metrics.json").read_text())
-    t0 = time.time()
-    a, b, p, rng = preference_pairs(ref, tokenizer, env, args, accelerator, 20_000 + args.seed)
-    target = (torch.as_tensor(rng.random(len(p)), dtype=torch.float32) < p).float() if args.rm_labels == "sampled" \
-        else p  # the paper's preference data are labelled pairs (the judge answers 1 or 2): sampled by default
-    metrics = fit_reward_model(rm, a, b, p, target, args, accelerator, rng)
-    metrics["reward_model/minutes"] = (time.time() - t0) / 60
-    if accelerator.is_main_process:
-        path.mkdir(parents=True, exist_ok=True)
-        torch.save(rm.state_dict(), path / "model.pt")
-        (path / "metrics.json").write_text(json.dumps(metrics))
-    accelerator.print("reward model: " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()))
-    return rm, metrics
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# Plumbing: generation under ZeRO-3, checkpoints, logging, evaluation
+# Plumbing: the models for training, evaluation, setup, resume, finish
 # ----------------------------------------------------------------------------------------------------------------
-def make_accelerator(args):
-    """The Accelerator for any launch: one CPU process, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3
-    (GPUs, or CPU processes through DeepSpeed's CPU accelerator), FSDP2 (GPUs)."""
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedType, InitProcessGroupKwargs
-
-    cuda = torch.cuda.is_available()
-    launched_with = lambda kind: os.environ.get(f"ACCELERATE_USE_{kind}", "false").lower() == "true"
-    deepspeed = launched_with("DEEPSPEED")
-    if launched_with("FSDP") and not cuda:
-        raise ValueError("an FSDP config was given but no GPU is visible: accelerate's FSDP path needs GPUs (on CPU "
-                         "it would silently run plain DDP instead)")
-    handlers = []
-    if deepspeed and not cuda:
-        # accelerate makes a process group only for a device or for cpu=True, and cpu=True means plain DDP (the
-        # DeepSpeed config would be silently ignored); DeepSpeed's CPU accelerator speaks gloo.
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        handlers.append(InitProcessGroupKwargs(backend="gloo"))
-    bf16 = cuda if args.bf16 is None else args.bf16
-    accelerator = Accelerator(cpu=not cuda and not deepspeed, mixed_precision="bf16" if bf16 else "no",
-                              kwargs_handlers=handlers)
-    if deepspeed != (accelerator.distributed_type == DistributedType.DEEPSPEED):
-        raise RuntimeError(f"launched with a DeepSpeed config = {deepspeed}, but accelerate set up "
-                           f"{accelerator.distributed_type}: refusing to train with something else than asked")
-    return accelerator
-
-
-def configure_deepspeed(accelerator, micro_batch: int, args) -> None:
-    """DeepSpeed asserts train_batch_size = micro-batch x accumulation x ranks. accelerate fills the configs' "auto"
-    sizes from a prepared DataLoader, and there is none here (rollouts are collected, not loaded), so set them."""
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None:
-        return
-    config = plugin.deepspeed_config
-    config["train_micro_batch_size_per_gpu"] = micro_batch
-    config["gradient_accumulation_steps"] = 1
-    config["train_batch_size"] = micro_batch * accelerator.num_processes
-    config["gradient_clipping"] = args.max_grad_norm
-    if plugin.zero_stage == 3:  # every checkpoint saves the policy in save_pretrained format, gathered
-        config.setdefault("zero_optimization", {})["stage3_gather_16bit_weights_on_model_save"] = True
-
-
-@contextlib.contextmanager
-def outside_zero3_init(accelerator):
-    """Load models that are never trained here. They do not pass through prepare(), so under ZeRO-3 with
-    zero3_init_flag, from_pretrained inside deepspeed.zero.Init would leave each rank 0-element shards of them.
-    (accelerate's zero3_init_context_manager(enable=False) keeps transformers' DeepSpeed config, so it does not.)"""
-    from transformers.integrations import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
-
-    plugin = getattr(accelerator.state, "deepspeed_plugin", None)
-    if plugin is None or not is_deepspeed_zero3_enabled():
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        plugin.set_deepspeed_weakref()  # zero.Init again for models that are trained
-
-
 def prepare_for_training(model, args):
-    """--gradient_checkpointing on both backbones, and training mode with dropout off."""
-    if args.gradient_checkpointing:  # renamed activation_checkpointing_enable in recent transformers
+    """--gradient_checkpointing on both backbones, and training mode with dropout off (distributed.without_dropout:
+    log pi_t at collection and log pi in the loss are the same function of the weights)."""
+    if args.gradient_checkpointing:
         for backbone in filter(None, (model.policy, model.value_backbone)):
-            getattr(backbone, "activation_checkpointing_enable", backbone.gradient_checkpointing_enable)()
-    # transformers recomputes activations only in training mode (from_pretrained returns eval mode); dropout stays
-    # off so that log pi_t (no grad, at collection) and log pi (the loss) are the same function of the weights.
-    model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-        if isinstance(getattr(module, "attention_dropout", None), float):
-            module.attention_dropout = 0.0
-    return model
+            enable_gradient_checkpointing(backbone)
+    return without_dropout(model)
 
 
-@contextlib.contextmanager
-def full_weights(model, accelerator, policy_only: bool = True):
-    """The unwrapped ActorCritic (its policy alone gathered when policy_only) with full weights on every rank."""
-    unwrapped = accelerator.unwrap_model(model)
-    ds = getattr(accelerator.state, "deepspeed_plugin", None)
-    if ds is None or ds.zero_stage != 3:
-        yield unwrapped
-        return
-    import deepspeed
-
-    offload = model.optimizer.parameter_offload  # the engine's ZeRO-3 per-module hooks
-    with deepspeed.zero.GatheredParameters(list((unwrapped.policy if policy_only else unwrapped).parameters())):
-        # Gathering alone leaves the hooks in place: after each layer's forward they release its parameters and the
-        # next token gathers them again (all layers per token), and ranks whose decode loops stop at different
-        # steps then issue different numbers of all-gathers and hang. Off for the collection.
-        for hook in offload.forward_hooks + offload.backward_hooks:
-            hook.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield unwrapped
-        finally:
-            offload._register_deepspeed_module(offload.module)
-
-
-@contextlib.contextmanager
-def generation_policy(model, accelerator):
-    """The policy for sampling, with full weights for the whole collection (FSDP2: an unsharded copy)."""
-    if getattr(accelerator.state, "fsdp_plugin", None) is not None:
-        if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
-            raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
-        half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-        yield sim.sampling_copy(accelerator.unwrap_model(model).policy, half)  # all-gathered once per collection
-        return
-    with full_weights(model, accelerator) as unwrapped:
-        yield unwrapped.policy
-
-
-def ranks_in_sync(model, accelerator) -> bool:
-    """Whether every rank holds the same full weights (policy and value network). With replicas (DDP, ZeRO-1/2) a
-    silently unsynced run shows up here; under ZeRO-3 and FSDP2 there is one sharded copy, so this checks the
-    gathered weights."""
-    with full_weights(model, accelerator, policy_only=False) as full:
-        checksum = sum(sim.full_tensor(p.detach()).double().sum() for p in full.parameters())
-    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
-    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
-
-
-def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rng) -> None:
-    """runs/<run>/checkpoint/{policy (save_pretrained), state (accelerate: policy, value, optimizer), meta.json},
-    replaced atomically."""
-    final, tmp, old = run_dir / "checkpoint", run_dir / "checkpoint.tmp", run_dir / "checkpoint.old"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
-    if accelerator.is_main_process:
-        policy_sd = {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
-        accelerator.unwrap_model(model).policy.save_pretrained(tmp / "policy", state_dict=policy_sd)
-        tokenizer.save_pretrained(tmp / "policy")
-    accelerator.save_state(str(tmp / "state"))
-    (tmp / "state").mkdir(parents=True, exist_ok=True)
-    with open(tmp / "state" / f"numpy_rng_{accelerator.process_index}.json", "w") as f:
-        json.dump(rng.bit_generator.state, f)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (tmp / "meta.json").write_text(json.dumps(meta))
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
-
-
-class Logger:
-    """Scalars to runs/<run>/metrics.jsonl (and TensorBoard when asked), one console line per call."""
-
-    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
-        self.enabled, self.path, self.tb = enabled, run_dir / "metrics.jsonl", None
-        if enabled and tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(run_dir))
-
-    def log(self, step: int, metrics: dict, echo: bool = True) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-        if echo:
-            tqdm.write(f"[{step:4d}] " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()
-                                           if not k.startswith("eval/learned")))
+def actor_critic_policy(actor_critic, state_dict):
+    """What a checkpoint's policy/ holds: the actor-critic's policy and its "policy."-prefixed weights."""
+    return actor_critic.policy, {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
 
 
 @torch.no_grad()
@@ -830,20 +473,16 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
             cache["mu"] = rollout(ref, None, tokenizer, env, msgs, users, np.random.default_rng(s + 2), args,
                                   n_turns=turns)[0]
         torch.manual_seed(s + 1)
-        with generation_policy(model, accelerator) as policy:
+        with sampling_weights(model, accelerator, part=lambda actor_critic: actor_critic.policy) as policy:
             convs = rollout(policy, None, tokenizer, env, msgs, users, np.random.default_rng(s + 1), args,
                             n_turns=turns)[0]
     r, p = env.reward(convs), preference(env, convs, cache["mu"])
-    out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(), "eval/mu_reward": env.reward(cache["mu"]).mean()}
+    out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(),
+           "eval/mu_reward": env.reward(cache["mu"]).mean(), **env.dialogue_metrics(convs)}  # the tutor's lessons
     if reward_model is not None:
         with accelerator.autocast():
             out["eval/rm_reward"] = reward_model.score(convs, args.gen_batch_size).mean()
             out["eval/mu_rm_reward"] = reward_model.score(cache["mu"], args.gen_batch_size).mean()
-    if isinstance(env, sim.TutorEnv):
-        for h, v in enumerate(torch.tensor([sim.lessons_learned(c) for c in convs], dtype=torch.float).mean(0)):
-            out[f"eval/learned_turn{h + 1}"] = v
-        out["eval/ask_rate"] = torch.tensor([sim.parse_teacher(m["content"])[0] == "ask" for c in convs for m in c
-                                             if m["role"] == "assistant"], dtype=torch.float).mean()
     keys = sorted(out)
     vals = accelerator.gather(torch.stack([torch.as_tensor(out[k]).float() for k in keys]).to(accelerator.device)[None])
     res = dict(zip(keys, vals.mean(0).tolist()))
@@ -855,26 +494,20 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
     return res
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Training loop
-# ----------------------------------------------------------------------------------------------------------------
 def check_args(args: Args) -> None:
     """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
     nothing without a word."""
     positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "num_minibatches", "eval_every", "num_eval", "save_every",
-                "reward_max_length", "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries"]
-    positive.append("max_tokens_per_batch")
+                "reward_max_length", "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries",
+                "max_tokens_per_batch"]
     non_negative = ["alpha", "lr", "value_lr", "weight_decay", "max_grad_norm", "value_warmup_iterations",
                     "time_budget_minutes", "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
     bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
     bad += [f"--{k} must lie in [0, 1]" for k in ("tau", "gamma", "gae_lambda") if not 0 <= getattr(args, k) <= 1]
     if args.reward == "learned":
-        bad += [f"--{k} must be > 0" for k in ("rm_pairs", "rm_epochs", "rm_lr", "rm_batch_size")
-                if not getattr(args, k) > 0]
-        if not 0 < args.rm_heldout_fraction < 1:
-            bad.append("--rm_heldout_fraction must lie in (0, 1)")
+        bad += reward_model_flag_errors(args)
         if args.variant != "rlhf":
             bad.append("--reward learned is the multi-turn RLHF baseline's: it needs --variant rlhf")
     if not all(0 <= b < 1 for b in args.adam_betas):
@@ -888,7 +521,7 @@ def setup(args: Args):
     from accelerate.utils import set_seed
 
     check_args(args)
-    accelerator = make_accelerator(args)
+    accelerator = make_accelerator(args.bf16)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = accelerator.num_processes
@@ -897,13 +530,7 @@ def setup(args: Args):
     if args.reward == "learned" and args.rm_pairs // args.world_size < 2:
         raise ValueError("--rm_pairs must give every process at least 2 pairs (one to fit, one held out)")
     args.local_prompts = args.prompts_per_iteration // args.world_size
-    if args.resume and not args.run_name:
-        raise ValueError("--resume needs --run_name (the run directory under output_dir)")
-    args.run_name = args.run_name or f"{args.exp_name}-{args.variant}__{args.env}__{args.seed}__{int(time.time())}"
-    run_dir = Path(args.output_dir) / args.run_name
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))
+    run_dir = make_run_dir(args, accelerator, name=f"{args.exp_name}-{args.variant}")
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
@@ -916,14 +543,7 @@ def setup(args: Args):
     with outside_zero3_init(accelerator):
         ref = sim.load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
         ref.requires_grad_(False)
-        env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns,
-                           str(accelerator.device), dtype, args.reward_trust_remote_code,
-                           user_api_base=args.user_api_base, user_prompt_path=args.user_prompt_path,
-                           dataset_format=args.dataset_format, bad_records=args.bad_records,
-                           max_dialogue_tokens=args.max_dialogue_tokens, tokenizer=tokenizer,
-                           reward_device=args.reward_device, user_device=args.user_device,
-                           reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
-                           user_timeout=args.user_timeout, user_retries=args.user_retries)
+        env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), dtype, tokenizer)
         if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
             env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device),
                                                   dtype, template=sim.judge_prompt(env, args.judge_prompt_path),
@@ -936,38 +556,33 @@ def setup(args: Args):
           "lr": args.value_lr}],
         betas=args.adam_betas, weight_decay=args.weight_decay)
     conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
-    configure_deepspeed(accelerator, max(1, conversations // args.num_minibatches), args)
+    configure_deepspeed(accelerator, max(1, conversations // args.num_minibatches), 1, args.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
     return accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer
 
 
 def resume(accelerator, run_dir: Path, rng) -> dict:
-    """Load runs/<run>/checkpoint (or the .old one a crash mid-replace left): model, optimizer, RNGs, counters."""
-    ckpt = run_dir / "checkpoint"
-    ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
-    if not ckpt.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-    accelerator.load_state(str(ckpt / "state"))
-    meta = json.loads((ckpt / "meta.json").read_text())
-    rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
-    if rng_file.exists():
-        rng.bit_generator.state = json.loads(rng_file.read_text())
-    accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
-    return meta
+    """runs/<run>/checkpoint (or the .old one a crash mid-replace left) restored: model, optimizer, RNGs. Returns
+    its meta: {iteration, elapsed}."""
+    return load_checkpoint(accelerator, run_dir, rng)[0]
 
 
 def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dict, iterations: int,
-           minutes: float, extra: Optional[dict] = None) -> dict:
+           minutes: float, reward_model=None, reward_model_metrics: Optional[dict] = None) -> dict:
     """summary.json and the closing line; ranks tear the process group down together."""
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
                "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],
-               "initial_win_rate_vs_mu": first_eval["eval/win_rate_vs_mu"],
-               "final_win_rate_vs_mu": final["eval/win_rate_vs_mu"],
-               "final_win_rate_stderr": final["eval/win_rate_stderr"], "variant": args.variant,
-               "iterations": iterations, "minutes": minutes, "run_dir": str(run_dir),
-               "num_processes": accelerator.num_processes,
-               "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-               "ranks_in_sync": ranks_in_sync(model, accelerator), "reward": args.reward, **(extra or {})}
+               "initial_win_rate_vs_mu": first_eval["eval/win_rate_vs_mu"], "final_win_rate_vs_mu":
+               final["eval/win_rate_vs_mu"], "final_win_rate_stderr": final["eval/win_rate_stderr"],
+               "variant": args.variant, "iterations": iterations, "minutes": minutes, "run_dir": str(run_dir),
+               "num_processes": accelerator.num_processes, "ranks_in_sync": ranks_in_sync(model, accelerator),
+               "distributed_type": str(accelerator.distributed_type).split(".")[-1], "reward": args.reward}
+    if reward_model is not None:
+        summary.update({f"reward_model_{k}": reward_model_metrics[f"reward_model/{k}"] for k in (
+            "heldout_accuracy", "heldout_accuracy_ceiling", "heldout_untied_accuracy", "minutes")})
+        summary.update({"initial_rm_reward": first_eval["eval/rm_reward"], "final_rm_reward": final["eval/rm_reward"],
+                        "mu_rm_reward": final["eval/mu_rm_reward"],
+                        "reward_model_ranks_in_sync": same_on_all_ranks(reward_model, accelerator)})
     if accelerator.is_main_process:
         print(f"{args.variant}: mean reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} +- "
               f"{summary['final_stderr']:.3f} (mu {summary['mu_reward']:.3f}); win rate vs mu under the oracle "
@@ -982,98 +597,57 @@ def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dic
 def main(args: Args) -> dict:
     accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer = setup(args)
     meta = resume(accelerator, run_dir, rng) if args.resume else {}
-    start_iter, elapsed_before = meta.get("iteration", 0), meta.get("elapsed", 0.0)
+    start_iteration = meta.get("iteration", 0)
     tau = args.tau if args.variant == "mtpo-tau" else 0.0
-    logger = Logger(run_dir, args.tensorboard, accelerator.is_main_process)
-    eval_seed, eval_cache = 10_000 + args.seed, {}
-    rm, rm_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir) \
+    logger = Logger(run_dir, args, accelerator.is_main_process)
+    mu_pairs = lambda seed: preference_pairs(ref, tokenizer, env, args, accelerator, seed)  # labelled by the oracle
+    reward_model, reward_model_metrics = learned_reward_model(args, accelerator, run_dir, mu_pairs) \
         if args.reward == "learned" else (None, {})
-    first_eval = latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache, rm)
-    logger.log(start_iter, {**first_eval, **rm_metrics})
-    start = time.time() - elapsed_before
-    H, it = args.max_turns, start_iter
-    bar = tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process, desc=args.variant)
-    for it in bar:
+    mu_eval_conversations = {}  # mu plays the held-out contexts once
+    evaluate_now = lambda: evaluate(model, ref, tokenizer, env, accelerator, args, 10_000 + args.seed,
+                                    mu_eval_conversations, reward_model)
+    first_eval = latest_eval = evaluate_now()
+    logger.log(start_iteration, {**first_eval, **reward_model_metrics})
+    start = time.time() - meta.get("elapsed", 0.0)  # the time budget counts training, not the first evaluation
+    iteration = start_iteration
+    for iteration in tqdm(range(start_iteration, args.num_iterations), disable=not accelerator.is_main_process,
+                          desc=args.variant):
         t0 = time.time()
-        contexts = env.contexts(args.local_prompts, "train", rng)
-        k = 1 if args.variant == "rlhf" else 2  # two whole conversations per context for self-play
-        msgs, users = [c.messages for c in contexts] * k, [c.user for c in contexts] * k
-        with generation_policy(model, accelerator) as pi:  # H_max turns, or a record's own number (setting two)
-            convs, hit = rollout(pi, ref, tokenizer, env, msgs, users, rng, args, tau,
-                                 [c.max_turns or args.max_turns for c in contexts] * k)
-        n = len(contexts)
-        if args.variant == "rlhf":  # Theorem B.6: r_RLHF(x_{H+1}), the environment's or a learned r_phi
-            R = env.reward(convs) if rm is None else rm.score(convs, args.gen_batch_size)
-            if not torch.isfinite(R).all():
-                raise FloatingPointError("the reward is NaN or infinite for some conversations")
-        else:
-            p = preference(env, convs[:n], convs[n:])  # p = P(conv 1 > conv 2)
-            R = torch.cat([p, 1 - p])  # docs/mtpo.md#the-rewards-of-the-two-conversations
-        t_collect = time.time() - t0
-        dev = accelerator.device
-        ids, attn, token_turn, state_pos, turn_mask = [x.to(dev) for x in conversation_batch(tokenizer, convs, H)]
-        with torch.no_grad():  # pi_t's and mu's log-probs and V(x_h), in chunks (memory)
-            chunks = row_chunks(attn, args, accelerator)
-            agent = token_turn > 0  # the LM head runs over the agent turns' span only
-            old_lp, old_v = [torch.cat(x) for x in zip(*[
-                model(ids[c], attn[c], state_pos[c], args.temperature, agent[c]) for c in chunks])]
-            ref_lp = torch.cat([sim.token_logprobs(ref, ids[c], attn[c], args.temperature, target_mask=agent[c]).float()
-                                for c in chunks])
-            logratio_turn = per_turn(old_lp - ref_lp, token_turn, H)  # KLhat[x_h] = sum log pi_t/mu over y_h
-            rewards = turn_rewards(R.to(dev), logratio_turn, turn_mask, args.alpha)
-            adv, returns = gae(rewards, old_v, turn_mask, args.gamma, args.gae_lambda)
-            adv_n = normalize(adv, turn_mask)
-        policy_on = it >= args.value_warmup_iterations  # policy learning delay
-        logs = []
-        for _ in range(args.num_epochs):
-            order = torch.as_tensor(rng.permutation(len(convs)), device=dev)
-            for mb in order.chunk(args.num_minibatches):
-                lp, v = model(ids[mb], attn[mb], state_pos[mb], args.temperature, agent[mb])
-                pl = policy_loss(lp, ref_lp[mb], token_turn[mb], adv_n[mb], turn_mask[mb], args.alpha)
-                vl = value_loss(v, returns[mb], turn_mask[mb])
-                loss = (pl if policy_on else 0.0 * pl) + vl  # 0 * pl keeps DDP's gradient hooks in step
-                accelerator.backward(loss)
-                if args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad()
-                logs.append((pl.item(), vl.item()))
-        pl_mean, vl_mean = np.mean(logs, 0)
-        stats = accelerator.reduce(torch.tensor(
-            [pl_mean, vl_mean, float(R.mean()), float(logratio_turn.sum(1).mean()), float(hit.float().mean()),
-             float((R - 0.5).abs().mean()), float(old_v[turn_mask].mean())], device=dev, dtype=torch.float64), "mean")
-        dt = time.time() - t0
-        metrics = {"losses/policy_loss": stats[0].item(), "losses/value_loss": stats[1].item(),
-                   "charts/train_reward": stats[2].item(), "charts/kl_to_mu": stats[3].item(),
-                   "charts/hit_budget_frac": stats[4].item(), "charts/abs_pref_margin": stats[5].item(),
-                   "charts/value_mean": stats[6].item(), "charts/policy_on": float(policy_on),
-                   "charts/iterations_per_sec": 1 / dt, "charts/steps_per_sec": len(logs) / dt,
-                   "charts/conversations_per_sec": len(convs) * args.world_size / dt,
-                   "charts/collect_share": t_collect / dt, "charts/elapsed_min": (time.time() - start) / 60,
-                   **env.metrics()}
-        if rm is not None:  # what r_phi's optimiser does to the environment's own reward
-            metrics["charts/true_reward"] = accelerator.reduce(env.reward(convs).mean().to(dev), "mean").item()
+        convs, hit_budget, final_reward = collect(model, ref, tokenizer, env, accelerator, rng, args, tau,
+                                                  reward_model)
+        collect_seconds = time.time() - t0
+        batch = score_batch(model, ref, tokenizer, convs, final_reward, accelerator, args)
+        policy_on = iteration >= args.value_warmup_iterations  # policy learning delay
+        losses, optimizer_steps = update(model, optimizer, batch, accelerator, rng, args, policy_on)
+        local = {**losses, "charts/train_reward": float(final_reward.mean()),
+                 "charts/kl_to_mu": float(batch["logratio_turn"].sum(1).mean()),
+                 "charts/hit_budget_frac": float(hit_budget.float().mean()),
+                 "charts/abs_pref_margin": float((final_reward - 0.5).abs().mean()),
+                 "charts/value_mean": float(batch["old_values"][batch["turn_mask"]].mean())}
+        metrics = {**local, **reduce_mean(accelerator, local)}  # the means over ranks, in this order
+        seconds = time.time() - t0
+        metrics.update({"charts/policy_on": float(policy_on), "charts/iterations_per_sec": 1 / seconds,
+                        "charts/steps_per_sec": optimizer_steps / seconds,
+                        "charts/conversations_per_sec": len(convs) * args.world_size / seconds,
+                        "charts/collect_share": collect_seconds / seconds,
+                        "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()})
+        if reward_model is not None:  # what r_phi's optimiser does to the environment's own reward
+            true_reward = env.reward(convs).mean().to(accelerator.device)
+            metrics["charts/true_reward"] = accelerator.reduce(true_reward, "mean").item()
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
-        last = it == args.num_iterations - 1 or out_of_time
-        if (it + 1) % args.eval_every == 0 or last:
-            latest_eval = evaluate(model, ref, tokenizer, env, accelerator, args, eval_seed, eval_cache, rm)
+        last = iteration == args.num_iterations - 1 or out_of_time
+        if (iteration + 1) % args.eval_every == 0 or last:
+            latest_eval = evaluate_now()
             metrics.update(latest_eval)
-        logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
-        if (it + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, model, tokenizer, run_dir,
-                            dict(iteration=it + 1, elapsed=time.time() - start), rng)
+        logger.log(iteration + 1, metrics, echo="eval/mean_reward" in metrics)
+        if (iteration + 1) % args.save_every == 0 or last:
+            save_checkpoint(accelerator, model, tokenizer, run_dir, dict(iteration=iteration + 1,
+                            elapsed=time.time() - start), rng, policy_of=actor_critic_policy)
         if out_of_time:
             break
-    extra = {} if rm is None else {
-        "reward_model_heldout_accuracy": rm_metrics["reward_model/heldout_accuracy"],
-        "reward_model_heldout_accuracy_ceiling": rm_metrics["reward_model/heldout_accuracy_ceiling"],
-        "reward_model_heldout_untied_accuracy": rm_metrics["reward_model/heldout_untied_accuracy"],
-        "reward_model_minutes": rm_metrics["reward_model/minutes"],
-        "initial_rm_reward": first_eval["eval/rm_reward"], "final_rm_reward": latest_eval["eval/rm_reward"],
-        "mu_rm_reward": latest_eval["eval/mu_rm_reward"],
-        "reward_model_ranks_in_sync": same_on_all_ranks(rm, accelerator)}
-    return finish(accelerator, model, run_dir, args, first_eval, latest_eval, it + 1, (time.time() - start) / 60,
-                  extra)
+    logger.close()
+    return finish(accelerator, model, run_dir, args, first_eval, latest_eval, iteration + 1,
+                  (time.time() - start) / 60, reward_model, reward_model_metrics)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import learned_reward
 import mtpo
 import simulator as sim
 from conftest import TWO_CPU_PROCESSES, run_script, summary
@@ -104,7 +105,7 @@ def test_bradley_terry_loss_by_hand():
     r_a = torch.tensor([1.0, 0.0], requires_grad=True)
     r_b = torch.tensor([0.0, 2.0], requires_grad=True)
     t = torch.tensor([1.0, 0.25])  # pair 1: a sampled label (a preferred); pair 2: a soft target p = 0.25
-    loss = mtpo.bradley_terry_loss(r_a, r_b, t)
+    loss = learned_reward.bradley_terry_loss(r_a, r_b, t)
     # d = r_a - r_b = (1, -2). Pair 1: -log sigmoid(1) = log(1 + e^-1) = 0.313262.
     # Pair 2: -(0.25 log sigmoid(-2) + 0.75 log sigmoid(2)) = 0.25 * 2.126928 + 0.75 * 0.126928 = 0.626928.
     assert loss.item() == pytest.approx((0.313262 + 0.626928) / 2, abs=1e-6)
@@ -115,7 +116,7 @@ def test_bradley_terry_loss_by_hand():
     torch.testing.assert_close(r_a.grad, torch.tensor([-0.134471, -0.065399]), atol=1e-6, rtol=0)
     torch.testing.assert_close(r_b.grad, -r_a.grad)
     # a binary label is -log sigmoid(r_chosen - r_rejected), whichever side the chosen one is on
-    chosen_b = mtpo.bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.1]), torch.tensor([0.0]))
+    chosen_b = learned_reward.bradley_terry_loss(torch.tensor([0.3]), torch.tensor([1.1]), torch.tensor([0.0]))
     assert chosen_b.item() == pytest.approx(-math.log(1 / (1 + math.exp(-0.8))), rel=1e-6)
 
 
@@ -138,8 +139,8 @@ def test_fitted_reward_model_beats_chance_on_the_tutor_task(base_policy):
     a, b, p, rng = mtpo.preference_pairs(ref, tok, env, args, accelerator, seed=3)
     assert len(a) == len(b) == 256 and all(x[0] == y[0] for x, y in zip(a, b))  # same context, two samples
     target = (torch.as_tensor(rng.random(len(p)), dtype=torch.float32) < p).float()
-    rm = mtpo.build_reward_model(args, accelerator)
-    m = mtpo.fit_reward_model(rm, a, b, p, target, args, accelerator, rng)
+    rm = learned_reward.build_reward_model(args, accelerator)
+    m = learned_reward.fit_reward_model(rm, a, b, p, target, args, accelerator, rng)
     assert m["reward_model/heldout_pairs"] == 51 and m["reward_model/train_pairs"] == 205
     assert m["reward_model/heldout_accuracy"] > 0.6, m  # chance 0.5; the oracle's own ceiling about 0.73
     assert m["reward_model/heldout_untied_accuracy"] > 0.75, m
