@@ -11,7 +11,8 @@ it trains is here:
   * `full_weights` / `sampling_weights`: every rank holds full weights for a whole collection (ZeRO-3 gathered once
     and its per-module hooks off, FSDP2 an unsharded copy), so ranks whose decode loops stop at different steps
     cannot deadlock;
-  * `ranks_in_sync`, `reduce_mean`, `without_dropout`, `enable_gradient_checkpointing`.
+  * `ranks_in_sync`, `reduce_mean`, `sync_gradients` (of a replicated model that is not prepared),
+    `without_dropout`, `enable_gradient_checkpointing`.
 
 docs/implementation_notes.md explains the choices (why not accelerate's own zero3_init_context_manager, why the
 hooks come off).
@@ -159,6 +160,18 @@ def reduce_mean(accelerator, values: dict) -> dict:
     means = accelerator.reduce(torch.tensor([float(values[k]) for k in keys], device=accelerator.device,
                                             dtype=torch.float64), "mean")
     return dict(zip(keys, means.tolist()))
+
+
+def sync_gradients(model, accelerator) -> None:
+    """All-reduce (mean) the gradients of a replicated model that does not go through prepare() (a Q-model, a critic,
+    a reward model fitted in the run), so every rank takes the same step. No-op on one process (or accelerator=None)."""
+    if accelerator is None or accelerator.num_processes == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    flat = accelerator.reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                                         for p in params]), "mean")
+    for p, grad in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = grad.view_as(p).clone()
 
 
 def enable_gradient_checkpointing(model) -> None:
