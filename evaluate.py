@@ -192,7 +192,9 @@ def matrix_table(names: Sequence[str], M: np.ndarray) -> str:
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class Args:
+class Args(sim.EnvArgs):
+    """The environment's flags (--env, --prompts_path, --user_model, --reward_model, ...) are simulator.EnvArgs's,
+    as in the training scripts; --user_max_concurrency/--user_timeout/--user_retries also govern an endpoint judge."""
     policies: list[str] = field(default_factory=lambda: ["tutor"])
     """policies to evaluate: run directories (their checkpoint/policy is used), save_pretrained dirs, hub names,
     or 'tutor' (the embedded reference policy mu)"""
@@ -219,38 +221,6 @@ class Args:
     """held-out contexts (each played by every policy and the reference)"""
     seed: int = 1234
     """seed of the contexts, the users and the judge's A/B order"""
-    env: Literal["tutor", "chat"] = "tutor"
-    """as in the training scripts"""
-    prompts_path: Optional[str] = None
-    """chat: JSONL prompts (the 'eval' split is used)"""
-    user_model: Optional[str] = None
-    """chat: HF model prompted as the user"""
-    user_api_base: Optional[str] = None
-    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
-    names the served model; key from $OPENAI_API_KEY)"""
-    user_max_concurrency: int = 32
-    """chat, endpoint user (and an endpoint judge): requests in flight"""
-    user_timeout: float = 120.0
-    """chat, endpoint user (and an endpoint judge): seconds per request, time queued at the server included"""
-    user_retries: int = 3
-    """chat, endpoint user (and an endpoint judge): tries per request"""
-    user_prompt_path: Optional[str] = None
-    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
-    reward_model: Optional[str] = None
-    """chat: the env's reward model (the reward column, and the oracle judge)"""
-    reward_trust_remote_code: bool = False
-    """load the reward model's own code (ArmoRM-style; also for --judge reward_model)"""
-    reward_max_length: int = 4096
-    """a reward model (the env's, or --judge reward_model) sees at most this many tokens of a conversation
-    (right-truncated, counted as charts/reward_truncated)"""
-    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
-    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
-    bad_records: Literal["skip", "error"] = "skip"
-    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
-    reward_device: Optional[str] = None
-    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
-    user_device: Optional[str] = None
-    """chat: an in-process user model's device (as --reward_device)"""
     max_turns: int = 5
     """H_max: turns played by each policy"""
     temperature: float = 1.0
@@ -284,13 +254,7 @@ def evaluate(args: Args) -> dict:
     names = args.names or args.policies
     if len(names) != len(args.policies):
         raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
-    env = sim.make_env(args.env, args.prompts_path, args.user_model, args.reward_model, args.max_turns, device, dtype,
-                       args.reward_trust_remote_code, user_api_base=args.user_api_base,
-                       user_prompt_path=args.user_prompt_path,
-                       dataset_format=args.dataset_format, bad_records=args.bad_records,
-                       reward_device=args.reward_device, user_device=args.user_device,
-                       reward_max_length=args.reward_max_length, user_max_concurrency=args.user_max_concurrency,
-                       user_timeout=args.user_timeout, user_retries=args.user_retries)
+    env = sim.make_env_from_args(args, args.max_turns, device, dtype)
     if args.judge == "oracle":
         judge = ScoreJudge(env.reward)
     elif not args.judge_model:
