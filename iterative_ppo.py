@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 import simulator as sim
 from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
-                         ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
+                         ranks_in_sync, reduce_mean, sampling_weights, sync_gradients, without_dropout)
 from run_io import Logger, load_checkpoint, make_run_dir, save_checkpoint
 
 
@@ -177,9 +177,9 @@ def rollout(policy, tokenizer, env, contexts, rng, args):
     record's own number where it has one: setting two's pre-sampled questions); and their rewards."""
     if not contexts:
         raise ValueError("rollout: no contexts")
-    convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], [c.user for c in contexts],
-                                      [c.max_turns or env.max_turns for c in contexts], rng, args.max_new_tokens,
-                                      args.temperature, args.gen_batch_size)
+    convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
+                                      [c.user for c in contexts], [c.max_turns or env.max_turns for c in contexts],
+                                      rng, args.max_new_tokens, args.temperature, args.gen_batch_size)
     rewards = env.reward(convs)
     if not torch.isfinite(rewards).all():
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
@@ -272,17 +272,6 @@ def q_predict(q_model, tokenizer, messages_list, batch_size: int = 256, rows=Non
     if not torch.isfinite(out).all():
         raise FloatingPointError("the Q-model returned NaN or infinite values")
     return out
-
-
-def sync_gradients(model, accelerator) -> None:
-    """All-reduce (mean) the gradients of a replicated, un-prepared model, so every rank takes the same step."""
-    if accelerator is None or accelerator.num_processes == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = accelerator.reduce(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                                         for p in params]), "mean")
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p).clone()
 
 
 def split_heldout(examples, fraction: float, rng):
@@ -382,8 +371,7 @@ def ppo_rewards(q_scores, logprobs, ref_logprobs, mask, kl_coef):
 def token_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
     """GAE over the response tokens (left-aligned, mask = 1 on real tokens): advantages and returns (B x T)."""
     T = rewards.shape[1]
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros_like(rewards[:, 0])
+    adv, last = torch.zeros_like(rewards), torch.zeros_like(rewards[:, 0])
     for t in reversed(range(T)):
         nxt_mask = mask[:, t + 1] if t + 1 < T else torch.zeros_like(mask[:, 0])
         nxt_v = values[:, t + 1] * nxt_mask if t + 1 < T else torch.zeros_like(values[:, 0])
@@ -459,10 +447,9 @@ def token_kl_entropy(logp, ref_logp, mask):
 
 @torch.no_grad()
 def policy_shift(policy, ref_policy, tokenizer, prompts, turns, accelerator, args) -> dict:
-    """After an outer iteration's PPO: KL(pi_{i+1} || pi_i) on the states pi_i visited, and pi_{i+1}'s entropy per
-    agent turn h. Fresh responses y ~ pi_{i+1}(.|s) for every prompt s of D_single; per response, the exact
-    per-token KL and entropy over the vocabulary summed over its tokens (unbiased estimates of the response-level
-    KL(pi_{i+1}(.|s) || pi_i(.|s)) and entropy H(pi_{i+1}(.|s))), averaged over prompts and over ranks."""
+    """KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per agent turn h on fresh y ~ pi_{i+1}(.|s) at every s of D_single:
+    per response, the exact per-token KL and entropy summed over its tokens (unbiased estimates of the response-level
+    ones), averaged over prompts and ranks."""
     dev, H, T = accelerator.device, max(args.max_turns, max(turns)), args.temperature
     with sampling_weights(policy, accelerator) as pi:
         samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, T, args.gen_batch_size)
@@ -555,7 +542,8 @@ def ppo_step_batch(policy, ref_policy, q_model, critic, critic_opt, tokenizer, p
             continue
         break
     return {**{k: float(np.mean([log[k] for log in logs])) for k in logs[0]},
-            "ppo/kl_term_first_minibatch": logs[0]["ppo/kl_term"], "ppo/kl_term_last_minibatch": logs[-1]["ppo/kl_term"],
+            "ppo/kl_term_first_minibatch": logs[0]["ppo/kl_term"],
+            "ppo/kl_term_last_minibatch": logs[-1]["ppo/kl_term"],
             "charts/optimizer_steps": len(logs), "ppo/q_score": float(q.mean()),
             "ppo/kl_to_pi_i": float(kl.sum(1).mean()), "ppo/response_tokens": float(mask.sum(1).mean()),
             "ppo/hit_budget": float(samples.hit_budget.float().mean())}
@@ -588,9 +576,9 @@ def ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, opt
 # ----------------------------------------------------------------------------------------------------------------
 # The run: flags, setup, evaluation, resume, finish, and the outer loop (launch plumbing: distributed.py, run_io.py)
 # ----------------------------------------------------------------------------------------------------------------
-SHOWN = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/reverted", "q/v_hat",
-         "ppo/q_score", "ppo/kl_new_to_pi_i", "charts/entropy", "charts/optimizer_steps", "losses/clipfrac",
-         "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")  # on the console; metrics.jsonl has every metric
+CONSOLE_METRICS = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/reverted",
+                   "q/v_hat", "ppo/q_score", "ppo/kl_new_to_pi_i", "charts/entropy", "charts/optimizer_steps",
+                   "losses/clipfrac", "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")  # metrics.jsonl: all
 
 
 def check_args(args: Args) -> None:
@@ -618,14 +606,8 @@ def prepare_for_training(models, args):
         without_dropout(model)
 
 
-def regression_adamw(model, lr: float):
-    """The optimizer of Q_i and of the token critic (no weight decay)."""
-    return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-
-
 def setup(args: Args):
-    """Processes, derived sizes, the run directory, seeds, the environment, models and optimizers, prepared for the
-    launch."""
+    """Processes, derived sizes, the run directory, seeds, the environment, the models, prepared for the launch."""
     from accelerate.utils import set_seed
 
     check_args(args)
@@ -695,8 +677,7 @@ def resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) -> dic
 
 def finish(accelerator, policy, q_model, env, run_dir, logger, first_eval: dict, final_eval: dict, iterations: int,
            minutes: float, totals: dict) -> dict:
-    """summary.json (with the run's policy optimizer steps and Q reverts) and the closing line; ranks tear the
-    process group down together."""
+    """summary.json and the closing line; ranks tear the process group down together."""
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
@@ -721,7 +702,8 @@ def main(args: Args) -> dict:
     # --no-q_warm_start refits every Q_i from Q_0's weights: a full model copy (32 GB at 8B), so it is kept on the
     # CPU, and load_state_dict copies it back onto the device at each iteration
     q_initial = None if args.q_warm_start else {k: v.to("cpu", copy=True) for k, v in q_model.state_dict().items()}
-    q_opt, critic_opt = regression_adamw(q_model, args.q_lr), regression_adamw(critic, args.q_lr)  # kept across i
+    adamw = lambda model: torch.optim.AdamW(model.parameters(), lr=args.q_lr, weight_decay=0.0)  # Q_i's, critic's
+    q_opt, critic_opt = adamw(q_model), adamw(critic)  # both kept across outer iterations
     meta = resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) if args.resume else {}
     start_iter, v_prev = meta.get("iteration", 0), meta.get("v_hat")
     critic_ready = meta.get("critic_restored", False)  # else initialised from the first Q_i fitted
@@ -744,7 +726,7 @@ def main(args: Args) -> dict:
         examples = q_examples(convs, rewards, args.gamma)
         if q_initial is not None:
             q_model.load_state_dict(q_initial)
-            q_opt = regression_adamw(q_model, args.q_lr)
+            q_opt = adamw(q_model)
         q_stats = fit_q_model(q_model, tokenizer, examples, fit_rng, args.q_epochs, args.q_lr,
                               args.q_minibatch_size // W, args.q_heldout_fraction, args.q_patience,
                               args.max_grad_norm, accelerator, optimizer=q_opt)
@@ -756,7 +738,7 @@ def main(args: Args) -> dict:
             ref_policy.load_state_dict(pi_i.state_dict())
         if args.reset_critic or not critic_ready:  # else the critic (and its AdamW state) carries over from i - 1
             critic.load_state_dict(q_model.state_dict())
-            critic_opt, critic_ready = regression_adamw(critic, args.q_lr), True
+            critic_opt, critic_ready = adamw(critic), True
         critic.train()
         ppo_stats, steps = ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer,
                                accelerator, rng, args, it)
@@ -781,8 +763,8 @@ def main(args: Args) -> dict:
             metrics.update(latest_eval)
         logger.log(it + 1, metrics, echo=False)
         if accelerator.is_main_process:
-            tqdm.write(f"[{it + 1:4d}] " + "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in SHOWN
-                                                     if k in metrics))
+            tqdm.write(f"[{it + 1:4d}] " + "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}"
+                                                     for k in CONSOLE_METRICS if k in metrics))
         if (it + 1) % args.save_every == 0 or last:
             save_checkpoint(accelerator, policy, tokenizer, run_dir, dict(iteration=it + 1, elapsed=time.time() - start,
                                                                           v_hat=v_prev, totals=totals), rng,
