@@ -675,14 +675,15 @@ def resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) -> dic
     return meta
 
 
-def finish(accelerator, policy, q_model, env, run_dir, logger, first_eval: dict, final_eval: dict, iterations: int,
+def finish(accelerator, policy, replicas, env, run_dir, logger, first_eval: dict, final_eval: dict, iterations: int,
            minutes: float, totals: dict) -> dict:
-    """summary.json and the closing line; ranks tear the process group down together."""
+    """summary.json (ranks_in_sync: the policy and the replicas Q_i and the critic) and the closing line; ranks tear
+    the process group down together."""
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-               "ranks_in_sync": ranks_in_sync(policy, accelerator, q_model),
+               "ranks_in_sync": ranks_in_sync(policy, accelerator, *replicas),
                "optimizer_steps": totals["charts/optimizer_steps_total"], "q_reverted": totals["q/reverted_total"]}
     logger.close()
     if accelerator.is_main_process:
@@ -772,7 +773,7 @@ def main(args: Args) -> dict:
                                                       critic=critic.state_dict(), critic_opt=critic_opt.state_dict())})
         if out_of_time or converged:
             break
-    return finish(accelerator, policy, q_model, env, run_dir, logger, first_eval, latest_eval, it + 1,
+    return finish(accelerator, policy, (q_model, critic), env, run_dir, logger, first_eval, latest_eval, it + 1,
                   (time.time() - start) / 60, totals)
 
 
