@@ -1,15 +1,17 @@
 """learned_reward.py: the RLHF baseline's Bradley-Terry reward model learned from preferences on mu's conversations.
 
-The MTPO paper's multi-turn RLHF baseline (Shani et al., NeurIPS 2024, Sec. 5) optimises a reward model r_phi fitted
-on pairs of whole conversations sampled from mu and labelled by the preference oracle; mtpo.py (`--variant rlhf
---reward learned`) samples and labels the pairs (`mtpo.preference_pairs`) and trains against the frozen r_phi
-(Theorem B.6). This file is that reward model, not MTPO's own equations (docs/mtpo.md#the-learned-reward-model):
+The MTPO paper's multi-turn RLHF baseline (Shani et al., NeurIPS 2024, Sec. 5) optimises a reward model r_phi learned
+from preferences; mtpo.py (`--variant rlhf --reward learned`) trains against it, frozen (Theorem B.6). This file is
+that reward model, not MTPO's own equations (docs/mtpo.md#the-learned-reward-model):
 
-  bradley_terry_loss  -[t log sigmoid(r_a - r_b) + (1 - t) log sigmoid(r_b - r_a)], t a sampled label or p
-  RewardModel         r_phi(x_{H+1}): a scalar head on a backbone, read at the conversation's last token
-  build_reward_model  its backbone: a copy of the initial policy's (or --rm_model_name_or_path's)
-  fit_reward_model    the fit, gradients averaged over ranks, then r_phi shifted to mean 0 on mu's conversations
-  pair_metrics        held-out and training accuracy, the oracle's ceiling, the loss
+  preference_pairs      two whole conversations from mu per context, p = P(a > b) from the oracle (mtpo.preference)
+  bradley_terry_loss    -[t log sigmoid(r_a - r_b) + (1 - t) log sigmoid(r_b - r_a)]: t a label drawn from p (the
+                        paper's preference data are labelled pairs), or p itself with --rm_labels soft
+  RewardModel           r_phi(x_{H+1}): a scalar head on a copy of the initial policy's backbone (or
+                        --rm_model_name_or_path's), read at the conversation's last token
+  fit_reward_model      the fit, gradients averaged over ranks, then r_phi shifted to mean 0 on mu's conversations (no
+                        rescaling: on the tutor task r_phi ~ 4 r + c, the oracle's scale); held-out accuracy
+  learned_reward_model  sample, label, fit (or reload on --resume): what mtpo.py calls
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class RewardModelArgs:
 
 def reward_model_flag_errors(args: RewardModelArgs) -> list:
     """The --rm_* flags out of range, each named."""
-    bad = [f"--{k} must be > 0" for k in ("rm_pairs", "rm_epochs", "rm_lr", "rm_batch_size") if not getattr(args, k) > 0]
+    bad = [f"--{k} must be > 0" for k in ("rm_pairs", "rm_epochs", "rm_lr", "rm_batch_size")
+           if not getattr(args, k) > 0]
     return bad + ([] if 0 < args.rm_heldout_fraction < 1 else ["--rm_heldout_fraction must lie in (0, 1)"])
 
 
@@ -195,17 +198,34 @@ def fit_reward_model(rm, convs_a, convs_b, p, target, args, accelerator, rng) ->
             "reward_model/steps": float(len(losses))}
 
 
-def learned_reward_model(args, accelerator, run_dir: Path, sample_pairs: Callable):
-    """--reward learned: mu's pairs labelled by the oracle (sample_pairs(seed) -> (convs_a, convs_b, p, rng): the
-    caller's sampler, `mtpo.preference_pairs`), then r_phi fitted on them (or, on --resume, the one the run fitted,
-    loaded from runs/<run>/reward_model/). Returns (r_phi, its reward_model/* metrics)."""
+def preference_pairs(ref, tokenizer, env, args, accelerator, seed: int, oracle: Callable):
+    """This rank's share of --rm_pairs: two whole conversations from mu per context (same context and student
+    profile, independent samples), and p = oracle(a, b) = P(a > b) (mtpo.preference: the environment's oracle,
+    checked). The training sampler's RNG is left untouched."""
+    n = args.rm_pairs // accelerator.num_processes
+    rng = np.random.default_rng(seed + 7919 * accelerator.process_index)
+    ctx = env.contexts(n, "train", rng)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed + 7919 * accelerator.process_index)
+        convs = sim.continue_dialogues(ref, tokenizer, env, [c.messages for c in ctx] * 2, [c.user for c in ctx] * 2,
+                                       [c.max_turns or args.max_turns for c in ctx] * 2, rng, args.max_new_tokens,
+                                       args.temperature, args.gen_batch_size)[0]
+    a, b = convs[:n], convs[n:]
+    return a, b, oracle(env, a, b), rng
+
+
+def learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir: Path, oracle: Callable):
+    """--reward learned: sample mu's pairs, label them with the oracle (oracle(env, a, b) = P(a > b)), fit r_phi
+    (or, on --resume, load the one the run fitted from runs/<run>/reward_model/). Returns (r_phi, its
+    reward_model/* metrics)."""
     rm = build_reward_model(args, accelerator)
     path = run_dir / "reward_model"
     if args.resume and (path / "model.pt").exists():
         rm.load_state_dict(torch.load(path / "model.pt", map_location=accelerator.device))
         return rm, json.loads((path / "metrics.json").read_text())
     t0 = time.time()
-    a, b, p, rng = sample_pairs(20_000 + args.seed)
+    a, b, p, rng = preference_pairs(ref, tokenizer, env, args, accelerator, 20_000 + args.seed, oracle)
     target = (torch.as_tensor(rng.random(len(p)), dtype=torch.float32) < p).float() if args.rm_labels == "sampled" \
         else p  # the paper's preference data are labelled pairs (the judge answers 1 or 2): sampled by default
     metrics = fit_reward_model(rm, a, b, p, target, args, accelerator, rng)
@@ -216,3 +236,13 @@ def learned_reward_model(args, accelerator, run_dir: Path, sample_pairs: Callabl
         (path / "metrics.json").write_text(json.dumps(metrics))
     accelerator.print("reward model: " + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in metrics.items()))
     return rm, metrics
+
+
+def reward_model_summary(reward_model, metrics: dict, first_eval: dict, final_eval: dict, accelerator) -> dict:
+    """summary.json's entries for --reward learned: r_phi's fit, its score of pi and mu at the first and the last
+    evaluation, and whether every rank holds the same r_phi."""
+    fit = {f"reward_model_{k}": metrics[f"reward_model/{k}"]
+           for k in ("heldout_accuracy", "heldout_accuracy_ceiling", "heldout_untied_accuracy", "minutes")}
+    return {**fit, "initial_rm_reward": first_eval["eval/rm_reward"], "final_rm_reward": final_eval["eval/rm_reward"],
+            "mu_rm_reward": final_eval["eval/mu_rm_reward"],
+            "reward_model_ranks_in_sync": same_on_all_ranks(reward_model, accelerator)}

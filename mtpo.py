@@ -5,20 +5,18 @@ baseline's learned reward model in learned_reward.py).
 
 The game (Sec. 3, Lemmas 3.1-3.2): the regularised preference
 P_a(pi > pi') = P(pi > pi') - a KL_p(pi||mu) + a KL_p(pi'||mu); its Nash equilibrium is the target. Self-play
-mirror descent, Eq. (1)/(2): pi_{t+1}(y|x) ~ mu^(a eta) pi_t^(1 - a eta)
-exp(eta Q_a^{pi_t,pi_t}(x, y)), with Q_a(x_h, y_h) = E[P(x_{H+1} > pi') - a sum_{h'>=h} KL(pi||mu)[x_h']]: the opponent's
-conversation starts afresh from the context (no shared prefix). The deep version (Sec. 4.1) is an actor-critic:
+mirror descent, Eq. (1)/(2): pi_{t+1}(y|x) ~ mu^(a eta) pi_t^(1 - a eta) exp(eta Q_a^{pi_t,pi_t}(x, y)), with
+Q_a(x_h, y_h) = E[P(x_{H+1} > pi') - a sum_{h'>=h} KL(pi||mu)[x_h']]: the opponent's conversation starts afresh from
+the context (no shared prefix). The deep version (Sec. 4.1) is an actor-critic:
   --variant mtpo      per context two whole conversations from pi_theta; p = P(conv 1 > conv 2) from the preference
                       oracle; rewards p and 1 - p ("2 generations, 2 updates per context").    -> `rollout`, `collect`
   --variant mtpo-tau  the same, both conversations sampled from the geometric mixture pi^tau ~ pi^(1-tau) mu^tau
-                      (Theorem B.2), per token: softmax((1 - tau) logits_pi + tau logits_mu), the simulator's decode
-                      loop with mu as a partner model (two KV caches), batched over all conversations.
-                                                                                           -> `mixture_sample_turns`
+                      (Theorem B.2), per token softmax((1 - tau) logits_pi + tau logits_mu), mu decoded alongside
+                      pi with its own KV cache, batched over all conversations.            -> `mixture_sample_turns`
   --variant rlhf      one conversation per context, the conversation-level reward instead (Theorem B.6): the
                       environment's own (--reward exact, a control as the paper's Car Dealer online oracle) or,
                       --reward learned, a Bradley-Terry reward model r_phi fitted before training on pairs of mu's
-                      conversations labelled by the preference oracle (the paper's baseline, Sec. 5).
-                  -> `preference_pairs`, `learned_reward_model`; learned_reward.py: `bradley_terry_loss`, the fit
+                      conversations labelled by the oracle (the paper's baseline, Sec. 5).   -> learned_reward.py
 Losses for agent turn y_h at state x_h (Sec. 4.1):
   L_policy = -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h]                                       -> `policy_loss`
   L_value  = (V_hat_h - V(x_h))^2                                                           -> `value_loss`
@@ -27,14 +25,9 @@ lambda = 0.95, gamma = 1 over agent turns (`gae`), advantages normalised over th
 for the first --value_warmup_iterations ("policy learning delay"). No mirror-descent term to pi_t (the paper drops it).
 One iteration (`main`): `collect`, then `score_batch` (log-probs, values, `turn_rewards`, `gae`), then `update`.
 
-Choices the paper leaves open (the reasons: docs/mtpo.md#implementation-details): no KL counted twice (`turn_rewards`:
-r_h = -a KLhat[x_{h+1}] for h < H, r_H = R, KLhat[x] = sum over the sampled turn of log pi_t - log mu; the current
-state's KL is L_policy's explicit term, whose gradient is the score-function estimator with the in-turn reward-to-go
-of log pi/mu, unbiased over whole turns: `policy_loss`); a turn-level value, a scalar head on a SEPARATE copy of the
-initial policy's backbone read at x_h's last token (`ActorCritic`: one forward per conversation gives every turn's
-log-prob and every state's value); MTPO-tau trains on mixture samples with the on-policy loss (tau is small); the
-reward is p itself, not a draw (the tutor's oracle sigmoid(4 (r_a - r_b)), or a prompted judge asked in both orders:
---judge_model), and value targets are not renormalised (p lies in [0, 1]); --reward learned: learned_reward.py.
+Choices the paper leaves open (docs/mtpo.md#implementation-details): no KL counted twice (`turn_rewards`,
+`policy_loss`); a turn-level value on a separate copy of the initial backbone (`ActorCritic`); MTPO-tau trains on
+mixture samples with the on-policy loss; the reward is p itself, not a draw, and value targets are not renormalised.
 Hyperparameters (the paper's a = 0.01/0.005/0.0025, lr 4e-5, 16 contexts are for T5 models): the defaults are the
 first settings tried on the tutor task, which worked; they were not swept (README).
 
@@ -58,12 +51,12 @@ from tqdm.auto import tqdm
 import simulator as sim
 from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
                          ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
-from learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, same_on_all_ranks
+from learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, reward_model_summary
 from run_io import Logger, load_checkpoint, make_run_dir, save_checkpoint
 
 
 @dataclass
-class Args(sim.EnvArgs, RewardModelArgs):  # the environment's flags (--env, ...) and the --rm_* ones
+class Args(RewardModelArgs, sim.EnvArgs):  # the environment's flags (--env, ...) and the --rm_* ones
     variant: Literal["mtpo", "mtpo-tau", "rlhf"] = "mtpo-tau"
     """mtpo: self-play from pi; mtpo-tau: self-play from the geometric mixture; rlhf: one conversation, the reward"""
     exp_name: str = "mtpo"
@@ -79,9 +72,8 @@ class Args(sim.EnvArgs, RewardModelArgs):  # the environment's flags (--env, ...
 
     # preference oracle
     judge_model: Optional[str] = None
-    """preference oracle: a prompted judge model comparing two conversations (both orders averaged; an endpoint
-    judge shares --user_max_concurrency, --user_timeout, --user_retries); None = the environment's Bradley-Terry
-    oracle sigmoid(4 (r_a - r_b)) (on chat, from --reward_model, which is also rlhf's reward)"""
+    """preference oracle: a prompted judge comparing two conversations, both orders averaged (an endpoint judge uses
+    the --user_* limits); None = the environment's Bradley-Terry oracle sigmoid(4 (r_a - r_b))"""
     judge_api_base: Optional[str] = None
     """an OpenAI-compatible endpoint serving --judge_model (key from $OPENAI_API_KEY); None = a local HF model"""
     judge_prompt_path: Optional[str] = None
@@ -114,9 +106,8 @@ class Args(sim.EnvArgs, RewardModelArgs):  # the environment's flags (--env, ...
 
     # multi-turn RLHF's reward (--variant rlhf)
     reward: Literal["exact", "learned"] = "exact"
-    """rlhf: 'exact' = the environment's reward (the Car-Dealer-style control); 'learned' = a Bradley-Terry reward
-    model r_phi fitted before training on pairs of mu's conversations labelled by the preference oracle (the
-    paper's multi-turn RLHF baseline; its --rm_* flags are learned_reward.RewardModelArgs)"""
+    """rlhf: 'exact' = the environment's reward (the Car-Dealer-style control); 'learned' = r_phi fitted on mu's
+    pairs labelled by the oracle (the paper's multi-turn RLHF baseline; --rm_* flags: learned_reward.py)"""
 
     # optimisation
     num_iterations: int = 1000
@@ -130,8 +121,7 @@ class Args(sim.EnvArgs, RewardModelArgs):  # the environment's flags (--env, ...
     max_tokens_per_batch: Optional[int] = None
     """max padded tokens per no-grad forward (pi_t's and mu's log-probs, V): memory at long conversations"""
     value_backbone: Literal["separate", "shared"] = "separate"
-    """the value network's backbone: a copy of the initial policy's (the paper), or the policy's own (saves one
-    trained 8B backbone: its weights, gradients and optimizer state)"""
+    """the value's backbone: a copy of the initial policy's (the paper), or the policy's own (one trained copy less)"""
     lr: float = 3e-4
     """policy AdamW learning rate"""
     value_lr: float = 1e-3
@@ -174,16 +164,14 @@ class Args(sim.EnvArgs, RewardModelArgs):  # the environment's flags (--env, ...
     """contexts per rank per iteration (computed at runtime)"""
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Sampling: whole conversations, from pi or the geometric mixture pi^(1-tau) mu^tau
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Sampling: whole conversations, from pi or the geometric mixture pi^(1-tau) mu^tau -----------------------------
 @torch.no_grad()
 def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, temperature: float = 1.0,
                          tau: float = 0.0, max_batch_size: int = 256) -> sim.TurnSamples:
     """Next assistant turn of every conversation from softmax(((1 - tau) logits_pi + tau logits_mu) / T), the
-    per-token normalised geometric mixture pi^(1-tau) mu^tau (Theorem B.2; docs/mtpo.md#the-mixture-sampler):
-    sim.sample_turns with mu as the partner model, both models keeping their KV cache. tau = 0 runs the policy
-    alone. Log-probs are under the mixture."""
+    per-token normalised geometric mixture pi^(1-tau) mu^tau (Theorem B.2; docs/mtpo.md#the-mixture-sampler), mu
+    decoded alongside with its own KV cache (sim.sample_turns' partner); tau = 0: the policy alone. Log-probs are
+    under the mixture."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
     if tau == 0 or ref is None:
@@ -194,10 +182,9 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
 
 
 def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_turns=None):
-    """Whole conversations of H agent turns from the start (no shared prefix; H = n_turns[i], by default H_max):
-    one batched sampler call and one batched user call per turn over every conversation still short of its H.
-    A turn that hit the token budget is marked "truncated" (its never-sampled end-of-turn token is not scored).
-    Returns (conversations, hit_budget N x H_max, False past a conversation's H)."""
+    """Whole conversations from the start (no shared prefix) of H = n_turns[i] agent turns (default H_max): per turn
+    one batched sampler call and one batched user call over those still short of their H; a turn that hit the token
+    budget is marked "truncated" (its never-sampled end-of-turn token is not scored). -> (convs, hit_budget N x H)."""
     convs = [list(m) for m in messages]
     n_turns = [args.max_turns] * len(convs) if n_turns is None else list(n_turns)
     hit = torch.zeros((len(convs), args.max_turns), dtype=torch.bool)
@@ -228,10 +215,7 @@ def preference(env, convs_a, convs_b) -> torch.Tensor:
     return p
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Batches (one forward per whole conversation gives every turn's log-prob and every state's value), rewards,
-# GAE, losses
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Batches (one forward per conversation: every turn's log-prob, every state's value), rewards, GAE, losses
 def conversation_batch(tokenizer, convs, H: int):
     """Right-padded (input_ids N x L, attention_mask, token_turn N x (L-1): h for target tokens of assistant turn h
     else 0, state_pos N x H: position of x_h's last token (its generation prompt), turn_mask N x H)."""
@@ -281,9 +265,9 @@ def per_turn(x, token_turn, H: int):
 
 
 class ActorCritic(torch.nn.Module):
-    """The policy pi_theta and a turn-level value V_phi with a scalar head read at each state's last token, on its
-    own backbone (a copy of the initial policy's) or, value_backbone=None, on the policy's; one module so DDP /
-    DeepSpeed wrap one model. (A shared backbone is not registered twice: ZeRO-3 would hook it twice.)"""
+    """The policy pi_theta and a turn-level value V_phi, a scalar head read at each state's last token on its own
+    backbone (a copy of the initial policy's) or, value_backbone=None, on the policy's (not registered twice: ZeRO-3
+    would hook it twice); one module, so DDP / DeepSpeed wrap one model."""
 
     def __init__(self, policy, value_backbone=None):
         super().__init__()
@@ -355,9 +339,7 @@ def value_loss(values, returns, turn_mask):
     return (((values - returns.detach()) ** 2) * turn_mask).sum() / turn_mask.sum().clamp(min=1)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# One iteration (collect, score: log-probs, values, rewards, GAE; update), and mu's pairs for a learned reward
-# ----------------------------------------------------------------------------------------------------------------
+# ---- One iteration: collect, score (log-probs, values, rewards, GAE), update ----------------------------------------
 def collect(model, ref, tokenizer, env, accelerator, rng, args, tau: float, reward_model=None):
     """This rank's contexts played to the end, (conversations, hit_budget N x H_max, final reward R): mtpo and
     mtpo-tau two whole conversations per context rewarded p and 1 - p, rlhf one rewarded r_RLHF."""
@@ -379,9 +361,8 @@ def collect(model, ref, tokenizer, env, accelerator, rng, args, tau: float, rewa
 
 @torch.no_grad()
 def score_batch(model, ref, tokenizer, convs, final_reward, accelerator, args) -> dict:
-    """The batch of one update, by name: the conversations' tensors (`conversation_batch`), pi_t's and mu's
-    log-probs and V(x_h) (no grad, in row chunks: memory), KLhat[x_h], the turn rewards' GAE advantages
-    (normalised) and value targets."""
+    """One update's batch by name: `conversation_batch`'s tensors, pi_t's and mu's log-probs and V(x_h) (no grad,
+    in row chunks: memory), KLhat[x_h], and the turn rewards' GAE advantages (normalised) and value targets."""
     dev, H = accelerator.device, args.max_turns
     ids, attn, token_turn, state_pos, turn_mask = [x.to(dev) for x in conversation_batch(tokenizer, convs, H)]
     agent_tokens = token_turn > 0  # the LM head runs over the agent turns' span only
@@ -401,7 +382,7 @@ def score_batch(model, ref, tokenizer, convs, final_reward, accelerator, args) -
 def update(model, optimizer, batch: dict, accelerator, rng, args, policy_on: bool) -> tuple[dict, int]:
     """num_epochs passes of num_minibatches optimizer steps on L_policy + L_value (the value alone while policy_on
     is False: the policy learning delay). Returns (this rank's mean losses by name, optimizer steps)."""
-    policy_losses, value_losses = [], []
+    losses = []
     for _ in range(args.num_epochs):
         order = torch.as_tensor(rng.permutation(len(batch["input_ids"])), device=accelerator.device)
         for rows in order.chunk(args.num_minibatches):
@@ -411,40 +392,19 @@ def update(model, optimizer, batch: dict, accelerator, rng, args, policy_on: boo
             policy_term = policy_loss(logprobs, b["ref_logprobs"], b["token_turn"], b["advantages"], b["turn_mask"],
                                       args.alpha)
             value_term = value_loss(values, b["returns"], b["turn_mask"])
-            loss = (policy_term if policy_on else 0.0 * policy_term) + value_term  # 0 * keeps DDP's hooks in step
-            accelerator.backward(loss)
+            accelerator.backward((policy_term if policy_on else 0.0 * policy_term) + value_term)  # 0 *: DDP's hooks
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-            policy_losses.append(policy_term.item())
-            value_losses.append(value_term.item())
-    return {"losses/policy_loss": float(np.mean(policy_losses)),
-            "losses/value_loss": float(np.mean(value_losses))}, len(policy_losses)
+            losses.append((policy_term.item(), value_term.item()))
+    policy_mean, value_mean = np.mean(losses, 0)
+    return {"losses/policy_loss": float(policy_mean), "losses/value_loss": float(value_mean)}, len(losses)
 
 
-def preference_pairs(ref, tokenizer, env, args, accelerator, seed: int):
-    """This rank's share of --rm_pairs: two whole conversations from mu per context (same context and student
-    profile, independent samples), and the oracle's p = P(a > b). The training sampler's RNG is left untouched."""
-    n = args.rm_pairs // accelerator.num_processes
-    rng = np.random.default_rng(seed + 7919 * accelerator.process_index)
-    ctx = env.contexts(n, "train", rng)
-    msgs, users = [c.messages for c in ctx] * 2, [c.user for c in ctx] * 2
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed + 7919 * accelerator.process_index)
-        convs = rollout(ref, None, tokenizer, env, msgs, users, rng, args,
-                        n_turns=[c.max_turns or args.max_turns for c in ctx] * 2)[0]
-    a, b = convs[:n], convs[n:]
-    return a, b, preference(env, a, b), rng
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Plumbing: the models for training, evaluation, setup, resume, finish
-# ----------------------------------------------------------------------------------------------------------------
+# ---- Plumbing: the models for training, evaluation, setup, resume, finish ------------------------------------------
 def prepare_for_training(model, args):
-    """--gradient_checkpointing on both backbones, and training mode with dropout off (distributed.without_dropout:
-    log pi_t at collection and log pi in the loss are the same function of the weights)."""
+    """--gradient_checkpointing on both backbones; training mode, dropout off (distributed.without_dropout)."""
     if args.gradient_checkpointing:
         for backbone in filter(None, (model.policy, model.value_backbone)):
             enable_gradient_checkpointing(backbone)
@@ -458,24 +418,22 @@ def actor_critic_policy(actor_critic, state_dict):
 
 @torch.no_grad()
 def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_model=None):
-    """On held-out contexts: the policy's mean reward, and its win rate against mu under the preference oracle
-    (mean of P(pi's conversation > mu's), same contexts and students). mu's conversations are sampled once. With a
-    learned reward model, also its score of both (eval/rm_reward, eval/mu_rm_reward): what RLHF optimises."""
+    """On held-out contexts: the policy's mean reward and its win rate against mu under the oracle (mean P(pi's
+    conversation > mu's), same contexts and students; mu plays once); with r_phi, its score of both (eval/rm_*)."""
     n = max(1, args.num_eval // accelerator.num_processes)
     s = seed + 7919 * accelerator.process_index
     ctx = env.contexts(n, "eval", np.random.default_rng(s))
-    msgs, users = [c.messages for c in ctx], [c.user for c in ctx]
-    turns = [c.max_turns or args.max_turns for c in ctx]  # H_max, or a record's own number (setting two)
+    play = lambda policy, k: rollout(policy, None, tokenizer, env, [c.messages for c in ctx], [c.user for c in ctx],
+                                     np.random.default_rng(s + k), args, n_turns=[c.max_turns or args.max_turns
+                                                                                  for c in ctx])[0]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # evaluation leaves the training sampler's RNG untouched
         if "mu" not in cache:
             torch.manual_seed(s + 2)
-            cache["mu"] = rollout(ref, None, tokenizer, env, msgs, users, np.random.default_rng(s + 2), args,
-                                  n_turns=turns)[0]
+            cache["mu"] = play(ref, 2)
         torch.manual_seed(s + 1)
         with sampling_weights(model, accelerator, part=lambda actor_critic: actor_critic.policy) as policy:
-            convs = rollout(policy, None, tokenizer, env, msgs, users, np.random.default_rng(s + 1), args,
-                            n_turns=turns)[0]
+            convs = play(policy, 1)
     r, p = env.reward(convs), preference(env, convs, cache["mu"])
     out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(),
            "eval/mu_reward": env.reward(cache["mu"]).mean(), **env.dialogue_metrics(convs)}  # the tutor's lessons
@@ -483,35 +441,29 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
         with accelerator.autocast():
             out["eval/rm_reward"] = reward_model.score(convs, args.gen_batch_size).mean()
             out["eval/mu_rm_reward"] = reward_model.score(cache["mu"], args.gen_batch_size).mean()
-    keys = sorted(out)
-    vals = accelerator.gather(torch.stack([torch.as_tensor(out[k]).float() for k in keys]).to(accelerator.device)[None])
-    res = dict(zip(keys, vals.mean(0).tolist()))
-    world = accelerator.num_processes
-    res["eval/reward_stderr"] = float(r.std() / math.sqrt(n * world))
-    res["eval/win_rate_stderr"] = float(p.std() / math.sqrt(n * world))
+    res = reduce_mean(accelerator, out)  # means over ranks
+    res["eval/reward_stderr"] = float(r.std() / math.sqrt(n * accelerator.num_processes))
+    res["eval/win_rate_stderr"] = float(p.std() / math.sqrt(n * accelerator.num_processes))
     if isinstance(env, sim.TutorEnv):
         res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
     return res
 
 
 def check_args(args: Args) -> None:
-    """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
-    nothing without a word."""
-    positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
-                "prompts_per_iteration", "num_epochs", "num_minibatches", "eval_every", "num_eval", "save_every",
-                "reward_max_length", "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries",
-                "max_tokens_per_batch"]
+    """Every flag in its range, named in the error (a bad value otherwise fails deep inside a run, or silently)."""
+    positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations", "num_epochs",
+                "prompts_per_iteration", "num_minibatches", "eval_every", "num_eval", "save_every", "reward_max_length",
+                "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries", "max_tokens_per_batch"]
     non_negative = ["alpha", "lr", "value_lr", "weight_decay", "max_grad_norm", "value_warmup_iterations",
                     "time_budget_minutes", "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
     bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
     bad += [f"--{k} must lie in [0, 1]" for k in ("tau", "gamma", "gae_lambda") if not 0 <= getattr(args, k) <= 1]
+    bad += ["--adam_betas must lie in [0, 1)"] if not all(0 <= b < 1 for b in args.adam_betas) else []
     if args.reward == "learned":
         bad += reward_model_flag_errors(args)
         if args.variant != "rlhf":
             bad.append("--reward learned is the multi-turn RLHF baseline's: it needs --variant rlhf")
-    if not all(0 <= b < 1 for b in args.adam_betas):
-        bad.append("--adam_betas must lie in [0, 1)")
     if bad:
         raise ValueError("invalid flags: " + "; ".join(bad))
 
@@ -550,11 +502,10 @@ def setup(args: Args):
                                                   max_concurrency=args.user_max_concurrency,
                                                   timeout=args.user_timeout, retries=args.user_retries)
     model = prepare_for_training(ActorCritic(policy, value_backbone), args)
-    optimizer = torch.optim.AdamW(
-        [{"params": list(model.policy.parameters()), "lr": args.lr},
-         {"params": [*model.value_head.parameters(), *(model.value_backbone or torch.nn.Module()).parameters()],
-          "lr": args.value_lr}],
-        betas=args.adam_betas, weight_decay=args.weight_decay)
+    value_params = [*model.value_head.parameters(), *(model.value_backbone or torch.nn.Module()).parameters()]
+    optimizer = torch.optim.AdamW([{"params": list(model.policy.parameters()), "lr": args.lr},
+                                   {"params": value_params, "lr": args.value_lr}],
+                                  betas=args.adam_betas, weight_decay=args.weight_decay)
     conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
     configure_deepspeed(accelerator, max(1, conversations // args.num_minibatches), 1, args.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -562,8 +513,7 @@ def setup(args: Args):
 
 
 def resume(accelerator, run_dir: Path, rng) -> dict:
-    """runs/<run>/checkpoint (or the .old one a crash mid-replace left) restored: model, optimizer, RNGs. Returns
-    its meta: {iteration, elapsed}."""
+    """runs/<run>/checkpoint restored (model, optimizer, RNGs; run_io.load_checkpoint); its {iteration, elapsed}."""
     return load_checkpoint(accelerator, run_dir, rng)[0]
 
 
@@ -578,11 +528,7 @@ def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dic
                "num_processes": accelerator.num_processes, "ranks_in_sync": ranks_in_sync(model, accelerator),
                "distributed_type": str(accelerator.distributed_type).split(".")[-1], "reward": args.reward}
     if reward_model is not None:
-        summary.update({f"reward_model_{k}": reward_model_metrics[f"reward_model/{k}"] for k in (
-            "heldout_accuracy", "heldout_accuracy_ceiling", "heldout_untied_accuracy", "minutes")})
-        summary.update({"initial_rm_reward": first_eval["eval/rm_reward"], "final_rm_reward": final["eval/rm_reward"],
-                        "mu_rm_reward": final["eval/mu_rm_reward"],
-                        "reward_model_ranks_in_sync": same_on_all_ranks(reward_model, accelerator)})
+        summary.update(reward_model_summary(reward_model, reward_model_metrics, first_eval, final, accelerator))
     if accelerator.is_main_process:
         print(f"{args.variant}: mean reward {summary['initial_reward']:.3f} -> {summary['final_reward']:.3f} +- "
               f"{summary['final_stderr']:.3f} (mu {summary['mu_reward']:.3f}); win rate vs mu under the oracle "
@@ -600,9 +546,8 @@ def main(args: Args) -> dict:
     start_iteration = meta.get("iteration", 0)
     tau = args.tau if args.variant == "mtpo-tau" else 0.0
     logger = Logger(run_dir, args, accelerator.is_main_process)
-    mu_pairs = lambda seed: preference_pairs(ref, tokenizer, env, args, accelerator, seed)  # labelled by the oracle
-    reward_model, reward_model_metrics = learned_reward_model(args, accelerator, run_dir, mu_pairs) \
-        if args.reward == "learned" else (None, {})
+    reward_model, reward_model_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir,
+                                                              preference) if args.reward == "learned" else (None, {})
     mu_eval_conversations = {}  # mu plays the held-out contexts once
     evaluate_now = lambda: evaluate(model, ref, tokenizer, env, accelerator, args, 10_000 + args.seed,
                                     mu_eval_conversations, reward_model)
@@ -624,16 +569,14 @@ def main(args: Args) -> dict:
                  "charts/hit_budget_frac": float(hit_budget.float().mean()),
                  "charts/abs_pref_margin": float((final_reward - 0.5).abs().mean()),
                  "charts/value_mean": float(batch["old_values"][batch["turn_mask"]].mean())}
+        if reward_model is not None:  # what r_phi's optimiser does to the environment's own reward
+            local["charts/true_reward"] = float(env.reward(convs).mean())
         metrics = {**local, **reduce_mean(accelerator, local)}  # the means over ranks, in this order
         seconds = time.time() - t0
-        metrics.update({"charts/policy_on": float(policy_on), "charts/iterations_per_sec": 1 / seconds,
-                        "charts/steps_per_sec": optimizer_steps / seconds,
+        metrics.update({"charts/policy_on": float(policy_on), "charts/collect_share": collect_seconds / seconds,
+                        "charts/iterations_per_sec": 1 / seconds, "charts/steps_per_sec": optimizer_steps / seconds,
                         "charts/conversations_per_sec": len(convs) * args.world_size / seconds,
-                        "charts/collect_share": collect_seconds / seconds,
                         "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()})
-        if reward_model is not None:  # what r_phi's optimiser does to the environment's own reward
-            true_reward = env.reward(convs).mean().to(accelerator.device)
-            metrics["charts/true_reward"] = accelerator.reduce(true_reward, "mean").item()
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = iteration == args.num_iterations - 1 or out_of_time
         if (iteration + 1) % args.eval_every == 0 or last:

@@ -136,7 +136,7 @@ def test_fitted_reward_model_beats_chance_on_the_tutor_task(base_policy):
     ref, tok = base_policy
     args = mtpo.Args(variant="rlhf", reward="learned", rm_pairs=256, rm_epochs=4, rm_lr=3e-3, gen_batch_size=512)
     accelerator, env = Accelerator(cpu=True), sim.TutorEnv()
-    a, b, p, rng = mtpo.preference_pairs(ref, tok, env, args, accelerator, seed=3)
+    a, b, p, rng = learned_reward.preference_pairs(ref, tok, env, args, accelerator, 3, mtpo.preference)
     assert len(a) == len(b) == 256 and all(x[0] == y[0] for x, y in zip(a, b))  # same context, two samples
     target = (torch.as_tensor(rng.random(len(p)), dtype=torch.float32) < p).float()
     rm = learned_reward.build_reward_model(args, accelerator)
