@@ -9,6 +9,7 @@ import torch
 
 import iterative_ppo as ippo
 import simulator as sim
+import single_turn_ppo as stp
 from conftest import TWO_CPU_PROCESSES, run_script, summary
 
 TINY = ["--prompts_per_iteration", "16", "--ppo_minibatch_size", "16", "--q_minibatch_size", "16", "--num_eval", "16",
@@ -100,16 +101,16 @@ def test_fit_q_model_reports_a_revert(base_policy, one_thread):
         torch.testing.assert_close(v, start[k], atol=0, rtol=0)
 
 
-# ---------------------------------------------------------------- step 7: PPO pieces by hand
+# ---------------------------------------------------------------- step 7: the solver (single_turn_ppo.py) by hand
 def test_token_kl_and_entropy_by_hand():
     p = torch.tensor([[[0.5, 0.5, 0.0 + 1e-30], [0.9, 0.05, 0.05]]]).log()
     q = torch.tensor([[[0.25, 0.75, 1e-30], [1 / 3, 1 / 3, 1 / 3]]]).log()
     mask = torch.tensor([[1.0, 0.0]])  # the second position is padding
-    kl, ent = ippo.token_kl_entropy(p, q, mask)
+    kl, ent = stp.token_kl_entropy(p, q, mask)
     assert kl[0, 0].item() == pytest.approx(0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75))
     assert ent[0, 0].item() == pytest.approx(math.log(2))
     assert kl[0, 1] == 0 and ent[0, 1] == 0
-    kl, ent = ippo.token_kl_entropy(q[:, 1:], q[:, 1:], torch.ones(1, 1))
+    kl, ent = stp.token_kl_entropy(q[:, 1:], q[:, 1:], torch.ones(1, 1))
     assert kl.item() == 0 and ent.item() == pytest.approx(math.log(3))
 
 
@@ -119,15 +120,15 @@ def test_ppo_clipped_loss_by_hand():
     old = torch.zeros(1, 3)
     adv = torch.tensor([[1.0, 1.0, 7.0]])
     mask = torch.tensor([[1.0, 1.0, 0.0]])  # the third token is padding
-    loss, clipfrac = ippo.ppo_clipped_loss(lp, old, adv, mask, cliprange=0.2)
+    loss, clipfrac = stp.ppo_clipped_loss(lp, old, adv, mask, cliprange=0.2)
     # token 1: ratio 1.5, A = 1: max(-1.5, -1.2) = -1.2; token 2: ratio 0.5, A = 1: max(-0.5, -0.8) = -0.5
     assert loss.item() == pytest.approx((-1.2 - 0.5) / 2)
     assert clipfrac.item() == pytest.approx(1.0)
     adv_neg = torch.tensor([[-1.0, -1.0, 0.0]])
-    loss, _ = ippo.ppo_clipped_loss(lp, old, adv_neg, mask, cliprange=0.2)
+    loss, _ = stp.ppo_clipped_loss(lp, old, adv_neg, mask, cliprange=0.2)
     # A = -1: token 1: max(1.5, 1.2) = 1.5; token 2: max(0.5, 0.8) = 0.8
     assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
-    v = ippo.value_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 1.0]]),
+    v = stp.value_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 1.0]]),
                         torch.ones(1, 2), 0.2)
     # token 1: max((1-2)^2, (0.2-2)^2) = 3.24; token 2: max(1, 1) = 1
     assert v.item() == pytest.approx(0.5 * (3.24 + 1.0) / 2)
@@ -138,7 +139,7 @@ def test_token_gae_by_hand():
     v = torch.tensor([[0.3, 0.4, 0.6], [1.0, 0.5, 9.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # row 2 has 2 tokens, then padding
     g, lam = 0.9, 0.5
-    adv, ret = ippo.token_gae(r, v, mask, gamma=g, lam=lam)
+    adv, ret = stp.token_gae(r, v, mask, gamma=g, lam=lam)
     d2 = 1.0 - 0.6
     d1 = 0.2 + g * 0.6 - 0.4
     d0 = 0.1 + g * 0.4 - 0.3
@@ -156,14 +157,14 @@ def test_ppo_rewards_and_whiten():
     lp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -0.1, 0.0]])
     ref = torch.tensor([[-1.5, -2.0, -0.5], [-0.2, -0.4, 0.0]])
     mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    rew, kl = ippo.ppo_rewards(q, lp, ref, mask, kl_coef=0.1)
+    rew, kl = stp.ppo_rewards(q, lp, ref, mask, kl_coef=0.1)
     # -beta (ln pi_old - ln pi_i) per token, Q at the last real token only
     assert rew[0].tolist() == pytest.approx([-0.05, 0.0, 0.7])
     assert rew[1].tolist() == pytest.approx([0.01, -0.03 - 0.2, 0.0])
     assert kl.sum(1).tolist() == pytest.approx([0.5, 0.2])
     x = torch.tensor([[1.0, 2.0, 100.0], [3.0, 4.0, 5.0]])
     m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    w = ippo.whiten(x, m)
+    w = stp.whiten(x, m)
     vals = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])
     assert w[m.bool()].tolist() == pytest.approx(((vals - 3) / vals.var(unbiased=False).sqrt()).tolist(), abs=1e-5)
     assert w[0, 2] == 0
@@ -187,10 +188,10 @@ def test_response_logprobs_over_the_responses_span_equal_the_dense_pass(base_pol
     convs = env.reference_dialogues(3, np.random.default_rng(0), 3)
     prompts = [c[:2 * k + 1] for k, c in enumerate(convs)]
     responses = [tok(c[2 * k + 1]["content"], add_special_tokens=False)["input_ids"] for k, c in enumerate(convs)]
-    ids, attn, idx, mask = ippo.response_batch(tok, prompts, responses)
+    ids, attn, idx, mask = stp.response_batch(tok, prompts, responses)
     with torch.no_grad():
         dense = sim.token_logprobs(mu, ids, attn).gather(1, idx)
-        torch.testing.assert_close(ippo.response_logprobs(mu, ids, attn, idx, mask, 1.0) * mask, dense * mask,
+        torch.testing.assert_close(stp.response_logprobs(mu, ids, attn, idx, mask, 1.0) * mask, dense * mask,
                                    atol=1e-5, rtol=0)
 
 
@@ -201,12 +202,12 @@ def test_response_log_dists_match_the_sampled_tokens_log_probs(base_policy):
     prompts = [c[:2 * k + 1] for k, c in enumerate(convs)]
     responses = [tok(c[2 * k + 1]["content"], add_special_tokens=False)["input_ids"][:2 + 2 * k]
                  for k, c in enumerate(convs)]  # lengths 2, 4, 6: padding inside the batch
-    ids, attn, idx, mask = ippo.response_batch(tok, prompts, responses)
+    ids, attn, idx, mask = stp.response_batch(tok, prompts, responses)
     with torch.no_grad():
-        logp = ippo.response_log_dists(mu, ids, attn, idx, mask, 1.3)
-        lp = ippo.response_logprobs(mu, ids, attn, idx, mask, 1.3) * mask
-    assert ippo.response_tokens(ids, idx, mask)[2].tolist() == responses[2]
-    got = logp.gather(2, ippo.response_tokens(ids, idx, mask)[:, :, None]).squeeze(-1)
+        logp = stp.response_log_dists(mu, ids, attn, idx, mask, 1.3)
+        lp = stp.response_logprobs(mu, ids, attn, idx, mask, 1.3) * mask
+    assert stp.response_tokens(ids, idx, mask)[2].tolist() == responses[2]
+    got = logp.gather(2, stp.response_tokens(ids, idx, mask)[:, :, None]).squeeze(-1)
     torch.testing.assert_close(got, lp, atol=1e-5, rtol=0)
     assert logp[mask.bool()].exp().sum(-1).tolist() == pytest.approx([1.0] * int(mask.sum()), abs=1e-5)
 
@@ -231,8 +232,10 @@ def ppo_setup(base_policy, **kw):
 def ppo_batch(base_policy, **kw):
     args, acc, policy, ref, q, critic, opt, critic_opt, tok, prompts = ppo_setup(base_policy, **kw)
     torch.manual_seed(1)
-    out = ippo.ppo_step_batch(policy, ref, q, critic, critic_opt, tok, prompts, opt, acc, np.random.default_rng(0),
-                              args)
+    score = lambda ps, texts: ippo.q_predict(q, tok, [p + [{"role": "assistant", "content": t}]
+                                                      for p, t in zip(ps, texts)])  # Q as the reward model
+    out = stp.ppo_step_batch(policy, ref, score, critic, critic_opt, tok, prompts, opt, acc, np.random.default_rng(0),
+                             args)
     return out, policy
 
 
@@ -286,9 +289,9 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
     mu, tok = base_policy
     for it in (0, 1):
         first = [r for r in rows if r["iteration"] == it and r["ppo_batch"] == 0]
-        ids, attn, idx, mask = ippo.response_batch(tok, [r["prompt"] for r in first], [r["token_ids"] for r in first])
+        ids, attn, idx, mask = stp.response_batch(tok, [r["prompt"] for r in first], [r["token_ids"] for r in first])
         with torch.no_grad():
-            mu_lp = (ippo.response_logprobs(mu, ids, attn, idx, mask, 1.0) * mask).sum(1)
+            mu_lp = (stp.response_logprobs(mu, ids, attn, idx, mask, 1.0) * mask).sum(1)
         ref = torch.tensor([r["ref_logprob"] for r in first])
         old = torch.tensor([r["old_logprob"] for r in first])
         torch.testing.assert_close(ref, old, atol=1e-4, rtol=0)  # the anchor is the policy PPO starts from
