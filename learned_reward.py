@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import simulator as sim
-from distributed import outside_zero3_init
+from distributed import outside_zero3_init, sync_gradients
 
 
 @dataclass
@@ -113,20 +113,6 @@ def build_reward_model(args, accelerator) -> RewardModel:
     rm = RewardModel(lm.get_decoder(), tok).to(accelerator.device)
     rm.eval()  # dropout off for the fit as well; gradients still flow
     return rm
-
-
-def sync_gradients(module, accelerator) -> None:
-    """All-reduce (mean) the gradients of a replicated model that is not prepared, so every rank takes the same
-    step."""
-    if accelerator.num_processes == 1:
-        return
-    params = [p for p in module.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    flat = accelerator.reduce(flat, "mean")
-    n = 0
-    for p in params:
-        p.grad = flat[n:n + p.numel()].view_as(p).clone()
-        n += p.numel()
 
 
 def same_on_all_ranks(module, accelerator) -> bool:
