@@ -26,7 +26,6 @@ from typing import Callable, Optional
 
 import torch
 
-import simulator as sim
 
 
 def make_accelerator(bf16: Optional[bool], gradient_accumulation_steps: int = 1):
@@ -140,7 +139,7 @@ def _full_sampling_model(model, accelerator, part: Callable):
     if getattr(accelerator.state.fsdp_plugin, "fsdp_version", 1) != 2:
         raise ValueError("sampling under FSDP needs FSDP2 (fsdp_version: 2, as in configs/fsdp.yaml)")
     half = torch.bfloat16 if accelerator.mixed_precision == "bf16" else None
-    yield sim.sampling_copy(part(accelerator.unwrap_model(model)), half)  # an unsharded copy, all-gathered once
+    yield sampling_copy(part(accelerator.unwrap_model(model)), half)  # an unsharded copy, all-gathered once
 
 
 def ranks_in_sync(model, accelerator, *replicas) -> bool:
@@ -149,7 +148,7 @@ def ranks_in_sync(model, accelerator, *replicas) -> bool:
     sharded copy, so this checks the gathered weights that every rank samples with."""
     with full_weights(model, accelerator) as full:
         params = [*full.parameters(), *(p for r in replicas for p in r.parameters())]
-        checksum = sum(sim.full_tensor(p.detach()).double().sum() for p in params)
+        checksum = sum(full_tensor(p.detach()).double().sum() for p in params)
     sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
     return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
 

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 import torch
 
 import simulator as sim
+from distributed import full_tensor
 
 # Prefixes that wrappers put before an HF model's own parameter names (DDP/DeepSpeed, torch.compile, PEFT merged).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
@@ -58,7 +59,7 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
         for p in _WRAPPER_PREFIXES:
             if name.startswith(p):
                 name = name[len(p):]
-        yield name, sim.full_tensor(t).detach()
+        yield name, full_tensor(t).detach()
 
 
 class VLLMEngine:

@@ -1,4 +1,4 @@
-"""FSDP2 sampling: sim.sampling_copy gathers a sharded policy into a plain copy once per collection. accelerate's
+"""FSDP2 sampling: distributed.sampling_copy gathers a sharded policy into a plain copy once per collection. accelerate's
 FSDP path needs a GPU, so this runs torch's own fully_shard on two CPU processes (gloo), which is what accelerate
 calls under configs/fsdp.yaml."""
 import subprocess
@@ -9,6 +9,7 @@ from conftest import ROOT, subprocess_env
 SCRIPT = r'''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
+import distributed
 import simulator as sim
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
@@ -24,7 +25,7 @@ for layer in sharded.model.layers:
 fully_shard(sharded)
 assert isinstance(next(sharded.parameters()), DTensor)
 convs = [[{"role": "user", "content": "hello teacher , teach me fractions ."}]] * 3
-copy = sim.sampling_copy(sharded)
+copy = distributed.sampling_copy(sharded)
 a = sim.sample_turns(copy, tok, convs, 8, temperature=0.0).texts
 b = sim.sample_turns(plain, tok, convs, 8, temperature=0.0).texts
 assert a == b, (a, b)
@@ -33,10 +34,10 @@ opt = torch.optim.SGD(sharded.parameters(), lr=0.1)
 ids = torch.tensor([tok.encode("hello teacher")])
 sharded(input_ids=ids, labels=ids).loss.backward()
 opt.step()
-again = sim.sampling_copy(sharded)
+again = distributed.sampling_copy(sharded)
 assert again is copy
 for n, p in again.named_parameters():
-    assert torch.equal(p, sim.full_tensor(dict(sharded.named_parameters())[n].detach())), n
+    assert torch.equal(p, distributed.full_tensor(dict(sharded.named_parameters())[n].detach())), n
 assert any(not torch.equal(p, q) for p, q in zip(again.parameters(), plain.parameters()))
 open(f"rank{dist.get_rank()}.ok", "w").write("ok")
 del sharded, copy, again, opt  # the DTensors' device mesh holds the gloo group

@@ -498,7 +498,7 @@ def test_the_sampling_copy_keeps_the_models_stop_tokens():
     model = tiny_llama(tok)
     eot, end_of_text = sim.end_of_turn_id(tok), tok.convert_tokens_to_ids("<|end_of_text|>")
     model.generation_config.eos_token_id = [end_of_text, eot]
-    copy = sim.sampling_copy(model)
+    copy = distributed.sampling_copy(model)
     assert sim.stop_token_ids(tok, copy) == sim.stop_token_ids(tok, model) == [eot, end_of_text]
     distributed._SAMPLING_COPIES.pop(model, None)
 
