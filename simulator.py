@@ -662,7 +662,7 @@ def evaluate_policy(model, tokenizer, env: Environment, n: int, seed: int, max_n
 # ----------------------------------------------------------------------------------------------------------------
 # What lives in sibling modules, reachable as sim.NAME all the same
 # ----------------------------------------------------------------------------------------------------------------
-SIBLING_MODULES = ("tutor_task", "chat_datasets", "chat_env", "fast_decode", "distributed")
+SIBLING_MODULES = ("tutor_task", "chat_datasets", "chat_env", "fast_decode", "logprob_memory", "distributed")
 
 
 def __getattr__(name: str):

@@ -50,12 +50,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import logprob_memory  # noqa: E402
 import simulator as sim  # noqa: E402
 
 GiB = 2 ** 30
 CAPACITY = 80 * GiB
 USABLE = CAPACITY - 4 * GiB  # the CUDA context, NCCL buffers, fragmentation
-CHUNK_BYTES = 2 * sim.LOGPROB_CHUNK_ELEMENTS * 4  # two float32 chunks of the chunked log-softmax
+CHUNK_BYTES = 2 * logprob_memory.LOGPROB_CHUNK_ELEMENTS * 4  # two float32 chunks of the chunked log-softmax
 ZERO3_LIVE = 2 * 10 ** 9  # stage3_max_live_parameters (1e9, DeepSpeed's default) in bf16
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
