@@ -18,11 +18,20 @@ import torch
 from tqdm.auto import tqdm
 
 
+WANDB_MISSING = ("--track logs to Weights & Biases: `pip install wandb` (and `wandb login`), or drop --track "
+                 "(metrics.jsonl is always written)")
+
+
 def make_run_dir(args, accelerator, name: Optional[str] = None) -> Path:
     """runs/<run_name>/ with args.json; run_name defaults to NAME__env__seed__time, NAME = `name` or exp_name (the
     same on every rank)."""
     if args.resume and not args.run_name:
         raise ValueError("--resume needs --run_name (the run directory under output_dir)")
+    if getattr(args, "track", False):  # before any model is loaded, not after
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ImportError(WANDB_MISSING)
     if not args.run_name:
         import time
 
@@ -52,8 +61,7 @@ class Logger:
             try:
                 import wandb
             except ImportError:
-                raise ImportError("--track logs to Weights & Biases: `pip install wandb` (and `wandb login`), or "
-                                  "drop --track (metrics.jsonl is always written)") from None
+                raise ImportError(WANDB_MISSING) from None
             # resuming the same run_name continues the same W&B run
             self.wandb = wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, name=run_dir.name,
                                     id=run_dir.name.replace("/", "_"), resume="allow", config=vars(args),
