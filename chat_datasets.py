@@ -146,7 +146,7 @@ def load_dialogues(path: str, fmt: str = "auto", max_turns: Optional[int] = None
             skipped["malformed"] += 1
             first_bad = first_bad or f"{where}: {e}"
             continue
-        msgs, n_turns = d["messages"], sum(m["role"] == "assistant" for m in d["messages"])
+        msgs, n_turns = d["messages"], sim.assistant_turns(d["messages"])
         if max_turns is not None and n_turns > max_turns:
             if d["format"] != "education":
                 skipped[f"more than {max_turns} turns"] += 1

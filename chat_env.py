@@ -425,7 +425,7 @@ class ChatEnv(sim.Environment):
         out = []  # setting two: the next pre-sampled question
         for c, u in zip(convs, users):
             qs = (u or {}).get("questions") or []
-            k = sum(m["role"] == "assistant" for m in c) - 1
+            k = sim.assistant_turns(c) - 1
             if k >= len(qs):
                 raise ValueError(f"pre-sampled user turns ran out: this record has {len(qs)} later user turns, so "
                                  f"it supports {len(qs) + 1} assistant turns and a user reply after turn {k + 1} "
@@ -446,7 +446,7 @@ class ChatEnv(sim.Environment):
             d = self.offline_records[i]
             # without a user model, later user turns are the dialogue's own (pre-sampled, setting two)
             context, later = split_opening(d["messages"])
-            n_turns = sum(m["role"] == "assistant" for m in d["messages"])
+            n_turns = sim.assistant_turns(d["messages"])
             # max_turns: the dialogue's own last turn (LT-OFFLINE / LT-MIXED train it), at most H_max
             ctx.append(sim.Context(int(i), context, {**(d.get("user") or {}), "questions": later},
                                min(self.max_turns, n_turns)))

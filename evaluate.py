@@ -106,7 +106,7 @@ def judge_turns(judge, convs_pi: Sequence, convs_ref: Sequence, env: sim.Environ
     pi_first = rng.random((n, H)) < 0.5  # A/B order drawn per comparison
     a, b, at = [], [], []
     for i in range(n):
-        for h in range(1, min(H, sum(m["role"] == "assistant" for m in convs_pi[i])) + 1):
+        for h in range(1, min(H, sim.assistant_turns(convs_pi[i])) + 1):
             p, r = dialogue_to_turn(convs_pi[i], h, env), dialogue_to_turn(convs_ref[i], h, env)
             a.append(p if pi_first[i, h - 1] else r)
             b.append(r if pi_first[i, h - 1] else p)
@@ -140,7 +140,7 @@ def dialogue_logprobs(model, tokenizer, convs: Sequence, H: int, temperature: fl
                       max_batch_size: int = 64, max_tokens_per_batch: Optional[int] = None) -> np.ndarray:
     """ln pi(y_h|s_h) of every turn of every dialogue (n x H, 0 past a dialogue's own last turn), teacher-forced on
     the turn's text in batches."""
-    at = [(i, h) for i, c in enumerate(convs) for h in range(1, min(H, sum(m["role"] == "assistant" for m in c)) + 1)]
+    at = [(i, h) for i, c in enumerate(convs) for h in range(1, min(H, sim.assistant_turns(c)) + 1)]
     lp = sim.turn_logprob(model, tokenizer, [convs[i] for i, _ in at], [h for _, h in at], temperature,
                           max_batch_size=max_batch_size, max_tokens_per_batch=max_tokens_per_batch)
     out = np.zeros((len(convs), H))

@@ -205,7 +205,7 @@ def monte_carlo_returns(turn_rewards, gamma: float = 1.0) -> list:
 
 def q_examples(convs, rewards, gamma: float) -> list:
     """D^pi: ((s_h, y_h), G_h) per agent turn; the conversation reward is the last turn's reward, the others are 0."""
-    turn_rewards = [[0.0] * (sum(m["role"] == "assistant" for m in c) - 1) + [float(r)] for c, r in zip(convs, rewards)]
+    turn_rewards = [[0.0] * (sim.assistant_turns(c) - 1) + [float(r)] for c, r in zip(convs, rewards)]
     examples = []
     for g, (c, gs) in enumerate(zip(convs, monte_carlo_returns(turn_rewards, gamma))):
         for h, G in enumerate(gs, 1):

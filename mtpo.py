@@ -223,7 +223,7 @@ def conversation_batch(tokenizer, convs, H: int):
     rows = []
     for c in convs:
         full = sim.render_ids(tokenizer, c, add_generation_prompt=False)
-        n_turns = sum(m["role"] == "assistant" for m in c)
+        n_turns = sim.assistant_turns(c)
         spans = []
         for h in range(1, min(n_turns, H) + 1):
             prompt, turn = sim.split_turn(tokenizer, c, h, eot, check_full=False)

@@ -117,6 +117,11 @@ def dialogue_token_count(tokenizer, conv: Sequence[dict]) -> int:
     return len(render_ids(tokenizer, conv, add_generation_prompt=False))
 
 
+def assistant_turns(messages: Sequence[dict]) -> int:
+    """How many assistant turns a conversation holds (H of a finished one)."""
+    return sum(m["role"] == "assistant" for m in messages)
+
+
 def assistant_turn_index(messages: Sequence[dict], h: int) -> int:
     """Index in `messages` of assistant turn h (1-based)."""
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
@@ -487,7 +492,7 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
     """
     need = [n + int(bool(reply_after_last) and not env.scores_final_user_reply) for n in n_turns]
     for i, (c, u, n) in enumerate(zip(convs, users, need)):
-        if sum(m["role"] == "assistant" for m in c) >= n_turns[i]:
+        if assistant_turns(c) >= n_turns[i]:
             continue  # nothing to sample, no user turn to ask for
         most = env.supported_turns(u)
         if most is not None and n > most:
@@ -507,7 +512,7 @@ def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_n
     convs = [list(c) for c in convs]
     info = [dict() for _ in convs]
     while True:
-        active = [i for i, c in enumerate(convs) if sum(m["role"] == "assistant" for m in c) < n_turns[i]]
+        active = [i for i, c in enumerate(convs) if assistant_turns(c) < n_turns[i]]
         if not active:
             return convs, info
         out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
@@ -517,9 +522,9 @@ def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_n
             if bool(out.hit_budget[j]):
                 msg["truncated"] = True  # its end-of-turn token was never sampled: not scored (split_turn)
             convs[i].append(msg)
-            h = sum(m["role"] == "assistant" for m in convs[i])
+            h = assistant_turns(convs[i])
             info[i][h] = (float(out.logprobs[j].sum()), bool(out.hit_budget[j]))
-        talk = [i for i in active if sum(m["role"] == "assistant" for m in convs[i]) < n_turns[i]
+        talk = [i for i in active if assistant_turns(convs[i]) < n_turns[i]
                 or env.scores_final_user_reply or reply_after_last]
         if talk:
             replies = env.user_turn([convs[i] for i in talk], [users[i] for i in talk], rng)
