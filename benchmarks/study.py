@@ -206,9 +206,14 @@ def update_docs(text: str, headline: str) -> None:
 
 
 def optimizer_steps(path: Path, summary: dict) -> int:
-    """Optimizer steps a run took: its summary's count, or (mtpo.py) epochs x minibatches per iteration."""
+    """Optimizer steps a run took: its summary's count, else the last logged charts/optimizer_steps, else (mtpo.py,
+    which logs none) epochs x minibatches per iteration."""
     if "optimizer_steps" in summary:
         return summary["optimizer_steps"]
+    logged = [json.loads(line).get("charts/optimizer_steps") for line in (path / "metrics.jsonl").open()]
+    logged = [x for x in logged if x is not None]
+    if logged:
+        return int(logged[-1])
     a = json.loads((path / "args.json").read_text())
     return summary["iterations"] * a["num_epochs"] * a["num_minibatches"]
 
