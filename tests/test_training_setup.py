@@ -180,3 +180,21 @@ def test_baselines_train_the_turn_their_scheme_names(mode):
             hk = h[H == k]
             assert hk.min() >= 1 and hk.max() <= k
             assert abs(np.mean(hk == 1) - 1 / k) <= 4 * math.sqrt((1 / k) * (1 - 1 / k) / len(hk))
+
+
+# ---------------------------------------------------------------- the test harness's one tolerated failure
+def test_only_a_teardown_abort_after_summary_is_tolerated(tmp_path):
+    import subprocess
+
+    from conftest import GLOO_TEARDOWN_ABORT, aborted_in_teardown
+
+    args = ["--run_name", "r", "--threads", "1"]
+    crashed = subprocess.CompletedProcess([], -6, "", f"...\n{GLOO_TEARDOWN_ABORT}\nSignal 6 (SIGABRT)")
+    assert not aborted_in_teardown(crashed, tmp_path, args, TWO_CPU_PROCESSES)  # no summary.json: the run failed
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "summary.json").write_text("{}")
+    assert aborted_in_teardown(crashed, tmp_path, args, TWO_CPU_PROCESSES)
+    assert not aborted_in_teardown(crashed, tmp_path, args, ("python",))  # one process: no gloo teardown
+    other = subprocess.CompletedProcess([], 1, "", "Traceback ...\nValueError: bad")
+    assert not aborted_in_teardown(other, tmp_path, args, TWO_CPU_PROCESSES)
+    assert not aborted_in_teardown(crashed, tmp_path, ["--threads", "1"], TWO_CPU_PROCESSES)  # run dir unknown
