@@ -21,15 +21,16 @@ Batch-online policy iteration (paper Algorithm 1), per outer iteration i:
      whitened advantages, the clipped surrogate and the clipped value loss
                                         -> `single_turn_ppo.py:whiten`, `:ppo_clipped_loss`, `:value_loss`
      No environment step happens inside PPO: the future turns are compressed into Q_i.
-     Afterwards KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn are measured on fresh samples at the states pi_i
-     visited                                                                                  -> `policy_shift`
+     Afterwards KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn are measured on fresh samples at the states of
+     D_single                                                                 -> `single_turn_ppo.py:policy_shift`
   9. "until Q_i has converged": with --q_converged_tol, stop when Q_i's estimate of V^{pi_i}(s_1) (mean Q_i over
      held-out first turns) moves less than the tolerance between iterations; otherwise run num_iterations.
 
 Runs as `python iterative_ppo.py` (CPU, the embedded tutor task) or `accelerate launch [--config_file configs/...]
 iterative_ppo.py --model_name_or_path ... --env chat ...`. The policy goes through accelerate (DDP, DeepSpeed, FSDP2:
 distributed.py); Q_i and the critic are replicated on every rank and kept in sync by an all-reduce of their gradients.
-Run files (metrics, checkpoints) are run_io.py's.
+Run files (metrics, checkpoints) are run_io.py's; `--vllm` samples every policy turn (rollouts, PPO, evaluation)
+with a vLLM engine (vllm_engine.py).
 """
 from __future__ import annotations
 
@@ -46,14 +47,15 @@ import torch
 from tqdm.auto import tqdm
 
 import simulator as sim
+import vllm_engine
 from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
                          ranks_in_sync, reduce_mean, sampling_weights, sync_gradients, without_dropout)
-from run_io import Logger, load_checkpoint, make_run_dir, save_checkpoint
-from single_turn_ppo import ppo_step_batch, response_kl_entropy, token_scores
+from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, save_checkpoint
+from single_turn_ppo import policy_shift, ppo_step_batch, token_scores
 
 
 @dataclass
-class Args(sim.EnvArgs):  # the environment's flags (--env, --prompts_path, --user_model, ...) are simulator.EnvArgs'
+class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, ..., --output_dir, --track, ...
     exp_name: str = "iterative_ppo"
     """experiment name, the first part of run_name"""
     run_name: Optional[str] = None
@@ -64,12 +66,6 @@ class Args(sim.EnvArgs):  # the environment's flags (--env, --prompts_path, --us
     """random seed (rank r uses seed + r for sampling)"""
     threads: int = 0
     """torch CPU threads (0 = torch's default)"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "multiturn-rlhf"
-    """the W&B project (with --track)"""
-    wandb_entity: Optional[str] = None
-    """the W&B team or user (with --track; None = the default entity)"""
     max_turns: int = 5
     """H: agent turns per collected conversation"""
 
@@ -111,6 +107,9 @@ class Args(sim.EnvArgs):  # the environment's flags (--env, --prompts_path, --us
     """'loss': beta x the exact per-token KL(pi_theta || pi_i) over the vocabulary at the response positions, in
     every minibatch's loss (acts from the first optimizer step on, in every PPO batch); 'reward': the per-token reward
     -beta (ln pi_old - ln pi_i) fixed at sampling time (zero throughout the first PPO batch, where pi_old = pi_i)"""
+    d_single_size: Optional[int] = None
+    """prompts of D_single per outer iteration across all ranks: a uniform sample, without replacement, of the
+    states pi_i visited (about H per conversation); None = prompts_per_iteration, 0 = every state"""
     ppo_batches: int = 2
     """D_single is shuffled and cut into this many PPO batches; each is sampled anew from the current policy"""
     ppo_epochs: int = 2
@@ -160,29 +159,27 @@ class Args(sim.EnvArgs):  # the environment's flags (--env, --prompts_path, --us
     """atomic checkpoint every N outer iterations (and at the end)"""
     save_rollouts: Optional[str] = None
     """append every PPO sample (prompt, response, Q score, old and reference log-probs) to this JSONL file"""
-    tensorboard: bool = False
-    """also write TensorBoard scalars"""
-    output_dir: str = "runs"
-    """parent of runs/<run_name>/"""
 
     # derived after parsing
     world_size: int = 0
     """number of processes (computed at runtime)"""
     local_prompts: int = 0
     """conversations per rank per outer iteration (computed at runtime)"""
+    local_d_single: int = 0
+    """prompts of D_single per rank per outer iteration, 0 = every state (computed at runtime)"""
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Steps 4-5: rollouts and Monte Carlo returns
 # ----------------------------------------------------------------------------------------------------------------
-def rollout(policy, tokenizer, env, contexts, rng, args):
+def rollout(policy, tokenizer, env, contexts, rng, args, engine=None):
     """Algorithm 1 line 4: whole conversations of pi_i with the user, batched at every turn (H_max turns, or a
     record's own number where it has one: setting two's pre-sampled questions); and their rewards."""
     if not contexts:
         raise ValueError("rollout: no contexts")
     convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
                                       [c.user for c in contexts], [c.max_turns or env.max_turns for c in contexts],
-                                      rng, args.max_new_tokens, args.temperature, args.gen_batch_size)
+                                      rng, args.max_new_tokens, args.temperature, args.gen_batch_size, engine=engine)
     rewards = env.reward(convs)
     if not torch.isfinite(rewards).all():
         raise FloatingPointError("the reward is NaN or infinite for some conversations")
@@ -201,6 +198,14 @@ def monte_carlo_returns(turn_rewards, gamma: float = 1.0) -> list:
             gs.append(g)
         out.append(gs[::-1])
     return out
+
+
+def sample_d_single(examples, size: int, rng) -> list:
+    """Algorithm 1 line 6: the states s_h pi_i visited (one per Q example); `size` of them drawn uniformly without
+    replacement (0 = all): a sample of pi_i's state distribution at a PPO cost set by a flag, not by H."""
+    if not size or size >= len(examples):
+        return list(examples)
+    return [examples[k] for k in sorted(rng.choice(len(examples), size, replace=False))]
 
 
 def q_examples(convs, rewards, gamma: float) -> list:
@@ -343,26 +348,8 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
 # ----------------------------------------------------------------------------------------------------------------
 # Step 7: single-turn token-level PPO (single_turn_ppo.py) with Q_i as the reward model and pi_i as the KL anchor
 # ----------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def policy_shift(policy, ref_policy, tokenizer, prompts, turns, accelerator, args) -> dict:
-    """KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per agent turn h on fresh y ~ pi_{i+1}(.|s) at every s of D_single:
-    per response, the exact per-token KL and entropy summed over its tokens (unbiased estimates of the response-level
-    ones), averaged over prompts and ranks."""
-    dev, H = accelerator.device, max(args.max_turns, max(turns))
-    kl, ent = (x.double() for x in response_kl_entropy(policy, ref_policy, tokenizer, prompts, accelerator, args))
-    h = torch.as_tensor(turns, device=dev) - 1
-    onehot = torch.zeros(len(prompts), H, device=dev, dtype=torch.float64).scatter_(1, h[:, None], 1.0)
-    count = torch.tensor(float(len(prompts)), device=dev, dtype=torch.float64)
-    sums = torch.cat([torch.stack([kl.sum(), ent.sum(), count]), ent @ onehot, onehot.sum(0)])
-    sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
-    n, ent_h, n_h = sums[2], sums[3:3 + H], sums[3 + H:]
-    out = {"ppo/kl_new_to_pi_i": float(sums[0] / n), "charts/entropy": float(sums[1] / n)}
-    out.update({f"charts/entropy_turn{k + 1}": float(ent_h[k] / n_h[k]) for k in range(H) if n_h[k] > 0})
-    return out
-
-
 def ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer, accelerator, rng, args,
-        iteration: int):
+        iteration: int, engine=None):
     """Algorithm 1 line 7: the single-turn solver (single_turn_ppo.ppo_step_batch) with Q_i as the reward model and
     pi_i as the reference, on D_single shuffled and cut into --ppo_batches PPO batches, each sampled anew from the
     current policy; every sample appended to --save_rollouts. Returns the batches' mean statistics (and the first
@@ -373,7 +360,8 @@ def ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, opt
     for b, chunk in enumerate(np.array_split(rng.permutation(len(prompts)), args.ppo_batches)):
         batch_rows = [] if args.save_rollouts else None
         batch_stats.append(ppo_step_batch(policy, ref_policy, q_i, critic, critic_opt, tokenizer,
-                                          [prompts[k] for k in chunk], optimizer, accelerator, rng, args, batch_rows))
+                                          [prompts[k] for k in chunk], optimizer, accelerator, rng, args, batch_rows,
+                                          engine))
         rows += [{**row, "ppo_batch": b} for row in batch_rows or []]
     if args.save_rollouts:
         from accelerate.utils import gather_object
@@ -408,6 +396,8 @@ def check_args(args: Args) -> None:
     bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
     bad += [f"--{k} must lie in [0, 1]" for k in ("gamma", "lam", "ppo_gamma") if not 0 <= getattr(args, k) <= 1]
     bad += ["--q_heldout_fraction must lie in (0, 1)"] * (not 0 < args.q_heldout_fraction < 1)
+    bad += ["--d_single_size must lie in [0, prompts_per_iteration]"] * (
+        args.d_single_size is not None and not 0 <= args.d_single_size <= args.prompts_per_iteration)
     bad += ["--adam_betas must lie in [0, 1)"] * (not all(0 <= b < 1 for b in args.adam_betas))
     if bad:
         raise ValueError("invalid flags: " + "; ".join(bad))
@@ -430,10 +420,12 @@ def setup(args: Args):
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = W = accelerator.num_processes
-    if args.prompts_per_iteration % W or args.ppo_minibatch_size % W or args.q_minibatch_size % W:
-        raise ValueError("prompts_per_iteration, ppo_minibatch_size and q_minibatch_size must be divisible by the "
-                         "number of processes")
+    if any(n % W for n in (args.prompts_per_iteration, args.ppo_minibatch_size, args.q_minibatch_size,
+                           args.d_single_size or 0)):  # then every rank has as many PPO prompts and minibatches
+        raise ValueError("prompts_per_iteration, ppo_minibatch_size, q_minibatch_size and d_single_size must be "
+                         "divisible by the number of processes")
     args.local_prompts = args.prompts_per_iteration // W
+    args.local_d_single = (args.prompts_per_iteration if args.d_single_size is None else args.d_single_size) // W
     if args.local_prompts < 2:
         raise ValueError("need at least 2 conversations per rank per iteration")
     run_dir = make_run_dir(args, accelerator)
@@ -458,15 +450,16 @@ def setup(args: Args):
     configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), 1, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
-    return accelerator, run_dir, rng, env, tokenizer, policy, optimizer, ref_policy, q_model, critic
+    engine = vllm_engine.make_engine(policy, accelerator, args)  # None without --vllm
+    return accelerator, run_dir, rng, env, tokenizer, policy, optimizer, ref_policy, q_model, critic, engine
 
 
-def evaluate(model, tokenizer, env, accelerator, args, seed):
+def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     """Mean reward with the real user (and per-turn detail on the tutor) on held-out contexts; ranks share it."""
-    with sampling_weights(model, accelerator) as policy:
+    with sampling_weights(model, accelerator, engine=engine) as policy:
         out = sim.evaluate_policy(policy, tokenizer, env, max(1, args.num_eval // accelerator.num_processes),
                                   seed + 7919 * accelerator.process_index, args.max_new_tokens, args.temperature,
-                                  args.gen_batch_size)
+                                  args.gen_batch_size, engine)
     stderr = out.pop("eval/reward_stderr") / math.sqrt(accelerator.num_processes)
     metrics = {**reduce_mean(accelerator, out), "eval/reward_stderr": stderr}
     if isinstance(env, sim.TutorEnv):
@@ -513,7 +506,7 @@ def finish(accelerator, policy, replicas, env, run_dir, logger, first_eval: dict
 
 
 def main(args: Args) -> dict:
-    accelerator, run_dir, rng, env, tokenizer, policy, optimizer, ref_policy, q_model, critic = setup(args)
+    accelerator, run_dir, rng, env, tokenizer, policy, optimizer, ref_policy, q_model, critic, engine = setup(args)
     W = args.world_size
     # --no-q_warm_start refits every Q_i from Q_0's weights: a full model copy (32 GB at 8B), so it is kept on the
     # CPU, and load_state_dict copies it back onto the device at each iteration
@@ -527,7 +520,7 @@ def main(args: Args) -> dict:
     # shared by all ranks: same held-out split sizes and stopping epochs
     fit_rng = np.random.default_rng(args.seed + 7 * start_iter if args.resume else args.seed)
     logger, eval_seed = Logger(run_dir, args, accelerator.is_main_process), 10_000 + args.seed
-    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)
+    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
     logger.log(start_iter, first_eval)
     start, it = time.time() - meta.get("elapsed", 0.0), start_iter
     for it in tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process,
@@ -535,8 +528,8 @@ def main(args: Args) -> dict:
         t0 = time.time()
         # line 4: deploy pi_i and collect conversations with the user
         contexts = env.contexts(args.local_prompts, "train", rng)
-        with sampling_weights(policy, accelerator) as pi_i:
-            convs, rewards = rollout(pi_i, tokenizer, env, contexts, rng, args)
+        with sampling_weights(policy, accelerator, engine=engine) as pi_i:
+            convs, rewards = rollout(pi_i, tokenizer, env, contexts, rng, args, engine)
         t_collect = time.time() - t0
         # line 5: Monte Carlo policy evaluation, Q_i by regression on G_h
         examples = q_examples(convs, rewards, args.gamma)
@@ -548,7 +541,8 @@ def main(args: Args) -> dict:
                               args.max_grad_norm, accelerator, optimizer=q_opt)
         t_q = time.time() - t0 - t_collect
         # line 6: D_single = the states visited by pi_i, as pi_i's prompts
-        prompts = [e["messages"][:-1] for e in examples]
+        single = sample_d_single(examples, args.local_d_single, rng)
+        prompts = [e["messages"][:-1] for e in single]
         # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and the token critic (from Q_0, then kept)
         with sampling_weights(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
             ref_policy.load_state_dict(pi_i.state_dict())
@@ -557,9 +551,10 @@ def main(args: Args) -> dict:
             critic_opt, critic_ready = adamw(critic), True
         critic.train()
         ppo_stats, steps = ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer,
-                               accelerator, rng, args, it)
+                               accelerator, rng, args, it, engine)
         # KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn, on fresh samples at the states pi_i visited
-        shift = policy_shift(policy, ref_policy, tokenizer, prompts, [e["h"] for e in examples], accelerator, args)
+        shift = policy_shift(policy, ref_policy, tokenizer, prompts, [e["h"] for e in single], accelerator, args,
+                             engine)
         totals["charts/optimizer_steps_total"] += steps
         totals["q/reverted_total"] += int(q_stats["q/reverted"])
         dt = time.time() - t0
@@ -568,14 +563,15 @@ def main(args: Args) -> dict:
                    "charts/conversations_per_sec": args.prompts_per_iteration / dt,
                    "charts/ppo_samples_per_sec": len(prompts) * W / max(1e-9, dt - t_collect - t_q),
                    "charts/collect_share": t_collect / dt, "charts/q_fit_share": t_q / dt,
-                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()}
+                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics(),
+                   **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}}
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         converged = bool(args.q_converged_tol and v_prev is not None and
                          abs(q_stats["q/v_hat"] - v_prev) < args.q_converged_tol)  # line 9
         v_prev = q_stats["q/v_hat"]
         last = it == args.num_iterations - 1 or out_of_time or converged
         if (it + 1) % args.eval_every == 0 or last:
-            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed)  # real user, not Q
+            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)  # real user, not Q
             metrics.update(latest_eval)
         logger.log(it + 1, metrics, echo=False)
         if accelerator.is_main_process:

@@ -25,14 +25,10 @@ lambda = 0.95, gamma = 1 over agent turns (`gae`), advantages normalised over th
 for the first --value_warmup_iterations ("policy learning delay"). No mirror-descent term to pi_t (the paper drops it).
 One iteration (`main`): `collect`, then `score_batch` (log-probs, values, `turn_rewards`, `gae`), then `update`.
 
-Choices the paper leaves open (docs/mtpo.md#implementation-details): no KL counted twice (`turn_rewards`,
-`policy_loss`); a turn-level value on a separate copy of the initial backbone (`ActorCritic`); MTPO-tau trains on
-mixture samples with the on-policy loss; the reward is p itself, not a draw, and value targets are not renormalised.
-Hyperparameters (the paper's a = 0.01/0.005/0.0025, lr 4e-5, 16 contexts are for T5 models): the defaults are the
-first settings tried on the tutor task, which worked; they were not swept (README).
-
-Runs as `python mtpo.py --variant mtpo-tau` (CPU, the tutor task) or `accelerate launch [--config_file configs/...]
-mtpo.py ...`; every rank collects its own contexts and all ranks take the same optimizer steps.
+Choices the paper leaves open are in docs/mtpo.md#implementation-details (no KL counted twice: `turn_rewards`,
+`policy_loss`; a turn-level value on its own backbone: `ActorCritic`); the defaults were not swept (the paper's are
+for T5 models). Runs as `python mtpo.py` (CPU, the tutor task) or `accelerate launch [--config_file configs/...]
+mtpo.py ...`; every rank plays its own contexts. `--vllm` samples pi's turns with vLLM (MTPO-tau's mixture: HF).
 """
 from __future__ import annotations
 
@@ -49,14 +45,15 @@ import torch
 from tqdm.auto import tqdm
 
 import simulator as sim
+import vllm_engine
 from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
                          ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
 from learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, reward_model_summary
-from run_io import Logger, load_checkpoint, make_run_dir, save_checkpoint
+from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, save_checkpoint
 
 
 @dataclass
-class Args(RewardModelArgs, sim.EnvArgs):  # the environment's flags (--env, ...) and the --rm_* ones
+class Args(RewardModelArgs, sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm_*, --env, --vllm, --track...
     variant: Literal["mtpo", "mtpo-tau", "rlhf"] = "mtpo-tau"
     """mtpo: self-play from pi; mtpo-tau: self-play from the geometric mixture; rlhf: one conversation, the reward"""
     exp_name: str = "mtpo"
@@ -146,16 +143,6 @@ class Args(RewardModelArgs, sim.EnvArgs):  # the environment's flags (--env, ...
     """held-out contexts per evaluation (policy and mu each play them; the oracle compares)"""
     save_every: int = 20
     """write an atomic checkpoint every N iterations (and at the end)"""
-    tensorboard: bool = False
-    """also write TensorBoard scalars"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "multiturn-rlhf"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team or user; None = your default)"""
-    output_dir: str = "runs"
-    """parent of runs/<run_name>/"""
 
     # derived after parsing
     world_size: int = 0
@@ -167,21 +154,21 @@ class Args(RewardModelArgs, sim.EnvArgs):  # the environment's flags (--env, ...
 # ---- Sampling: whole conversations, from pi or the geometric mixture pi^(1-tau) mu^tau -----------------------------
 @torch.no_grad()
 def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, temperature: float = 1.0,
-                         tau: float = 0.0, max_batch_size: int = 256) -> sim.TurnSamples:
+                         tau: float = 0.0, max_batch_size: int = 256, engine=None) -> sim.TurnSamples:
     """Next assistant turn of every conversation from softmax(((1 - tau) logits_pi + tau logits_mu) / T), the
     per-token normalised geometric mixture pi^(1-tau) mu^tau (Theorem B.2; docs/mtpo.md#the-mixture-sampler), mu
-    decoded alongside with its own KV cache (sim.sample_turns' partner); tau = 0: the policy alone. Log-probs are
-    under the mixture."""
+    decoded alongside with its own KV cache (sim.sample_turns' partner); tau = 0: the policy alone (or its vLLM
+    engine: the mixture of two models stays on the HF sampler). Log-probs are under the mixture."""
     if not 0.0 <= tau <= 1.0:
         raise ValueError(f"tau must lie in [0, 1], got {tau}")
     if tau == 0 or ref is None:
-        return sim.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, max_batch_size)
+        return sim.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, max_batch_size, engine=engine)
     mixture = lambda pi, mu: (1 - tau) * pi + tau * mu  # Theorem B.2: log pi^tau = (1-tau) log pi + tau log mu + c
     return sim.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, max_batch_size, partner=ref,
                             combine=mixture)
 
 
-def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_turns=None):
+def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_turns=None, engine=None):
     """Whole conversations from the start (no shared prefix) of H = n_turns[i] agent turns (default H_max): per turn
     one batched sampler call and one batched user call over those still short of their H; a turn that hit the token
     budget is marked "truncated" (its never-sampled end-of-turn token is not scored). -> (convs, hit_budget N x H)."""
@@ -193,7 +180,7 @@ def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_
         if not active:
             break
         out = mixture_sample_turns(policy, ref, tokenizer, [convs[i] for i in active], args.max_new_tokens,
-                                   args.temperature, tau, args.gen_batch_size)
+                                   args.temperature, tau, args.gen_batch_size, engine)
         for j, i in enumerate(active):
             convs[i].append({"role": "assistant", "content": out.texts[j],
                              **({"truncated": True} if out.hit_budget[j] else {})})
@@ -340,15 +327,15 @@ def value_loss(values, returns, turn_mask):
 
 
 # ---- One iteration: collect, score (log-probs, values, rewards, GAE), update ----------------------------------------
-def collect(model, ref, tokenizer, env, accelerator, rng, args, tau: float, reward_model=None):
+def collect(model, ref, tokenizer, env, accelerator, rng, args, tau: float, reward_model=None, engine=None):
     """This rank's contexts played to the end, (conversations, hit_budget N x H_max, final reward R): mtpo and
     mtpo-tau two whole conversations per context rewarded p and 1 - p, rlhf one rewarded r_RLHF."""
     contexts = env.contexts(args.local_prompts, "train", rng)
     copies = 1 if args.variant == "rlhf" else 2  # two whole conversations per context for self-play
     messages, users = [c.messages for c in contexts] * copies, [c.user for c in contexts] * copies
     n_turns = [c.max_turns or args.max_turns for c in contexts] * copies  # H_max, or a record's own (setting two)
-    with sampling_weights(model, accelerator, part=lambda actor_critic: actor_critic.policy) as policy:
-        convs, hit_budget = rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau, n_turns)
+    with sampling_weights(model, accelerator, part=sampled_part, engine=engine) as policy:
+        convs, hit_budget = rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau, n_turns, engine)
     if args.variant == "rlhf":  # Theorem B.6: r_RLHF(x_{H+1}), the environment's or a learned r_phi
         final_reward = env.reward(convs) if reward_model is None else reward_model.score(convs, args.gen_batch_size)
         if not torch.isfinite(final_reward).all():
@@ -411,29 +398,34 @@ def prepare_for_training(model, args):
     return without_dropout(model)
 
 
+def sampled_part(actor_critic):
+    """What samples: the actor-critic's policy (gathered by sampling_weights, held by the vLLM engine)."""
+    return actor_critic.policy
+
+
 def actor_critic_policy(actor_critic, state_dict):
     """What a checkpoint's policy/ holds: the actor-critic's policy and its "policy."-prefixed weights."""
     return actor_critic.policy, {k[len("policy."):]: v for k, v in state_dict.items() if k.startswith("policy.")}
 
 
 @torch.no_grad()
-def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_model=None):
+def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_model=None, engine=None):
     """On held-out contexts: the policy's mean reward and its win rate against mu under the oracle (mean P(pi's
     conversation > mu's), same contexts and students; mu plays once); with r_phi, its score of both (eval/rm_*)."""
     n = max(1, args.num_eval // accelerator.num_processes)
     s = seed + 7919 * accelerator.process_index
     ctx = env.contexts(n, "eval", np.random.default_rng(s))
-    play = lambda policy, k: rollout(policy, None, tokenizer, env, [c.messages for c in ctx], [c.user for c in ctx],
-                                     np.random.default_rng(s + k), args, n_turns=[c.max_turns or args.max_turns
-                                                                                  for c in ctx])[0]
+    play = lambda policy, k, engine=None: rollout(policy, None, tokenizer, env, [c.messages for c in ctx],
+                                                  [c.user for c in ctx], np.random.default_rng(s + k), args, 0.0,
+                                                  [c.max_turns or args.max_turns for c in ctx], engine)[0]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     with torch.random.fork_rng(devices=devices):  # evaluation leaves the training sampler's RNG untouched
         if "mu" not in cache:
             torch.manual_seed(s + 2)
             cache["mu"] = play(ref, 2)
         torch.manual_seed(s + 1)
-        with sampling_weights(model, accelerator, part=lambda actor_critic: actor_critic.policy) as policy:
-            convs = play(policy, 1)
+        with sampling_weights(model, accelerator, part=sampled_part, engine=engine) as pi:
+            convs = play(pi, 1, engine)
     r, p = env.reward(convs), preference(env, convs, cache["mu"])
     out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(),
            "eval/mu_reward": env.reward(cache["mu"]).mean(), **env.dialogue_metrics(convs)}  # the tutor's lessons
@@ -464,6 +456,8 @@ def check_args(args: Args) -> None:
         bad += reward_model_flag_errors(args)
         if args.variant != "rlhf":
             bad.append("--reward learned is the multi-turn RLHF baseline's: it needs --variant rlhf")
+    if args.vllm and args.variant == "mtpo-tau":
+        bad.append("--vllm samples from the policy alone: MTPO-tau's per-token mixture with mu stays on the HF sampler")
     if bad:
         raise ValueError("invalid flags: " + "; ".join(bad))
 
@@ -509,7 +503,8 @@ def setup(args: Args):
     conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
     configure_deepspeed(accelerator, max(1, conversations // args.num_minibatches), 1, args.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)
-    return accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer
+    engine = vllm_engine.make_engine(model, accelerator, args, part=sampled_part)  # None without --vllm
+    return accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer, engine
 
 
 def resume(accelerator, run_dir: Path, rng) -> dict:
@@ -541,7 +536,7 @@ def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dic
 
 
 def main(args: Args) -> dict:
-    accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer = setup(args)
+    accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer, engine = setup(args)
     meta = resume(accelerator, run_dir, rng) if args.resume else {}
     start_iteration = meta.get("iteration", 0)
     tau = args.tau if args.variant == "mtpo-tau" else 0.0
@@ -550,7 +545,7 @@ def main(args: Args) -> dict:
                                                               preference) if args.reward == "learned" else (None, {})
     mu_eval_conversations = {}  # mu plays the held-out contexts once
     evaluate_now = lambda: evaluate(model, ref, tokenizer, env, accelerator, args, 10_000 + args.seed,
-                                    mu_eval_conversations, reward_model)
+                                    mu_eval_conversations, reward_model, engine)
     first_eval = latest_eval = evaluate_now()
     logger.log(start_iteration, {**first_eval, **reward_model_metrics})
     start = time.time() - meta.get("elapsed", 0.0)  # the time budget counts training, not the first evaluation
@@ -559,7 +554,7 @@ def main(args: Args) -> dict:
                           desc=args.variant):
         t0 = time.time()
         convs, hit_budget, final_reward = collect(model, ref, tokenizer, env, accelerator, rng, args, tau,
-                                                  reward_model)
+                                                  reward_model, engine)
         collect_seconds = time.time() - t0
         batch = score_batch(model, ref, tokenizer, convs, final_reward, accelerator, args)
         policy_on = iteration >= args.value_warmup_iterations  # policy learning delay
@@ -576,7 +571,8 @@ def main(args: Args) -> dict:
         metrics.update({"charts/policy_on": float(policy_on), "charts/collect_share": collect_seconds / seconds,
                         "charts/iterations_per_sec": 1 / seconds, "charts/steps_per_sec": optimizer_steps / seconds,
                         "charts/conversations_per_sec": len(convs) * args.world_size / seconds,
-                        "charts/elapsed_min": (time.time() - start) / 60, **env.metrics()})
+                        "charts/elapsed_min": (time.time() - start) / 60, **env.metrics(),
+                        **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}})
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = iteration == args.num_iterations - 1 or out_of_time
         if (iteration + 1) % args.eval_every == 0 or last:

@@ -41,12 +41,13 @@ from tqdm.auto import tqdm
 import distributed
 import run_io
 import simulator as sim
+import vllm_engine
 
 
 @dataclass
-class Args(sim.EnvArgs):
+class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
     """REFUEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come from
-    simulator.EnvArgs."""
+    simulator.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
     exp_name: str = "refuel"
     """experiment name, the first part of run_name"""
     run_name: Optional[str] = None
@@ -69,13 +70,6 @@ class Args(sim.EnvArgs):
     """per-turn token budget"""
     gen_batch_size: int = 256
     """max sequences per sampling call (memory)"""
-    vllm: bool = False
-    """sample the policy's turns with a vLLM engine in each process (vllm_engine.py; needs vllm installed), its
-    weights synced from the policy once per collection; the HF sampler is the default and the reference"""
-    vllm_gpu_memory_utilization: float = 0.3
-    """--vllm: share of the GPU the engine takes (its own copy of the weights and its KV cache)"""
-    vllm_enforce_eager: bool = False
-    """--vllm: no CUDA graphs / compile warm-up (quicker start; on CPU, tens of seconds less)"""
     max_tokens_per_batch: Optional[int] = None
     """max padded tokens per log-prob forward (memory; a training step's also needs --gradient_accumulation_steps)"""
 
@@ -132,16 +126,6 @@ class Args(sim.EnvArgs):
     """write an atomic checkpoint every N iterations (and at the end)"""
     save_rollouts: Optional[str] = None
     """append every collected pair to this JSONL file"""
-    output_dir: str = "runs"
-    """parent of runs/<run_name>/"""
-    tensorboard: bool = False
-    """also write TensorBoard scalars (needs the tensorboard package)"""
-    track: bool = False
-    """log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project_name: str = "multiturn-rlhf"
-    """the W&B project"""
-    wandb_entity: Optional[str] = None
-    """the W&B entity (team or user; None = your default)"""
 
     # derived after parsing
     world_size: int = 0
@@ -403,19 +387,8 @@ def setup(args: Args):
     distributed.configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
                                     args.gradient_accumulation_steps, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
-    engine = make_engine(policy, accelerator, args) if args.vllm else None
+    engine = vllm_engine.make_engine(policy, accelerator, args)  # None without --vllm
     return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine
-
-
-def make_engine(policy, accelerator, args):
-    """The optional vLLM engine for the policy's turns (vllm_engine.py), one per process, built from the policy's
-    full weights; the tutor's head_dim-16 policy stays on the HF sampler."""
-    import vllm_engine
-
-    with distributed.full_weights(policy, accelerator) as full:
-        return vllm_engine.VLLMEngine(full, dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else "auto",
-                                      gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                                      enforce_eager=args.vllm_enforce_eager)
 
 
 def resume(accelerator, run_dir: Path, rng, args) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -20,6 +20,22 @@ from tqdm.auto import tqdm
 
 WANDB_MISSING = ("--track logs to Weights & Biases: `pip install wandb` (and `wandb login`), or drop --track "
                  "(metrics.jsonl is always written)")
+
+
+@dataclass
+class RunArgs:
+    """Where a run's files go and where its metrics are also sent, shared by every script (whose Args extend this
+    class, so the flags stay flat: --output_dir, --tensorboard, --track, ...)."""
+    output_dir: str = "runs"
+    """parent of runs/<run_name>/"""
+    tensorboard: bool = False
+    """also write TensorBoard scalars (needs the tensorboard package)"""
+    track: bool = False
+    """log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "multiturn-rlhf"
+    """the W&B project (with --track)"""
+    wandb_entity: Optional[str] = None
+    """the W&B team or user (with --track; None = your default entity)"""
 
 
 def make_run_dir(args, accelerator, name: Optional[str] = None) -> Path:

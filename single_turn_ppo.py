@@ -9,6 +9,7 @@ samples a response per prompt and maximises  E_{y~pi(.|s)} score(s, y) - beta KL
   GAE over the response tokens with a token-level critic (a scalar head at every position)  -> `token_gae`
   whitened advantages, the clipped surrogate and the clipped value loss -> `whiten`, `ppo_clipped_loss`, `value_loss`
   the batch: sample, score, GAE, epochs of minibatches, target-KL stop                            -> `ppo_step_batch`
+  afterwards, KL(pi || pi_ref) and pi's entropy on fresh samples (per turn for Iterative PPO)       -> `policy_shift`
 Nothing in it knows about turns or conversations. iterative_ppo.py calls it once per outer iteration i with Q_i as
 the scorer and pi_i as the reference (Theorem 2); some metric names keep that reading (ppo/q_score, ppo/kl_to_pi_i).
 """
@@ -129,12 +130,13 @@ def token_kl_entropy(logp, ref_logp, mask):
 
 
 @torch.no_grad()
-def response_kl_entropy(policy, ref_policy, tokenizer, prompts, accelerator, args):
-    """On a fresh y ~ pi(.|s) at every prompt, per response: the exact per-token KL(pi || pi_ref) and pi's entropy
-    summed over its tokens (unbiased estimates of the response-level ones), (B,) each."""
+def response_kl_entropy(policy, ref_policy, tokenizer, prompts, accelerator, args, engine=None):
+    """On a fresh y ~ pi(.|s) at every prompt (sampled by the vLLM `engine` when given), per response: the exact
+    per-token KL(pi || pi_ref) and pi's entropy summed over its tokens (unbiased estimates of the response-level
+    ones), (B,) each."""
     dev, T = accelerator.device, args.temperature
-    with sampling_weights(policy, accelerator) as pi:
-        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, T, args.gen_batch_size)
+    with sampling_weights(policy, accelerator, engine=engine) as pi:
+        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, T, args.gen_batch_size, engine=engine)
         ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
         kl, ent = [], []
         for s in range(0, len(prompts), args.gen_batch_size):
@@ -146,16 +148,37 @@ def response_kl_entropy(policy, ref_policy, tokenizer, prompts, accelerator, arg
     return torch.cat(kl), torch.cat(ent)
 
 
+@torch.no_grad()
+def policy_shift(policy, ref_policy, tokenizer, prompts, turns, accelerator, args, engine=None) -> dict:
+    """How far a PPO solve moved the policy: KL(pi || pi_ref) and pi's entropy on a fresh y ~ pi(.|s) at every prompt,
+    per response the exact per-token KL and entropy summed over its tokens (unbiased estimates of the response-level
+    ones), averaged over prompts and ranks, the entropy also per turn h (`turns`, 1-based). Iterative PPO reads it
+    after each outer iteration as KL(pi_{i+1} || pi_i) (ppo/kl_new_to_pi_i)."""
+    dev, H = accelerator.device, max(args.max_turns, max(turns))
+    kl, ent = (x.double() for x in response_kl_entropy(policy, ref_policy, tokenizer, prompts, accelerator, args,
+                                                       engine))
+    h = torch.as_tensor(turns, device=dev) - 1
+    onehot = torch.zeros(len(prompts), H, device=dev, dtype=torch.float64).scatter_(1, h[:, None], 1.0)
+    count = torch.tensor(float(len(prompts)), device=dev, dtype=torch.float64)
+    sums = torch.cat([torch.stack([kl.sum(), ent.sum(), count]), ent @ onehot, onehot.sum(0)])
+    sums = accelerator.reduce(sums, "sum") if accelerator.num_processes > 1 else sums
+    n, ent_h, n_h = sums[2], sums[3:3 + H], sums[3 + H:]
+    out = {"ppo/kl_new_to_pi_i": float(sums[0] / n), "charts/entropy": float(sums[1] / n)}
+    out.update({f"charts/entropy_turn{k + 1}": float(ent_h[k] / n_h[k]) for k in range(H) if n_h[k] > 0})
+    return out
+
+
 def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, prompts, optimizer, accelerator,
-                   rng, args, log_rows=None):
+                   rng, args, log_rows=None, engine=None):
     """One PPO batch: sample y ~ pi(.|s) for every prompt (batched), score(prompts, texts) -> (B,) rewards, GAE,
     ppo_epochs of updates of the policy and the critic (its values: token_scores). With args.kl_penalty 'loss' each
     minibatch's loss is the clipped surrogate + beta x the exact per-token KL(pi_theta || pi_ref) (ppo/kl_term, nats
     per token, on the weights before the step); charts/optimizer_steps counts the steps taken (fewer than epochs x
-    minibatches when target-KL stops the batch). args: the PPO fields of iterative_ppo.Args."""
+    minibatches when target-KL stops the batch). args: the PPO fields of iterative_ppo.Args. engine: a vLLM engine
+    that samples instead of the HF sampler (its weights synced from the policy first)."""
     dev, T = accelerator.device, args.temperature
-    with sampling_weights(policy, accelerator) as pi:
-        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, T, args.gen_batch_size)
+    with sampling_weights(policy, accelerator, engine=engine) as pi:
+        samples = sim.sample_turns(pi, tokenizer, prompts, args.max_new_tokens, T, args.gen_batch_size, engine=engine)
     ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
     values_of = lambda j: token_scores(critic, ids[j], attn[j]).gather(1, idx[j])  # the critic's V per token
     chunks = [slice(s, s + args.gen_batch_size) for s in range(0, len(prompts), args.gen_batch_size)]  # memory

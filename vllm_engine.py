@@ -24,16 +24,42 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
 import simulator as sim
-from distributed import full_tensor
+from distributed import full_tensor, full_weights
 
 # Prefixes that wrappers put before an HF model's own parameter names (DDP/DeepSpeed, torch.compile, PEFT merged).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
+
+
+@dataclass
+class VLLMArgs:
+    """The engine's flags, shared by every script that samples from its policy alone (whose Args extend this class,
+    so the flags stay flat: --vllm, --vllm_gpu_memory_utilization, --vllm_enforce_eager)."""
+    vllm: bool = False
+    """sample the policy's turns with a vLLM engine in each process (vllm_engine.py; needs vllm installed), its
+    weights synced from the policy once per collection; the HF sampler is the default and the reference"""
+    vllm_gpu_memory_utilization: float = 0.3
+    """--vllm: share of the GPU the engine takes (its own copy of the weights and its KV cache)"""
+    vllm_enforce_eager: bool = False
+    """--vllm: no CUDA graphs / compile warm-up (quicker start; on CPU, tens of seconds less)"""
+
+
+def make_engine(model, accelerator, args: VLLMArgs, part=None) -> Optional["VLLMEngine"]:
+    """With --vllm, the engine for the policy's turns, one per process, built from the prepared model's full weights
+    (gathered under ZeRO-3/FSDP2; `part(unwrapped)` picks the policy out of a larger module); None without it."""
+    if not args.vllm:
+        return None
+    with full_weights(model, accelerator, part) as full:
+        return VLLMEngine(part(full) if part else full,
+                          dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else "auto",
+                          gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                          enforce_eager=args.vllm_enforce_eager)
 
 
 def vllm_available() -> bool:

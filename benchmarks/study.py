@@ -43,6 +43,8 @@ class Args:
     """methods to train (names as in the table)"""
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     """one run per method per seed"""
+    more_seeds: list[str] = field(default_factory=list)
+    """'METHOD=4,5': seeds that METHOD alone adds to --seeds (trained, evaluated and averaged in its row)"""
     iterations: int = 60
     """iterations per run (every method: the same iterations x prompts per iteration)"""
     prompts_per_iteration: int = 256
@@ -67,9 +69,19 @@ class Args:
     """the table counts the runs whose final mean reward reaches this (0.6 = 0.75 of V*)"""
 
 
+def seeds_of(args: Args, method: str) -> list:
+    """--seeds, and the seeds --more_seeds adds for this method."""
+    extra = [x.split("=", 1) for x in args.more_seeds]
+    if any(len(x) != 2 or x[0] not in METHODS for x in extra):
+        raise SystemExit(f"--more_seeds takes METHOD=SEED,SEED (methods: {', '.join(METHODS)}): {args.more_seeds}")
+    return args.seeds + [int(s) for m, seeds in extra if m == method for s in seeds.split(",")
+                         if int(s) not in args.seeds]
+
+
 def train_all(args: Args) -> dict:
     # a run that already finished (its summary.json exists) is kept: the study can be extended or resumed
-    jobs = [(m, s) for m in args.methods for s in args.seeds if not (run_dir(args, m, s) / "summary.json").exists()]
+    jobs = [(m, s) for m in args.methods for s in seeds_of(args, m)
+            if not (run_dir(args, m, s) / "summary.json").exists()]
     procs, done = {}, {}
     while jobs or procs:
         while jobs and len(procs) < args.parallel:
@@ -111,7 +123,7 @@ def main(args: Args) -> None:
             raise SystemExit(f"runs failed (see their logs in {args.output_dir}): {failed}")
     train_min = (time.time() - t0) / 60
     trained_here = train_min > 0.1
-    runs = [(m, s) for m in args.methods for s in args.seeds]
+    runs = [(m, s) for m in args.methods for s in seeds_of(args, m)]
     seed0 = args.seeds[0]  # the preference matrix (MTPO paper Table 1 format) uses the first seed's dialogues
     names = [f"{m} seed {s}" for m, s in runs]
     saved = ROOT / args.output_dir / "evaluation.json"
@@ -128,31 +140,33 @@ def main(args: Args) -> None:
     H = len(out["rows"][0]["win_rate"]["per_turn"])
     lines = ["| method | " + " | ".join(f"h={h}" for h in range(1, H + 1)) +
              f" | avg win rate | reward | of V* | runs >= {args.target} | KL to mu | iterations | optimizer steps | "
-             "minutes per run |",
-             "|" + "---|" * (H + 9)]
+             "minutes per run | seeds |",
+             "|" + "---|" * (H + 10)]
     table = {}
     for m in args.methods:
-        rows = [by[(m, s)] for s in args.seeds]
+        seeds = seeds_of(args, m)
+        rows = [by[(m, s)] for s in seeds]
         per_turn = np.mean([r["win_rate"]["per_turn"] for r in rows], 0)
         avg = np.array([r["win_rate"]["average"] for r in rows])
         rew = np.array([r["reward"] for r in rows])
         kl = np.mean([r["kl"] for r in rows])
-        summaries = [json.loads((run_dir(args, m, s) / "summary.json").read_text()) for s in args.seeds]
+        summaries = [json.loads((run_dir(args, m, s) / "summary.json").read_text()) for s in seeds]
         minutes = np.mean([x["minutes"] for x in summaries])
         iters = "/".join(str(x["iterations"]) for x in summaries)
-        steps = np.mean([optimizer_steps(run_dir(args, m, s), x) for s, x in zip(args.seeds, summaries)])
+        steps = np.mean([optimizer_steps(run_dir(args, m, s), x) for s, x in zip(seeds, summaries)])
         sd = lambda x: x.std(ddof=1) if len(x) > 1 else 0.0
         table[m] = dict(per_turn=per_turn.tolist(), average=avg.mean(), average_sd=sd(avg), reward=rew.mean(),
                         reward_sd=sd(rew), kl=kl, minutes=minutes,
-                        per_turn_seeds=[r["win_rate"]["per_turn"] for r in rows], reward_seeds=rew.tolist())
+                        per_turn_seeds=[r["win_rate"]["per_turn"] for r in rows], reward_seeds=rew.tolist(),
+                        seeds=seeds)
         lines.append(f"| {m} | " + " | ".join(f"{100 * x:.1f}" for x in per_turn) +
                      f" | {100 * avg.mean():.1f} ± {100 * sd(avg):.1f} | {rew.mean():.3f} ± {sd(rew):.3f} | "
                      f"{rew.mean() / out['v_star']:.2f} | {(rew >= args.target).sum()}/{len(rew)} | {kl:.2f} | "
-                     f"{iters} | {steps:.0f} | {minutes:.1f} |")
+                     f"{iters} | {steps:.0f} | {minutes:.1f} | {','.join(map(str, seeds))} |")
     matrix = ev.matrix_table([*args.methods, out["matrix_names"][-1]], np.array(out["matrix"]))
     cmd = "python benchmarks/study.py " + shlex.join(sys.argv[1:])
     text = (f"Win rate (%) against mu per turn h (oracle judge: lessons learned so far, ties half; "
-            f"{args.num_contexts} held-out contexts), mean over seeds {args.seeds} (± sd across seeds); reward = "
+            f"{args.num_contexts} held-out contexts), mean over each row's seeds (± sd across seeds); reward = "
             f"mean final reward (mu: {out['reference_reward']:.3f}, V* = {out['v_star']:.4f}); every method "
             f"trained for {args.iterations} iterations x {args.prompts_per_iteration} conversations, "
             f"{args.parallel} runs at a time with {args.threads} thread(s) each" +
@@ -173,20 +187,21 @@ def main(args: Args) -> None:
 
 def headline_table(table: dict, args: Args, out: dict) -> str:
     """The README's study table: the headline columns of the full table (docs/study.md), from the same `table`."""
-    lines = [f"Mean over seeds {', '.join(map(str, args.seeds))} (± sd across seeds) of each method trained from mu for "
-             f"{args.iterations} iterations x {args.prompts_per_iteration} conversations and evaluated by `evaluate.py` "
-             f"on {args.num_contexts} held-out contexts: win rate against mu averaged over the turns (oracle judge), "
-             f"final reward (mu {out['reference_reward']:.3f}, V* {out['v_star']:.3f}), runs whose final reward reaches "
-             f"{args.target}, KL to mu, minutes per run. Per-turn win rates, the preference matrix and the figure: "
+    lines = ["Mean over seeds (± sd across seeds; each row's seeds in its last column) of each method trained from "
+             f"mu for {args.iterations} iterations x {args.prompts_per_iteration} conversations and evaluated by "
+             f"`evaluate.py` on {args.num_contexts} held-out contexts: win rate against mu averaged over the turns "
+             f"(oracle judge), final reward (mu {out['reference_reward']:.3f}, V* {out['v_star']:.3f}), runs whose "
+             f"final reward reaches {args.target}, KL to mu, minutes per run. Per-turn win rates, the preference "
+             "matrix and the figure: "
              "[docs/study.md](docs/study.md).",
              "",
-             f"| method | avg win rate (%) | reward | runs >= {args.target} | KL to mu | minutes per run |",
-             "|---|---|---|---|---|---|"]
+             f"| method | avg win rate (%) | reward | runs >= {args.target} | KL to mu | minutes per run | seeds |",
+             "|---|---|---|---|---|---|---|"]
     for m, r in table.items():
         rewards = np.array(r["reward_seeds"])
         lines.append(f"| {m} | {100 * r['average']:.1f} ± {100 * r['average_sd']:.1f} | {r['reward']:.3f} ± "
                      f"{r['reward_sd']:.3f} | {(rewards >= args.target).sum()}/{len(rewards)} | {r['kl']:.2f} | "
-                     f"{r['minutes']:.1f} |")
+                     f"{r['minutes']:.1f} | {','.join(map(str, r['seeds']))} |")
     return "\n".join(lines)
 
 

@@ -197,16 +197,29 @@ def test_study_writes_the_readme_headline_and_the_full_tables(tmp_path, monkeypa
     monkeypatch.setattr(study, "ROOT", tmp_path)
     table = synthetic_table(["REFUEL", "MTPO"])
     for row in table.values():
-        row.update(average=0.6, average_sd=0.01, reward_sd=0.02, kl=3.0, minutes=1.5)
+        row.update(average=0.6, average_sd=0.01, reward_sd=0.02, kl=3.0, minutes=1.5, seeds=[1, 2, 3])
+    table["MTPO"]["seeds"] = [1, 2, 3, 4, 5]
     args = study.Args(seeds=[1, 2, 3], iterations=50)
     headline = study.headline_table(table, args, dict(reference_reward=0.278, v_star=0.805))
     assert headline.count("\n| REFUEL |") == 1 and "| MTPO |" in headline and "h=1" not in headline
+    assert "| 1.5 | 1,2,3 |" in headline and "| 1.5 | 1,2,3,4,5 |" in headline  # each row's seeds
     assert "[docs/study.md](docs/study.md)" in headline
     full = "| method | h=1 |\n\n![win rate against mu per turn](benchmarks/study_win_rate.png)"
     study.update_docs(full, headline)
     readme, page = (tmp_path / "README.md").read_text(), (tmp_path / "docs" / "study.md").read_text()
     assert readme == f"# R\n\nbefore\n{a}\n{headline}\n{b}\nafter\n"
     assert page == f"# S\n{a}\n" + full.replace("](benchmarks/", "](../benchmarks/") + f"\n{b}\ntail\n"
+
+
+def test_study_more_seeds_are_added_for_their_method_only():
+    study = bench("study")
+    args = study.Args(seeds=[1, 2, 3], more_seeds=["Iterative PPO=4,5", "MTPO=3,6"])
+    assert study.seeds_of(args, "Iterative PPO") == [1, 2, 3, 4, 5]
+    assert study.seeds_of(args, "MTPO") == [1, 2, 3, 6]  # a seed already in --seeds is not run twice
+    assert study.seeds_of(args, "REFUEL") == [1, 2, 3]
+    for bad in (["Nope=4"], ["Iterative PPO"]):
+        with pytest.raises(SystemExit, match="--more_seeds"):
+            study.seeds_of(study.Args(more_seeds=bad), "REFUEL")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -259,13 +259,28 @@ def test_kl_penalty_acts_in_the_first_ppo_batch(base_policy, one_thread):
     assert out["charts/optimizer_steps"] == 2
 
 
+def test_d_single_is_a_uniform_sample_of_the_visited_states():
+    examples = [dict(messages=[{"role": "user", "content": f"{g}-{h}"}], h=h, group=g) for g in range(8)
+                for h in (1, 2, 3)]  # 8 conversations x 3 turns = 24 states
+    rng = np.random.default_rng(0)
+    assert ippo.sample_d_single(examples, 0, rng) == examples  # 0 = every state
+    assert ippo.sample_d_single(examples, 30, rng) == examples
+    counts = np.zeros(len(examples))
+    for _ in range(3000):
+        picks = ippo.sample_d_single(examples, 8, rng)
+        index = [examples.index(e) for e in picks]
+        assert len(set(index)) == 8  # without replacement
+        counts[index] += 1
+    assert counts / 3000 == pytest.approx(np.full(24, 8 / 24), abs=0.04)  # every state drawn 1/3 of the time
+
+
 def test_policy_shift_measures_kl_new_to_pi_i(base_policy, one_thread):
     args, acc, policy, ref, *_, tok, prompts = ppo_setup(base_policy)
     env = sim.TutorEnv()
     convs = env.reference_dialogues(6, np.random.default_rng(2), 2)
     prompts = prompts[:4] + [sim.prefix_to_turn(c, 2) for c in convs]  # 4 first-turn and 6 second-turn states
     turns = [1] * 4 + [2] * 6
-    same = ippo.policy_shift(policy, ref, tok, prompts, turns, acc, args)
+    same = stp.policy_shift(policy, ref, tok, prompts, turns, acc, args)
     assert same["ppo/kl_new_to_pi_i"] == 0.0  # pi_{i+1} = pi_i
     assert set(same) == {"ppo/kl_new_to_pi_i", "charts/entropy", "charts/entropy_turn1", "charts/entropy_turn2"}
     assert same["charts/entropy"] == pytest.approx((4 * same["charts/entropy_turn1"] + 6 * same["charts/entropy_turn2"])
@@ -273,7 +288,7 @@ def test_policy_shift_measures_kl_new_to_pi_i(base_policy, one_thread):
     assert 0 < same["charts/entropy_turn1"]
     with torch.no_grad():
         policy.lm_head.weight.add_(0.5 * torch.randn_like(policy.lm_head.weight))
-    moved = ippo.policy_shift(policy, ref, tok, prompts, turns, acc, args)
+    moved = stp.policy_shift(policy, ref, tok, prompts, turns, acc, args)
     assert moved["ppo/kl_new_to_pi_i"] > 0.01
 
 
@@ -282,8 +297,8 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
     """The reference log-probs of iteration i are pi_i's: at the start of each iteration's PPO they equal the sampling
     policy's own log-probs; at i = 1 they differ from mu's. Anchoring to mu would fail both checks at i = 1."""
     path = tmp_path / "ppo.jsonl"
-    run(["--num_iterations", "2", "--run_name", "anchor", "--save_rollouts", str(path), "--lr", "3e-3", *TINY],
-        tmp_path)
+    run(["--num_iterations", "2", "--run_name", "anchor", "--save_rollouts", str(path), "--lr", "3e-3",
+         "--d_single_size", "0", "--ppo_batches", "2", "--ppo_epochs", "2", *TINY], tmp_path)
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     assert {r["iteration"] for r in rows} == {0, 1} and len(rows) == 2 * 16 * 5  # every visited state is a prompt
     mu, tok = base_policy
@@ -314,9 +329,14 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
 
 
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
-    run(["--num_iterations", "2", "--run_name", "ddp", *TINY], tmp_path, TWO_CPU_PROCESSES)
+    path = tmp_path / "ppo.jsonl"
+    run(["--num_iterations", "2", "--run_name", "ddp", "--save_rollouts", str(path), *TINY], tmp_path,
+        TWO_CPU_PROCESSES)
     s = summary(tmp_path, "ddp")
     assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    # D_single by default: as many states as conversations (16 of the 80 visited), half on each rank
+    assert sorted((r["iteration"], r["rank"]) for r in rows) == sorted([(i, k) for i in (0, 1) for k in (0, 1)] * 8)
 
 
 def test_checkpoint_and_resume(tmp_path, base_policy):

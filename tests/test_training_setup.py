@@ -122,9 +122,10 @@ def test_an_fsdp_config_without_a_gpu_is_refused(script, monkeypatch, tmp_path):
     (refuel, dict(warmup_ratio=1.5), "--warmup_ratio"), (refuel, dict(max_tokens_per_batch=0), "--max_tokens_per_batch"),
     (baselines_dpo_rebel, dict(loss="dpo", beta=0), "--beta"), (baselines_dpo_rebel, dict(eta=-1), "--eta"),
     (baselines_dpo_rebel, dict(loss="dpo", gamma=0.1), "--gamma"),
-    (mtpo, dict(tau=1.5), "--tau"), (mtpo, dict(alpha=-1), "--alpha"), (mtpo, dict(num_minibatches=0), "--num_minibatches"),
+    (mtpo, dict(tau=1.5), "--tau"), (mtpo, dict(variant="mtpo-tau", vllm=True), "--vllm"), (mtpo, dict(alpha=-1), "--alpha"), (mtpo, dict(num_minibatches=0), "--num_minibatches"),
     (iterative_ppo, dict(ppo_epochs=0), "--ppo_epochs"), (iterative_ppo, dict(q_heldout_fraction=0), "--q_heldout_fraction"),
-    (iterative_ppo, dict(lam=1.5), "--lam"),
+    (iterative_ppo, dict(lam=1.5), "--lam"), (iterative_ppo, dict(d_single_size=257), "--d_single_size"),
+    (iterative_ppo, dict(d_single_size=-1), "--d_single_size"),
 ])
 def test_flags_out_of_range_are_named(script, flags, named):
     with pytest.raises(ValueError, match=named):

@@ -238,12 +238,17 @@ def test_one_engine_per_rank_under_accelerate(tmp_path):
     assert len(ranks) == 2 and ranks[0].split(" ", 2)[2] != ranks[1].split(" ", 2)[2]
 
 
-@pytest.mark.parametrize("script,extra", [("refuel.py", []),
-                                          ("baselines_dpo_rebel.py", ["--loss", "rebel", "--mode", "mt-mixed",
-                                                                      "--offline_path", "OFFLINE"])])
+@pytest.mark.parametrize("script,extra", [
+    ("refuel.py", ["--minibatch_size", "4"]),
+    ("baselines_dpo_rebel.py", ["--loss", "rebel", "--mode", "mt-mixed", "--offline_path", "OFFLINE",
+                                "--minibatch_size", "4"]),
+    ("mtpo.py", ["--variant", "mtpo", "--value_warmup_iterations", "0"]),  # tau = 0: the policy alone
+    ("iterative_ppo.py", ["--ppo_minibatch_size", "4", "--q_minibatch_size", "4", "--time_budget_minutes", "0"]),
+])
 def test_a_run_with_the_engine(tmp_path, script, extra):
-    """`--vllm` end to end on a chat task: every turn of the roll-in, the branches and the evaluation is sampled
-    by the engine (its timings are logged), whose weights follow the trained policy."""
+    """`--vllm` end to end on a chat task: every policy turn (REFUEL's roll-in and branches, MTPO's two
+    conversations, Iterative PPO's rollouts and PPO samples, every evaluation) is sampled by the engine (its timings
+    are logged each iteration), whose weights follow the trained policy."""
     import json
     import subprocess
     import sys
@@ -274,12 +279,12 @@ def test_a_run_with_the_engine(tmp_path, script, extra):
     out = subprocess.run([sys.executable, script, *extra, "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
                           "--reward_model", str(tmp_path / "rm"), "--prompts_path", str(prompts), "--max_turns", "3",
                           "--max_new_tokens", "6", "--num_iterations", "2", "--prompts_per_iteration", "8",
-                          "--minibatch_size", "4", "--num_eval", "4", "--lr", "1e-2", "--vllm",
+                          "--num_eval", "4", "--lr", "1e-2", "--vllm",
                           "--vllm_enforce_eager", "--output_dir", str(tmp_path), "--run_name", "v", "--threads", "1"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in rows if "charts/optimizer_steps" in r]
+    trained = [r for r in rows if r["step"] > 0]  # one row per iteration (the first row: the evaluation before)
     assert len(trained) == 2 and all(r["charts/vllm_sync_s"] > 0 and r["charts/vllm_generated_tokens"] > 0
                                      for r in trained), rows
     assert json.loads((tmp_path / "v" / "summary.json").read_text())["iterations"] == 2
