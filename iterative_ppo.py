@@ -86,8 +86,8 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
     """Q's backbone (AutoModelForSequenceClassification, 1 label, the policy's vocabulary); None = the policy's"""
     q_warm_start: bool = True
     """start Q_i from Q_{i-1} (False: a fresh head on the initial backbone every iteration)"""
-    q_epochs: int = 4
-    """max passes over the fit split (early-stopped on the held-out MSE)"""
+    q_epochs: int = 2
+    """max passes over the fit split (early-stopped on the held-out MSE; on the tutor, 1 left Q too rough to learn)"""
     q_patience: int = 2
     """stop fitting after this many epochs without a held-out improvement; the best epoch's weights are kept"""
     q_heldout_fraction: float = 0.1
