@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,9 +285,10 @@ def evaluate(args: Args) -> dict:
     for k, (name, path) in enumerate(zip(names, args.policies)):
         t0 = time.time()
         model, tok = load_any_policy(path, dtype, device)
-        torch.manual_seed(args.seed + 2 + k)
-        convs = play(model, tok, env, contexts, np.random.default_rng(args.seed + 2 + k), **play_kw)
-        wins = judge_turns(judge, convs, ref_convs, env, np.random.default_rng(args.seed + 100 + k))
+        draw = zlib.crc32(name.encode())  # a policy's sampling follows its name, not its place in the list
+        torch.manual_seed(args.seed + 2 + draw)
+        convs = play(model, tok, env, contexts, np.random.default_rng([args.seed, draw, 2]), **play_kw)
+        wins = judge_turns(judge, convs, ref_convs, env, np.random.default_rng([args.seed, draw, 100]))
         reward = float(env.reward(convs).mean())
         kl = kl_se = None
         if tok.get_vocab() == ref_tok.get_vocab():  # the KL needs a shared token space

@@ -6,7 +6,6 @@ seed and overall, mu's reward, the final reward, the best, and the minutes to re
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

@@ -4,7 +4,6 @@ DeepSpeed's CPU accelerator (DS_ACCELERATOR=cpu) runs the real engine over gloo:
 optimizer, engine checkpoints. The scripts ask accelerate for a gloo process group when a DeepSpeed config meets a
 machine without CUDA (make_accelerator). What only a GPU shows (bf16 kernels, NCCL, memory) is not covered here."""
 import json
-import os
 import subprocess
 import sys
 

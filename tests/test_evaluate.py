@@ -166,6 +166,17 @@ def test_cli_on_the_tutor_task(tmp_path, base_policy):
     assert bad.returncode != 0 and "--judge_model" in bad.stderr
 
 
+def test_a_policys_row_does_not_depend_on_the_other_policies_evaluated(base_policy):
+    """Its sampling seeds follow its name: evaluated alone or after another policy, the same row (they used to
+    follow its place in the list, so adding a run to a study moved every later run's numbers)."""
+    import evaluate as ev
+
+    alone = ev.evaluate(ev.Args(policies=["tutor"], names=["b"], num_contexts=16))["rows"][0]
+    second = ev.evaluate(ev.Args(policies=["tutor", "tutor"], names=["a", "b"], num_contexts=16))["rows"]
+    assert second[1]["reward"] == alone["reward"] and second[1]["win_rate"] == alone["win_rate"]
+    assert second[0]["win_rate"] != alone["win_rate"]  # another name, another draw
+
+
 def test_judge_preference_averages_both_orders():
     calls = []
 
