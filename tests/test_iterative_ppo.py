@@ -376,7 +376,8 @@ def test_chat_env_with_hf_models(tmp_path):
     rows = tmp_path / "ppo.jsonl"
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--prompts_path", str(prompts), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "1",
-         "--run_name", "chat", "--save_rollouts", str(rows), *TINY, "--num_eval", "4"], tmp_path)
+         "--run_name", "chat", "--save_rollouts", str(rows), "--d_single_size", "0", *TINY, "--num_eval", "4"],
+        tmp_path)
     got = [json.loads(line) for line in rows.read_text().splitlines()]
     assert len(got) == 16 * 2 and {len(r["prompt"]) for r in got} == {1, 3}  # s_1 and s_2 as PPO prompts
     assert summary(tmp_path, "chat")["iterations"] == 1
