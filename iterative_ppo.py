@@ -552,7 +552,7 @@ def main(args: Args) -> dict:
         critic.train()
         ppo_stats, steps = ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer,
                                accelerator, rng, args, it, engine)
-        # KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn, on fresh samples at the states pi_i visited
+        # KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn, on fresh samples at the states of D_single
         shift = policy_shift(policy, ref_policy, tokenizer, prompts, [e["h"] for e in single], accelerator, args,
                              engine)
         totals["charts/optimizer_steps_total"] += steps
