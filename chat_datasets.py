@@ -14,6 +14,24 @@ from typing import Optional, Sequence
 
 import simulator as sim
 
+
+def validate_conversation(messages: Sequence[dict], where: str = "conversation") -> None:
+    """Roles must be an optional system message, then user/assistant alternating, starting with the user."""
+    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
+        raise ValueError(f"{where}: expected a non-empty list of messages, got {messages!r:.200}")
+    start = 1 if messages[0].get("role") == "system" else 0
+    if start == len(messages):
+        raise ValueError(f"{where}: only a system message, no user message")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
+            raise ValueError(f"{where}: message {i} must be a dict with string 'role' and 'content', got {m!r:.200}")
+        if i >= start:
+            want = "user" if (i - start) % 2 == 0 else "assistant"
+            if m["role"] != want:
+                raise ValueError(f"{where}: roles must alternate user/assistant starting with user; "
+                                 f"message {i} has role {m['role']!r}, expected {want!r}")
+
+
 def read_records(path: str, what: str):
     """(where, record) pairs from a local .jsonl file, a .json file (a list of records), or, with the `hf:` prefix,
     a hub dataset `hf:NAME[:SPLIT]` (default split train; the `datasets` package is imported only then)."""
@@ -87,7 +105,7 @@ def record_to_dialogue(rec, fmt: str) -> dict:
             user["questions"] = rec.get("questions")
             rej = rec.get("rejected")
             if rej is not None:
-                sim.validate_conversation(rej, "rejected")
+                validate_conversation(rej, "rejected")
                 if len(rej) != len(msgs) or rej[:-1] != msgs[:-1] or rej[-1]["role"] != "assistant":
                     raise ValueError("'chosen' and 'rejected' must differ only in the last assistant turn")
                 alt = rej[-1]["content"]
@@ -119,7 +137,7 @@ def record_to_dialogue(rec, fmt: str) -> dict:
         user = {**info, "questions": None}
     else:
         raise ValueError(f"unknown dataset format {fmt!r}: expected one of {DATASET_FORMATS}")
-    sim.validate_conversation(msgs)
+    validate_conversation(msgs)
     return {"messages": msgs, "alternative": alt, "user": user, "format": fmt}
 
 

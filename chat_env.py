@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from chat_datasets import is_education, load_offline, load_prompts, split_opening
+from loading import model_load_error
 import simulator as sim
 
 JUDGE_PROMPT = """I require a leaderboard for various chatbots. I'll provide you with dialogues with these chatbots. \
@@ -520,7 +521,7 @@ def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust
         model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype,
                                                                    trust_remote_code=trust_remote_code, **placement)
     except (OSError, ValueError) as e:
-        raise sim.model_load_error("reward model", name, e) from None
+        raise model_load_error("reward model", name, e) from None
     except (ImportError, NameError) as e:  # remote code written for another transformers (ArmoRM's copies)
         raise remote_code_error("reward model", name, e) from None
     return HFRewardModel(model if device == "auto" else model.to(device), tok, max_length=max_length)

@@ -8,6 +8,7 @@ this file holds the caches, the compiled step and the shape buckets that keep it
 from __future__ import annotations
 
 import inspect
+import warnings
 import weakref
 from typing import Optional
 
@@ -143,3 +144,21 @@ class StaticDecoder:
         next_pos = F.pad(next_pos, (0, 0, 0, self.extra))
         return self.step_fn(step_ids, self.attn, next_pos, torch.tensor([position], device=self.device),
                             self.cache)[:self.B].clone()
+
+
+def with_fallback(model, decode):
+    """decode(fast=True); if the fast path fails on this model or torch build (not on bad input: a ValueError is
+    raised as it is), a warning, decode(fast=False) from the same RNG state, and the plain loop for good after."""
+    rng_state = (torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    try:
+        return decode(fast=True)
+    except ValueError:  # bad input (a chat template, say): the plain loop would fail the same way
+        raise
+    except Exception as e:
+        warnings.warn(f"sampler fast path failed for this model ({type(e).__name__}: {str(e)[:300]}); "
+                      f"using the plain decode loop from now on")
+        mark_failed(model)
+        torch.random.set_rng_state(rng_state[0])
+        if rng_state[1] is not None:
+            torch.cuda.set_rng_state_all(rng_state[1])
+        return decode(fast=False)

@@ -10,6 +10,7 @@ import inspect
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
 # Float32 elements of one log-softmax chunk (128 MiB): float32 copies of the logits exist one chunk at a time.
 LOGPROB_CHUNK_ELEMENTS = 2 ** 25
@@ -100,3 +101,54 @@ def unwrap_model(model):
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+def last_logprobs(model, input_ids, attention_mask, k: int, temperature: float = 1.0) -> torch.Tensor:
+    """log pi of each row's last k tokens given what precedes them (B x k, float32), for LEFT-padded rows.
+
+    The LM head runs at the last k + 1 positions only (`logits_to_keep`), so the logits cost B x (k + 1) x V, not
+    B x L x V; positions come from the mask (cumsum - 1), so a row's values do not depend on its left padding;
+    no KV cache is built (use_cache=False)."""
+    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    kw = dict(logits_to_keep=k + 1) if accepts_logits_to_keep(model) else {}
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
+                   **kw).logits
+    logits = logits[:, -(k + 1):]  # a no-op view with logits_to_keep
+    # position j predicts token j + 1: the last position predicts nothing and gets a dummy target (dropped below)
+    targets = F.pad(input_ids[:, -k:], (0, 1)) if k else input_ids.new_zeros((len(input_ids), 1))
+    return target_logprobs(logits, targets, temperature)[:, :-1]
+
+
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0,
+                   target_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t >= 1 (shape B x (L-1); entry j is token j + 1's), with logits / temperature.
+
+    target_mask (B x (L-1), bool): the entries that are needed (e.g. the turns in a loss); the others are 0. With
+    it, each right-padded row is cut after its last needed token (a causal model's earlier log-probs do not depend
+    on later tokens), the rows are re-aligned at their ends (left padding, positions from the mask), and the LM head
+    runs only over the span from each row's first needed token: memory B x span x V instead of B x L x V. Without
+    it every position is computed, as before. Either way no KV cache is built and float32 copies of the logits are
+    made one chunk at a time."""
+    B, L = input_ids.shape
+    if target_mask is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        targets = F.pad(input_ids[:, 1:], (0, 1))  # the last position predicts nothing: a dummy target, dropped
+        return target_logprobs(logits, targets, temperature)[:, :-1]
+    need = target_mask.to(device=input_ids.device, dtype=torch.bool)
+    has = need.any(1)
+    if not has.any():
+        return torch.zeros((B, L - 1), device=input_ids.device)
+    j = torch.arange(L - 1, device=input_ids.device)
+    first = torch.where(need, j, L).min(1).values
+    last = torch.where(need, j, -1).max(1).values
+    n = torch.where(has, last + 2, 1)  # tokens kept per row: up to the last needed target token
+    k = int(torch.where(has, last - first + 1, 0).max())
+    Lp = int(n.max())
+    src = torch.arange(Lp, device=input_ids.device) - (Lp - n)[:, None]  # left padding: row ends aligned
+    ids = input_ids.gather(1, src.clamp(min=0))
+    attn = attention_mask.gather(1, src.clamp(min=0)) * (src >= 0)
+    lp = last_logprobs(model, ids, attn, k, temperature)
+    t = n[:, None] - k - 1 + torch.arange(k, device=input_ids.device)  # the target index of each kept entry
+    ok = t >= 0
+    out = torch.zeros((B, L - 1), dtype=lp.dtype, device=lp.device).scatter_add(1, t.clamp(min=0), lp * ok)
+    return out * need

@@ -1,44 +1,42 @@
 """simulator.py: what every algorithm script reads: conversations, turn log-probs, the sampler, environments.
 
 A conversation is a list of {"role", "content"} messages (user x_1, assistant y_1, user x_2, ...); the policy plays
-the assistant. Here: chat-template turn cutting (`split_turn`) and log pi(y_h|s_h) (`turn_logprob`, the sum over
-the tokens of assistant turn h, its end-of-turn token included and its role header excluded, with logits /
-temperature); the batched sampler (`sample_turns`, `continue_dialogues`); the Environment interface (contexts, a
-user, a reward r(s_{H+1}), a preference); `make_env` (the scripts' --env flags, `EnvArgs`) and `evaluate_policy`.
-Beside it, reachable as sim.NAME all the same:
+the assistant. Here: chat-template turn cutting (`split_turn`, `turn_batch`) and log pi(y_h|s_h) (`turn_logprob`,
+the sum over the tokens of assistant turn h, its end-of-turn token included and its role header excluded, with
+logits / temperature); the batched sampler (`sample_turns`, `continue_dialogues`); the Environment interface
+(contexts, a user, a reward r(s_{H+1}), a preference); `make_env` and `evaluate_policy`. Beside it, reachable as
+sim.NAME all the same:
 
+    loading.py         the scripts' --policy (load_policy) and --env flags (EnvArgs, make_env_from_args)
     tutor_task.py      the embedded task "tutor": rules, exact values (V*), the SFT reference policy mu
     chat_datasets.py   the papers' dataset formats (message lists, UltraInteract, HH, Education Dialogue)
     chat_env.py        the chat setting: prompted users (in-process or an endpoint), judges, HF reward model
     fast_decode.py     the sampler's static-cache compiled decode step (CUDA)
-    logprob_memory.py  chunked log-softmax and token-budget micro-batches (log-probs at a 128k vocabulary)
+    logprob_memory.py  log-probs at a 128k vocabulary: chunked log-softmax, scored-span passes (`token_logprobs`,
+                       the whole-sequence pass MTPO and Iterative PPO read), token-budget micro-batches
     distributed.py     launch plumbing shared by the scripts (and the FSDP2 sampling copy)
 
-Sampled turns are decoded without special tokens and re-rendered by the chat template, so the tokens scored can
-differ from the tokens sampled (another stop token, text that re-tokenizes differently); old and new log-probs both
-go through `turn_logprob` and agree with each other. A turn that ran out of tokens is marked {"truncated": True}
-and scored without the end-of-turn token it never sampled. docs/implementation_notes.md has the details.
+Sampled turns are re-rendered by the chat template before they are scored, and a turn that ran out of tokens is
+scored without the end-of-turn token it never sampled: docs/implementation_notes.md has why.
 
     python simulator.py    # build (or load) the tutor's mu and print its value beside V*
 """
 from __future__ import annotations
 
 import abc
-import dataclasses
+import functools
 import importlib
 import math
 import types
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 import fast_decode
-from logprob_memory import (accepts_logits_to_keep, same_count_across_ranks, target_logprobs, token_budget_batches,
+from logprob_memory import (accepts_logits_to_keep, last_logprobs, same_count_across_ranks, token_budget_batches,
                             unwrap_model)
 
 Conversation = list  # list[dict[str, str]]
@@ -54,23 +52,6 @@ class ChatTemplateError(ValueError):
 
 def model_name(tokenizer) -> str:
     return getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
-
-
-def validate_conversation(messages: Sequence[dict], where: str = "conversation") -> None:
-    """Roles must be an optional system message, then user/assistant alternating, starting with the user."""
-    if not isinstance(messages, (list, tuple)) or len(messages) == 0:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {messages!r:.200}")
-    start = 1 if messages[0].get("role") == "system" else 0
-    if start == len(messages):
-        raise ValueError(f"{where}: only a system message, no user message")
-    for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or "role" not in m:
-            raise ValueError(f"{where}: message {i} must be a dict with string 'role' and 'content', got {m!r:.200}")
-        if i >= start:
-            want = "user" if (i - start) % 2 == 0 else "assistant"
-            if m["role"] != want:
-                raise ValueError(f"{where}: roles must alternate user/assistant starting with user; "
-                                 f"message {i} has role {m['role']!r}, expected {want!r}")
 
 
 def end_of_turn_id(tokenizer) -> int:
@@ -176,57 +157,6 @@ def turn_batch(tokenizer, convs: Sequence[Conversation], turns: Sequence[int], p
     return ids, attn, mask
 
 
-def last_logprobs(model, input_ids, attention_mask, k: int, temperature: float = 1.0) -> torch.Tensor:
-    """log pi of each row's last k tokens given what precedes them (B x k, float32), for LEFT-padded rows.
-
-    The LM head runs at the last k + 1 positions only (`logits_to_keep`), so the logits cost B x (k + 1) x V, not
-    B x L x V; positions come from the mask (cumsum - 1), so a row's values do not depend on its left padding;
-    no KV cache is built (use_cache=False)."""
-    pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    kw = dict(logits_to_keep=k + 1) if accepts_logits_to_keep(model) else {}
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos, use_cache=False,
-                   **kw).logits
-    logits = logits[:, -(k + 1):]  # a no-op view with logits_to_keep
-    # position j predicts token j + 1: the last position predicts nothing and gets a dummy target (dropped below)
-    targets = F.pad(input_ids[:, -k:], (0, 1)) if k else input_ids.new_zeros((len(input_ids), 1))
-    return target_logprobs(logits, targets, temperature)[:, :-1]
-
-
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0,
-                   target_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t >= 1 (shape B x (L-1); entry j is token j + 1's), with logits / temperature.
-
-    target_mask (B x (L-1), bool): the entries that are needed (e.g. the turns in a loss); the others are 0. With
-    it, each right-padded row is cut after its last needed token (a causal model's earlier log-probs do not depend
-    on later tokens), the rows are re-aligned at their ends (left padding, positions from the mask), and the LM head
-    runs only over the span from each row's first needed token: memory B x span x V instead of B x L x V. Without
-    it every position is computed, as before. Either way no KV cache is built and float32 copies of the logits are
-    made one chunk at a time."""
-    B, L = input_ids.shape
-    if target_mask is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        targets = F.pad(input_ids[:, 1:], (0, 1))  # the last position predicts nothing: a dummy target, dropped
-        return target_logprobs(logits, targets, temperature)[:, :-1]
-    need = target_mask.to(device=input_ids.device, dtype=torch.bool)
-    has = need.any(1)
-    if not has.any():
-        return torch.zeros((B, L - 1), device=input_ids.device)
-    j = torch.arange(L - 1, device=input_ids.device)
-    first = torch.where(need, j, L).min(1).values
-    last = torch.where(need, j, -1).max(1).values
-    n = torch.where(has, last + 2, 1)  # tokens kept per row: up to the last needed target token
-    k = int(torch.where(has, last - first + 1, 0).max())
-    Lp = int(n.max())
-    src = torch.arange(Lp, device=input_ids.device) - (Lp - n)[:, None]  # left padding: row ends aligned
-    ids = input_ids.gather(1, src.clamp(min=0))
-    attn = attention_mask.gather(1, src.clamp(min=0)) * (src >= 0)
-    lp = last_logprobs(model, ids, attn, k, temperature)
-    t = n[:, None] - k - 1 + torch.arange(k, device=input_ids.device)  # the target index of each kept entry
-    ok = t >= 0
-    out = torch.zeros((B, L - 1), dtype=lp.dtype, device=lp.device).scatter_add(1, t.clamp(min=0), lp * ok)
-    return out * need
-
-
 def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, max_batch_size=64,
                  max_tokens_per_batch: Optional[int] = None, sync_ranks: bool = False) -> torch.Tensor:
     """Sum of log pi(y_h|s_h) over turn h's tokens for each (conversation, h), the tokens `split_turn` gives (a
@@ -299,20 +229,16 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
                  max_batch_size: int = 256, eot_id: Optional[int] = None, fast: Optional[bool] = None,
                  compile_step: Optional[bool] = None, keep_cache: bool = False,
                  stop_ids: Optional[Sequence[int]] = None, engine=None, partner=None, combine=None) -> TurnSamples:
-    """Sample the next assistant turn of every conversation: left-padded, batched, KV-cached decoding.
-
-    A turn ends at the first of `stop_ids` (default `stop_token_ids(tokenizer, model, eot_id)`: the template's
-    end-of-turn token and the model's other EOS ids), or after max_new_tokens (hit_budget).
+    """Sample the next assistant turn of every conversation: left-padded, batched, KV-cached decoding, chunked by
+    max_batch_size. A turn ends at the first of `stop_ids` (default `stop_token_ids`: the template's end-of-turn
+    token and the model's other EOS ids), or after max_new_tokens (hit_budget).
 
     A hand decode loop instead of `model.generate`: the sampling distribution is exactly softmax(logits / T)
-    whatever a hub model's generation_config says (top-p, top-k, repetition penalty), and its log-probs come out
-    of the same computation. Chunked by max_batch_size for memory. temperature 0 = greedy (log-probs at T = 1).
-    partner, combine: a second model decoded alongside (its own KV cache), and combine(logits, partner_logits),
-    float32, gives the logits sampled from (MTPO-tau's geometric mixture); the plain loop only.
-    fast (default: on CUDA for models with a static cache): a static KV cache and a compiled decode step
-    (fast_decode.py); keep_cache=True keeps the cache for the next call (continue_dialogues frees it at its end).
-    engine: a `vllm_engine.VLLMEngine` holding this policy's weights samples instead (same contract, same stops).
-    """
+    whatever a hub model's generation_config says, and its log-probs come out of the same computation.
+    temperature 0 = greedy (log-probs at T = 1). partner, combine: a second model decoded alongside, and
+    combine(logits, partner_logits), float32, gives the logits sampled from (MTPO-tau's mixture; plain loop only).
+    fast (default: on CUDA for models with a static cache): fast_decode.py's static KV cache and compiled step;
+    keep_cache=True keeps the cache for the next call. engine: a `vllm_engine.VLLMEngine` samples instead."""
     stop_ids = list(stop_token_ids(tokenizer, model, eot_id) if stop_ids is None else stop_ids)
     if not stop_ids:
         raise ValueError("sample_turns: stop_ids must hold at least one token id (the end-of-turn token first)")
@@ -323,22 +249,11 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
         return engine.sample_turns(tokenizer, convs, max_new_tokens, temperature, stop_ids=stop_ids)
     auto = fast is None
     fast = partner is None and fast_decode.use_fast_path(model, fast) and not (auto and fast_decode.failed(model))
-    args = (model, tokenizer, convs, max_new_tokens, temperature, max_batch_size, stop_ids)
-    if not (fast and auto):  # fast=True is always honoured
-        return _sample_turns(*args, fast, compile_step, keep_cache, partner, combine)
-    rng_state = (torch.random.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-    try:
-        return _sample_turns(*args, True, compile_step, keep_cache)
-    except ValueError:  # bad input (a chat template, say): the plain loop would fail the same way
-        raise
-    except Exception as e:  # a model or torch build the default fast path cannot handle: the plain loop, for good
-        warnings.warn(f"sampler fast path failed for this model ({type(e).__name__}: {str(e)[:300]}); "
-                      f"using the plain decode loop from now on")
-        fast_decode.mark_failed(model)
-        torch.random.set_rng_state(rng_state[0])
-        if rng_state[1] is not None:
-            torch.cuda.set_rng_state_all(rng_state[1])
-        return _sample_turns(*args, False, compile_step, keep_cache)
+    decode = functools.partial(_sample_turns, model, tokenizer, convs, max_new_tokens, temperature, max_batch_size,
+                               stop_ids, compile_step=compile_step, keep_cache=keep_cache)
+    if fast and auto:  # the default fast path: the plain loop, for good, if this model or torch build fails on it
+        return fast_decode.with_fallback(model, decode)
+    return decode(fast=fast, partner=partner, combine=combine)  # fast=True is always honoured
 
 
 @torch.no_grad()
@@ -475,8 +390,8 @@ class Environment(abc.ABC):
 
 
 def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: list, n_turns: Sequence[int],
-            rng: np.random.Generator, max_new_tokens: int, temperature: float = 1.0,
-            max_batch_size: int = 256, reply_after_last: bool = False, engine=None) -> tuple[list, list]:
+                       rng: np.random.Generator, max_new_tokens: int, temperature: float = 1.0,
+                       max_batch_size: int = 256, reply_after_last: bool = False, engine=None) -> tuple[list, list]:
     """Continue each conversation (ending with a user message) until it has n_turns[i] assistant turns.
 
     Conversations of different lengths advance together: one batched sampler call per step over every
@@ -500,68 +415,33 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
                              f"{' and a user reply after the last' if n > n_turns[i] else ''} requested, but its "
                              f"record's pre-sampled user turns support {most} (draw H <= Context.max_turns, or "
                              f"pass --user_model)")
+    convs, info = [list(c) for c in convs], [dict() for _ in convs]
     try:
-        return _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
-                                   max_batch_size, reply_after_last, engine)
+        while True:
+            active = [i for i, c in enumerate(convs) if assistant_turns(c) < n_turns[i]]
+            if not active:
+                return convs, info
+            out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
+                               max_batch_size, keep_cache=True, engine=engine)
+            for j, i in enumerate(active):
+                msg = {"role": "assistant", "content": out.texts[j]}
+                if bool(out.hit_budget[j]):
+                    msg["truncated"] = True  # its end-of-turn token was never sampled: not scored (split_turn)
+                convs[i].append(msg)
+                info[i][assistant_turns(convs[i])] = (float(out.logprobs[j].sum()), bool(out.hit_budget[j]))
+            talk = [i for i in active if assistant_turns(convs[i]) < n_turns[i]
+                    or env.scores_final_user_reply or reply_after_last]
+            if talk:
+                replies = env.user_turn([convs[i] for i in talk], [users[i] for i in talk], rng)
+                for i, r in zip(talk, replies):
+                    convs[i].append({"role": "user", "content": r})
     finally:
-        fast_decode.free_static_caches(model)  # the only cache kept across calls (keep_cache=True below)
-
-
-def _continue_dialogues(model, tokenizer, env, convs, users, n_turns, rng, max_new_tokens, temperature,
-                        max_batch_size, reply_after_last=False, engine=None):
-    convs = [list(c) for c in convs]
-    info = [dict() for _ in convs]
-    while True:
-        active = [i for i, c in enumerate(convs) if assistant_turns(c) < n_turns[i]]
-        if not active:
-            return convs, info
-        out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
-                           max_batch_size, keep_cache=True, engine=engine)
-        for j, i in enumerate(active):
-            msg = {"role": "assistant", "content": out.texts[j]}
-            if bool(out.hit_budget[j]):
-                msg["truncated"] = True  # its end-of-turn token was never sampled: not scored (split_turn)
-            convs[i].append(msg)
-            h = assistant_turns(convs[i])
-            info[i][h] = (float(out.logprobs[j].sum()), bool(out.hit_budget[j]))
-        talk = [i for i in active if assistant_turns(convs[i]) < n_turns[i]
-                or env.scores_final_user_reply or reply_after_last]
-        if talk:
-            replies = env.user_turn([convs[i] for i in talk], [users[i] for i in talk], rng)
-            for i, r in zip(talk, replies):
-                convs[i].append({"role": "user", "content": r})
+        fast_decode.free_static_caches(model)  # the only cache kept across calls (keep_cache=True above)
 
 
 def prefix_to_turn(conv: Conversation, h: int) -> Conversation:
     """s_h: every message before assistant turn h (ends with the user message x_h)."""
     return list(conv[: assistant_turn_index(conv, h)])
-
-
-def model_load_error(kind: str, name: str, e: Exception) -> ValueError:
-    """A load failure that says whether `name` was taken for a local folder that is not there."""
-    local = name.startswith((".", "/", "~")) or name.count("/") > 1 or ("/" in name and Path(name).parent.is_dir())
-    where = f" (no local folder {name!r} either; check the path)" if local and not Path(name).exists() else ""
-    return ValueError(f"could not load {kind} {name!r}{where}: {e}")
-
-
-def load_policy(name: str, dtype=torch.float32):
-    """(model, tokenizer) for a policy: 'tutor' = the embedded base policy, else an HF hub name or local path."""
-    if name == "tutor":
-        from tutor_task import load_tutor_base_policy
-
-        return load_tutor_base_policy()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(name)
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
-    except (OSError, ValueError) as e:  # ValueError: a name that is neither a folder nor a valid hub id
-        raise model_load_error("policy model", name, e) from None
-    if not getattr(tok, "chat_template", None):
-        raise ChatTemplateError(f"{name} has no chat template; use an instruct/chat model or set one")
-    if tok.pad_token_id is None:
-        tok.pad_token = tok.eos_token
-    return model, tok
 
 
 def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
@@ -572,15 +452,10 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
              tokenizer=None, reward_device: Optional[str] = None, user_device: Optional[str] = None,
              reward_max_length: int = 4096, user_max_concurrency: int = 32, user_timeout: float = 120.0,
              user_retries: int = 3) -> Environment:
-    """The environment named by the scripts' flags. The user: --user_model in-process, or served at
-    --user_api_base (an OpenAI-compatible endpoint; --user_model names the served model), or, with neither, the
-    pre-sampled questions of the dataset. Datasets in any of DATASET_FORMATS; Education Dialogue records make the
-    user a student (STUDENT_PROMPT) who knows the record's hidden learning preferences.
-
-    The endpoint user: user_max_concurrency requests in flight per process, user_timeout seconds each (its time
-    queued at the server included), user_retries tries. The server sees ranks x user_max_concurrency requests at
-    once: at 8 ranks x 32 requests of ~7k tokens a 70B server takes minutes to answer the last, so raise
-    user_timeout (e.g. 600) or lower user_max_concurrency (e.g. 8); see OpenAIChatClient."""
+    """The environment named by the scripts' flags (`loading.EnvArgs` documents each). The user: --user_model
+    in-process, or served at --user_api_base (an OpenAI-compatible endpoint), or, with neither, the dataset's
+    pre-sampled questions. Education Dialogue records make the user a student who knows the record's hidden
+    learning preferences. chat_env.make_chat_env builds the chat world; sizing the endpoint: OpenAIChatClient."""
     if env == "tutor":
         from tutor_task import TutorEnv, TutorRules
 
@@ -593,58 +468,6 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
                          offline_path, user_api_base, user_prompt_path, dataset_format, bad_records,
                          max_dialogue_tokens, tokenizer, reward_device, user_device, reward_max_length,
                          user_max_concurrency, user_timeout, user_retries)
-
-
-@dataclass
-class EnvArgs:
-    """The environment's flags, shared by every script (whose Args extend this class, so the flags stay flat:
-    --env, --prompts_path, --user_model, ...). --max_turns stays in each script: H means something else in each."""
-    env: Literal["tutor", "chat"] = "tutor"
-    """'tutor': the embedded task; 'chat': prompts or dialogues from a dataset, a prompted user model (or the
-    dataset's pre-sampled questions), an HF reward model"""
-    prompts_path: Optional[str] = None
-    """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
-    pre-sampled questions of setting two)"""
-    user_model: Optional[str] = None
-    """chat: HF model prompted as the user (REFUEL paper, App. C.2); None = pre-sampled questions (setting two)"""
-    user_api_base: Optional[str] = None
-    """chat: serve the user from an OpenAI-compatible endpoint (vLLM/TGI, e.g. http://host:8000/v1; --user_model
-    names the served model; key from $OPENAI_API_KEY)"""
-    user_prompt_path: Optional[str] = None
-    """chat: a text file replacing the user's prompt template (must contain {dialogue})"""
-    user_max_concurrency: int = 32
-    """chat, endpoint user: requests in flight per process (the server sees ranks x this many)"""
-    user_timeout: float = 120.0
-    """chat, endpoint user: seconds per request, time queued at the server included (raise it, or lower the
-    concurrency, when ranks x concurrency x prompt tokens exceed what the server prefills in that time)"""
-    user_retries: int = 3
-    """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
-    reward_model: Optional[str] = None
-    """chat: HF sequence-classification reward model scoring the whole conversation"""
-    reward_trust_remote_code: bool = False
-    """chat: load the reward model's own code (ArmoRM-style models whose output has a .score)"""
-    reward_max_length: int = 4096
-    """chat: the reward model sees at most this many tokens of a conversation, its end (cut from the left,
-    counted as charts/reward_truncated)"""
-    dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
-    """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
-    bad_records: Literal["skip", "error"] = "skip"
-    """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
-    max_dialogue_tokens: Optional[int] = None
-    """chat: drop dataset dialogues (and, in REFUEL and the baselines, generated pairs) longer than this many
-    chat-templated tokens (REFUEL paper, Sec. 4.1: 2048)"""
-    reward_device: Optional[str] = None
-    """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
-    user_device: Optional[str] = None
-    """chat: an in-process user model's device (as --reward_device)"""
-
-
-def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.float32, tokenizer=None,
-                       **extra) -> Environment:
-    """make_env with a script's parsed flags (an EnvArgs); `extra` passes what only some scripts have (offline_path)."""
-    names = [f.name for f in dataclasses.fields(EnvArgs) if f.name != "reward_trust_remote_code"]
-    return make_env(max_turns=max_turns, device=device, dtype=dtype, tokenizer=tokenizer,
-                    trust_remote_code=args.reward_trust_remote_code, **{k: getattr(args, k) for k in names}, **extra)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -667,7 +490,7 @@ def evaluate_policy(model, tokenizer, env: Environment, n: int, seed: int, max_n
 # ----------------------------------------------------------------------------------------------------------------
 # What lives in sibling modules, reachable as sim.NAME all the same
 # ----------------------------------------------------------------------------------------------------------------
-SIBLING_MODULES = ("tutor_task", "chat_datasets", "chat_env", "fast_decode", "logprob_memory", "distributed")
+SIBLING_MODULES = ("loading", "tutor_task", "chat_datasets", "chat_env", "fast_decode", "logprob_memory", "distributed")
 
 
 def __getattr__(name: str):
