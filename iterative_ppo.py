@@ -6,25 +6,22 @@ Batch-online policy iteration (paper Algorithm 1), per outer iteration i:
   5. Monte Carlo policy evaluation (Observation 2): one example per agent turn,
         ((s_h, y_h), G_h),  G_h = sum_{j>=0} gamma^j r_{h+j},  r = 0 except r_H = r(s_{H+1})   -> `monte_carlo_returns`
      and fit a response-level Q_i(s, y) by regression (MSE): an LM backbone with a scalar head read at the last
-     token of the chat-templated s_h + y_h, i.e. a reward-model-shaped network. Conversations are split into a
-     fit and a held-out part; held-out MSE picks the epoch (early stopping) and is logged.   -> `fit_q_model`
+     token of the chat-templated s_h + y_h (every turn's from one forward of the conversation), a reward-model-shaped
+     network; held-out conversations' MSE picks the epoch (early stopping) and is logged.      -> `fit_q_model`
   6. D_single = the states s_h visited by pi_i, as prompts (the very serialisation pi_i saw)
   7. pi_{i+1} = PPO(D_single, reward model = Q_i): ordinary single-turn token-level PPO (Observation 1), maximising
         E_{y~pi(.|s)} Q_i(s, y) - beta KL(pi(.|s) || pi_i(.|s))          (Theorem 2: the KL anchor is pi_i, not mu)
-     D_single is cut into PPO batches, each sampled anew from the current policy, and handed with Q_i and pi_i to
-     the solver, standard single-turn PPO that knows nothing of turns (Observation 1)                     -> `ppo`
+     D_single is cut into PPO batches, each sampled anew and handed with Q_i and pi_i to the solver, single-turn
+     PPO that knows nothing of turns (Observation 1)                                                     -> `ppo`
      one PPO batch: sample, score with Q_i, GAE, epochs of minibatches     -> `single_turn_ppo.py:ppo_step_batch`
      the reward is Q_i(s, y) at the last token                                -> `single_turn_ppo.py:ppo_rewards`
-     the KL to pi_i, exact per token over the vocabulary, in every minibatch's loss (pi_i stays fixed while the
-     sampling policy moves, so it acts from the first optimizer step)       -> `single_turn_ppo.py:token_kl_entropy`
+     the KL to pi_i, exact per token, in every minibatch's loss             -> `single_turn_ppo.py:token_kl_entropy`
      GAE with PPO's token-level critic (from Q_0, then kept with its optimizer) -> `single_turn_ppo.py:token_gae`
-     whitened advantages, the clipped surrogate and the clipped value loss
-                                        -> `single_turn_ppo.py:whiten`, `:ppo_clipped_loss`, `:value_loss`
-     No environment step happens inside PPO: the future turns are compressed into Q_i.
-     Afterwards KL(pi_{i+1} || pi_i) and pi_{i+1}'s entropy per turn are measured on fresh samples at the states of
-     D_single                                                                 -> `single_turn_ppo.py:policy_shift`
-  9. "until Q_i has converged": with --q_converged_tol, stop when Q_i's estimate of V^{pi_i}(s_1) (mean Q_i over
-     held-out first turns) moves less than the tolerance between iterations; otherwise run num_iterations.
+     whitened advantages, clipped surrogate and value loss -> `single_turn_ppo.py:whiten`, `:ppo_clipped_loss`,
+     `:value_loss`. No environment step happens inside PPO: the future turns are compressed into Q_i.
+     Then KL(pi_{i+1} || pi_i), entropy per turn, on fresh samples at D_single -> `single_turn_ppo.py:policy_shift`
+  9. "until Q_i has converged": with --q_converged_tol, stop when Q_i's V^{pi_i}(s_1) (mean Q_i over held-out
+     first turns) moves less than the tolerance between iterations; otherwise run num_iterations.
 
 Runs as `python iterative_ppo.py` (CPU, the embedded tutor task) or `accelerate launch [--config_file configs/...]
 iterative_ppo.py --model_name_or_path ... --env chat ...`. The policy goes through accelerate (DDP, DeepSpeed, FSDP2:
@@ -35,7 +32,6 @@ with a vLLM engine (vllm_engine.py).
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -44,12 +40,14 @@ from typing import Literal, Optional
 
 import numpy as np
 import torch
+from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 import simulator as sim
 import vllm_engine
 from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
                          ranks_in_sync, reduce_mean, sampling_weights, sync_gradients, without_dropout)
+from logprob_memory import same_count_across_ranks
 from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, save_checkpoint
 from single_turn_ppo import policy_shift, ppo_step_batch, token_scores
 
@@ -101,12 +99,10 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
 
     # step 7: token-level PPO against Q_i
     kl_coef: float = 1.0
-    """beta of the KL penalty to pi_i (Theorem 2); with --kl_penalty loss it multiplies the mean per-token KL next
-    to the whitened-advantage surrogate (on the tutor, seed 1: 0.05 let an excursion to 0.19 happen, 1.0 did not)"""
+    """beta of the KL penalty to pi_i (Theorem 2) (on the tutor, seed 1: 0.05 let an excursion to 0.19 happen)"""
     kl_penalty: Literal["loss", "reward"] = "loss"
-    """'loss': beta x the exact per-token KL(pi_theta || pi_i) over the vocabulary at the response positions, in
-    every minibatch's loss (acts from the first optimizer step on, in every PPO batch); 'reward': the per-token reward
-    -beta (ln pi_old - ln pi_i) fixed at sampling time (zero throughout the first PPO batch, where pi_old = pi_i)"""
+    """'loss': beta x the exact per-token KL(pi_theta || pi_i) in every minibatch's loss (acts from the first step);
+    'reward': -beta (ln pi_old - ln pi_i) per token at sampling (zero in the first PPO batch, where pi_old = pi_i)"""
     d_single_size: Optional[int] = None
     """prompts of D_single per outer iteration across all ranks: a uniform sample, without replacement, of the
     states pi_i visited (about H per conversation); None = prompts_per_iteration, 0 = every state"""
@@ -127,8 +123,7 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
     ppo_gamma: float = 1.0
     """GAE discount over tokens (1 = the single-turn RLHF convention)"""
     reset_critic: bool = False
-    """re-initialise the token critic from Q_i with a fresh optimizer at every outer iteration; default: initialised
-    from Q_0 once, then the critic and its AdamW state carry across outer iterations (and checkpoints)"""
+    """re-initialise the token critic from Q_i (fresh AdamW) every outer iteration; default: from Q_0, then kept"""
     whiten_rewards: bool = False
     """also whiten the token rewards before GAE (advantages are always whitened)"""
     lr: float = 3e-4
@@ -174,7 +169,7 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
 # ----------------------------------------------------------------------------------------------------------------
 def rollout(policy, tokenizer, env, contexts, rng, args, engine=None):
     """Algorithm 1 line 4: whole conversations of pi_i with the user, batched at every turn (H_max turns, or a
-    record's own number where it has one: setting two's pre-sampled questions); and their rewards."""
+    record's own number: setting two's pre-sampled questions); and their rewards."""
     if not contexts:
         raise ValueError("rollout: no contexts")
     convs, _ = sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts],
@@ -245,28 +240,48 @@ def build_q_model(name_or_path: str, tokenizer):
     return q
 
 
-def q_forward(q_model, tokenizer, messages_list, rows=None) -> torch.Tensor:
+def q_forward(q_model, tokenizer, messages_list, rows=None, ends=None) -> torch.Tensor:
     """Q(s, y) of each (s + y) message list (or of its chat-templated ids, `rows`): the scalar head at the
-    response's last token. Differentiable."""
+    response's last token. With `ends` (a list of positions per row), the head at each of them, concatenated: every
+    turn of a conversation from one forward of the whole of it (`conversation_rows`). Differentiable."""
     rows = rows or [sim.render_ids(tokenizer, m, add_generation_prompt=False) for m in messages_list]
+    ends = ends or [[len(r) - 1] for r in rows]
     device = next(q_model.parameters()).device
     ids = torch.full((len(rows), max(len(r) for r in rows)), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     for b, r in enumerate(rows):  # right-padded
         ids[b, :len(r)], attn[b, :len(r)] = torch.tensor(r), 1
-    last = torch.tensor([len(r) - 1 for r in rows], device=device)
-    return token_scores(q_model, ids.to(device), attn.to(device)).gather(1, last[:, None]).squeeze(1)
+    row = torch.tensor([b for b, e in enumerate(ends) for _ in e], device=device)
+    pos = torch.tensor([p for e in ends for p in e], device=device)
+    return token_scores(q_model, ids.to(device), attn.to(device))[row, pos]
+
+
+def conversation_rows(groups) -> tuple[list, list]:
+    """(ids, turn-end positions) of each conversation's turn examples (their "ids": s_h + y_h, chat-templated): a
+    causal backbone's value at y_h's last token does not see what follows, so one forward of the whole conversation
+    reads every turn's Q(s_h, y_h), (H + 1) / 2 times fewer tokens than a forward per prefix (3x at the tutor's H 5)."""
+    rows, ends = [], []
+    for group in groups:
+        full = max((e["ids"] for e in group), key=len)
+        if any(full[:len(e["ids"])] != e["ids"] for e in group):
+            raise sim.ChatTemplateError("the chat template is not prefix-consistent: a conversation's tokens do not "
+                                        "start with those of its turn prefixes (Q reads every turn in one forward)")
+        rows.append(full)
+        ends.append([len(e["ids"]) - 1 for e in group])
+    return rows, ends
 
 
 @torch.no_grad()
-def q_predict(q_model, tokenizer, messages_list, batch_size: int = 256, rows=None) -> torch.Tensor:
-    if not messages_list:
+def q_predict(q_model, tokenizer, messages_list, batch_size: int = 256, rows=None, ends=None) -> torch.Tensor:
+    """Q without grad, batch_size rows at a time (with `ends`: Q at every listed position of each row)."""
+    n = len(rows or messages_list)
+    if not n:
         raise ValueError("q_predict: empty input")
     was_training = q_model.training
     q_model.eval()
-    out = torch.cat([q_forward(q_model, tokenizer, messages_list[s:s + batch_size],
-                               rows[s:s + batch_size] if rows else None).cpu()
-                     for s in range(0, len(messages_list), batch_size)])
+    part = lambda x, s: x[s:s + batch_size] if x else None
+    out = torch.cat([q_forward(q_model, tokenizer, part(messages_list, s), part(rows, s), part(ends, s)).cpu()
+                     for s in range(0, n, batch_size)])
     q_model.train(was_training)
     if not torch.isfinite(out).all():
         raise FloatingPointError("the Q-model returned NaN or infinite values")
@@ -274,11 +289,14 @@ def q_predict(q_model, tokenizer, messages_list, batch_size: int = 256, rows=Non
 
 
 def split_heldout(examples, fraction: float, rng):
-    """Hold out whole conversations (no turn of a held-out conversation is fitted)."""
-    groups = sorted({e["group"] for e in examples})
+    """Hold out whole conversations (no turn of a held-out conversation is fitted): (fit, held), each a list of
+    conversations, each the list of its turn examples in turn order."""
+    groups = {}
+    for e in examples:
+        groups.setdefault(e["group"], []).append(e)
     k = min(len(groups) - 1, max(1, round(fraction * len(groups)))) if fraction > 0 and len(groups) > 1 else 0
-    held = set(rng.permutation(groups)[:k].tolist())
-    return [e for e in examples if e["group"] not in held], [e for e in examples if e["group"] in held]
+    held = set(rng.permutation(sorted(groups))[:k].tolist())
+    return [groups[g] for g in sorted(groups) if g not in held], [groups[g] for g in sorted(groups) if g in held]
 
 
 def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_size=128, heldout_fraction=0.1,
@@ -292,44 +310,45 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
         raise FloatingPointError("fit_q_model: non-finite Monte Carlo return")
     for e in examples:  # tokenize once per fit, not once per epoch
         e.setdefault("ids", sim.render_ids(tokenizer, e["messages"], add_generation_prompt=False))
-    fit, held = split_heldout(examples, heldout_fraction, rng)
+    fit, held = split_heldout(examples, heldout_fraction, rng)  # conversations: every turn read from one forward
+    n_fit, (held_rows, held_ends) = sum(map(len, fit)), conversation_rows(held)
+    held_targets = torch.tensor([e["G"] for conv in held for e in conv])
     mean_over_ranks = (lambda x: accelerator.reduce(torch.tensor(x, device=accelerator.device), "mean").item()) \
         if accelerator is not None and accelerator.num_processes > 1 else (lambda x: x)
     device = next(q_model.parameters()).device
-
-    def heldout_mse():
-        if not held:
-            return float("nan")
-        pred = q_predict(q_model, tokenizer, [e["messages"] for e in held], rows=[e["ids"] for e in held])
-        return mean_over_ranks(float(((pred - torch.tensor([e["G"] for e in held])) ** 2).mean()))
-
+    # minibatches of whole conversations, about minibatch_size turns each, as many on every rank (one all-reduce each)
+    n_batches = same_count_across_ranks(min(len(fit), math.ceil(n_fit / minibatch_size)), device)
+    cpu_copy = lambda: {k: v.detach().to("cpu", copy=True) for k, v in q_model.state_dict().items()}
+    heldout_mse = lambda: float("nan") if not held else mean_over_ranks(float(((q_predict(
+        q_model, tokenizer, None, rows=held_rows, ends=held_ends) - held_targets) ** 2).mean()))
     opt = optimizer or torch.optim.AdamW([p for p in q_model.parameters() if p.requires_grad], lr=lr,
                                          weight_decay=weight_decay)
     q_model.train()
     before = best = heldout_mse()
-    best_state, epochs_without_gain, train_mse, epochs_run = copy.deepcopy(q_model.state_dict()), 0, float("nan"), 0
+    best_state, epochs_without_gain, train_mse, epochs_run = cpu_copy(), 0, float("nan"), 0
     improved, steps = False, 0
     for epoch in range(epochs):
-        order, losses = rng.permutation(len(fit)), []
-        for s in range(0, len(order), minibatch_size):
-            batch = [fit[i] for i in order[s:s + minibatch_size]]
-            pred = q_forward(q_model, tokenizer, None, [e["ids"] for e in batch])
-            loss = ((pred - torch.tensor([e["G"] for e in batch], device=device)) ** 2).mean()  # "standard regression"
-            if not torch.isfinite(loss):
-                raise FloatingPointError("fit_q_model: the Q loss is NaN or infinite")
+        losses = []
+        for chunk in np.array_split(rng.permutation(len(fit)), n_batches):
+            batch = [fit[g] for g in chunk]
             opt.zero_grad()
-            loss.backward()
+            if batch:  # (empty only where another rank holds more conversations: a zero gradient from this one)
+                pred = q_forward(q_model, tokenizer, None, *conversation_rows(batch))
+                loss = ((pred - torch.tensor([e["G"] for conv in batch for e in conv], device=device)) ** 2).mean()
+                if not torch.isfinite(loss):  # ^ "standard regression"
+                    raise FloatingPointError("fit_q_model: the Q loss is NaN or infinite")
+                loss.backward()
+                losses.append(loss.item())
             sync_gradients(q_model, accelerator)
             torch.nn.utils.clip_grad_norm_(q_model.parameters(), max_grad_norm)
             opt.step()
             steps += 1
-            losses.append(loss.item())
         train_mse, epochs_run = mean_over_ranks(float(np.mean(losses))), epoch + 1
         if not held:
             continue
         mse = heldout_mse()
         if mse < best:  # the held-out error is the "Q has converged" signal of the fit
-            best, epochs_without_gain, best_state, improved = mse, 0, copy.deepcopy(q_model.state_dict()), True
+            best, epochs_without_gain, best_state, improved = mse, 0, cpu_copy(), True
         else:
             epochs_without_gain += 1
             if epochs_without_gain >= patience:
@@ -337,11 +356,11 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
     if held:
         q_model.load_state_dict(best_state)
     q_model.eval()
-    first = [e for e in held if e["h"] == 1] or [e for e in fit if e["h"] == 1] or held or fit
+    first = [conv[0] for conv in held or fit]  # each conversation's first turn: V_hat(s_1)
     v_hat = mean_over_ranks(float(q_predict(q_model, tokenizer, [e["messages"] for e in first]).mean()))
     v_mc = mean_over_ranks(float(np.mean([e["G"] for e in first])))
     return {"q/heldout_mse_before": before, "q/heldout_mse": best, "q/train_mse": train_mse, "q/epochs": epochs_run,
-            "q/v_hat": v_hat, "q/v_monte_carlo": v_mc, "q/examples": len(fit), "q/heldout_examples": len(held),
+            "q/v_hat": v_hat, "q/v_monte_carlo": v_mc, "q/examples": n_fit, "q/heldout_examples": sum(map(len, held)),
             "q/reverted": float(bool(held) and not improved), "q/optimizer_steps": steps}
 
 
@@ -350,22 +369,18 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
 # ----------------------------------------------------------------------------------------------------------------
 def ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, optimizer, accelerator, rng, args,
         iteration: int, engine=None):
-    """Algorithm 1 line 7: the single-turn solver (single_turn_ppo.ppo_step_batch) with Q_i as the reward model and
-    pi_i as the reference, on D_single shuffled and cut into --ppo_batches PPO batches, each sampled anew from the
-    current policy; every sample appended to --save_rollouts. Returns the batches' mean statistics (and the first
-    batch's KL to pi_i) and the optimizer steps taken (the same on every rank)."""
+    """Algorithm 1 line 7: single_turn_ppo.ppo_step_batch with Q_i as the reward model and pi_i as the reference, on
+    D_single cut into --ppo_batches batches, each sampled anew (samples appended to --save_rollouts). Returns the
+    batches' mean statistics (and the first batch's KL to pi_i) and the optimizer steps (the same on every rank)."""
     q_i = lambda prompts, texts: q_predict(q_model, tokenizer, [p + [{"role": "assistant", "content": t}]
                                                                for p, t in zip(prompts, texts)])  # Q_i(s, y)
     rows, batch_stats = [], []
     for b, chunk in enumerate(np.array_split(rng.permutation(len(prompts)), args.ppo_batches)):
         batch_rows = [] if args.save_rollouts else None
-        batch_stats.append(ppo_step_batch(policy, ref_policy, q_i, critic, critic_opt, tokenizer,
-                                          [prompts[k] for k in chunk], optimizer, accelerator, rng, args, batch_rows,
-                                          engine))
+        batch_stats.append(ppo_step_batch(policy, ref_policy, q_i, critic, critic_opt, tokenizer, [prompts[k] for k in
+                                          chunk], optimizer, accelerator, rng, args, batch_rows, engine))
         rows += [{**row, "ppo_batch": b} for row in batch_rows or []]
     if args.save_rollouts:
-        from accelerate.utils import gather_object
-
         rows_per_rank = gather_object([rows]) if accelerator.num_processes > 1 else [rows]
         if accelerator.is_main_process:
             with open(args.save_rollouts, "a") as f:
@@ -413,8 +428,6 @@ def prepare_for_training(models, args):
 
 def setup(args: Args):
     """Processes, derived sizes, the run directory, seeds, the environment, the models, prepared for the launch."""
-    from accelerate.utils import set_seed
-
     check_args(args)
     accelerator = make_accelerator(args.bf16)
     if args.threads:
@@ -435,8 +448,7 @@ def setup(args: Args):
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = sim.load_policy(args.model_name_or_path)
     q_path = args.q_model_name_or_path or (str(sim.DEFAULT_BASE_POLICY) if tutor else args.model_name_or_path)
-    # Q_i, the critic and pi_i are replicas that never pass through prepare() (Q and the critic sync their own
-    # gradients): full weights on every rank, loaded outside zero.Init
+    # Q_i, the critic, pi_i: full replicas outside prepare(), zero.Init (Q, critic all-reduce their own gradients)
     with outside_zero3_init(accelerator):
         env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), torch.bfloat16
                                      if accelerator.mixed_precision == "bf16" else torch.float32, tokenizer)
@@ -445,8 +457,7 @@ def setup(args: Args):
         ref_policy = sim.load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
     ref_policy.to(accelerator.device).eval().requires_grad_(False)
     prepare_for_training([policy, q_model, critic], args)
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=args.lr, betas=args.adam_betas,
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), args.lr, args.adam_betas, weight_decay=args.weight_decay)
     configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), 1, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
@@ -473,20 +484,16 @@ def resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) -> dic
     meta, ckpt_dir = load_checkpoint(accelerator, run_dir, rng)
     path = ckpt_dir / "q_model.pt"  # written by save_checkpoint's `extra` in main
     q_state = torch.load(path, map_location=accelerator.device) if path.exists() else {}
-    if q_state:
-        q_model.load_state_dict(q_state["model"])
-        q_opt.load_state_dict(q_state["opt"])
+    for key, obj in (("model", q_model), ("opt", q_opt), ("critic", critic), ("critic_opt", critic_opt)):
+        if key in q_state:
+            obj.load_state_dict(q_state[key])
     meta["critic_restored"] = "critic" in q_state
-    if meta["critic_restored"]:
-        critic.load_state_dict(q_state["critic"])
-        critic_opt.load_state_dict(q_state["critic_opt"])
     return meta
 
 
 def finish(accelerator, policy, replicas, env, run_dir, logger, first_eval: dict, final_eval: dict, iterations: int,
            minutes: float, totals: dict) -> dict:
-    """summary.json (ranks_in_sync: the policy and the replicas Q_i and the critic) and the closing line; ranks tear
-    the process group down together."""
+    """summary.json (ranks_in_sync: the policy, Q_i and the critic) and the closing line; ranks end together."""
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
@@ -508,8 +515,7 @@ def finish(accelerator, policy, replicas, env, run_dir, logger, first_eval: dict
 def main(args: Args) -> dict:
     accelerator, run_dir, rng, env, tokenizer, policy, optimizer, ref_policy, q_model, critic, engine = setup(args)
     W = args.world_size
-    # --no-q_warm_start refits every Q_i from Q_0's weights: a full model copy (32 GB at 8B), so it is kept on the
-    # CPU, and load_state_dict copies it back onto the device at each iteration
+    # --no-q_warm_start refits every Q_i from Q_0's weights: a full copy (32 GB at 8B), kept on the CPU
     q_initial = None if args.q_warm_start else {k: v.to("cpu", copy=True) for k, v in q_model.state_dict().items()}
     adamw = lambda model: torch.optim.AdamW(model.parameters(), lr=args.q_lr, weight_decay=0.0)  # Q_i's, critic's
     q_opt, critic_opt = adamw(q_model), adamw(critic)  # both kept across outer iterations

@@ -88,5 +88,5 @@ def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.f
                        **extra) -> sim.Environment:
     """make_env with a script's parsed flags (an EnvArgs); `extra` passes what only some scripts have (offline_path)."""
     names = [f.name for f in dataclasses.fields(EnvArgs) if f.name != "reward_trust_remote_code"]
-    return sim.make_env(max_turns=max_turns, device=device, dtype=dtype, tokenizer=tokenizer,
-                        trust_remote_code=args.reward_trust_remote_code, **{k: getattr(args, k) for k in names}, **extra)
+    return sim.make_env(max_turns=max_turns, device=device, dtype=dtype, tokenizer=tokenizer, **extra,
+                        trust_remote_code=args.reward_trust_remote_code, **{k: getattr(args, k) for k in names})

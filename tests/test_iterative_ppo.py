@@ -101,6 +101,34 @@ def test_fit_q_model_reports_a_revert(base_policy, one_thread):
         torch.testing.assert_close(v, start[k], atol=0, rtol=0)
 
 
+def test_q_of_every_turn_from_one_forward_equals_a_forward_per_prefix(base_policy, one_thread):
+    """fit_q_model reads Q(s_h, y_h) of all of a conversation's turns at their ends in one forward of the whole of
+    it: the same values (and gradients' loss) as one forward per prefix s_h + y_h, in turn order."""
+    _, tok = base_policy
+    torch.manual_seed(0)
+    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok).eval()
+    env = sim.TutorEnv()
+    rng = np.random.default_rng(0)
+    convs = env.reference_dialogues(3, rng, 3) + env.reference_dialogues(2, rng, 5)  # conversations of 3 and 5 turns
+    ex = ippo.q_examples(convs, env.reward(convs), 1.0)
+    for e in ex:
+        e["ids"] = sim.render_ids(tok, e["messages"], add_generation_prompt=False)
+    fit, held = ippo.split_heldout(ex, 0.4, np.random.default_rng(0))
+    convs_ex = fit + held
+    assert len(held) == 2 and all([e["h"] for e in c] == list(range(1, len(c) + 1)) for c in convs_ex)
+    rows, ends = ippo.conversation_rows(convs_ex)
+    assert [len(e) for e in ends] == [len(c) for c in convs_ex]
+    with torch.no_grad():
+        one_forward = ippo.q_forward(q, tok, None, rows, ends)
+        per_prefix = ippo.q_forward(q, tok, [e["messages"] for c in convs_ex for e in c])
+    torch.testing.assert_close(one_forward, per_prefix, atol=1e-5, rtol=1e-5)
+    assert one_forward.std() > 0  # a random head still separates the prefixes
+    bad = [dict(convs_ex[0][0]), dict(convs_ex[0][1])]
+    bad[1]["ids"] = bad[1]["ids"][:3] + [bad[1]["ids"][3] + 1] + bad[1]["ids"][4:]  # a template that rewrote turn 1
+    with pytest.raises(sim.ChatTemplateError, match="prefix-consistent"):
+        ippo.conversation_rows([bad])
+
+
 # ---------------------------------------------------------------- step 7: the solver (single_turn_ppo.py) by hand
 def test_token_kl_and_entropy_by_hand():
     p = torch.tensor([[[0.5, 0.5, 0.0 + 1e-30], [0.9, 0.05, 0.05]]]).log()
