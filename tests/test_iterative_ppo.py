@@ -127,6 +127,11 @@ def test_q_of_every_turn_from_one_forward_equals_a_forward_per_prefix(base_polic
     bad[1]["ids"] = bad[1]["ids"][:3] + [bad[1]["ids"][3] + 1] + bad[1]["ids"][4:]  # a template that rewrote turn 1
     with pytest.raises(sim.ChatTemplateError, match="prefix-consistent"):
         ippo.conversation_rows([bad])
+    q.train()
+    for unit, steps in (("conversation", 3), ("turn", math.ceil(sum(map(len, fit)) / 2))):  # 3 fitted conversations
+        stats = ippo.fit_q_model(q, tok, ex, np.random.default_rng(0), epochs=1, minibatch_size=2,
+                                 heldout_fraction=0.4, minibatch_unit=unit)
+        assert stats["q/optimizer_steps"] == steps and stats["q/examples"] == sum(map(len, fit)), (unit, stats)
 
 
 # ---------------------------------------------------------------- step 7: the solver (single_turn_ppo.py) by hand
