@@ -177,10 +177,13 @@ def count_generated_tokens():
 
 
 def collection(model, user_model, tok, args, device, rng, engine=None):
-    """One REFUEL collection with an LLM user vs the same token count as one flat batch (with a vLLM engine: the
-    policy's turns and the flat batch sampled by it; the user stays on the HF sampler)."""
-    records = [{"messages": c, "user": None} for c in prompts(tok, args.collection_prompts, 32, rng)]
-    user = sim.PromptedUser(user_model, tok, prompt_template="{dialogue}", max_new_tokens=16)
+    """One REFUEL collection vs the same token count as one flat batch (with a vLLM engine: the policy's turns and
+    the flat batch sampled by it). user_model: an LLM user on the HF sampler; None: pre-sampled user turns (setting
+    two), so only the policy samples and the ratio is what multi-turn sampling costs over a flat batch."""
+    records = [{"messages": c, "user": None if user_model is not None else {"questions": [
+        " ".join(f"w{i}" for i in rng.integers(len(tok) - 7, size=16)) for _ in range(2)]}}
+        for c in prompts(tok, args.collection_prompts, 32, rng)]
+    user = user_model and sim.PromptedUser(user_model, tok, prompt_template="{dialogue}", max_new_tokens=16)
     env = sim.ChatEnv(records, reward_model=lambda convs: torch.zeros(len(convs)), user=user, max_turns=3)
     rargs = refuel.Args(max_turns=3, max_new_tokens=16, gen_batch_size=1024)
     counter, restore = count_generated_tokens()
@@ -268,16 +271,15 @@ def main(args: Args) -> None:
                 share = f"{100 * r / args.bandwidth_gbs / step_v:.1f}%" if args.bandwidth_gbs else "-"
                 vllm_rows.append(f"| {shape} | {b} | {n_v / t_v:.0f} | {n_s / t_s:.0f} | {step_v:.1f} | {share} |")
         user_model, _ = build(shape, tok, device, dtype)
-        c = collection(model, user_model, tok, args, device, rng)
         n_tok, dt = train_step(model, tok, 8, 256, device, rng)
         mfu = f"{100 * 6 * n_params * n_tok / dt / (args.peak_tflops * 1e12):.1f}%" if args.peak_tflops else "-"
-        other.append(f"| {shape} | {c['tokens']} tokens in {c['calls']} sampler calls: {c['t_collection']:.2f} s | "
-                     f"{c['t_flat']:.2f} s | {c['t_collection'] / c['t_flat']:.2f}x | {n_tok / dt:.0f} | {mfu} |")
+        for sampler, eng in [("HF", None)] + [("vLLM", engine)] * (engine is not None):
+            for user_name, user in (("LLM user", user_model), ("pre-sampled user turns", None)):
+                c = collection(model, user, tok, args, device, rng, eng)
+                other.append(f"| {shape}, {sampler} policy, {user_name} | {c['tokens']} tokens in {c['calls']} "
+                             f"sampler calls: {c['t_collection']:.2f} s | {c['t_flat']:.2f} s | "
+                             f"{c['t_collection'] / c['t_flat']:.2f}x | {n_tok / dt:.0f} | {mfu} |")
         if engine is not None:
-            v = collection(model, user_model, tok, args, device, rng, engine)
-            other.append(f"| {shape}, vLLM policy | {v['tokens']} tokens in {v['calls']} sampler calls: "
-                         f"{v['t_collection']:.2f} s | {v['t_flat']:.2f} s | {v['t_collection'] / v['t_flat']:.2f}x "
-                         f"| - | - |")
             engine.close()
         del model, user_model
     roof_head = " | roofline ms/step | sampler share | fast share | generate share" if args.bandwidth_gbs else ""
@@ -285,13 +287,14 @@ def main(args: Args) -> None:
           "generate ms/step" + roof_head + " | peak GiB |")
     print("|" + "---|" * (12 if args.bandwidth_gbs else 8) + "---|")
     print("\n".join(rows))
-    print("\n| shape | REFUEL collection (H_max 3, LLM user) | same tokens, one flat batch | ratio | "
+    print("\n| shape, sampler, user | REFUEL collection (H_max 3) | same tokens, one flat batch | ratio | "
           "train step tok/s | MFU |\n|---|---|---|---|---|---|")
     print("\n".join(other))
     if vllm_rows:
         print("\n| shape | batch | vLLM tok/s | HF sampler tok/s | vLLM ms/step | vLLM roofline share |\n"
               "|---|---|---|---|---|---|")
         print("\n".join(vllm_rows))
+    sys.stdout.flush()  # before vLLM's exit handlers run (a fork there would print the buffered tables twice)
 
 
 if __name__ == "__main__":
