@@ -148,7 +148,13 @@ def ranks_in_sync(model, accelerator, *replicas) -> bool:
     sharded copy, so this checks the gathered weights that every rank samples with."""
     with full_weights(model, accelerator) as full:
         params = [*full.parameters(), *(p for r in replicas for p in r.parameters())]
-        checksum = sum(full_tensor(p.detach()).double().sum() for p in params)
+        checksum = sum(full_tensor(p.detach()).double().sum() for p in params)  # while gathered
+    return same_on_all_ranks([checksum], accelerator)
+
+
+def same_on_all_ranks(tensors, accelerator) -> bool:
+    """Whether every rank holds the same `tensors` (a checksum each, gathered; to a relative 1e-6)."""
+    checksum = sum(t.detach().double().sum() for t in tensors)
     sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
     return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
 

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import simulator as sim
-from distributed import outside_zero3_init, sync_gradients
+from distributed import outside_zero3_init, same_on_all_ranks, sync_gradients
 
 
 @dataclass
@@ -113,13 +113,6 @@ def build_reward_model(args, accelerator) -> RewardModel:
     rm = RewardModel(lm.get_decoder(), tok).to(accelerator.device)
     rm.eval()  # dropout off for the fit as well; gradients still flow
     return rm
-
-
-def same_on_all_ranks(module, accelerator) -> bool:
-    """Whether every rank holds the same weights of a replicated module that is not prepared (r_phi)."""
-    checksum = sum(p.detach().double().sum() for p in module.state_dict().values())
-    sums = accelerator.gather(torch.tensor([float(checksum)], device=accelerator.device, dtype=torch.float64))
-    return bool((sums.max() - sums.min()).abs() <= 1e-6 * (1 + sums.abs().max()))
 
 
 def pair_metrics(r_a, r_b, p, target) -> torch.Tensor:
@@ -231,4 +224,4 @@ def reward_model_summary(reward_model, metrics: dict, first_eval: dict, final_ev
            for k in ("heldout_accuracy", "heldout_accuracy_ceiling", "heldout_untied_accuracy", "minutes")}
     return {**fit, "initial_rm_reward": first_eval["eval/rm_reward"], "final_rm_reward": final_eval["eval/rm_reward"],
             "mu_rm_reward": final_eval["eval/mu_rm_reward"],
-            "reward_model_ranks_in_sync": same_on_all_ranks(reward_model, accelerator)}
+            "reward_model_ranks_in_sync": same_on_all_ranks(reward_model.state_dict().values(), accelerator)}
