@@ -391,7 +391,9 @@ class Check:
             bw, tf = gpu_specs(self.gpu, a.bandwidth_gbs, a.peak_tflops)
             runs = [(s, ["--shapes", s, "--batches", "32", "256"], 240 if s == "8b" else 150) for s in ("1b", "8b")]
         else:
-            bw, tf = a.bandwidth_gbs or 50.0, a.peak_tflops or 1.0  # placeholders: the columns' code runs
+            # a CPU has no datasheet peaks: nominal ones let the dry run execute the roofline and MFU columns'
+            # code (so it cannot rot); the row below says their values mean nothing here
+            bw, tf = a.bandwidth_gbs or 50.0, a.peak_tflops or 1.0
             runs = [("tiny", ["--shapes", "tiny", "--batches", "2", "--prompt_len", "16", "--new_tokens", "4",
                               "--collection_prompts", "2", "--no-fast_path", "--device", "cpu"], 300)]
         for shape, flags, cap in runs:
@@ -418,7 +420,7 @@ class Check:
                         self.training_row(r, shape)
             if not self.cuda:
                 self.row("throughput", f"{shape}: fast path, roofline share, MFU on a GPU",
-                         "CPU dry run: fast path off (it compiles), roofline/MFU from placeholder peaks",
+                         "CPU dry run: fast path off (it compiles), roofline/MFU from nominal peaks",
                          "skipped: no CUDA")
 
     def sampler_row(self, r, shape):
