@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 import torch
 
 from chat_datasets import is_education, load_offline, load_prompts, split_opening
-from loading import model_load_error
+from loading import load_tokenizer, model_load_error
 import simulator as sim
 
 JUDGE_PROMPT = """I require a leaderboard for various chatbots. I'll provide you with dialogues with these chatbots. \
@@ -168,15 +168,31 @@ Justification: <one sentence>
 Student: <the student's next message>"""
 
 
+_LABEL = r"^[\s>*#_\-]*({key})[\s*_]*:[\s*_]*(.*)$"  # a "Key:" line, markdown emphasis around the label allowed
+
+
 def parse_user_question(text: str, key: str = "Question") -> tuple[str, bool]:
-    """The text after the last '<key>:' (case-insensitive); falls back to the last non-empty line.
-    Returns (question, parsed)."""
-    m = re.findall(rf"{key}\s*:\s*(.+)", text, flags=re.IGNORECASE)
-    if m and m[-1].strip():
-        return m[-1].strip(), True
-    lines = [line.strip() for line in text.splitlines()
-             if line.strip() and not line.lower().startswith("justification")]
-    return (lines[-1] if lines else text.strip()), False
+    """The user's next message in a prompted user's reply: the text on the first line that starts with '<key>:'
+    (case-insensitive, markdown emphasis allowed), or, when that line is empty, the line after it. Returns
+    (message, True). Fallback when no such line has text: the first line ending in '?', else the last line, any
+    'Label:' in front of it dropped (a lone 'Justification: ...' reaches the policy without its label); returns
+    (message, False), counted as charts/user_parse_fallback_rate. Small instruct models often miss the format."""
+    lines = [line.strip() for line in text.strip().splitlines()]
+    label = re.compile(_LABEL.format(key=re.escape(key)), flags=re.IGNORECASE)
+    any_label = re.compile(_LABEL.format(key=r"[A-Za-z][A-Za-z ]{0,20}"), flags=re.IGNORECASE)
+    for i, line in enumerate(lines):
+        m = label.match(line)
+        if not m:
+            continue
+        found = m.group(2).strip() or next((x for x in lines[i + 1:] if x), "")
+        found = found.strip().strip('"').strip()
+        if found and not any_label.match(found):
+            return found, True
+    content = [(any_label.match(x).group(2) if any_label.match(x) else x).strip() for x in lines]
+    content = [x.strip('"').strip() for x in content if x.strip('"').strip()]
+    if not content:
+        return text.strip(), False
+    return next((x for x in content if x.endswith("?")), content[-1]), False
 
 
 class PromptedUser:
@@ -513,10 +529,10 @@ def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust
                       max_length: int = 4096) -> HFRewardModel:
     """An HF sequence-classification reward model (or an ArmoRM-style one with its own code) on `device`
     ('auto' = sharded over the visible GPUs)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = load_tokenizer(name)
         placement = {"device_map": "auto"} if device == "auto" else {}
         model = AutoModelForSequenceClassification.from_pretrained(name, dtype=dtype,
                                                                    trust_remote_code=trust_remote_code, **placement)

@@ -224,19 +224,19 @@ def q_examples(convs, rewards, gamma: float) -> list:
 # ----------------------------------------------------------------------------------------------------------------
 def build_q_model(name_or_path: str, tokenizer):
     """An LM backbone with a scalar head (AutoModelForSequenceClassification, num_labels=1)."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point
     try:
-        q_tok = None if name_or_path == str(sim.DEFAULT_BASE_POLICY) else AutoTokenizer.from_pretrained(name_or_path)
+        q_tok = None if name_or_path == str(sim.DEFAULT_BASE_POLICY) else sim.load_tokenizer(name_or_path)
         q = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise sim.model_load_error("Q model", name_or_path, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
-    if q_tok is not None and q_tok.get_vocab() != tokenizer.get_vocab():
+    if q_tok is not None and q_tok is not tokenizer and q_tok.get_vocab() != tokenizer.get_vocab():
         raise ValueError(f"Q model {name_or_path} must share the policy's vocabulary (its input is tokenized "
                          f"with the policy's chat template)")
     q.config.pad_token_id = tokenizer.pad_token_id
@@ -246,7 +246,7 @@ def build_q_model(name_or_path: str, tokenizer):
 def q_forward(q_model, tokenizer, messages_list, rows=None, ends=None) -> torch.Tensor:
     """Q(s, y) of each (s + y) message list (or of its chat-templated ids, `rows`): the scalar head at the response's
     last token; with `ends` (positions per row), at each of them, concatenated (`conversation_rows`). Differentiable."""
-    rows = rows or [sim.render_ids(tokenizer, m, add_generation_prompt=False) for m in messages_list]
+    rows = rows or [sim.conversation_ids(tokenizer, m).ids for m in messages_list]
     ends = ends or [[len(r) - 1] for r in rows]
     device = next(q_model.parameters()).device
     ids = torch.full((len(rows), max(len(r) for r in rows)), tokenizer.pad_token_id, dtype=torch.long)
@@ -311,7 +311,7 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
     if not all(math.isfinite(e["G"]) for e in examples):
         raise FloatingPointError("fit_q_model: non-finite Monte Carlo return")
     for e in examples:  # tokenize once per fit, not once per epoch
-        e.setdefault("ids", sim.render_ids(tokenizer, e["messages"], add_generation_prompt=False))
+        e.setdefault("ids", sim.conversation_ids(tokenizer, e["messages"]).ids)
     fit, held = split_heldout(examples, heldout_fraction, rng)  # conversations (held-out: read in one forward each)
     n_fit, (held_rows, held_ends) = sum(map(len, fit)), conversation_rows(held)
     device, ranks = next(q_model.parameters()).device, accelerator.num_processes if accelerator is not None else 1

@@ -4,6 +4,9 @@ chat flags every script shares, `EnvArgs`). `make_env` itself is in simulator.py
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Optional
@@ -20,16 +23,25 @@ def model_load_error(kind: str, name: str, e: Exception) -> ValueError:
     return ValueError(f"could not load {kind} {name!r}{where}: {e}")
 
 
+@functools.lru_cache(maxsize=None)
+def load_tokenizer(name: str):
+    """AutoTokenizer.from_pretrained(name), once per process: a script loads the policy, its reference copies and
+    the reward model, and a 150k-vocabulary tokenizer.json takes a second to parse each time. Shared, not copied."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name)
+
+
 def load_policy(name: str, dtype=torch.float32):
     """(model, tokenizer) for a policy: 'tutor' = the embedded base policy, else an HF hub name or local path."""
     if name == "tutor":
         from tutor_task import load_tutor_base_policy
 
         return load_tutor_base_policy()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     try:
-        tok = AutoTokenizer.from_pretrained(name)
+        tok = load_tokenizer(name)
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
     except (OSError, ValueError) as e:  # ValueError: a name that is neither a folder nor a valid hub id
         raise model_load_error("policy model", name, e) from None
@@ -82,11 +94,31 @@ class EnvArgs:
     """chat: the reward model's device (None = the policy's; 'cuda:+4' = 4 GPUs after it; 'auto' = sharded)"""
     user_device: Optional[str] = None
     """chat: an in-process user model's device (as --reward_device)"""
+    chat_template_kwargs: Optional[str] = None
+    """a JSON object passed to every apply_chat_template of the policy, the user, the reward model and the judge,
+    e.g. '{"enable_thinking": false}' for Qwen3 (docs/implementation_notes.md#chat-templates)"""
+    chat_template_date: Optional[str] = None
+    """the date_string a template that prints today's date reads (Llama-3.2); None = the day the run started,
+    kept in runs/<run>/args.json and reused by --resume"""
+
+
+def set_chat_templates(args: EnvArgs) -> None:
+    """--chat_template_kwargs and the run's date, for every chat template the run renders."""
+    try:
+        kwargs = json.loads(args.chat_template_kwargs or "{}")
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--chat_template_kwargs must be a JSON object, e.g. '{{\"enable_thinking\": false}}': "
+                         f"{e}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--chat_template_kwargs must be a JSON object, got {args.chat_template_kwargs!r}")
+    sim.set_chat_template_kwargs(kwargs, args.chat_template_date or time.strftime("%d %b %Y"))
 
 
 def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.float32, tokenizer=None,
                        **extra) -> sim.Environment:
     """make_env with a script's parsed flags (an EnvArgs); `extra` passes what only some scripts have (offline_path)."""
-    names = [f.name for f in dataclasses.fields(EnvArgs) if f.name != "reward_trust_remote_code"]
+    set_chat_templates(args)
+    names = [f.name for f in dataclasses.fields(EnvArgs)
+             if f.name not in ("reward_trust_remote_code", "chat_template_kwargs", "chat_template_date")]
     return sim.make_env(max_turns=max_turns, device=device, dtype=dtype, tokenizer=tokenizer, **extra,
                         trust_remote_code=args.reward_trust_remote_code, **{k: getattr(args, k) for k in names})

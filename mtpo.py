@@ -182,8 +182,7 @@ def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_
         out = mixture_sample_turns(policy, ref, tokenizer, [convs[i] for i in active], args.max_new_tokens,
                                    args.temperature, tau, args.gen_batch_size, engine)
         for j, i in enumerate(active):
-            convs[i].append({"role": "assistant", "content": out.texts[j],
-                             **({"truncated": True} if out.hit_budget[j] else {})})
+            convs[i].append(sim.assistant_message(out, j))  # its sampled ids are what gets scored
             hit[i, h] = bool(out.hit_budget[j])
         talk = [i for i in active if h < n_turns[i] - 1 or env.scores_final_user_reply]
         if talk:
@@ -206,18 +205,10 @@ def preference(env, convs_a, convs_b) -> torch.Tensor:
 def conversation_batch(tokenizer, convs, H: int):
     """Right-padded (input_ids N x L, attention_mask, token_turn N x (L-1): h for target tokens of assistant turn h
     else 0, state_pos N x H: position of x_h's last token (its generation prompt), turn_mask N x H)."""
-    eot = sim.end_of_turn_id(tokenizer)
     rows = []
     for c in convs:
-        full = sim.render_ids(tokenizer, c, add_generation_prompt=False)
-        n_turns = sim.assistant_turns(c)
-        spans = []
-        for h in range(1, min(n_turns, H) + 1):
-            prompt, turn = sim.split_turn(tokenizer, c, h, eot, check_full=False)
-            if full[: len(prompt) + len(turn)] != prompt + turn:
-                raise sim.ChatTemplateError(f"{sim.model_name(tokenizer)}: the chat template is not prefix-consistent")
-            spans.append((len(prompt), len(turn)))
-        rows.append((full, spans))
+        tokens = sim.conversation_ids(tokenizer, c)  # the sampled ids of every turn, the template's between them
+        rows.append((tokens.ids, [(start, end - start) for start, end in tokens.turns[:H]]))
     L = max(len(f) for f, _ in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
     attn = torch.zeros_like(ids)

@@ -55,6 +55,11 @@ def make_run_dir(args, accelerator, name: Optional[str] = None) -> Path:
         stamp = int(accelerator.gather(stamp)[0])  # rank 0's clock: ranks may start a second apart
         args.run_name = f"{name or args.exp_name}__{args.env}__{args.seed}__{stamp}"
     run_dir = Path(args.output_dir) / args.run_name
+    if hasattr(args, "chat_template_date") and not args.chat_template_date:  # one date for the whole run
+        import time
+
+        saved = json.loads((run_dir / "args.json").read_text()) if (run_dir / "args.json").exists() else {}
+        args.chat_template_date = (args.resume and saved.get("chat_template_date")) or time.strftime("%d %b %Y")
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "args.json").write_text(json.dumps(asdict(args), indent=1))

@@ -1,9 +1,9 @@
 """simulator.py: what every algorithm script reads: conversations, turn log-probs, the sampler, environments.
 
 A conversation is a list of {"role", "content"} messages (user x_1, assistant y_1, user x_2, ...); the policy plays
-the assistant. Here: chat-template turn cutting (`split_turn`, `turn_batch`) and log pi(y_h|s_h) (`turn_logprob`,
-the sum over the tokens of assistant turn h, its end-of-turn token included and its role header excluded, with
-logits / temperature); the batched sampler (`sample_turns`, `continue_dialogues`); the Environment interface
+the assistant. Here: the policy's tokens of a conversation (`conversation_ids`: token in, token out) and log pi(y_h|s_h)
+(`turn_logprob`, the sum over the tokens of assistant turn h as it was sampled, its stop token included and its role
+header excluded, with logits / temperature); the batched sampler (`sample_turns`, `continue_dialogues`); the Environment interface
 (contexts, a user, a reward r(s_{H+1}), a preference); `make_env` and `evaluate_policy`. Beside it, reachable as
 sim.NAME all the same:
 
@@ -16,8 +16,9 @@ sim.NAME all the same:
                        the whole-sequence pass MTPO and Iterative PPO read), token-budget micro-batches
     distributed.py     launch plumbing shared by the scripts (and the FSDP2 sampling copy)
 
-Sampled turns are re-rendered by the chat template before they are scored, and a turn that ran out of tokens is
-scored without the end-of-turn token it never sampled: docs/implementation_notes.md has why.
+A sampled turn is scored on the ids that were sampled (kept in its message as "token_ids"), never on a re-rendering
+of its text; user and system messages take the chat template's own tokens; a turn that ran out of tokens is scored
+without the end-of-turn token it never sampled: docs/implementation_notes.md#chat-templates has the rules.
 
     python simulator.py    # build (or load) the tutor's mu and print its value beside V*
 """
@@ -44,7 +45,7 @@ ROOT = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Conversations and chat templates
+# Conversations as the policy's tokens (token in, token out)
 # ----------------------------------------------------------------------------------------------------------------
 class ChatTemplateError(ValueError):
     """A tokenizer's chat template is missing or cannot be used to cut a conversation into turns."""
@@ -56,21 +57,21 @@ def model_name(tokenizer) -> str:
 
 def end_of_turn_id(tokenizer) -> int:
     """The token that closes an assistant turn: the template's own end-of-turn marker if it has one, else EOS."""
-    vocab = tokenizer.get_vocab()
-    for name in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<eot>"):
-        if name in vocab and name in (tokenizer.chat_template or ""):
-            return vocab[name]
-    if tokenizer.eos_token_id is None:
-        raise ChatTemplateError(f"{model_name(tokenizer)}: no end-of-turn token found and no eos_token set")
-    return tokenizer.eos_token_id
+    key = ("eot", id(tokenizer), tokenizer.chat_template, tokenizer.eos_token_id)
+    if key not in _template_cache:  # get_vocab() copies the whole vocabulary: 0.1 s at 128k
+        vocab = tokenizer.get_vocab()
+        found = [vocab[name] for name in ("<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<eot>")
+                 if name in vocab and name in (tokenizer.chat_template or "")]
+        if not found and tokenizer.eos_token_id is None:
+            raise ChatTemplateError(f"{model_name(tokenizer)}: no end-of-turn token found and no eos_token set")
+        _template_cache[key] = found[0] if found else tokenizer.eos_token_id
+    return _template_cache[key]
 
 
 def stop_token_ids(tokenizer, model=None, eot_id: Optional[int] = None) -> list[int]:
     """The ids that end a sampled turn: the template's end-of-turn token first, then the tokenizer's eos_token_id
     and the eos_token_id (one id or a list) of the model's generation_config, e.g. Llama-3-Instruct's
-    <|end_of_text|> and <|eom_id|> beside <|eot_id|>. A turn that stops at one of the others ends there all the
-    same; its text is then re-rendered by the chat template, whose end-of-turn token takes the sampled stop token's
-    place in the tokens that are scored (see the module docstring)."""
+    <|end_of_text|> and <|eom_id|> beside <|eot_id|>. A turn keeps the stop token it sampled: that token is scored."""
     ids = [end_of_turn_id(tokenizer) if eot_id is None else eot_id, tokenizer.eos_token_id]
     if model is not None:
         eos = getattr(getattr(unwrap_model(model), "generation_config", None), "eos_token_id", None)
@@ -82,20 +83,96 @@ def stop_token_ids(tokenizer, model=None, eot_id: Optional[int] = None) -> list[
     return out
 
 
-def render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of a chat-templated conversation (the template's own BOS included, no extra one added)."""
+# Every apply_chat_template of the run (policy, user, reward model, judge) gets these keyword arguments: --chat_
+# template_kwargs (e.g. {"enable_thinking": false} for Qwen3), and a template that reads today's date (Llama-3.2's
+# strftime_now) a fixed date_string: the run's, or a prompt's tokens would change at midnight and on a --resume the
+# next day. Set once per run: set_chat_template_kwargs.
+CHAT_TEMPLATE_KWARGS: dict = {}
+TEMPLATE_DATE: list = []  # [date_string] once set
+
+
+def set_chat_template_kwargs(kwargs: Optional[dict], date_string: Optional[str] = None) -> None:
+    if not isinstance(kwargs or {}, dict):
+        raise ValueError(f"chat template kwargs must be a JSON object, got {kwargs!r}")
+    CHAT_TEMPLATE_KWARGS.clear()
+    CHAT_TEMPLATE_KWARGS.update(kwargs or {})
+    TEMPLATE_DATE[:] = [date_string] if date_string else []
+    _template_cache.clear()
+
+
+def _template_kwargs(tokenizer) -> dict:
+    dated = TEMPLATE_DATE and "strftime_now" in (tokenizer.chat_template or "")
+    return {**({"date_string": TEMPLATE_DATE[0]} if dated else {}), **CHAT_TEMPLATE_KWARGS}
+
+
+def _template_key(tokenizer) -> tuple:
+    return id(tokenizer), tokenizer.chat_template, repr(sorted(_template_kwargs(tokenizer).items()))
+
+
+def _apply_template(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise ChatTemplateError(f"{model_name(tokenizer)} has no chat template; set tokenizer.chat_template "
                                 f"(or pass a chat model) before using it as a policy")
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # without token_ids, truncated
+    return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                         **_template_kwargs(tokenizer))
+
+
+def folds_system_prompt(tokenizer) -> bool:
+    """True when the template has no usable system role: it raises on one (Gemma-2), or it does not put the system
+    text before the first user message (Mistral v3 puts it into the last user message only). Such a template gets
+    the system prompt folded into the first user message (`template_messages`), as Gemma-3's own template does."""
+    key = ("folds",) + _template_key(tokenizer)
+    if key not in _template_cache:
+        probe = [{"role": "system", "content": "SYSTEMPROBE"}, {"role": "user", "content": "USERPROBE1"},
+                 {"role": "assistant", "content": "REPLYPROBE"}, {"role": "user", "content": "USERPROBE2"}]
+        try:
+            text = _apply_template(tokenizer, probe, True)
+            _template_cache[key] = not 0 <= text.find("SYSTEMPROBE") < text.find("USERPROBE1")
+        except ChatTemplateError:
+            raise
+        except Exception:  # jinja's raise_exception: "System role not supported"
+            _template_cache[key] = True
+    return _template_cache[key]
+
+
+def template_messages(tokenizer, messages: Sequence[dict]) -> list:
+    """The messages a template is given: a leading system message folded into the first user message
+    ("SYSTEM\\n\\nUSER") when the template has no usable system role (`folds_system_prompt`); else as they are.
+    The same rule everywhere the tokenizer renders: sampling, scoring, reward models, judges."""
+    if not any(m["role"] == "system" for m in messages) or not folds_system_prompt(tokenizer):
+        return list(messages)
+    if messages[0]["role"] != "system" or len(messages) < 2 or messages[1]["role"] != "user" \
+            or any(m["role"] == "system" for m in messages[1:]):
+        raise ChatTemplateError(f"{model_name(tokenizer)}: its chat template has no system role, and the rule that "
+                                f"folds a system prompt into the first user message needs the system message first, "
+                                f"followed by a user message (roles here: {[m['role'] for m in messages]})")
+    folded = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+    return [folded, *messages[2:]]
+
+
+def render_text(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> str:
+    """The chat template's text of a conversation, with the run's template kwargs and the system-prompt rule: what
+    a reward model, a judge or a prompted user reads. The policy's own tokens come from `conversation_ids`."""
+    try:
+        return _apply_template(tokenizer, template_messages(tokenizer, messages), add_generation_prompt)
+    except ChatTemplateError:
+        raise
+    except Exception as e:  # jinja errors: roles out of order, unsupported roles
+        raise ChatTemplateError(f"{model_name(tokenizer)}: its chat template failed on the roles "
+                                f"{[m['role'] for m in messages]}: {e}") from None
+
+
+def render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+    """Token ids of `render_text` (the template's own BOS included, no extra one added; special-token strings in
+    the text are read as those tokens, as transformers' apply_chat_template(tokenize=True) does)."""
+    return tokenizer(render_text(tokenizer, messages, add_generation_prompt), add_special_tokens=False)["input_ids"]
 
 
 def dialogue_token_count(tokenizer, conv: Sequence[dict]) -> int:
-    """Chat-templated length of a whole conversation under `tokenizer` (no generation prompt): what the papers'
-    length filter counts (REFUEL paper, App. C: dataset dialogues and generated trajectories over 2,048 tokens are
-    dropped)."""
-    return len(render_ids(tokenizer, conv, add_generation_prompt=False))
+    """Length of a whole conversation in the policy's tokens (`conversation_ids`): what the papers' length filter
+    counts (REFUEL paper, App. C: dataset dialogues and generated trajectories over 2,048 tokens are dropped)."""
+    return len(conversation_ids(tokenizer, conv).ids)
 
 
 def assistant_turns(messages: Sequence[dict]) -> int:
@@ -111,41 +188,113 @@ def assistant_turn_index(messages: Sequence[dict], h: int) -> int:
     return idx[h - 1]
 
 
-def split_turn(tokenizer, messages: Sequence[dict], h: int, eot_id: Optional[int] = None,
-               check_full: bool = True) -> tuple[list[int], list[int]]:
-    """(ids of s_h with the generation prompt, ids of assistant turn h: content + end-of-turn).
+@dataclass
+class ConversationIds:
+    ids: list  # the policy's tokens of the whole conversation (ending with a generation prompt when asked for)
+    turns: list  # per assistant turn, [start, end) of its scored tokens in ids
 
-    A turn marked {"truncated": True} (it hit the sampler's token budget: see `continue_dialogues`) is its content
-    only: the end-of-turn token the template puts after it was never sampled, so it is not scored.
-    Checks prefix consistency: the tokens of s_h + y_h must start with the tokens of s_h, and (check_full) the
-    whole conversation's tokens must start with s_h + y_h. Templates that rewrite earlier turns break both.
-    """
-    eot_id = end_of_turn_id(tokenizer) if eot_id is None else eot_id
+
+_template_cache: dict = {}  # token spans of user/system runs and of dataset assistant turns, per template
+_BASE = ({"role": "user", "content": "BASEUSERTEXT"}, {"role": "assistant", "content": "BASEREPLYTEXT"})
+
+
+def _encode(tokenizer, text: str) -> list:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _after_base_ids(tokenizer, text: str, what: str) -> tuple[list, list]:
+    """(ids of `text` up to the fixed base's end-of-turn, ids after it); text renders _BASE + more messages."""
+    eot = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+    at = text.find(_BASE[1]["content"])
+    cut = text.find(eot, at) if at >= 0 else -1
+    if cut < 0:
+        raise ChatTemplateError(f"{model_name(tokenizer)}: its chat template does not close an assistant turn with "
+                                f"{eot!r} (the end-of-turn token), so {what} cannot be cut out of it")
+    head, whole = _encode(tokenizer, text[: cut + len(eot)]), _encode(tokenizer, text)
+    if whole[: len(head)] != head:
+        raise ChatTemplateError(f"{model_name(tokenizer)}: the tokens of {what} merge with the end-of-turn token "
+                                f"before them; this tokenizer cannot be cut at turn boundaries")
+    return head, whole[len(head):]
+
+
+def _run_ids(tokenizer, run: tuple, first: bool, add_generation_prompt: bool) -> list:
+    """The tokens of a run of user/system messages (and the assistant header after it when add_generation_prompt):
+    the opening run as the template renders it alone, a later one as the template's delta after a fixed base
+    conversation's end-of-turn token (templates need not be prefix-consistent: Qwen3 rewrites earlier turns)."""
+    key = ("run", first, add_generation_prompt, run) + _template_key(tokenizer)
+    if key not in _template_cache:
+        messages = [{"role": r, "content": c} for r, c in run]
+        if first:
+            ids = _encode(tokenizer, render_text(tokenizer, messages, add_generation_prompt))
+        else:
+            text = render_text(tokenizer, [*_BASE, *messages], add_generation_prompt)
+            ids = _after_base_ids(tokenizer, text, f"the {run[0][0]} message after an assistant turn")[1]
+        _template_cache[key] = ids
+    return _template_cache[key]
+
+
+def _dataset_turn_ids(tokenizer, content: str) -> list:
+    """A turn the policy did not sample (a dataset's): what the template writes for it after the generation
+    prompt, through its end-of-turn token (the last one: the same string inside the text does not end it)."""
+    key = ("turn", content) + _template_key(tokenizer)
+    if key not in _template_cache:
+        user = [_BASE[0]]
+        prompt = _encode(tokenizer, render_text(tokenizer, user, True))
+        whole = _encode(tokenizer, render_text(tokenizer, [*user, {"role": "assistant", "content": content}], False))
+        eot = end_of_turn_id(tokenizer)
+        rest = whole[len(prompt):]
+        if whole[: len(prompt)] != prompt or eot not in rest:
+            raise ChatTemplateError(f"{model_name(tokenizer)}: its chat template does not write an assistant turn "
+                                    f"as the generation prompt followed by the turn and the end-of-turn token {eot}")
+        _template_cache[key] = rest[: len(rest) - rest[::-1].index(eot)]
+    return _template_cache[key]
+
+
+def conversation_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> ConversationIds:
+    """The policy's tokens of a conversation, built message by message (token in, token out): an assistant turn the
+    policy sampled is its sampled ids ("token_ids": the stop token it sampled included; a turn that hit the token
+    budget is followed by the end-of-turn token, not scored); a dataset's assistant turn is what the template
+    writes for it after the generation prompt; user and system messages are the template's own text for them
+    (`_run_ids`). So the prompt a turn was sampled from is exactly the prefix it is scored under, on any template,
+    and a special-token string inside a sampled turn never cuts it. docs/implementation_notes.md#chat-templates."""
+    messages = template_messages(tokenizer, messages)
+    if messages and messages[0]["role"] == "assistant":
+        raise ChatTemplateError("a conversation must open with a user (or system) message, not an assistant turn")
+    eot = end_of_turn_id(tokenizer)
+    ids, turns, i = [], [], 0
+    while i < len(messages):
+        m = messages[i]
+        if m["role"] == "assistant":
+            turn = list(m["token_ids"]) if m.get("token_ids") is not None else _dataset_turn_ids(tokenizer, m["content"])
+            if m.get("truncated") and m.get("token_ids") is None and turn and turn[-1] == eot:
+                turn = turn[:-1]  # a truncated turn from before token_ids were kept: its content only
+            turns.append((len(ids), len(ids) + len(turn)))
+            ids += turn
+            if m.get("truncated"):
+                ids.append(eot)  # never sampled, not scored; later turns see a closed turn, as the template writes it
+            i += 1
+            continue
+        j = next((k for k in range(i, len(messages)) if messages[k]["role"] == "assistant"), len(messages))
+        run = tuple((x["role"], x["content"]) for x in messages[i:j])
+        ids += _run_ids(tokenizer, run, i == 0, j < len(messages) or add_generation_prompt)
+        i = j
+    return ConversationIds(ids, turns)
+
+
+def split_turn(tokenizer, messages: Sequence[dict], h: int) -> tuple[list[int], list[int]]:
+    """(ids of s_h with the generation prompt, the scored ids of assistant turn h), from `conversation_ids`: a
+    sampled turn's own ids (content + the stop token it sampled; a turn marked {"truncated": True}, which hit the
+    sampler's token budget, has no stop token to score)."""
     i = assistant_turn_index(messages, h)
-    prompt = render_ids(tokenizer, messages[:i], add_generation_prompt=True)
-    with_turn = render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
-    if with_turn[: len(prompt)] != prompt:
-        raise ChatTemplateError(f"{model_name(tokenizer)}: the chat template is not prefix-consistent: tokens of "
-                                f"the conversation up to turn {h} do not start with the tokens of its prompt")
-    rest = with_turn[len(prompt):]
-    if eot_id not in rest:
-        raise ChatTemplateError(f"{model_name(tokenizer)}: assistant turn {h} does not end with the end-of-turn "
-                                f"token id {eot_id} in the chat template")
-    # content + end-of-turn; template whitespace after it is not generated. A truncated turn: content only.
-    turn = rest[: rest.index(eot_id) + (0 if messages[i].get("truncated") else 1)]
-    if check_full and len(messages) > i + 1:
-        full = render_ids(tokenizer, messages, add_generation_prompt=False)
-        if full[: len(prompt) + len(turn)] != prompt + turn:
-            raise ChatTemplateError(f"{model_name(tokenizer)}: the chat template is not prefix-consistent: whole-"
-                                    f"conversation tokens differ from the tokens of the prefix up to turn {h}")
-    return prompt, turn
+    conv = conversation_ids(tokenizer, messages[: i + 1])
+    start, end = conv.turns[h - 1]
+    return conv.ids[:start], conv.ids[start:end]
 
 
-def turn_batch(tokenizer, convs: Sequence[Conversation], turns: Sequence[int], pad_id: int,
-               check_full: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Right-padded (input_ids, attention_mask, turn_mask) for s_h + y_h, turn_mask over y_h's tokens (as
-    `split_turn` cuts them: a truncated turn's end-of-turn token is neither in the row nor in the mask)."""
-    pieces = [split_turn(tokenizer, c, h, check_full=check_full) for c, h in zip(convs, turns)]
+def turn_batch(tokenizer, convs: Sequence[Conversation], turns: Sequence[int],
+               pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded (input_ids, attention_mask, turn_mask) for s_h + y_h, turn_mask over y_h's scored tokens."""
+    pieces = [split_turn(tokenizer, c, h) for c, h in zip(convs, turns)]
     length = max(len(p) + len(t) for p, t in pieces)
     ids = torch.full((len(pieces), length), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
@@ -220,8 +369,23 @@ def finish_turns(tokenizer, toks: torch.Tensor, lps: torch.Tensor, stop_ids: Seq
     length = torch.where(has_stop, is_stop.float().argmax(1) + 1, torch.full((B,), n))
     ids = [toks[b, : length[b]].tolist() for b in range(B)]  # bookkeeping on finished tensors, not generation
     content = [row[:-1] if has_stop[b] else row for b, row in enumerate(ids)]
-    texts = [t.strip() for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
+    texts = [answer_text(t) for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
     return TurnSamples(texts, ids, [lps[b, : length[b]] for b in range(B)], ~has_stop)
+
+
+def answer_text(decoded: str) -> str:
+    """A sampled turn's text as the user, the reward model and the judges read it: stripped, and without a
+    reasoning model's think block (what follows the last </think>). The policy's tokens keep the block as sampled."""
+    return decoded.rsplit("</think>", 1)[-1].strip()
+
+
+def assistant_message(samples: TurnSamples, j: int) -> dict:
+    """Sample j as an assistant message: its text, its sampled ids (what `conversation_ids` scores) and, when it hit
+    the token budget, "truncated" (no stop token was sampled, none is scored)."""
+    msg = {"role": "assistant", "content": samples.texts[j], "token_ids": list(samples.token_ids[j])}
+    if bool(samples.hit_budget[j]):
+        msg["truncated"] = True
+    return msg
 
 
 @torch.no_grad()
@@ -275,7 +439,7 @@ def _sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_token
     [m.eval() for m in models]
     texts, ids_out, lps_out, hit = [], [], [], []
     for s in range(0, len(convs), max_batch_size):
-        prompts = [render_ids(tokenizer, c, add_generation_prompt=True) for c in convs[s:s + max_batch_size]]
+        prompts = [conversation_ids(tokenizer, c, add_generation_prompt=True).ids for c in convs[s:s + max_batch_size]]
         B, L = len(prompts), max(len(p) for p in prompts)
         ids = torch.full((B, L), pad_id, dtype=torch.long)
         attn = torch.zeros((B, L), dtype=torch.long)
@@ -397,8 +561,7 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
     Conversations of different lengths advance together: one batched sampler call per step over every
     conversation still short of its target, then one batched user call. Returns (conversations, per conversation
     a list {turn h: (summed log-prob, hit_budget)} of the turns sampled here). A turn that hit the token budget is
-    appended as {"role": "assistant", "content": ..., "truncated": True}: `split_turn` then leaves out the
-    end-of-turn token the template adds after it (never sampled), and chat templates ignore the extra key.
+    appended with "truncated": True (`assistant_message`): no end-of-turn token is scored after it.
     The user speaks after every sampled turn but the last, and after the last too when the environment's reward
     reads the user's reaction (the tutor) or reply_after_last=True (a roll-in to s_{h+1}, which ends with the
     user's x_{h+1}). Asking for more turns than a conversation's user state supports (setting two's pre-sampled
@@ -424,10 +587,7 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
             out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
                                max_batch_size, keep_cache=True, engine=engine)
             for j, i in enumerate(active):
-                msg = {"role": "assistant", "content": out.texts[j]}
-                if bool(out.hit_budget[j]):
-                    msg["truncated"] = True  # its end-of-turn token was never sampled: not scored (split_turn)
-                convs[i].append(msg)
+                convs[i].append(assistant_message(out, j))
                 info[i][assistant_turns(convs[i])] = (float(out.logprobs[j].sum()), bool(out.hit_budget[j]))
             talk = [i for i in active if assistant_turns(convs[i]) < n_turns[i]
                     or env.scores_final_user_reply or reply_after_last]

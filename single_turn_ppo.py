@@ -80,7 +80,7 @@ def value_loss(values, old_values, returns, mask, cliprange_value: float = 0.2):
 
 def response_batch(tokenizer, prompts, responses):
     """Right-padded prompt+response ids and an index (B x T) of each response token's predicting position."""
-    rows = [(sim.render_ids(tokenizer, p, add_generation_prompt=True), list(r)) for p, r in zip(prompts, responses)]
+    rows = [(sim.conversation_ids(tokenizer, p, add_generation_prompt=True).ids, list(r)) for p, r in zip(prompts, responses)]
     L, T = max(len(p) + len(r) for p, r in rows), max(len(r) for _, r in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
     attn, idx, mask = torch.zeros_like(ids), torch.zeros((len(rows), T), dtype=torch.long), torch.zeros(len(rows), T)

@@ -278,14 +278,11 @@ def sft_batch(tokenizer, convs: Sequence[sim.Conversation]) -> tuple[torch.Tenso
     """Right-padded ids, attention mask, and a mask over every assistant turn's tokens (for SFT)."""
     rows = []
     for c in convs:
-        full = sim.render_ids(tokenizer, c, add_generation_prompt=False)
-        mask = [False] * len(full)
-        eot = sim.end_of_turn_id(tokenizer)
-        for i in (i for i, m in enumerate(c) if m["role"] == "assistant"):
-            start = len(sim.render_ids(tokenizer, c[:i], add_generation_prompt=True))
-            end = full.index(eot, start) + 1
+        tokens = sim.conversation_ids(tokenizer, c)
+        mask = [False] * len(tokens.ids)
+        for start, end in tokens.turns:
             mask[start:end] = [True] * (end - start)
-        rows.append((full, mask))
+        rows.append((tokens.ids, mask))
     L = max(len(r[0]) for r in rows)
     ids = torch.full((len(rows), L), tokenizer.pad_token_id, dtype=torch.long)
     attn, mask = torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)

@@ -11,8 +11,8 @@ needs it.
     out = engine.sample_turns(tokenizer, convs, max_new_tokens, temperature)   # a simulator.TurnSamples
     engine.sleep()                                             # free the GPU for training (no-op where unsupported)
 
-What it guarantees, and `tests/test_vllm.py` checks: token in, token out (prompts are `simulator.render_ids(...,
-add_generation_prompt=True)`, no second BOS; vLLM's tokenizer is not even loaded), turns stop where the HF
+What it guarantees, and `tests/test_vllm.py` checks: token in, token out (prompts are `simulator.conversation_ids(...,
+add_generation_prompt=True)`, the sampled turns' own ids, no second BOS; vLLM's tokenizer is not even loaded), turns stop where the HF
 sampler stops (`simulator.stop_token_ids`: the template's end-of-turn token and the model's other EOS ids), the
 sampling distribution is exactly softmax(logits / T) (no top-p/top-k/penalties, the model's
 generation_config ignored), and the log-probs returned are those of that distribution (vLLM's
@@ -229,7 +229,7 @@ class VLLMEngine:
         if stop_ids is None:
             stop_ids = sim.stop_token_ids(tokenizer, eot_id=eot_id) + [i for i in self.model_eos_ids
                                                                        if i not in sim.stop_token_ids(tokenizer)]
-        prompts = [sim.render_ids(tokenizer, c, add_generation_prompt=True) for c in convs]
+        prompts = [sim.conversation_ids(tokenizer, c, add_generation_prompt=True).ids for c in convs]
         for p in prompts:
             if len(p) + max_new_tokens > self.max_model_len:
                 raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the engine's "
@@ -250,7 +250,7 @@ class VLLMEngine:
             lps_out.append(lps)
             hit.append(not ended)
             contents.append(ids[:-1] if ended else ids)
-        texts = [t.strip() for t in tokenizer.batch_decode(contents, skip_special_tokens=True)]
+        texts = [sim.answer_text(t) for t in tokenizer.batch_decode(contents, skip_special_tokens=True)]
         self.timings["generate_s"] = time.perf_counter() - t0
         self.timings["generated_tokens"] = sum(len(i) for i in ids_out)
         return sim.TurnSamples(texts, ids_out, lps_out, torch.tensor(hit, dtype=torch.bool))

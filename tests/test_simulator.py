@@ -103,9 +103,28 @@ def test_turn_masks_match_whole_conversation(make):
         assert ids[h - 1][mask[h - 1]].tolist() == turn
 
 
-def test_template_errors_name_the_model():
+def test_a_template_that_is_not_prefix_consistent_still_cuts_every_turn():
+    """WINDOW_TEMPLATE shows only the last three messages, so re-rendering a prefix gives other tokens than the
+    whole conversation; built message by message, every turn is still its content + end-of-turn, and the prefix a
+    turn is scored under is the prompt the sampler sees."""
     tok = chatml_tokenizer(WINDOW_TEMPLATE, name="my-windowed-model")
-    with pytest.raises(sim.ChatTemplateError, match="my-windowed-model.*prefix-consistent"):
+    conv = dialogue(3)
+    eot = sim.end_of_turn_id(tok)
+    whole = sim.conversation_ids(tok, conv)
+    for h in (1, 2, 3):
+        prompt, turn = sim.split_turn(tok, conv, h)
+        i = sim.assistant_turn_index(conv, h)
+        assert prompt == sim.conversation_ids(tok, conv[:i], add_generation_prompt=True).ids
+        assert whole.ids[: len(prompt) + len(turn)] == prompt + turn
+        assert turn[-1] == eot and tok.decode(turn[:-1]).strip() == conv[i]["content"]
+
+
+def test_template_errors_name_the_model():
+    no_close = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = chatml_tokenizer(no_close, name="my-unclosed-model")
+    tok.eos_token = "<|im_end|>"
+    with pytest.raises(sim.ChatTemplateError, match="my-unclosed-model.*end-of-turn"):
         sim.split_turn(tok, dialogue(3), 2)
     tok = chatml_tokenizer(name="no-template-model")
     tok.chat_template = None
@@ -481,14 +500,16 @@ def test_sampling_stops_at_the_models_other_stop_tokens(source, fast):
     out = sim.sample_turns(model, tok, convs, max_new_tokens=6, fast=fast, compile_step=False)
     assert out.token_ids == [[end_of_text]] * 2 and not out.hit_budget.any() and out.texts == ["", ""]
     assert sim.stop_token_ids(tok, model) == [eot, end_of_text]
-    # in a dialogue the turn ended (not truncated); re-rendered, the template's <|eot_id|> takes the sampled
-    # <|end_of_text|>'s place in the scored tokens
+    # in a dialogue the turn ended (not truncated), and it is scored on the stop token it sampled, <|end_of_text|>:
+    # the log-prob a loss reads is the sampler's own
     env = sim.ChatEnv([{"messages": convs[0], "user": {"questions": ["why ?"]}}], reward_model=None)
     torch.manual_seed(0)
     done, info = sim.continue_dialogues(model, tok, env, convs[:1], [{"questions": ["why ?"]}], [1],
                                         np.random.default_rng(0), max_new_tokens=6)
     assert "truncated" not in done[0][-1] and info[0][1][1] is False
-    assert sim.split_turn(tok, done[0], 1)[1] == [eot]
+    assert sim.split_turn(tok, done[0], 1)[1] == [end_of_text] == done[0][-1]["token_ids"]
+    torch.testing.assert_close(sim.turn_logprob(model, tok, done, [1]), torch.tensor([info[0][1][0]]), atol=1e-4,
+                               rtol=0)
 
 
 def test_the_sampling_copy_keeps_the_models_stop_tokens():
