@@ -99,19 +99,30 @@ def judge_prompt(env, path: Optional[str] = None) -> str:
 class JudgePreference:
     """P(a preferred to b) from a prompted judge (JUDGE_PROMPT): both orders are asked and the two verdicts
     averaged, which removes position bias; p is then 0, 1/2 or 1. generate(prompts) -> replies: an HF chat model
-    (`hf_greedy_generate`) or `OpenAIChatClient(...).complete`. Unparsed verdicts count as ties and are counted."""
+    (`hf_greedy_generate`) or `OpenAIChatClient(...).complete`. An unparsed verdict counts as a tie and is counted
+    (charts/judge_unparsed_rate); a call where more than max_unparsed of the verdicts do not parse is an error,
+    not a batch of ties that would train on nothing."""
 
-    def __init__(self, generate, template: str = JUDGE_PROMPT):
+    def __init__(self, generate, template: str = JUDGE_PROMPT, max_unparsed: float = 0.5):
         self.generate, self.template, self.n_verdicts, self.n_fallbacks, self.n_failed = generate, template, 0, 0, 0
+        self.max_unparsed = max_unparsed
 
     def __call__(self, convs_a, convs_b) -> torch.Tensor:
         n = len(convs_a)
         prompts = [self.template.format(dialogue_a=format_dialogue(x), dialogue_b=format_dialogue(y))
                    for x, y in [*zip(convs_a, convs_b), *zip(convs_b, convs_a)]]
-        parsed = [parse_judge_reply(t) for t in self.generate(prompts)]
+        replies = self.generate(prompts)
+        parsed = [parse_judge_reply(t) for t in replies]
         self.n_verdicts += len(parsed)
         self.n_fallbacks += sum(how == "fallback" for _, how in parsed)
-        self.n_failed += sum(how == "failed" for _, how in parsed)
+        failed = sum(how == "failed" for _, how in parsed)
+        self.n_failed += failed
+        if parsed and failed / len(parsed) > self.max_unparsed:
+            example = next(t for t, (_, how) in zip(replies, parsed) if how == "failed")
+            raise ValueError(f"the judge's verdicts did not parse: {failed} of {len(parsed)} replies have no "
+                             f"'Preferred: A' or 'Preferred: B' line (more than --judge_max_unparsed "
+                             f"{self.max_unparsed}), e.g. {example[-300:]!r}. Use a judge that follows the format, "
+                             f"fix --judge_prompt_path, or raise --judge_max_unparsed to score them as ties")
         first = torch.tensor([{"A": 1.0, "B": 0.0}.get(c, 0.5) for c, _ in parsed[:n]])
         second = torch.tensor([{"A": 0.0, "B": 1.0}.get(c, 0.5) for c, _ in parsed[n:]])  # a was shown as B
         return (first + second) / 2
@@ -128,18 +139,20 @@ def hf_greedy_generate(model, tokenizer, max_new_tokens: int = 256, max_batch_si
 
 def make_judge_preference(judge_model: str, api_base: Optional[str] = None, device: str = "cpu",
                           dtype=torch.float32, max_new_tokens: int = 256, template: str = JUDGE_PROMPT,
-                          max_concurrency: int = 32, timeout: float = 120.0, retries: int = 3) -> JudgePreference:
+                          max_concurrency: int = 32, timeout: float = 120.0, retries: int = 3,
+                          max_unparsed: float = 0.5) -> JudgePreference:
     """A JudgePreference from flags: an OpenAI-compatible endpoint's model when api_base is set (max_concurrency
     requests in flight, each with `timeout` seconds and `retries` tries: see OpenAIChatClient for sizing them),
     else an HF model."""
     if api_base:
         client = OpenAIChatClient(api_base, judge_model, max_workers=max_concurrency, timeout=timeout,
                                   retries=retries)
-        judge = JudgePreference(lambda prompts: client.complete(prompts, max_new_tokens, temperature=0.0), template)
+        judge = JudgePreference(lambda prompts: client.complete(prompts, max_new_tokens, temperature=0.0), template,
+                                max_unparsed)
         judge.client = client
         return judge
     model, tok = sim.load_policy(judge_model, dtype)
-    return JudgePreference(hf_greedy_generate(model.to(device).eval(), tok, max_new_tokens), template)
+    return JudgePreference(hf_greedy_generate(model.to(device).eval(), tok, max_new_tokens), template, max_unparsed)
 
 
 USER_PROMPT = """Below is a dialogue between a user and an AI assistant. Play the user: what would you ask next?
@@ -175,24 +188,29 @@ def parse_user_question(text: str, key: str = "Question") -> tuple[str, bool]:
     """The user's next message in a prompted user's reply: the text on the first line that starts with '<key>:'
     (case-insensitive, markdown emphasis allowed), or, when that line is empty, the line after it. Returns
     (message, True). Fallback when no such line has text: the first line ending in '?', else the last line, any
-    'Label:' in front of it dropped (a lone 'Justification: ...' reaches the policy without its label); returns
-    (message, False), counted as charts/user_parse_fallback_rate. Small instruct models often miss the format."""
+    'Label:' in front of it dropped (a lone 'Justification: ...' reaches the policy without its label), and of a
+    question, what follows its last ': ' ("The question to ask next is: Why?" -> "Why?"); returns (message, False),
+    counted as charts/user_parse_fallback_rate. Small instruct models miss the format: SmolLM2-135M-Instruct's
+    replies all fall back (docs/chat_settings.md)."""
     lines = [line.strip() for line in text.strip().splitlines()]
     label = re.compile(_LABEL.format(key=re.escape(key)), flags=re.IGNORECASE)
-    any_label = re.compile(_LABEL.format(key=r"[A-Za-z][A-Za-z ]{0,20}"), flags=re.IGNORECASE)
+    any_label = re.compile(_LABEL.format(key=r"[A-Za-z]+(?: [A-Za-z]+)?"), flags=re.IGNORECASE)  # 1-2 words
     for i, line in enumerate(lines):
         m = label.match(line)
         if not m:
             continue
         found = m.group(2).strip() or next((x for x in lines[i + 1:] if x), "")
         found = found.strip().strip('"').strip()
-        if found and not any_label.match(found):
+        if found and not re.match(_LABEL.format(key="justification"), found, flags=re.IGNORECASE):
             return found, True
     content = [(any_label.match(x).group(2) if any_label.match(x) else x).strip() for x in lines]
     content = [x.strip('"').strip() for x in content if x.strip('"').strip()]
     if not content:
         return text.strip(), False
-    return next((x for x in content if x.endswith("?")), content[-1]), False
+    question = next((x for x in content if x.endswith("?")), None)
+    if question is not None:  # "The question to ask next is: Why ...?" -> "Why ...?"
+        return question.rsplit(": ", 1)[-1].strip('"').strip(), False
+    return content[-1], False
 
 
 class PromptedUser:
@@ -224,8 +242,11 @@ class PromptedUser:
 
     def __call__(self, convs, users, rng):
         asks = [self.prompt(c, u) for c, u in zip(convs, users)]
-        if self.client is not None:
-            texts = self.client.complete(asks, self.max_new_tokens, self.temperature)
+        if self.client is not None:  # a seed per request, drawn from the rank's generator (seeded by --seed + rank,
+            # advanced by every iteration and conversation): a seeded run reproduces its user turns on a
+            # deterministic server
+            seeds = None if rng is None else rng.integers(2 ** 31 - 1, size=len(asks)).tolist()
+            texts = self.client.complete(asks, self.max_new_tokens, self.temperature, seeds=seeds)
         else:
             texts = sim.sample_turns(self.model, self.tokenizer, [[{"role": "user", "content": a}] for a in asks],
                                  self.max_new_tokens, self.temperature, self.max_batch_size).texts
@@ -263,12 +284,13 @@ class OpenAIChatClient:
         self.max_workers, self.timeout, self.retries, self.backoff = max_workers, timeout, retries, backoff
         self.n_requests = self.n_retries = 0
 
-    def _one(self, prompt: str, max_tokens: int, temperature: float) -> str:
+    def _one(self, prompt: str, max_tokens: int, temperature: float, seed: Optional[int] = None) -> str:
         import urllib.error
         import urllib.request
 
         body = json.dumps({"model": self.model, "messages": [{"role": "user", "content": prompt}],
-                           "max_tokens": max_tokens, "temperature": temperature}).encode()
+                           "max_tokens": max_tokens, "temperature": temperature,
+                           **({} if seed is None else {"seed": int(seed)})}).encode()
         req = urllib.request.Request(self.url, body, {"Content-Type": "application/json",
                                                        "Authorization": f"Bearer {self.api_key}"})
         for attempt in range(self.retries):
@@ -294,11 +316,14 @@ class OpenAIChatClient:
         except (KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
             raise ValueError(f"endpoint {self.url} returned an unexpected reply ({e!r}): {raw[:200]!r}") from None
 
-    def complete(self, prompts: Sequence[str], max_tokens: int = 256, temperature: float = 0.0) -> list[str]:
+    def complete(self, prompts: Sequence[str], max_tokens: int = 256, temperature: float = 0.0,
+                 seeds: Optional[Sequence[int]] = None) -> list[str]:
+        """One reply per prompt, in order; seeds (one per prompt) go into the requests' "seed" field (vLLM, OpenAI)."""
         from concurrent.futures import ThreadPoolExecutor
 
+        seeds = [None] * len(prompts) if seeds is None else list(seeds)
         with ThreadPoolExecutor(self.max_workers) as pool:
-            return list(pool.map(lambda p: self._one(p, max_tokens, temperature), prompts))
+            return list(pool.map(lambda ps: self._one(ps[0], max_tokens, temperature, ps[1]), zip(prompts, seeds)))
 
 
 class HFRewardModel:
@@ -485,6 +510,10 @@ class ChatEnv(sim.Environment):
         m = {}
         if isinstance(self.user, PromptedUser) and self.user.n_calls:
             m["charts/user_parse_fallback_rate"] = self.user.n_fallbacks / self.user.n_calls
+        if isinstance(self.user, PromptedUser) and self.user.client is not None:
+            m["charts/user_retries"] = self.user.client.n_retries
+        if isinstance(self.judge, JudgePreference) and self.judge.n_verdicts:
+            m["charts/judge_unparsed_rate"] = self.judge.n_failed / self.judge.n_verdicts
         if isinstance(self.reward_model, HFRewardModel):
             m["charts/reward_truncated"] = self.reward_model.n_truncated
         return m
@@ -546,7 +575,7 @@ def load_reward_model(name: str, dtype=torch.float32, device: str = "cpu", trust
 def make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dtype, trust_remote_code, offline_path,
                   user_api_base, user_prompt_path, dataset_format, bad_records, max_dialogue_tokens, tokenizer,
                   reward_device, user_device, reward_max_length, user_max_concurrency, user_timeout,
-                  user_retries) -> ChatEnv:
+                  user_retries, user_max_new_tokens=128) -> ChatEnv:
     """simulator.make_env's --env chat (its docstring describes the arguments)."""
     if not prompts_path or not reward_model:
         raise ValueError("--env chat needs --prompts_path (a dataset file) and --reward_model")
@@ -564,9 +593,10 @@ def make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dty
     if user_api_base:
         client = OpenAIChatClient(user_api_base, user_model, max_workers=user_max_concurrency, timeout=user_timeout,
                                   retries=user_retries)
-        user = PromptedUser(prompt_template=template, client=client, **style)
+        user = PromptedUser(prompt_template=template, client=client, max_new_tokens=user_max_new_tokens, **style)
     elif user_model:
         u_model, u_tok = sim.load_policy(user_model, dtype)
         user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,
+                            max_new_tokens=user_max_new_tokens,
                             **style)
     return ChatEnv(records, rm, user, max_turns, offline_records=offline)

@@ -48,7 +48,7 @@ import vllm_engine
 from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
                          ranks_in_sync, reduce_mean, sampling_weights, sync_gradients, without_dropout)
 from logprob_memory import same_count_across_ranks
-from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, save_checkpoint
+from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, resume_hint, save_checkpoint
 from single_turn_ppo import policy_shift, ppo_step_batch, token_scores
 
 
@@ -129,8 +129,9 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
     """re-initialise the token critic from Q_i (fresh AdamW) every outer iteration; default: from Q_0, then kept"""
     whiten_rewards: bool = False
     """also whiten the token rewards before GAE (advantages are always whitened)"""
-    lr: float = 3e-4
-    """AdamW lr of the policy"""
+    lr: Optional[float] = None
+    """AdamW lr of the policy; None = 3e-4 for the tutor's tiny model, 1e-6 for a pretrained chat model
+    (docs/implementation_notes.md#learning-rates-for-real-models)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
     weight_decay: float = 1e-6
@@ -401,6 +402,8 @@ CONSOLE_METRICS = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_m
 
 def check_args(args: Args) -> None:
     """Every flag in its range, named in the error (a bad value would fail deep inside a run, or train on nothing)."""
+    if args.lr is None:  # the tutor's 3e-4 moved a pretrained model's log-ratios by 17 nats in one iteration
+        args.lr = 3e-4 if args.model_name_or_path == "tutor" else 1e-6
     positive = ("temperature max_new_tokens gen_batch_size max_turns num_iterations prompts_per_iteration q_epochs "
                 "q_minibatch_size ppo_batches ppo_epochs ppo_minibatch_size cliprange cliprange_value eval_every "
                 "num_eval save_every reward_max_length max_dialogue_tokens user_max_concurrency user_timeout "
@@ -597,4 +600,6 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    cli_args = tyro.cli(Args)
+    with resume_hint(cli_args):  # an endpoint that stays down: the error names the checkpoint and the --resume command
+        main(cli_args)

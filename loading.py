@@ -76,6 +76,8 @@ class EnvArgs:
     concurrency, when ranks x concurrency x prompt tokens exceed what the server prefills in that time)"""
     user_retries: int = 3
     """chat, endpoint user: tries per request (exponential backoff on timeouts and 5xx)"""
+    user_max_new_tokens: int = 128
+    """chat, prompted user: the most tokens of one user reply (its justification line and the question)"""
     reward_model: Optional[str] = None
     """chat: HF sequence-classification reward model scoring the whole conversation"""
     reward_trust_remote_code: bool = False

@@ -49,7 +49,7 @@ import vllm_engine
 from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
                          ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
 from learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, reward_model_summary
-from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, save_checkpoint
+from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, resume_hint, save_checkpoint
 
 
 @dataclass
@@ -73,6 +73,9 @@ class Args(RewardModelArgs, sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm
     the --user_* limits); None = the environment's Bradley-Terry oracle sigmoid(4 (r_a - r_b))"""
     judge_api_base: Optional[str] = None
     """an OpenAI-compatible endpoint serving --judge_model (key from $OPENAI_API_KEY); None = a local HF model"""
+    judge_max_unparsed: float = 0.5
+    """the most of a batch's judge verdicts that may fail to parse (each then counts as a tie); above it the run
+    stops with an error naming the judge's reply"""
     judge_prompt_path: Optional[str] = None
     """a text file replacing the judge's prompt (with {dialogue_a} and {dialogue_b}; default: the REFUEL paper's
     comparison prompt, or the MTPO paper's teacher-assessment prompt on Education Dialogue data)"""
@@ -119,8 +122,9 @@ class Args(RewardModelArgs, sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm
     """max padded tokens per no-grad forward (pi_t's and mu's log-probs, V): memory at long conversations"""
     value_backbone: Literal["separate", "shared"] = "separate"
     """the value's backbone: a copy of the initial policy's (the paper), or the policy's own (one trained copy less)"""
-    lr: float = 3e-4
-    """policy AdamW learning rate"""
+    lr: Optional[float] = None
+    """policy AdamW learning rate; None = 3e-4 for the tutor's tiny model, 1e-6 for a pretrained chat model
+    (docs/implementation_notes.md#learning-rates-for-real-models)"""
     value_lr: float = 1e-3
     """value model AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
@@ -434,6 +438,8 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
 
 def check_args(args: Args) -> None:
     """Every flag in its range, named in the error (a bad value otherwise fails deep inside a run, or silently)."""
+    if args.lr is None:  # the tutor's 3e-4 moved a pretrained model's log-ratios by 17 nats in one iteration
+        args.lr = 3e-4 if args.model_name_or_path == "tutor" else 1e-6
     positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations", "num_epochs",
                 "prompts_per_iteration", "num_minibatches", "eval_every", "num_eval", "save_every", "reward_max_length",
                 "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries", "max_tokens_per_batch"]
@@ -441,7 +447,8 @@ def check_args(args: Args) -> None:
                     "time_budget_minutes", "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
     bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
-    bad += [f"--{k} must lie in [0, 1]" for k in ("tau", "gamma", "gae_lambda") if not 0 <= getattr(args, k) <= 1]
+    bad += [f"--{k} must lie in [0, 1]" for k in ("tau", "gamma", "gae_lambda", "judge_max_unparsed")
+            if not 0 <= getattr(args, k) <= 1]
     bad += ["--adam_betas must lie in [0, 1)"] if not all(0 <= b < 1 for b in args.adam_betas) else []
     if args.reward == "learned":
         bad += reward_model_flag_errors(args)
@@ -449,6 +456,8 @@ def check_args(args: Args) -> None:
             bad.append("--reward learned is the multi-turn RLHF baseline's: it needs --variant rlhf")
     if args.vllm and args.variant == "mtpo-tau":
         bad.append("--vllm samples from the policy alone: MTPO-tau's per-token mixture with mu stays on the HF sampler")
+    if args.judge_api_base and not args.judge_model:  # else the run would train on the reward model, silently
+        bad.append("--judge_api_base needs --judge_model, the model name the endpoint serves")
     if bad:
         raise ValueError("invalid flags: " + "; ".join(bad))
 
@@ -485,7 +494,8 @@ def setup(args: Args):
             env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device),
                                                   dtype, template=sim.judge_prompt(env, args.judge_prompt_path),
                                                   max_concurrency=args.user_max_concurrency,
-                                                  timeout=args.user_timeout, retries=args.user_retries)
+                                                  timeout=args.user_timeout, retries=args.user_retries,
+                                                  max_unparsed=args.judge_max_unparsed)
     model = prepare_for_training(ActorCritic(policy, value_backbone), args)
     value_params = [*model.value_head.parameters(), *(model.value_backbone or torch.nn.Module()).parameters()]
     optimizer = torch.optim.AdamW([{"params": list(model.policy.parameters()), "lr": args.lr},
@@ -583,4 +593,6 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    cli_args = tyro.cli(Args)
+    with resume_hint(cli_args):  # an endpoint that stays down: the error names the checkpoint and the --resume command
+        main(cli_args)

@@ -94,8 +94,9 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
     """pairs per optimizer step across all ranks"""
     gradient_accumulation_steps: int = 1
     """micro-batches per optimizer step"""
-    lr: float = 3e-4
-    """AdamW learning rate"""
+    lr: Optional[float] = None
+    """AdamW learning rate; None = 3e-4 for the tutor's tiny model, 1e-6 for a pretrained chat model
+    (docs/implementation_notes.md#learning-rates-for-real-models)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
     weight_decay: float = 1e-6
@@ -332,6 +333,8 @@ def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
 def check_args(args: Args) -> None:
     """Every flag in its range, named in the error: a bad value otherwise fails deep inside a run, or trains on
     nothing without a word."""
+    if args.lr is None:  # the tutor's 3e-4 moved a pretrained model's log-ratios by 17 nats in one iteration
+        args.lr = 3e-4 if args.model_name_or_path == "tutor" else 1e-6
     positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
                 "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
@@ -469,4 +472,6 @@ def main(args: Args) -> dict:
 if __name__ == "__main__":
     import tyro
 
-    main(tyro.cli(Args))
+    cli_args = tyro.cli(Args)
+    with run_io.resume_hint(cli_args):  # an endpoint that stays down: the error names the checkpoint and the --resume command
+        main(cli_args)

@@ -7,9 +7,11 @@ replace leaves).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -156,3 +158,30 @@ def load_checkpoint(accelerator, run_dir: Path, rng) -> tuple[dict, Path]:
         rng.bit_generator.state = json.loads(rng_file.read_text())
     accelerator.print(f"resumed {run_dir} at iteration {meta['iteration']}")
     return meta, ckpt
+
+
+@contextlib.contextmanager
+def resume_hint(args):
+    """Around a script's main: an endpoint that stays down (a ConnectionError after its retries) ends the run with
+    what to do next, the last checkpoint and the command that continues from it."""
+    try:
+        yield
+    except ConnectionError as e:
+        if not getattr(args, "run_name", None):
+            raise
+        ckpt = Path(args.output_dir) / args.run_name / "checkpoint"
+        meta = ckpt / "meta.json"
+        saved = (f"its last checkpoint is {ckpt} (after iteration {json.loads(meta.read_text())['iteration']})"
+                 if meta.exists() else f"it wrote no checkpoint yet ({ckpt})")
+        argv, keep, skip = sys.argv[1:], [], False
+        for a in argv:  # the same flags, without a --resume or --run_name of their own
+            if skip or a == "--resume":
+                skip = False
+                continue
+            if a == "--run_name":
+                skip = True
+                continue
+            keep.append(a)
+        again = " ".join([os.path.basename(sys.argv[0]), *keep, "--resume", "--run_name", args.run_name])
+        raise ConnectionError(f"{e}\nThe run stopped: {saved}. Once the endpoint answers, continue it with the same "
+                              f"launcher and: {again}") from e

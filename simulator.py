@@ -611,7 +611,7 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
              dataset_format: str = "auto", bad_records: str = "skip", max_dialogue_tokens: Optional[int] = None,
              tokenizer=None, reward_device: Optional[str] = None, user_device: Optional[str] = None,
              reward_max_length: int = 4096, user_max_concurrency: int = 32, user_timeout: float = 120.0,
-             user_retries: int = 3) -> Environment:
+             user_retries: int = 3, user_max_new_tokens: int = 128) -> Environment:
     """The environment named by the scripts' flags (`loading.EnvArgs` documents each). The user: --user_model
     in-process, or served at --user_api_base (an OpenAI-compatible endpoint), or, with neither, the dataset's
     pre-sampled questions. Education Dialogue records make the user a student who knows the record's hidden
@@ -627,7 +627,7 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
     return make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dtype, trust_remote_code,
                          offline_path, user_api_base, user_prompt_path, dataset_format, bad_records,
                          max_dialogue_tokens, tokenizer, reward_device, user_device, reward_max_length,
-                         user_max_concurrency, user_timeout, user_retries)
+                         user_max_concurrency, user_timeout, user_retries, user_max_new_tokens)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ Adding your own model: docs/implementation_notes.md#chat-templates.
     python tests/test_chat_templates.py FAMILY FOLDER [KWARGS]   # the scripts' matrix for one family (the test's)
 """
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -247,7 +248,7 @@ def write_family(folder: Path, family: str) -> None:
     (folder / "offline.jsonl").write_text("".join(json.dumps(r) + "\n" for r in offline))
 
 
-def run_matrix(folder: Path, kwargs: str = "", extra: tuple = ()) -> dict:
+def run_matrix(folder: Path, kwargs: str = "", extra: tuple = (), only: tuple = ()) -> dict:
     """One iteration of every entry of SCRIPT_RUNS on the family in `folder`, each parsed by tyro as on the
     command line, in this one process (what the CLI adds is the interpreter's start, 5 s a run)."""
     import importlib
@@ -256,6 +257,8 @@ def run_matrix(folder: Path, kwargs: str = "", extra: tuple = ()) -> dict:
 
     out = {}
     for name, (script, flags) in SCRIPT_RUNS.items():
+        if only and name not in only:
+            continue
         module = importlib.import_module(script)
         argv = ["--env", "chat", "--model_name_or_path", str(folder / "policy"), "--reward_model", str(folder / "rm"),
                 "--prompts_path", str(folder / "prompts.jsonl"), "--max_turns", "2", "--max_new_tokens", "4",
@@ -352,22 +355,31 @@ def test_smollm2_greedy_reply_through_the_sampler_equals_generate():
         assert ids == ref[0, prompt.shape[1]:].tolist()[: len(ids)] and len(ids) == ref.shape[1] - prompt.shape[1]
 
 
-@pytest.mark.parametrize("user", [pytest.param("presampled", marks=pytest.mark.long), "in-process"])
-def test_smollm2_runs_every_script(tmp_path, user):
+ONE_RUN_PER_SCRIPT = ("refuel", "rebel-lt-online", "mtpo-mtpo", "iterative_ppo")
+
+
+@pytest.mark.parametrize("user,runs", [("in-process", ONE_RUN_PER_SCRIPT),
+                                       pytest.param("in-process", tuple(SCRIPT_RUNS), marks=pytest.mark.long),
+                                       pytest.param("presampled", tuple(SCRIPT_RUNS), marks=pytest.mark.long)],
+                         ids=["in-process-one-run-per-script", "in-process-every-mode", "presampled-every-mode"])
+def test_smollm2_runs_every_script(tmp_path, user, runs):
     """Every script, one iteration, with SmolLM2-135M-Instruct as the policy and as the in-process user (or the
-    records' own later questions), one thread. REFUEL's first step starts at pi = pi_t: its log-ratio is ~0."""
+    records' own later questions), one thread; each mode and variant under --long. REFUEL's first step starts at
+    pi = pi_t: its log-ratio is ~0."""
     write_smollm2(tmp_path)
     if user == "presampled":  # setting two: each prompt's later user turn comes with the record
         rows = [json.loads(line) for line in (tmp_path / "prompts.jsonl").read_text().splitlines()]
         (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({**r, "questions": ["Tell me more."]}) + "\n"
                                                         for r in rows))
-    extra = ["--lr", "1e-6"] + (["--user_model", str(tmp_path / "policy")] if user == "in-process" else [])
+    extra = ["--user_model", str(tmp_path / "policy"), "--user_max_new_tokens", "32"] if user == "in-process" else []
     cmd = [sys.executable, str(Path(__file__)), "smollm2", str(tmp_path), "", *extra]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=1200)
+    env = dict(subprocess_env(), ONLY_RUNS=" ".join(runs))
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == {name: 1 for name in SCRIPT_RUNS}
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {name: 1 for name in runs}
     metrics = [json.loads(line) for line in (tmp_path / "runs" / "refuel" / "metrics.jsonl").read_text().splitlines()]
     trained = next(m for m in metrics if "losses/refuel_loss" in m)
+    assert trained["charts/lr"] == 1e-6  # the default for a pretrained model
     assert abs(trained["losses/mean_logratio_a"]) < 1e-3, trained  # one minibatch, one epoch: the first step
     if user == "in-process":
         assert 0 <= trained["charts/user_parse_fallback_rate"] <= 1
@@ -376,4 +388,5 @@ def test_smollm2_runs_every_script(tmp_path, user):
 if __name__ == "__main__":  # the scripts' matrix for one family, in one process: see test_one_iteration_of_every_script
     sys.path.insert(0, str(ROOT))
     folder, kwargs = Path(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else ""
-    print(json.dumps(run_matrix(folder, kwargs, tuple(sys.argv[4:]))))
+    only = tuple(os.environ.get("ONLY_RUNS", "").split())  # a subset of SCRIPT_RUNS' names
+    print(json.dumps(run_matrix(folder, kwargs, tuple(sys.argv[4:]), only)))

@@ -51,7 +51,7 @@ import distributed, refuel, run_io, simulator as sim
 import deepspeed.comm as dcomm
 from transformers import AutoModelForCausalLM
 
-args = refuel.Args(prompts_per_iteration=8, minibatch_size=8, num_epochs=1)
+args = refuel.Args(prompts_per_iteration=8, minibatch_size=8, num_epochs=1, lr=3e-4)
 accelerator = distributed.make_accelerator(args.bf16, args.gradient_accumulation_steps)
 rank = accelerator.process_index
 report = {"distributed_type": str(accelerator.distributed_type).split(".")[-1],
@@ -180,7 +180,8 @@ def test_refuel_under_zero3_trains_and_resumes(tmp_path, base_policy):
     import refuel
 
     for r in trained:  # the schedule of the launch that logged the row (the resumed one runs 3 iterations)
-        schedule = refuel.Args(num_iterations=max(2, r["step"]), lr_schedule="cosine", warmup_ratio=0.25)
+        schedule = refuel.Args(num_iterations=max(2, r["step"]), lr_schedule="cosine", warmup_ratio=0.25,
+                               lr=3e-4)
         schedule.steps_per_iteration = 4  # 2 epochs x ceil(8 prompts / 4 pairs per step) per rank
         assert r["charts/lr"] == pytest.approx(refuel.get_lr(r["charts/optimizer_steps"] - 1, schedule), rel=1e-9)
 

@@ -6,6 +6,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 
 import simulator as sim
@@ -14,6 +15,7 @@ from conftest import ROOT, subprocess_env
 
 class Handler(BaseHTTPRequestHandler):
     seen: dict = {}
+    seeds: dict = {}  # prompt -> the request's "seed" field
     in_flight = most_in_flight = 0
     lock = threading.Lock()
 
@@ -24,6 +26,7 @@ class Handler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         model, prompt = body["model"], body["messages"][-1]["content"]
         n = Handler.seen[prompt] = Handler.seen.get(prompt, 0) + 1
+        Handler.seeds[prompt] = body.get("seed")
         if model == "slow":
             time.sleep(1.0)
         if model == "counted":  # how many requests are in flight at once
@@ -103,6 +106,21 @@ def test_prompted_user_over_the_endpoint(server):
         sim.PromptedUser(client=user.client, prompt_template="no placeholder")
 
 
+def test_user_requests_carry_a_seed_from_the_runs_generator(server):
+    """The user samples at temperature 1 at the endpoint: without a seed in each request, --seed did not fix the
+    user's turns. Each request's seed comes from the rank's generator: the same seed, the same seeds; another
+    conversation, another seed."""
+    user = sim.PromptedUser(client=sim.OpenAIChatClient(server, "ok"), max_new_tokens=32)
+    convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"seeded answer {i}"}]
+             for i in range(4)]
+    runs = []
+    for seed in (7, 7, 8):
+        user(convs, [None] * 4, np.random.default_rng(seed))
+        runs.append([Handler.seeds[user.prompt(c, None)] for c in convs])
+    assert runs[0] == runs[1] != runs[2]
+    assert len(set(runs[0])) == 4 and all(isinstance(s, int) for s in runs[0])
+
+
 def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
     """A full REFUEL iteration by flags only: tiny HF policy, HF reward model, user at --user_api_base."""
     from test_simulator import save_tiny_policy_and_reward_model
@@ -124,12 +142,19 @@ def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
     for r in rows:  # every later user turn came from the endpoint, parsed off its "Question:" line
         assert all(m["content"].startswith("what about ") for m in r["conv_b"][2::2]), r["conv_b"]
     assert json.loads((tmp_path / "endpoint" / "summary.json").read_text())["iterations"] == 1
+    logged = [json.loads(line) for line in (tmp_path / "endpoint" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["charts/user_retries"] == 0 and logged[-1]["charts/user_parse_fallback_rate"] == 0
 
     # an outage: the run stops with the endpoint's error and loses nothing (checkpoint, pairs); --resume continues
     resume = [*cmd, "--num_iterations", "2", "--resume"]
     resume[resume.index("--user_model") + 1] = "down"
     p = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert p.returncode != 0 and "(model down) failed after 3 tries" in p.stderr, p.stderr[-2000:]
+    # the error says what to do next: the last checkpoint and the command that continues from it
+    ckpt = tmp_path / "endpoint" / "checkpoint"
+    assert f"its last checkpoint is {ckpt} (after iteration 1)" in p.stderr, p.stderr[-2000:]
+    assert "refuel.py --env chat" in p.stderr and p.stderr.count("--run_name endpoint") == 1
+    assert "--resume --run_name endpoint" in p.stderr
     meta = json.loads((tmp_path / "endpoint" / "checkpoint" / "meta.json").read_text())
     assert meta["iteration"] == 1 and len(pairs.read_text().splitlines()) == len(rows)
     resume[resume.index("--user_model") + 1] = "ok"

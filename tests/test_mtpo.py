@@ -1,5 +1,6 @@
 import json
 import math
+import subprocess
 import sys
 
 import numpy as np
@@ -9,7 +10,7 @@ import torch
 import learned_reward
 import mtpo
 import simulator as sim
-from conftest import TWO_CPU_PROCESSES, run_script, summary
+from conftest import ROOT, TWO_CPU_PROCESSES, run_script, subprocess_env, summary
 
 TINY = ["--prompts_per_iteration", "16", "--num_eval", "32", "--threads", "1", "--value_warmup_iterations", "1"]
 
@@ -128,13 +129,21 @@ def test_learned_reward_flags_are_checked():
     mtpo.check_args(mtpo.Args(variant="rlhf", reward="learned"))
 
 
+def test_a_judge_endpoint_without_the_judge_model_is_an_error():
+    """--judge_api_base alone used to be ignored: the run trained on the Bradley-Terry reward model instead."""
+    with pytest.raises(ValueError, match="--judge_api_base needs --judge_model"):
+        mtpo.check_args(mtpo.Args(variant="mtpo", judge_api_base="http://127.0.0.1:8000/v1"))
+    mtpo.check_args(mtpo.Args(variant="mtpo", judge_api_base="http://127.0.0.1:8000/v1", judge_model="judge"))
+
+
 def test_fitted_reward_model_beats_chance_on_the_tutor_task(base_policy):
     """r_phi fitted on pairs of mu's tutor conversations with sampled oracle labels ranks held-out pairs well above
     chance (1/2), and tracks the task's reward on mu's conversations (it is never shown that reward)."""
     from accelerate import Accelerator
 
     ref, tok = base_policy
-    args = mtpo.Args(variant="rlhf", reward="learned", rm_pairs=256, rm_epochs=4, rm_lr=3e-3, gen_batch_size=512)
+    args = mtpo.Args(variant="rlhf", reward="learned", rm_pairs=256, rm_epochs=4, rm_lr=3e-3, gen_batch_size=512,
+                     lr=3e-4)
     accelerator, env = Accelerator(cpu=True), sim.TutorEnv()
     a, b, p, rng = learned_reward.preference_pairs(ref, tok, env, args, accelerator, 3, mtpo.preference)
     assert len(a) == len(b) == 256 and all(x[0] == y[0] for x, y in zip(a, b))  # same context, two samples
@@ -217,7 +226,7 @@ def test_rollout_is_batched_and_starts_from_the_beginning(base_policy, monkeypat
     calls = []
     real = mtpo.mixture_sample_turns
     monkeypatch.setattr(mtpo, "mixture_sample_turns", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
-    env, rng, args = sim.TutorEnv(), np.random.default_rng(0), mtpo.Args()
+    env, rng, args = sim.TutorEnv(), np.random.default_rng(0), mtpo.Args(lr=3e-4)
     ctx = env.contexts(32, "train", rng)
     convs, hit = mtpo.rollout(model, model, tok, env, [c.messages for c in ctx] * 2, [c.user for c in ctx] * 2, rng,
                               args, tau=0.5)
@@ -269,10 +278,17 @@ def test_chat_env_with_hf_models_and_a_prompted_judge(tmp_path):
             "--prompts_path", str(prompts), "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "1",
             *TINY, "--num_eval", "4", "--prompts_per_iteration", "4"]
     run([*chat, "--variant", "rlhf", "--run_name", "chat_rlhf"], tmp_path)
-    run([*chat, "--variant", "mtpo", "--run_name", "chat_judge", "--judge_model", str(tmp_path / "policy")], tmp_path)
+    judge = [*chat, "--variant", "mtpo", "--run_name", "chat_judge", "--judge_model", str(tmp_path / "policy")]
+    # a random judge's replies do not parse: the run stops, naming the problem, instead of training on ties
+    failed = subprocess.run([sys.executable, "mtpo.py", "--output_dir", str(tmp_path), *judge], cwd=ROOT,
+                            capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert failed.returncode != 0 and "the judge's verdicts did not parse" in failed.stderr
+    run([*judge, "--judge_max_unparsed", "1.0"], tmp_path)
     for name in ("chat_rlhf", "chat_judge"):
         assert summary(tmp_path, name)["iterations"] == 1
-    # a random judge's replies do not parse: every verdict is a tie, so p = 1/2 exactly
+    logged = [json.loads(line) for line in (tmp_path / "chat_judge" / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1]["charts/judge_unparsed_rate"] == 1.0  # counted, not silent
+    # allowed to, every verdict is a tie, so p = 1/2 exactly
     rows = [json.loads(line) for line in (tmp_path / "chat_judge" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["eval/win_rate_vs_mu"] == 0.5 and rows[1]["charts/abs_pref_margin"] == 0.0
 
@@ -291,7 +307,8 @@ def test_education_dialogue_with_an_hf_student_and_a_prompted_judge(tmp_path):
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--user_model", str(tmp_path / "policy"), "--judge_model", str(tmp_path / "policy"), "--prompts_path",
          str(data), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "1", *TINY, "--num_eval", "4",
-         "--prompts_per_iteration", "4", "--variant", "mtpo", "--run_name", "edu"], tmp_path)
+         "--prompts_per_iteration", "4", "--variant", "mtpo", "--run_name", "edu", "--judge_max_unparsed", "1.0"],
+        tmp_path)
     metrics = [json.loads(line) for line in (tmp_path / "edu" / "metrics.jsonl").read_text().splitlines()]
     assert any("charts/user_parse_fallback_rate" in m for m in metrics)
     assert summary(tmp_path, "edu")["iterations"] == 1

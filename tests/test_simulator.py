@@ -339,6 +339,15 @@ def test_user_question_parsing_and_counted_fallback():
         ("Why is the sky blue?", True)
     assert sim.parse_user_question("justification: x\nquestion:  how?  ") == ("how?", True)
     assert sim.parse_user_question("Justification: hmm\nI want more detail.") == ("I want more detail.", False)
+    # anchored lines, the first complete question, labels stripped (what small and large models write)
+    assert sim.parse_user_question("Question: In what way does plants make food?\nJustification: The answer to this "
+                                   "question is: light.") == ("In what way does plants make food?", True)
+    assert sim.parse_user_question("Question:\nWhat is X?") == ("What is X?", True)
+    assert sim.parse_user_question("**Question:** How do I cook rice?") == ("How do I cook rice?", True)
+    assert sim.parse_user_question("Justification: it is curious.") == ("it is curious.", False)
+    assert sim.parse_user_question("Question:\nJustification: blah") == ("blah", False)
+    assert sim.parse_user_question("The question to ask next is: What is the capital of France?\nJustification: "
+                                   "The answer is: Paris") == ("What is the capital of France?", False)
     tok = chatml_tokenizer()
     user = sim.PromptedUser(tiny_llama(tok), tok, max_new_tokens=5)
     torch.manual_seed(0)

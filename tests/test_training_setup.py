@@ -41,7 +41,7 @@ def test_logged_lr_follows_the_optimizer_steps_on_1_and_2_processes(tmp_path, pr
     rows = [json.loads(line) for line in (tmp_path / "lr" / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "charts/optimizer_steps" in r]
     assert len(trained) == 3
-    schedule = refuel.Args(num_iterations=3, lr_schedule="cosine", warmup_ratio=0.25)
+    schedule = refuel.Args(num_iterations=3, lr_schedule="cosine", warmup_ratio=0.25, lr=3e-4)
     schedule.steps_per_iteration = 4  # 2 epochs x ceil(32 / 16), the same per rank on 1 and 2 processes
     for r in trained:
         assert 0 < r["charts/optimizer_steps"] <= 4 * r["step"]
