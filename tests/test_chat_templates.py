@@ -22,7 +22,8 @@ import torch
 
 from conftest import ROOT, subprocess_env  # first: it puts the repository on sys.path
 import simulator as sim  # noqa: E402
-from real_models import FAMILIES, load_tokenizer
+from real_models import FAMILIES, load_tokenizer  # noqa: E402
+from test_simulator import biased_to, save_tiny_reward_model, tiny_llama  # noqa: E402
 
 THINKING_ON, THINKING_OFF = '{"enable_thinking": true}', '{"enable_thinking": false}'
 VARIANTS = [(f, None) for f in FAMILIES if f != "qwen3"] + [("qwen3", THINKING_ON), ("qwen3", THINKING_OFF)]
@@ -41,20 +42,9 @@ def default_template_kwargs():
 def policy_for(tok, eot_bias=None, seed=0):
     """A random-init Llama over the tokenizer's whole vocabulary whose LM head favours the end-of-turn token
     enough that about a third of a turn's tokens end it (so both ended and truncated turns occur)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
-                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    model = LlamaForCausalLM(cfg).eval()
-    head = torch.nn.Linear(16, len(tok), bias=True)
-    with torch.no_grad():
-        head.weight.copy_(model.lm_head.weight)
-        head.bias.zero_()
-        head.bias[sim.end_of_turn_id(tok)] = float(np.log(0.5 * len(tok))) if eot_bias is None else eot_bias
-    model.lm_head = head
-    return model
+    model = tiny_llama(tok, seed, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=1, max_position_embeddings=4096)
+    return biased_to(model, sim.end_of_turn_id(tok), float(np.log(0.5 * len(tok))) if eot_bias is None else eot_bias)
 
 
 def prepared(family, kwargs):
@@ -225,18 +215,12 @@ SCRIPT_RUNS = {  # name: (script, its own flags)
 def write_family(folder: Path, family: str) -> None:
     """A tiny random-init policy and reward model over the family's real tokenizer, prompts with and without a
     system prompt (pre-sampled later user turns), and D_off dialogues with a rejected last reply."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     tok = load_tokenizer(family)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     policy_for(tok, eot_bias=float(np.log(0.2 * len(tok)))).save_pretrained(folder / "policy")
     tok.save_pretrained(folder / "policy")
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
-                                                    num_hidden_layers=1, num_attention_heads=2, num_labels=1,
-                                                    pad_token_id=tok.pad_token_id))
-    rm.save_pretrained(folder / "rm")
-    tok.save_pretrained(folder / "rm")
+    save_tiny_reward_model(tok, folder / "rm", hidden_size=16, num_attention_heads=2)
     prompts = [{"messages": opening(k, system=k % 2 == 1), "questions": [f"Why? {SPECIALS}", "Go on."]}
                for k in range(8)]
     (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts))

@@ -64,18 +64,24 @@ def tiny_llama(tok, seed=0, **shape):
     return LlamaForCausalLM(cfg).eval()
 
 
-def save_tiny_policy_and_reward_model(path):
-    """A tiny Llama-3-template policy at path/policy and a sequence-classification reward model at path/rm."""
+def save_tiny_reward_model(tok, path, hidden_size=32, num_attention_heads=4):
+    """A random-init one-layer sequence-classification reward model over tok's vocabulary, with tok, at path."""
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
+    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=hidden_size,
+                                                    intermediate_size=2 * hidden_size, num_hidden_layers=1,
+                                                    num_attention_heads=num_attention_heads, num_labels=1,
+                                                    pad_token_id=tok.pad_token_id))
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+
+
+def save_tiny_policy_and_reward_model(path):
+    """A tiny Llama-3-template policy at path/policy and a sequence-classification reward model at path/rm."""
     tok = llama3_tokenizer()
     tiny_llama(tok).save_pretrained(path / "policy")
     tok.save_pretrained(path / "policy")
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
-                                                    pad_token_id=tok.pad_token_id))
-    rm.save_pretrained(path / "rm")
-    tok.save_pretrained(path / "rm")
+    save_tiny_reward_model(tok, path / "rm")
     return tok
 
 

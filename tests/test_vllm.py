@@ -253,18 +253,13 @@ def test_a_run_with_the_engine(tmp_path, script, extra):
     import subprocess
     import sys
 
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
     from conftest import ROOT, subprocess_env
+    from test_simulator import save_tiny_reward_model
 
     tok = llama3_tokenizer()
-    tiny_llama(tok).save_pretrained(tmp_path / "policy")
+    tiny_llama(tok).save_pretrained(tmp_path / "policy")  # this file's: a head dimension vLLM's CPU attention takes
     tok.save_pretrained(tmp_path / "policy")
-    rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                                                    num_hidden_layers=1, num_attention_heads=4, num_labels=1,
-                                                    pad_token_id=tok.pad_token_id))
-    rm.save_pretrained(tmp_path / "rm")
-    tok.save_pretrained(tmp_path / "rm")
+    save_tiny_reward_model(tok, tmp_path / "rm")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} ."}],
                                            "questions": ["i like songs best .", "go on ."]}) + "\n"
