@@ -347,7 +347,7 @@ class HFRewardModel:
             raise ValueError(f"reward max_length must be >= 2 tokens, got {max_length}")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.max_batch_size = max_length, max_batch_size
-        self.n_truncated = 0
+        self.n_truncated = self.n_scored = 0
         self._configs = [sim.unwrap_model(model).config]
         text = getattr(self._configs[0], "get_text_config", None)
         if text is not None and text() is not self._configs[0]:
@@ -408,6 +408,7 @@ class HFRewardModel:
             rows = [sim.render_ids(self.tokenizer, c, add_generation_prompt=False)
                     for c in convs[s:s + self.max_batch_size]]
             self.n_truncated += sum(len(r) > self.max_length for r in rows)
+            self.n_scored += len(rows)
             rows = [self.truncate(r) for r in rows]
             pad = self.batch_pad_id(rows)
             L = max(len(r) for r in rows)
@@ -461,9 +462,53 @@ class ChatEnv(sim.Environment):
                                None if most is None else min(self.max_turns, most)))
         return out
 
+    TALLIES = ("user_replies", "user_fallbacks", "user_retries", "judge_verdicts", "judge_unparsed",
+               "reward_scored", "reward_truncated")
+
+    def _raw_counts(self) -> dict:
+        """The user's, judge's and reward model's own counters (whole process, both splits)."""
+        user, judge, rm = self.user, self.judge, self.reward_model
+        client = getattr(user, "client", None)
+        return {"user_replies": getattr(user, "n_calls", 0), "user_fallbacks": getattr(user, "n_fallbacks", 0),
+                "user_retries": getattr(client, "n_retries", 0),
+                "judge_verdicts": getattr(judge, "n_verdicts", 0), "judge_unparsed": getattr(judge, "n_failed", 0),
+                "reward_scored": getattr(rm, "n_scored", 0), "reward_truncated": getattr(rm, "n_truncated", 0)}
+
+    def _tallied(self, call):
+        """call(), with what it adds to the counters tallied under the current split (train or eval)."""
+        before = self._raw_counts()
+        try:
+            return call()
+        finally:
+            tally = self.counts()
+            for k, v in self._raw_counts().items():
+                tally[f"{k}/{self.split}"] += v - before[k]
+
+    def counts(self):
+        tally = super().counts()
+        for k in self.TALLIES:  # every name on every rank, so the sum over ranks lines up
+            for split in ("train", "eval"):
+                tally.setdefault(f"{k}/{split}", 0)
+        return tally
+
+    def charts(self, totals):
+        """Whole-run rates and counts, training rollouts under charts/X and evaluation's under charts/X_eval."""
+        out = {}
+        for split, tail in (("train", ""), ("eval", "_eval")):
+            t = lambda k: totals.get(f"{k}/{split}", 0)
+            if isinstance(self.user, PromptedUser) and t("user_replies"):
+                out[f"charts/user_parse_fallback_rate{tail}"] = t("user_fallbacks") / t("user_replies")
+            if isinstance(self.user, PromptedUser) and self.user.client is not None:
+                out[f"charts/user_retries{tail}"] = t("user_retries")
+            if isinstance(self.judge, JudgePreference) and t("judge_verdicts"):
+                out[f"charts/judge_unparsed_rate{tail}"] = t("judge_unparsed") / t("judge_verdicts")
+            if isinstance(self.reward_model, HFRewardModel):
+                out[f"charts/reward_truncated{tail}"] = t("reward_truncated")
+        return out
+
     def user_turn(self, convs, users, rng):
         if self.user is not None:
-            return self.user(convs, users, rng)
+            return self._tallied(lambda: self.user(convs, users, rng))
         out = []  # setting two: the next pre-sampled question
         for c, u in zip(convs, users):
             qs = (u or {}).get("questions") or []
@@ -477,7 +522,10 @@ class ChatEnv(sim.Environment):
         return out
 
     def reward(self, convs):
-        return self.reward_model(convs)
+        return self._tallied(lambda: self.reward_model(convs))
+
+    def preference(self, convs_a, convs_b, scale: float = 4.0):
+        return self._tallied(lambda: super(ChatEnv, self).preference(convs_a, convs_b, scale))
 
     def offline(self, n, rng):
         if not self.offline_records:
@@ -505,18 +553,6 @@ class ChatEnv(sim.Environment):
                                  f"and the state at their last turn)")
             out.append(rec["alternative"])
         return out
-
-    def metrics(self):
-        m = {}
-        if isinstance(self.user, PromptedUser) and self.user.n_calls:
-            m["charts/user_parse_fallback_rate"] = self.user.n_fallbacks / self.user.n_calls
-        if isinstance(self.user, PromptedUser) and self.user.client is not None:
-            m["charts/user_retries"] = self.user.client.n_retries
-        if isinstance(self.judge, JudgePreference) and self.judge.n_verdicts:
-            m["charts/judge_unparsed_rate"] = self.judge.n_failed / self.judge.n_verdicts
-        if isinstance(self.reward_model, HFRewardModel):
-            m["charts/reward_truncated"] = self.reward_model.n_truncated
-        return m
 
 
 def remote_code_error(kind: str, name: str, e: Exception) -> ValueError:

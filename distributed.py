@@ -11,7 +11,7 @@ it trains is here:
   * `full_weights` / `sampling_weights`: every rank holds full weights for a whole collection (ZeRO-3 gathered once
     and its per-module hooks off, FSDP2 an unsharded copy), so ranks whose decode loops stop at different steps
     cannot deadlock;
-  * `ranks_in_sync`, `reduce_mean`, `sync_gradients` (of a replicated model that is not prepared),
+  * `ranks_in_sync`, `reduce_mean`, `env_tallies`, `sync_gradients` (of a replicated model that is not prepared),
     `without_dropout`, `enable_gradient_checkpointing`.
 
 docs/implementation_notes.md explains the choices (why not accelerate's own zero3_init_context_manager, why the
@@ -165,6 +165,19 @@ def reduce_mean(accelerator, values: dict) -> dict:
     means = accelerator.reduce(torch.tensor([float(values[k]) for k in keys], device=accelerator.device,
                                             dtype=torch.float64), "mean")
     return dict(zip(keys, means.tolist()))
+
+
+def env_tallies(accelerator, env) -> dict:
+    """The environment's running tallies (`Environment.counts`: user replies, parse fallbacks, retries, judge
+    verdicts, ...) summed over ranks; after a --resume rank 0's include the checkpoint's totals, so the sum is the
+    whole run's."""
+    counts = env.counts()
+    keys = sorted(counts)
+    if not keys:
+        return {}
+    sums = accelerator.reduce(torch.tensor([float(counts[k]) for k in keys], device=accelerator.device,
+                                           dtype=torch.float64), "sum")
+    return dict(zip(keys, sums.tolist()))
 
 
 def sync_gradients(model, accelerator) -> None:

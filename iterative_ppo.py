@@ -45,10 +45,12 @@ from tqdm.auto import tqdm
 
 import simulator as sim
 import vllm_engine
-from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
-                         ranks_in_sync, reduce_mean, sampling_weights, sync_gradients, without_dropout)
+from distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
+                         outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, sync_gradients,
+                         without_dropout)
 from logprob_memory import same_count_across_ranks
-from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, resume_hint, save_checkpoint
+from run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
+                    resume_hint, save_checkpoint)
 from single_turn_ppo import policy_shift, ppo_step_batch, token_scores
 
 
@@ -481,10 +483,14 @@ def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     return metrics
 
 
-def resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) -> dict:
+def resume(accelerator, run_dir, rng, env, args, q_model, q_opt, critic, critic_opt) -> dict:
     """run_io.load_checkpoint (policy, optimizer, RNGs), then from its q_model.pt Q_i and its optimizer, and the
-    token critic and its optimizer where saved (meta["critic_restored"])."""
+    token critic and its optimizer where saved (meta["critic_restored"]); what the stopped run wrote after that
+    checkpoint is dropped (it is done again), and its environment tallies carried on."""
     meta, ckpt_dir = load_checkpoint(accelerator, run_dir, rng)
+    forget_lost_iterations(accelerator, run_dir, meta, args.save_rollouts)
+    if accelerator.is_main_process:  # the sum over ranks is then the whole run's
+        env.counts().update(meta.get("env_counts", {}))
     path = ckpt_dir / "q_model.pt"  # written by save_checkpoint's `extra` in main
     q_state = torch.load(path, map_location=accelerator.device) if path.exists() else {}
     for key, obj in (("model", q_model), ("opt", q_opt), ("critic", critic), ("critic_opt", critic_opt)):
@@ -494,10 +500,10 @@ def resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) -> dic
     return meta
 
 
-def finish(accelerator, policy, replicas, env, run_dir, logger, first_eval: dict, final_eval: dict, iterations: int,
-           minutes: float, totals: dict) -> dict:
+def finish(accelerator, policy, replicas, env, run_dir, logger, initial_reward: float, final_eval: dict,
+           iterations: int, minutes: float, totals: dict) -> dict:
     """summary.json (ranks_in_sync: the policy, Q_i and the critic) and the closing line; ranks end together."""
-    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
+    summary = {"initial_reward": initial_reward, "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
@@ -522,16 +528,19 @@ def main(args: Args) -> dict:
     q_initial = None if args.q_warm_start else {k: v.to("cpu", copy=True) for k, v in q_model.state_dict().items()}
     adamw = lambda model: torch.optim.AdamW(model.parameters(), lr=args.q_lr, weight_decay=0.0)  # Q_i's, critic's
     q_opt, critic_opt = adamw(q_model), adamw(critic)  # both kept across outer iterations
-    meta = resume(accelerator, run_dir, rng, q_model, q_opt, critic, critic_opt) if args.resume else {}
+    meta = resume(accelerator, run_dir, rng, env, args, q_model, q_opt, critic, critic_opt) if args.resume else {}
     start_iter, v_prev = meta.get("iteration", 0), meta.get("v_hat")
     critic_ready = meta.get("critic_restored", False)  # else initialised from the first Q_i fitted
     totals = {"charts/optimizer_steps_total": 0, "q/reverted_total": 0, **meta.get("totals", {})}
     # shared by all ranks: same held-out split sizes and stopping epochs
     fit_rng = np.random.default_rng(args.seed + 7 * start_iter if args.resume else args.seed)
     logger, eval_seed = Logger(run_dir, args, accelerator.is_main_process), 10_000 + args.seed
-    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
-    logger.log(start_iter, first_eval)
-    start, it = time.time() - meta.get("elapsed", 0.0), start_iter
+    latest_eval = meta.get("evaluation")  # a resumed checkpoint's evaluation, already logged
+    if latest_eval is None:
+        latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
+        logger.log(start_iter, {**latest_eval, "charts/elapsed_min": meta.get("elapsed", 0.0) / 60})
+    initial_reward = meta.get("initial_reward", latest_eval["eval/mean_reward"])  # pi_0's, kept across --resume
+    start, done = time.time() - meta.get("elapsed", 0.0), start_iter
     for it in tqdm(range(start_iter, args.num_iterations), disable=not accelerator.is_main_process,
                    desc="iterative_ppo"):
         t0 = time.time()
@@ -566,34 +575,38 @@ def main(args: Args) -> dict:
                              engine)
         totals["charts/optimizer_steps_total"] += steps
         totals["q/reverted_total"] += int(q_stats["q/reverted"])
+        done, env_counts = it + 1, env_tallies(accelerator, env)  # user/judge/reward tallies over all ranks
         dt = time.time() - t0
         metrics = {**reduce_mean(accelerator, {"charts/rollout_reward": rewards.mean(), **ppo_stats}), **q_stats,
                    **shift, "charts/optimizer_steps": steps, **totals, "charts/outer_iterations_per_sec": 1 / dt,
                    "charts/conversations_per_sec": args.prompts_per_iteration / dt,
                    "charts/ppo_samples_per_sec": len(prompts) * W / max(1e-9, dt - t_collect - t_q),
                    "charts/collect_share": t_collect / dt, "charts/q_fit_share": t_q / dt,
-                   "charts/elapsed_min": (time.time() - start) / 60, **env.metrics(),
+                   "charts/elapsed_min": (time.time() - start) / 60, **env.charts(env_counts),
                    **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}}
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         converged = bool(args.q_converged_tol and v_prev is not None and
                          abs(q_stats["q/v_hat"] - v_prev) < args.q_converged_tol)  # line 9
         v_prev = q_stats["q/v_hat"]
         last = it == args.num_iterations - 1 or out_of_time or converged
+        logger.log(it + 1, metrics, echo=False)
+        if (it + 1) % args.save_every == 0 or last:  # before the evaluation: a failing endpoint loses no iteration
+            save_checkpoint(accelerator, policy, tokenizer, run_dir,
+                            dict(iteration=it + 1, elapsed=time.time() - start, v_hat=v_prev, totals=totals,
+                                 initial_reward=initial_reward, env_counts=env_counts), rng,
+                            extra={"q_model.pt": dict(model=q_model.state_dict(), opt=q_opt.state_dict(),
+                                                      critic=critic.state_dict(), critic_opt=critic_opt.state_dict())})
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)  # real user, not Q
             metrics.update(latest_eval)
-        logger.log(it + 1, metrics, echo=False)
+            logger.log(it + 1, {**latest_eval, "charts/elapsed_min": (time.time() - start) / 60}, echo=False)
+            record_evaluation(accelerator, run_dir, it + 1, latest_eval, env_tallies(accelerator, env))
         if accelerator.is_main_process:
             tqdm.write(f"[{it + 1:4d}] " + "  ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}"
                                                      for k in CONSOLE_METRICS if k in metrics))
-        if (it + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, policy, tokenizer, run_dir, dict(iteration=it + 1, elapsed=time.time() - start,
-                                                                          v_hat=v_prev, totals=totals), rng,
-                            extra={"q_model.pt": dict(model=q_model.state_dict(), opt=q_opt.state_dict(),
-                                                      critic=critic.state_dict(), critic_opt=critic_opt.state_dict())})
         if out_of_time or converged:
             break
-    return finish(accelerator, policy, (q_model, critic), env, run_dir, logger, first_eval, latest_eval, it + 1,
+    return finish(accelerator, policy, (q_model, critic), env, run_dir, logger, initial_reward, latest_eval, done,
                   (time.time() - start) / 60, totals)
 
 

@@ -46,10 +46,11 @@ from tqdm.auto import tqdm
 
 import simulator as sim
 import vllm_engine
-from distributed import (configure_deepspeed, enable_gradient_checkpointing, make_accelerator, outside_zero3_init,
-                         ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
+from distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
+                         outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
 from learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, reward_model_summary
-from run_io import Logger, RunArgs, load_checkpoint, make_run_dir, resume_hint, save_checkpoint
+from run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
+                    resume_hint, save_checkpoint)
 
 
 @dataclass
@@ -414,16 +415,17 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
                                                   [c.user for c in ctx], np.random.default_rng(s + k), args, 0.0,
                                                   [c.max_turns or args.max_turns for c in ctx], engine)[0]
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-    with torch.random.fork_rng(devices=devices):  # evaluation leaves the training sampler's RNG untouched
+    # evaluation leaves the training sampler's RNG untouched; its user and judge calls are tallied apart
+    with torch.random.fork_rng(devices=devices), sim.evaluating(env):
         if "mu" not in cache:
             torch.manual_seed(s + 2)
             cache["mu"] = play(ref, 2)
         torch.manual_seed(s + 1)
         with sampling_weights(model, accelerator, part=sampled_part, engine=engine) as pi:
             convs = play(pi, 1, engine)
-    r, p = env.reward(convs), preference(env, convs, cache["mu"])
-    out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(),
-           "eval/mu_reward": env.reward(cache["mu"]).mean(), **env.dialogue_metrics(convs)}  # the tutor's lessons
+        r, p, r_mu = env.reward(convs), preference(env, convs, cache["mu"]), env.reward(cache["mu"])
+    out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(), "eval/mu_reward": r_mu.mean(),
+           **env.dialogue_metrics(convs)}  # the tutor's lessons
     if reward_model is not None:
         with accelerator.autocast():
             out["eval/rm_reward"] = reward_model.score(convs, args.gen_batch_size).mean()
@@ -508,9 +510,17 @@ def setup(args: Args):
     return accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer, engine
 
 
-def resume(accelerator, run_dir: Path, rng) -> dict:
-    """runs/<run>/checkpoint restored (model, optimizer, RNGs; run_io.load_checkpoint); its {iteration, elapsed}."""
-    return load_checkpoint(accelerator, run_dir, rng)[0]
+def resume(accelerator, run_dir: Path, rng, env, args) -> dict:
+    """The run's counters: zero, or with --resume those of runs/<run>/checkpoint, whose model, optimizer and RNG
+    states are restored in place (run_io.load_checkpoint); what the stopped run logged after that checkpoint is
+    dropped (it is done again), and its environment tallies carried on."""
+    counters = dict(iteration=0, elapsed=0.0)
+    if args.resume:
+        counters.update(load_checkpoint(accelerator, run_dir, rng)[0])
+        forget_lost_iterations(accelerator, run_dir, counters)
+        if accelerator.is_main_process:  # the sum over ranks is then the whole run's
+            env.counts().update(counters.get("env_counts", {}))
+    return counters
 
 
 def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dict, iterations: int,
@@ -538,8 +548,7 @@ def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dic
 
 def main(args: Args) -> dict:
     accelerator, run_dir, rng, model, tokenizer, ref, env, optimizer, engine = setup(args)
-    meta = resume(accelerator, run_dir, rng) if args.resume else {}
-    start_iteration = meta.get("iteration", 0)
+    counters = resume(accelerator, run_dir, rng, env, args)  # iteration, elapsed, env_counts, ...
     tau = args.tau if args.variant == "mtpo-tau" else 0.0
     logger = Logger(run_dir, args, accelerator.is_main_process)
     reward_model, reward_model_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir,
@@ -547,11 +556,14 @@ def main(args: Args) -> dict:
     mu_eval_conversations = {}  # mu plays the held-out contexts once
     evaluate_now = lambda: evaluate(model, ref, tokenizer, env, accelerator, args, 10_000 + args.seed,
                                     mu_eval_conversations, reward_model, engine)
-    first_eval = latest_eval = evaluate_now()
-    logger.log(start_iteration, {**first_eval, **reward_model_metrics})
-    start = time.time() - meta.get("elapsed", 0.0)  # the time budget counts training, not the first evaluation
-    iteration = start_iteration
-    for iteration in tqdm(range(start_iteration, args.num_iterations), disable=not accelerator.is_main_process,
+    latest_eval = counters.pop("evaluation", None)  # a resumed checkpoint's evaluation, already logged
+    if latest_eval is None:
+        latest_eval = evaluate_now()
+        logger.log(counters["iteration"], {**latest_eval, **reward_model_metrics,
+                                           "charts/elapsed_min": counters["elapsed"] / 60})
+    counters.setdefault("initial_eval", latest_eval)  # mu's start, kept across --resume
+    start = time.time() - counters["elapsed"]  # the time budget counts training, not the first evaluation
+    for iteration in tqdm(range(counters["iteration"], args.num_iterations), disable=not accelerator.is_main_process,
                           desc=args.variant):
         t0 = time.time()
         convs, hit_budget, final_reward = collect(model, ref, tokenizer, env, accelerator, rng, args, tau,
@@ -568,27 +580,28 @@ def main(args: Args) -> dict:
         if reward_model is not None:  # what r_phi's optimiser does to the environment's own reward
             local["charts/true_reward"] = float(env.reward(convs).mean())
         metrics = {**local, **reduce_mean(accelerator, local)}  # the means over ranks, in this order
+        counters.update(iteration=iteration + 1, env_counts=env_tallies(accelerator, env))
         seconds = time.time() - t0
         metrics.update({"charts/policy_on": float(policy_on), "charts/collect_share": collect_seconds / seconds,
                         "charts/iterations_per_sec": 1 / seconds, "charts/steps_per_sec": optimizer_steps / seconds,
                         "charts/conversations_per_sec": len(convs) * args.world_size / seconds,
-                        "charts/elapsed_min": (time.time() - start) / 60, **env.metrics(),
+                        "charts/elapsed_min": (time.time() - start) / 60, **env.charts(counters["env_counts"]),
                         **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}})
+        logger.log(iteration + 1, metrics, echo=False)
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = iteration == args.num_iterations - 1 or out_of_time
+        if (iteration + 1) % args.save_every == 0 or last:  # before the evaluation: a failing judge loses no iteration
+            counters["elapsed"] = time.time() - start
+            save_checkpoint(accelerator, model, tokenizer, run_dir, counters, rng, policy_of=actor_critic_policy)
         if (iteration + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate_now()
-            metrics.update(latest_eval)
-        logger.log(iteration + 1, metrics, echo="eval/mean_reward" in metrics)
-        if (iteration + 1) % args.save_every == 0 or last:
-            save_checkpoint(accelerator, model, tokenizer, run_dir, dict(iteration=iteration + 1,
-                            elapsed=time.time() - start), rng, policy_of=actor_critic_policy)
+            logger.log(iteration + 1, {**latest_eval, "charts/elapsed_min": (time.time() - start) / 60})
+            record_evaluation(accelerator, run_dir, iteration + 1, latest_eval, env_tallies(accelerator, env))
         if out_of_time:
             break
     logger.close()
-    return finish(accelerator, model, run_dir, args, first_eval, latest_eval, iteration + 1,
+    return finish(accelerator, model, run_dir, args, counters["initial_eval"], latest_eval, counters["iteration"],
                   (time.time() - start) / 60, reward_model, reward_model_metrics)
-
 
 if __name__ == "__main__":
     import tyro

@@ -394,19 +394,23 @@ def setup(args: Args):
     return accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine
 
 
-def resume(accelerator, run_dir: Path, rng, args) -> dict:
+def resume(accelerator, run_dir: Path, rng, env, args) -> dict:
     """The run's counters: zero, or with --resume those of runs/<run>/checkpoint (or the .old one a crash mid-replace
-    left), whose model, optimizer and RNG states are restored in place (run_io.load_checkpoint)."""
+    left), whose model, optimizer and RNG states are restored in place (run_io.load_checkpoint); what the stopped
+    run wrote after that checkpoint is dropped (it is done again), and its environment tallies carried on."""
     counters = dict(iteration=0, elapsed=0.0, pairs=0, optimizer_steps=0)
     if args.resume:
         counters.update(run_io.load_checkpoint(accelerator, run_dir, rng)[0])
+        run_io.forget_lost_iterations(accelerator, run_dir, counters, args.save_rollouts)
+        if accelerator.is_main_process:  # the sum over ranks is then the whole run's
+            env.counts().update(counters.get("env_counts", {}))
     return counters
 
 
-def finish(accelerator, policy, env, logger, run_dir: Path, first_eval: dict, final_eval: dict, iterations: int,
+def finish(accelerator, policy, env, logger, run_dir: Path, initial_reward: float, final_eval: dict, iterations: int,
            minutes: float) -> dict:
     """summary.json and the closing line; ranks tear the process group down together."""
-    summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final_eval["eval/mean_reward"],
+    summary = {"initial_reward": initial_reward, "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
@@ -426,11 +430,14 @@ def main(args: Args) -> dict:
     """Algorithm 1, line 2: per iteration, collect D with pi_t (line 3), then regress (line 4); evaluate, log by
     name and checkpoint on the way."""
     accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine = setup(args)
-    counters = resume(accelerator, run_dir, rng, args)  # iteration, elapsed, pairs, optimizer_steps
+    counters = resume(accelerator, run_dir, rng, env, args)  # iteration, elapsed, pairs, optimizer_steps, ...
     logger = run_io.Logger(run_dir, args, accelerator.is_main_process)
     eval_seed = 10_000 + args.seed
-    first_eval = latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
-    logger.log(counters["iteration"], first_eval)
+    latest_eval = counters.pop("evaluation", None)  # a resumed checkpoint's evaluation, already logged
+    if latest_eval is None:
+        latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
+        logger.log(counters["iteration"], {**latest_eval, "charts/elapsed_min": counters["elapsed"] / 60})
+    counters.setdefault("initial_reward", latest_eval["eval/mean_reward"])  # pi_0's, kept across --resume
     start = time.time() - counters["elapsed"]
     iterations = range(counters["iteration"], args.num_iterations)
     for it in tqdm(iterations, disable=not accelerator.is_main_process, desc="refuel"):
@@ -446,6 +453,7 @@ def main(args: Args) -> dict:
                                                                args, counters["optimizer_steps"])  # Algorithm 1, line 4
         counters["pairs"] += len(pairs) * args.world_size
         counters["iteration"] = it + 1
+        counters["env_counts"] = distributed.env_tallies(accelerator, env)  # user/judge/reward tallies, all ranks
         seconds = time.time() - iteration_start
         metrics = distributed.reduce_mean(accelerator, {**collection, **training})  # means over ranks
         metrics.update({
@@ -453,21 +461,22 @@ def main(args: Args) -> dict:
             "charts/optimizer_steps": counters["optimizer_steps"], "charts/iterations_per_sec": 1 / seconds,
             "charts/pairs_per_sec": len(pairs) * args.world_size / seconds,
             "charts/collect_share": collect_seconds / seconds, "charts/elapsed_min": (time.time() - start) / 60,
-            **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()}, **env.metrics()})
+            **{f"charts/vllm_{k}": v for k, v in (engine.timings if engine else {}).items()},
+            **env.charts(counters["env_counts"])})
+        logger.log(it + 1, metrics, echo=False)
         out_of_time = args.time_budget_minutes and time.time() - start > 60 * args.time_budget_minutes
         last = it == args.num_iterations - 1 or out_of_time
-        if (it + 1) % args.eval_every == 0 or last:
-            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
-            metrics.update(latest_eval)
-        logger.log(it + 1, metrics, echo="eval/mean_reward" in metrics)
-        if (it + 1) % args.save_every == 0 or last:
+        if (it + 1) % args.save_every == 0 or last:  # before the evaluation: a failing endpoint loses no iteration
             counters["elapsed"] = time.time() - start
             run_io.save_checkpoint(accelerator, policy, tokenizer, run_dir, counters, rng)
+        if (it + 1) % args.eval_every == 0 or last:
+            latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
+            logger.log(it + 1, {**latest_eval, "charts/elapsed_min": (time.time() - start) / 60})
+            run_io.record_evaluation(accelerator, run_dir, it + 1, latest_eval, distributed.env_tallies(accelerator, env))
         if out_of_time:
             break
-    return finish(accelerator, policy, env, logger, run_dir, first_eval, latest_eval, counters["iteration"],
-                  (time.time() - start) / 60)
-
+    return finish(accelerator, policy, env, logger, run_dir, counters["initial_reward"], latest_eval,
+                  counters["iteration"], (time.time() - start) / 60)
 
 if __name__ == "__main__":
     import tyro

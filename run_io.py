@@ -160,6 +160,47 @@ def load_checkpoint(accelerator, run_dir: Path, rng) -> tuple[dict, Path]:
     return meta, ckpt
 
 
+def record_evaluation(accelerator, run_dir: Path, step: int, evaluation: dict, tallies: dict) -> None:
+    """The evaluation at `step` (and the environment's tallies after it) added to the checkpoint's meta.json when
+    that checkpoint is of the same step. The scripts checkpoint before they evaluate, so an endpoint that fails in
+    the evaluation loses no finished iteration; a --resume from a checkpoint that carries its evaluation reuses it
+    instead of evaluating and logging that step a second time."""
+    meta_path = run_dir / "checkpoint" / "meta.json"
+    if accelerator.is_main_process and meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["iteration"] == step:
+            meta.update(evaluation=evaluation, env_counts=tallies)
+            tmp = meta_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(meta))
+            os.replace(tmp, meta_path)  # atomic: the old meta or the new one, never half of it
+    accelerator.wait_for_everyone()
+
+
+def forget_lost_iterations(accelerator, run_dir: Path, meta: dict, rollouts_path: Optional[str] = None) -> None:
+    """On --resume: what the interrupted run wrote after its checkpoint is dropped, since the resumed run does that
+    work again: metrics.jsonl lines of later steps (and the evaluation line of the checkpoint's own step when the
+    checkpoint does not carry that evaluation: it is redone), and --save_rollouts rows of the iterations that are
+    played again. Nothing is logged or written twice."""
+    if accelerator.is_main_process:
+        step = meta["iteration"]
+
+        def keep_lines(path: Path, keep: Callable[[dict], bool]) -> None:
+            if path.exists():
+                lines = path.read_text().splitlines(keepends=True)
+                kept = [line for line in lines if line.strip() and keep(json.loads(line))]
+                if len(kept) < len(lines):
+                    tmp = path.with_name(path.name + ".tmp")
+                    tmp.write_text("".join(kept))
+                    os.replace(tmp, path)
+
+        redo_eval = "evaluation" not in meta
+        keep_lines(run_dir / "metrics.jsonl",
+                   lambda r: r["step"] < step or (r["step"] == step and not (redo_eval and "eval/mean_reward" in r)))
+        if rollouts_path:
+            keep_lines(Path(rollouts_path), lambda r: r.get("iteration", -1) < step)
+    accelerator.wait_for_everyone()
+
+
 @contextlib.contextmanager
 def resume_hint(args):
     """Around a script's main: an endpoint that stays down (a ConnectionError after its retries) ends the run with

@@ -25,6 +25,8 @@ without the end-of-turn token it never sampled: docs/implementation_notes.md#cha
 from __future__ import annotations
 
 import abc
+import collections
+import contextlib
 import functools
 import importlib
 import math
@@ -544,13 +546,33 @@ class Environment(abc.ABC):
         """The most assistant turns a conversation with this user state can reach (None: no limit)."""
         return None
 
-    def metrics(self) -> dict:
-        """Running counters to log with the training metrics (e.g. charts/reward_truncated)."""
+    split = "train"  # the rollouts now played: `evaluating` sets "eval"; the tallies below are kept per split
+
+    def counts(self) -> collections.Counter:
+        """This process's running tallies by name (e.g. "user_fallbacks/eval"; the same names on every rank), a
+        live Counter: the scripts sum it over ranks, keep the sum in checkpoints and add it back to rank 0's on
+        --resume, and log charts(the sum)."""
+        if "_tally" not in self.__dict__:
+            self._tally = collections.Counter()
+        return self._tally
+
+    def charts(self, totals: dict) -> dict:
+        """charts/ metrics from the run's tallies summed over ranks (e.g. charts/user_parse_fallback_rate)."""
         return {}
 
     def dialogue_metrics(self, convs: Sequence[Conversation]) -> dict:
         """Task-specific eval/ metrics of finished conversations (evaluate_policy logs them)."""
         return {}
+
+
+@contextlib.contextmanager
+def evaluating(env: Environment):
+    """The environment's user, judge and reward calls inside are tallied under "eval", not "train"."""
+    saved, env.split = env.split, "eval"
+    try:
+        yield
+    finally:
+        env.split = saved
 
 
 def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: list, n_turns: Sequence[int],
@@ -638,10 +660,11 @@ def evaluate_policy(model, tokenizer, env: Environment, n: int, seed: int, max_n
                     temperature: float = 1.0, max_batch_size: int = 256, engine=None) -> dict:
     rng = np.random.default_rng(seed)
     ctx = env.contexts(n, "eval", rng)  # H_max turns, or a record's own number (Context.max_turns)
-    convs, _ = continue_dialogues(model, tokenizer, env, [c.messages for c in ctx], [c.user for c in ctx],
-                       [c.max_turns or env.max_turns for c in ctx], rng, max_new_tokens, temperature, max_batch_size,
-                       engine=engine)
-    r = env.reward(convs)
+    with evaluating(env):
+        convs, _ = continue_dialogues(model, tokenizer, env, [c.messages for c in ctx], [c.user for c in ctx],
+                                      [c.max_turns or env.max_turns for c in ctx], rng, max_new_tokens, temperature,
+                                      max_batch_size, engine=engine)
+        r = env.reward(convs)
     out = {"eval/mean_reward": float(r.mean()), "eval/reward_stderr": float(r.std() / math.sqrt(n))}
     out.update(env.dialogue_metrics(convs))  # the tutor: lessons learned per turn, ask rate
     return out

@@ -66,10 +66,12 @@ def token_gae(rewards, values, mask, gamma: float = 1.0, lam: float = 0.95):
 
 
 def ppo_clipped_loss(logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2):
-    """PPO's clipped surrogate, masked mean over tokens: max(-A r, -A clip(r, 1-eps, 1+eps)); and the clip fraction."""
+    """PPO's clipped surrogate, masked mean over tokens: max(-A r, -A clip(r, 1-eps, 1+eps)); and the clip fraction,
+    the share of tokens whose clipped term is the one in force (TRL's pg_clipfrac; not every |r - 1| > eps, which
+    counts tokens whose unclipped term still gives the gradient)."""
     ratio = torch.exp(logprobs - old_logprobs)
-    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange))
-    return masked_mean(loss, mask), masked_mean(((ratio - 1).abs() > cliprange).float(), mask)
+    unclipped, clipped = -advantages * ratio, -advantages * ratio.clamp(1 - cliprange, 1 + cliprange)
+    return masked_mean(torch.max(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
 
 
 def value_loss(values, old_values, returns, mask, cliprange_value: float = 0.2):

@@ -80,3 +80,18 @@ def run_script(script, args, tmp_path, launcher=(sys.executable,), timeout=600):
 def summary(tmp_path, name):
     """runs/<name>/summary.json of a run made by run_script."""
     return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def logged_steps(run_dir) -> list:
+    """runs/<run>/metrics.jsonl as one dict per step, in order: a step's training line and its evaluation line
+    (written apart, the checkpoint between them) merged. A name logged twice at one step is an error: a resumed run
+    must not log a step again."""
+    steps = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        merged = steps.setdefault(row["step"], {"step": row["step"]})
+        twice = (set(row) & set(merged)) - {"step", "charts/elapsed_min"}
+        assert not twice, f"step {row['step']} logged twice: {sorted(twice)}"
+        merged.update(row)
+    assert list(steps) == sorted(steps), f"steps out of order: {list(steps)}"
+    return list(steps.values())

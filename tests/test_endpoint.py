@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 import simulator as sim
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, logged_steps, subprocess_env
 
 
 class Handler(BaseHTTPRequestHandler):
     seen: dict = {}
     seeds: dict = {}  # prompt -> the request's "seed" field
     in_flight = most_in_flight = 0
+    seen_training = False
     lock = threading.Lock()
 
     def log_message(self, *a):  # keep pytest output clean
@@ -40,6 +41,11 @@ class Handler(BaseHTTPRequestHandler):
             return self.reply(503, b"overloaded")
         if model == "down":  # an outage: every request fails
             return self.reply(503, b"service unavailable")
+        if model == "eval_down":  # fails on held-out prompts once a training prompt was seen: the evaluation
+            held_out = "quiz me" in prompt  # that follows the first training iteration
+            Handler.seen_training |= not held_out
+            if held_out and Handler.seen_training:
+                return self.reply(503, b"down during the evaluation")
         if model == "unknown":
             return self.reply(404, b'{"error": "model unknown not found"}')
         if model == "garbage":
@@ -142,8 +148,9 @@ def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
     for r in rows:  # every later user turn came from the endpoint, parsed off its "Question:" line
         assert all(m["content"].startswith("what about ") for m in r["conv_b"][2::2]), r["conv_b"]
     assert json.loads((tmp_path / "endpoint" / "summary.json").read_text())["iterations"] == 1
-    logged = [json.loads(line) for line in (tmp_path / "endpoint" / "metrics.jsonl").read_text().splitlines()]
+    logged = logged_steps(tmp_path / "endpoint")
     assert logged[-1]["charts/user_retries"] == 0 and logged[-1]["charts/user_parse_fallback_rate"] == 0
+    assert logged[-1]["charts/user_retries_eval"] == 0 and logged[-1]["charts/user_parse_fallback_rate_eval"] == 0
 
     # an outage: the run stops with the endpoint's error and loses nothing (checkpoint, pairs); --resume continues
     resume = [*cmd, "--num_iterations", "2", "--resume"]
@@ -163,6 +170,59 @@ def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
     assert "resumed" in p.stdout + p.stderr
     assert json.loads((tmp_path / "endpoint" / "summary.json").read_text())["iterations"] == 2
     assert len(pairs.read_text().splitlines()) > len(rows)
+
+
+def test_an_endpoint_failing_in_the_evaluation_loses_no_iteration(server, tmp_path):
+    """The server fails during the evaluation that follows iteration 1. The finished iteration is already in the
+    checkpoint (written before the evaluation); --resume evaluates that step once, trains iteration 2, and nothing
+    is logged, trained or written twice; summary.json's initial reward is the start of the run's, not the resumed
+    evaluation's."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"  # the first record is the held-out one (ChatEnv's eval split)
+    prompts.write_text("".join(json.dumps([{"role": "user", "content": f"hello teacher , {ask} {t} ."}]) + "\n"
+                               for ask, t in [("quiz me on", "plants"), *[("teach me", t) for t in sim.TOPICS]]))
+    pairs = tmp_path / "pairs.jsonl"
+    cmd = [sys.executable, "refuel.py", "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
+           "--reward_model", str(tmp_path / "rm"), "--prompts_path", str(prompts), "--user_api_base", server,
+           "--user_model", "eval_down", "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "2",
+           "--prompts_per_iteration", "8", "--minibatch_size", "4", "--num_eval", "4", "--threads", "1",
+           "--eval_every", "1", "--save_every", "1", "--output_dir", str(tmp_path), "--run_name", "evalfail",
+           "--save_rollouts", str(pairs)]
+    Handler.seen_training = False
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode != 0 and "(model eval_down) failed after 3 tries" in p.stderr, p.stderr[-2000:]
+    run_dir = tmp_path / "evalfail"
+    assert "after iteration 1" in p.stderr, p.stderr[-2000:]
+    meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
+    assert meta["iteration"] == 1 and "evaluation" not in meta
+    first = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert first and {r["iteration"] for r in first} == {0}
+    assert [(m["step"], "eval/mean_reward" in m) for m in logged_steps(run_dir)] == [(0, True), (1, False)]
+    initial = logged_steps(run_dir)[0]["eval/mean_reward"]
+
+    resume = [*cmd, "--resume"]
+    resume[resume.index("--user_model") + 1] = "ok"
+    p = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    logged = logged_steps(run_dir)  # also: no name logged twice at a step
+    assert [m["step"] for m in logged] == [0, 1, 2] and all("eval/mean_reward" in m for m in logged)
+    assert [m["charts/optimizer_steps"] for m in logged[1:]] == [4, 8]  # each iteration trained once (2 epochs x 2)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    assert rows[:len(first)] == first and {r["iteration"] for r in rows[len(first):]} == {1}
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["iterations"] == 2 and s["initial_reward"] == initial
+    assert "start of run " + f"{initial:.3f}" in p.stdout
+    meta = json.loads((run_dir / "checkpoint" / "meta.json").read_text())
+    assert meta["iteration"] == 2 and meta["evaluation"]["eval/mean_reward"] == s["final_reward"]
+
+    # resumed once more, finished: nothing to train, nothing logged again, the same summary
+    p = subprocess.run(resume, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert logged_steps(run_dir) == logged
+    again = json.loads((run_dir / "summary.json").read_text())
+    assert (again["iterations"], again["initial_reward"], again["final_reward"]) == (2, initial, s["final_reward"])
 
 
 def test_endpoint_concurrency_timeout_and_tries_are_passed_from_make_env(server, tmp_path):

@@ -10,7 +10,7 @@ import torch
 import iterative_ppo as ippo
 import simulator as sim
 import single_turn_ppo as stp
-from conftest import TWO_CPU_PROCESSES, run_script, summary
+from conftest import TWO_CPU_PROCESSES, logged_steps, run_script, summary
 
 TINY = ["--prompts_per_iteration", "16", "--ppo_minibatch_size", "16", "--q_minibatch_size", "16", "--num_eval", "16",
         "--q_epochs", "2", "--time_budget_minutes", "0", "--threads", "1"]
@@ -156,11 +156,12 @@ def test_ppo_clipped_loss_by_hand():
     loss, clipfrac = stp.ppo_clipped_loss(lp, old, adv, mask, cliprange=0.2)
     # token 1: ratio 1.5, A = 1: max(-1.5, -1.2) = -1.2; token 2: ratio 0.5, A = 1: max(-0.5, -0.8) = -0.5
     assert loss.item() == pytest.approx((-1.2 - 0.5) / 2)
-    assert clipfrac.item() == pytest.approx(1.0)
+    # both ratios lie outside 1 +- 0.2, but only token 1's clipped term is in force (TRL's pg_clipfrac)
+    assert clipfrac.item() == pytest.approx(0.5)
     adv_neg = torch.tensor([[-1.0, -1.0, 0.0]])
-    loss, _ = stp.ppo_clipped_loss(lp, old, adv_neg, mask, cliprange=0.2)
-    # A = -1: token 1: max(1.5, 1.2) = 1.5; token 2: max(0.5, 0.8) = 0.8
-    assert loss.item() == pytest.approx((1.5 + 0.8) / 2)
+    loss, clipfrac = stp.ppo_clipped_loss(lp, old, adv_neg, mask, cliprange=0.2)
+    # A = -1: token 1: max(1.5, 1.2) = 1.5; token 2: max(0.5, 0.8) = 0.8 (clipped: in force)
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2) and clipfrac.item() == pytest.approx(0.5)
     v = stp.value_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[2.0, 1.0]]),
                         torch.ones(1, 2), 0.2)
     # token 1: max((1-2)^2, (0.2-2)^2) = 3.24; token 2: max(1, 1) = 1
@@ -349,7 +350,7 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
             assert (ref - mu_lp).abs().mean() > 1e-2  # pi_1 != mu, and the anchor follows pi_1
     later = [r for r in rows if r["iteration"] == 1 and r["ppo_batch"] == 1]
     assert np.mean([abs(r["ref_logprob"] - r["old_logprob"]) for r in later]) > 1e-3  # the policy moved from pi_1
-    metrics = [json.loads(line) for line in (tmp_path / "anchor" / "metrics.jsonl").read_text().splitlines()]
+    metrics = logged_steps(tmp_path / "anchor")
     for m in metrics[1:]:  # each outer iteration reports the real reward with the user and Q's held-out error
         assert {"eval/mean_reward", "charts/rollout_reward", "q/heldout_mse", "q/heldout_mse_before",
                 "charts/outer_iterations_per_sec", "q/reverted", "q/reverted_total"} <= set(m)
@@ -382,8 +383,8 @@ def test_checkpoint_and_resume(tmp_path, base_policy):
     assert AutoModelForCausalLM.from_pretrained(ckpt / "policy") is not None  # what evaluate.py loads
     out = run(["--num_iterations", "3", "--run_name", "res", "--resume", *TINY], tmp_path)
     assert "resumed" in out.stdout + out.stderr
-    steps = [json.loads(line)["step"] for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 2, 3]
+    # the checkpoint of step 2 carries its evaluation: the resumed run logs no step twice (logged_steps checks)
+    assert [m["step"] for m in logged_steps(tmp_path / "res")] == [0, 1, 2, 3]
     s = summary(tmp_path, "res")
     assert s["iterations"] == 3
     # the token critic and its AdamW state survive outer iterations and the resume: one critic step per policy step,

@@ -1,5 +1,6 @@
 """Memory of the log-prob passes at a real vocabulary size, and the memory benchmark."""
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -178,7 +179,15 @@ def _sync_ranks_worker(rank, path, n_rows, out):
     lp.sum().backward()
     grad = next(model.parameters()).grad
     out.put((rank, len(lp), grad.abs().sum().item()))
+    out.close()
+    out.join_thread()  # the result is in the pipe before this process ends
+    # Both ranks leave together: a rank that exits while the other still finishes the gradient all-reduce closes
+    # the gloo connection under it, and gloo's threads abort the other process ("terminate called without an
+    # active exception", seen once under load). Then skip interpreter finalisation, where gloo's worker threads can
+    # still be joinable and abort the same way (pytorch/pytorch#179291; tests/test_fsdp.py does the same).
+    dist.barrier()
     dist.destroy_process_group()
+    os._exit(0)
 
 
 def test_sync_ranks_runs_the_same_number_of_forwards_on_every_rank(tmp_path):

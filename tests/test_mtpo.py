@@ -10,7 +10,7 @@ import torch
 import learned_reward
 import mtpo
 import simulator as sim
-from conftest import ROOT, TWO_CPU_PROCESSES, run_script, subprocess_env, summary
+from conftest import ROOT, TWO_CPU_PROCESSES, logged_steps, run_script, subprocess_env, summary
 
 TINY = ["--prompts_per_iteration", "16", "--num_eval", "32", "--threads", "1", "--value_warmup_iterations", "1"]
 
@@ -287,7 +287,9 @@ def test_chat_env_with_hf_models_and_a_prompted_judge(tmp_path):
     for name in ("chat_rlhf", "chat_judge"):
         assert summary(tmp_path, name)["iterations"] == 1
     logged = [json.loads(line) for line in (tmp_path / "chat_judge" / "metrics.jsonl").read_text().splitlines()]
-    assert logged[-1]["charts/judge_unparsed_rate"] == 1.0  # counted, not silent
+    trained = [r for r in logged if "charts/judge_unparsed_rate" in r]
+    assert trained and trained[-1]["charts/judge_unparsed_rate"] == 1.0  # counted, not silent
+    assert trained[-1]["charts/judge_unparsed_rate_eval"] == 1.0  # the evaluation's verdicts, apart
     # allowed to, every verdict is a tie, so p = 1/2 exactly
     rows = [json.loads(line) for line in (tmp_path / "chat_judge" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["eval/win_rate_vs_mu"] == 0.5 and rows[1]["charts/abs_pref_margin"] == 0.0
@@ -339,8 +341,8 @@ def test_checkpoint_resume_and_loadable_policy(tmp_path, base_policy):
     assert json.loads((ckpt / "meta.json").read_text())["iteration"] == 2
     out = run(["--variant", "rlhf", "--num_iterations", "3", "--run_name", "res", "--resume", *TINY], tmp_path)
     assert "resumed" in out.stdout + out.stderr
-    steps = [json.loads(line)["step"] for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 2, 3]
+    steps = [m["step"] for m in logged_steps(tmp_path / "res")]  # no step logged twice (logged_steps checks)
+    assert steps == [0, 1, 2, 3]
     s = summary(tmp_path, "res")
     assert s["iterations"] == 3 and {"initial_reward", "final_reward", "minutes", "ranks_in_sync"} <= set(s)
     trained, _ = sim.load_policy(str(ckpt / "policy"))  # what evaluate.py loads

@@ -8,7 +8,7 @@ import torch
 
 import refuel
 import simulator as sim
-from conftest import TWO_CPU_PROCESSES, run_script, summary
+from conftest import TWO_CPU_PROCESSES, logged_steps, run_script, summary
 
 TINY = ["--prompts_per_iteration", "32", "--minibatch_size", "16", "--num_eval", "32", "--threads", "1"]
 
@@ -199,8 +199,8 @@ def test_checkpoint_and_resume(tmp_path, base_policy):
     assert (ckpt / "policy" / "config.json").exists() and not (tmp_path / "res" / "checkpoint.tmp").exists()
     out = run(["--num_iterations", "3", "--run_name", "res", "--resume", *TINY], tmp_path)
     assert "resumed" in out.stdout + out.stderr
-    steps = [json.loads(line)["step"] for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [0, 1, 2, 2, 3]  # the resumed run starts at iteration 2, not 0
+    steps = [m["step"] for m in logged_steps(tmp_path / "res")]  # no step logged twice (logged_steps checks)
+    assert steps == [0, 1, 2, 3]  # the resumed run starts at iteration 2, not 0
     assert summary(tmp_path, "res")["iterations"] == 3
 
 

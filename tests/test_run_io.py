@@ -171,6 +171,26 @@ def test_refuel_run_with_track_reaches_wandb(tmp_path):
     assert calls[0]["call"] == "init" and calls[0]["project"] == "refuel-test" and calls[0]["name"] == "tracked"
     assert calls[0]["config"]["max_turns"] == 2
     logged = [{"step": c["step"], **c["metrics"]} for c in calls if c["call"] == "log"]
-    assert logged == rows and [r["step"] for r in rows] == [0, 1]
-    assert {"losses/refuel_loss", "charts/rollin_reward", "charts/lr", "eval/mean_reward"} <= set(rows[1])
+    assert logged == rows and [r["step"] for r in rows] == [0, 1, 1]  # step 1: training, then its evaluation
+    assert {"losses/refuel_loss", "charts/rollin_reward", "charts/lr"} <= set(rows[1])
+    assert "eval/mean_reward" in rows[2]
     assert calls[-1] == {"call": "finish"}
+
+
+def test_a_resume_forgets_what_the_stopped_run_wrote_after_its_checkpoint(tmp_path):
+    """A run checkpointed after iteration 2 wrote on until it stopped in iteration 4: the resumed run plays
+    iterations 3 and 4 again, so their metrics lines and --save_rollouts rows go (the step-2 evaluation line too when
+    the checkpoint does not carry it: it is evaluated again); nothing else is touched."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    lines = [{"step": 0, "eval/mean_reward": 0.1}, {"step": 1, "losses/x": 1.0}, {"step": 2, "losses/x": 2.0},
+             {"step": 2, "eval/mean_reward": 0.2}, {"step": 3, "losses/x": 3.0}, {"step": 3, "eval/mean_reward": 0.3}]
+    rows = [{"iteration": i, "conv_a": [i]} for i in (0, 0, 1, 2, 2, 3)]
+    for meta, kept_lines in (({"iteration": 2, "evaluation": {"eval/mean_reward": 0.2}}, lines[:4]),
+                             ({"iteration": 2}, lines[:3])):
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        run_io.forget_lost_iterations(accelerator, tmp_path, meta, str(tmp_path / "pairs.jsonl"))
+        assert [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == kept_lines
+        assert [json.loads(x) for x in (tmp_path / "pairs.jsonl").read_text().splitlines()] == rows[:3]

@@ -361,7 +361,12 @@ def test_user_question_parsing_and_counted_fallback():
     assert len(out) == 4 and user.n_calls == 4
     assert user.n_fallbacks == 4  # this vocabulary has no "Question:", so every reply falls back and is counted
     env = sim.ChatEnv([{"messages": dialogue(0), "user": None}], reward_model=None, user=user)
-    assert env.metrics()["charts/user_parse_fallback_rate"] == 1.0
+    env.user_turn([dialogue(1)] * 3, [None] * 3, np.random.default_rng(1))
+    with sim.evaluating(env):  # evaluation's replies are tallied apart from training's
+        env.user_turn([dialogue(1)] * 2, [None] * 2, np.random.default_rng(2))
+    assert env.counts()["user_replies/train"] == 3 and env.counts()["user_replies/eval"] == 2
+    charts = env.charts(env.counts())
+    assert charts["charts/user_parse_fallback_rate"] == charts["charts/user_parse_fallback_rate_eval"] == 1.0
 
 
 def test_prompt_file_errors(tmp_path):
