@@ -15,7 +15,7 @@ Losses, over the pairs of one iteration (`pair_loss` picks one; `train_on_pairs`
          (ties dropped), pi_ref the frozen initial policy.                                   -> `dpo_loss`
   REBEL  ( (1/eta) [ ln pi(y)/pi_t(y) - ln pi(y')/pi_t(y') ] - (r - r') )^2, REFUEL's Eq. (1) on one turn.
                                                                                              -> `rebel_loss`
-The pairs' rewards may carry REFUEL's Eq. (11) KL shaping (REBEL) and the length penalty Gamma (`pair_rewards`).
+The pairs' rewards may carry REFUEL's Eq. (11) KL shaping (REBEL) and the length penalty Gamma (`training_rewards`).
 On the tutor task D_off is the simulator's fixed set of scripted-reference dialogues, and LT-OFFLINE's second reply
 is the reference teacher resampled at s_H; on `--env chat` it is `--offline_path` (chosen/rejected pairs).
 The launch plumbing (accelerator, ZeRO-3, FSDP2, vLLM weight sync) is distributed.py's, the run's files (metrics,
@@ -206,7 +206,7 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None, engine=Non
     length = lambda c: sim.dialogue_token_count(tokenizer, c)
     too_long = [bool(args.max_dialogue_tokens) and not same[i] and  # REFUEL Sec. 4.1: generated dialogues too
                 max(length(conv_a[i]), length(conv_b[i])) > args.max_dialogue_tokens for i in range(n)]
-    keep = [i for i in range(n) if not (same[i] or too_long[i]) and (args.loss == "rebel" or r_a[i] != r_b[i])]
+    keep = [i for i in range(n) if not (same[i] or too_long[i])]
     pairs = []
     if keep:
         convs = [conv_a[i] for i in keep] + [conv_b[i] for i in keep]
@@ -224,24 +224,32 @@ def collect_pairs(policy, tokenizer, env, rng, args, ref_policy=None, engine=Non
                               logprob_a=float(old[j]), logprob_b=float(old[k + j]), ref_logprob_a=float(ref[j]),
                               ref_logprob_b=float(ref[k + j]), hit_budget_a=info_a[i][h[i]][1],
                               hit_budget_b=info_b[i][h[i]][1]))
+    if args.loss == "dpo":
+        pairs = untied(pairs, args.gamma, args.length_penalty)
     metrics = {"charts/pair_reward": float(torch.cat([r_a, r_b]).mean()),
                "charts/dropped_identical_frac": sum(same) / n, "charts/dropped_too_long_frac": sum(too_long) / n,
-               "charts/dropped_ties_frac": (n - len(keep) - sum(same) - sum(too_long)) / n}
+               "charts/dropped_ties_frac": (len(keep) - len(pairs)) / n}
     return pairs, metrics
 
 
-def pair_rewards(pair, length_penalty=None, gamma=0.0):
-    """The pair's rewards: REFUEL's Eq. (11) KL shaping against pi_0, and the length penalty Gamma for a sampled
-    reply that hit the token budget."""
+def training_rewards(pair, gamma=0.0, length_penalty=None):
+    """The pair's rewards as the losses read them: the length penalty Gamma in place of the reward of a side whose
+    turn h ran out of tokens, then REFUEL's Eq. (11) KL shaping against pi_0 on either side."""
     out = []
     for side in "ab":
         r = pair[f"reward_{side}"]
+        if length_penalty is not None and pair[f"hit_budget_{side}"]:
+            r = length_penalty  # Gamma replaces the reward model's score
         if gamma:
             r -= gamma * (pair[f"logprob_{side}"] - pair[f"ref_logprob_{side}"])  # Eq. (11)
-        if length_penalty is not None and pair[f"hit_budget_{side}"]:
-            r = length_penalty
         out.append(r)
     return out
+
+
+def untied(pairs, gamma=0.0, length_penalty=None):
+    """DPO's pairs: those whose rewards as the loss reads them (Gamma and Eq. (11) included) differ. A tie has no
+    winner; two sides that both ran out of tokens both score Gamma, whatever the reward model said."""
+    return [p for p in pairs if len(set(training_rewards(p, gamma, length_penalty))) == 2]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -260,10 +268,11 @@ def rebel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
 
 def pair_loss(logp_a, logp_b, batch, args):
     t = lambda key: torch.tensor([p[key] for p in batch], device=logp_a.device)
-    rewards = torch.tensor([pair_rewards(p, args.length_penalty, args.gamma) for p in batch], device=logp_a.device)
+    rewards = torch.tensor([training_rewards(p, args.gamma, args.length_penalty) for p in batch],
+                           device=logp_a.device)
     if args.loss == "rebel":
         return rebel_loss(logp_a, logp_b, t("logprob_a"), t("logprob_b"), rewards[:, 0], rewards[:, 1], args.eta)
-    a_wins = rewards[:, 0] > rewards[:, 1]  # ties were dropped at collection
+    a_wins = rewards[:, 0] > rewards[:, 1]  # ties (of these rewards) were dropped at collection
     logp_w, logp_l = torch.where(a_wins, logp_a, logp_b), torch.where(a_wins, logp_b, logp_a)
     ref_w = torch.where(a_wins, t("ref_logprob_a"), t("ref_logprob_b"))
     ref_l = torch.where(a_wins, t("ref_logprob_b"), t("ref_logprob_a"))

@@ -362,6 +362,20 @@ def score_batch(model, ref, tokenizer, convs, final_reward, accelerator, args) -
                 logratio_turn=logratio_turn, advantages=normalize(advantages, turn_mask), returns=returns)
 
 
+def clip_gradients(model, accelerator, max_norm: float) -> list:
+    """--max_grad_norm on the policy's gradient and on the value model's apart: clipped jointly, a large value
+    gradient (early, while V learns) would shrink the policy's step. One group when the value head reads the
+    policy's own backbone (--value_backbone shared). Under DeepSpeed the engine clips the whole model's
+    gradient (its gradient_clipping) and this is not called apart. Returns the groups' norms before clipping."""
+    actor_critic = accelerator.unwrap_model(model)
+    if actor_critic.value_backbone is None:
+        groups = [list(model.parameters())]
+    else:
+        groups = [list(actor_critic.policy.parameters()),
+                  [p for n, p in actor_critic.named_parameters() if not n.startswith("policy.")]]
+    return [accelerator.clip_grad_norm_(group, max_norm) for group in groups]
+
+
 def update(model, optimizer, batch: dict, accelerator, rng, args, policy_on: bool) -> tuple[dict, int]:
     """num_epochs passes of num_minibatches optimizer steps on L_policy + L_value (the value alone while policy_on
     is False: the policy learning delay). Returns (this rank's mean losses by name, optimizer steps)."""
@@ -377,7 +391,7 @@ def update(model, optimizer, batch: dict, accelerator, rng, args, policy_on: boo
             value_term = value_loss(values, b["returns"], b["turn_mask"])
             accelerator.backward((policy_term if policy_on else 0.0 * policy_term) + value_term)  # 0 *: DDP's hooks
             if args.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                clip_gradients(model, accelerator, args.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
             losses.append((policy_term.item(), value_term.item()))

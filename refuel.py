@@ -204,14 +204,15 @@ def collect_pairs(policy, tokenizer, env, contexts, rng, args, ref_policy=None, 
 
 
 def training_rewards(pair, gamma=0.0, length_penalty=None):
-    """The regression targets' rewards of a pair: Eq. (11) shaping and the length penalty Gamma."""
+    """The regression targets' rewards of a pair: the length penalty Gamma in place of the reward of a side whose
+    turn h ran out of tokens, then Eq. (11)'s shaping on either side (as the authors' code does)."""
     out = []
     for side in "ab":
         r = pair[f"reward_{side}"]
+        if length_penalty is not None and pair[f"hit_budget_{side}"]:
+            r = length_penalty  # Gamma replaces the reward model's score
         if gamma:
             r -= gamma * (pair[f"logprob_{side}"] - pair[f"ref_logprob_{side}"])  # Eq. (11)
-        if length_penalty is not None and pair[f"hit_budget_{side}"]:
-            r = length_penalty  # Gamma: a turn h that ran out of tokens
         out.append(r)
     return out
 

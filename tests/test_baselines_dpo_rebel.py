@@ -104,12 +104,25 @@ def test_short_run_improves_over_mu(tmp_path, loss, base_policy):
     assert s["final_reward"] - s["initial_reward"] > 3 * noise, s
 
 
+def test_dpo_ties_are_judged_on_the_rewards_the_loss_reads():
+    """Two truncated sides both score Gamma: a tie, dropped, however the reward model ranked them (the winner was
+    picked on penalised rewards, the ties dropped on raw ones). Eq. (11) can break a raw tie: kept."""
+    both_cut = dict(reward_a=1.0, reward_b=0.0, logprob_a=-1.0, logprob_b=-1.0, ref_logprob_a=-1.0,
+                    ref_logprob_b=-1.0, hit_budget_a=True, hit_budget_b=True)
+    raw_tie = dict(reward_a=0.5, reward_b=0.5, logprob_a=-1.0, logprob_b=-3.0, ref_logprob_a=-2.0,
+                   ref_logprob_b=-2.0, hit_budget_a=False, hit_budget_b=False)
+    assert bl.untied([both_cut, raw_tie]) == [both_cut]
+    assert bl.untied([both_cut, raw_tie], length_penalty=-4.0) == []
+    assert bl.untied([both_cut, raw_tie], gamma=0.1, length_penalty=-4.0) == [raw_tie]
+
+
 def test_eq11_shaping_of_rebel_rewards_by_hand():
     p = dict(reward_a=1.0, reward_b=0.5, logprob_a=-1.0, logprob_b=-3.0, ref_logprob_a=-2.0, ref_logprob_b=-2.0,
              hit_budget_a=False, hit_budget_b=True)
-    assert bl.pair_rewards(p) == [1.0, 0.5]
-    assert bl.pair_rewards(p, gamma=0.1) == pytest.approx([1.0 - 0.1 * 1.0, 0.5 + 0.1 * 1.0])  # Eq. (11)
-    assert bl.pair_rewards(p, length_penalty=-4.0, gamma=0.1) == pytest.approx([0.9, -4.0])
+    assert bl.training_rewards(p) == [1.0, 0.5]
+    assert bl.training_rewards(p, gamma=0.1) == pytest.approx([1.0 - 0.1 * 1.0, 0.5 + 0.1 * 1.0])  # Eq. (11)
+    # Gamma replaces side b's score, and Eq. (11) still applies to it (the authors' code)
+    assert bl.training_rewards(p, gamma=0.1, length_penalty=-4.0) == pytest.approx([0.9, -4.0 + 0.1 * 1.0])
 
 
 def test_lt_online_on_chat_trains_a_turn_that_follows_the_users_reply(tmp_path):

@@ -387,6 +387,10 @@ def test_checkpoint_and_resume(tmp_path, base_policy):
     assert [m["step"] for m in logged_steps(tmp_path / "res")] == [0, 1, 2, 3]
     s = summary(tmp_path, "res")
     assert s["iterations"] == 3
+    run(["--num_iterations", "3", "--run_name", "res", "--resume", *TINY], tmp_path)
+    again = summary(tmp_path, "res")  # resumed when finished: nothing trained or logged, the same counts
+    assert again["iterations"] == 3 and again["initial_reward"] == s["initial_reward"]
+    assert [m["step"] for m in logged_steps(tmp_path / "res")] == [0, 1, 2, 3]
     # the token critic and its AdamW state survive outer iterations and the resume: one critic step per policy step,
     # counted over all three iterations (a critic rebuilt from Q_i each iteration would hold only the last one's)
     metrics = [json.loads(line) for line in (tmp_path / "res" / "metrics.jsonl").read_text().splitlines()]

@@ -250,6 +250,28 @@ def test_conversation_batch_matches_turn_logprob(base_policy):
     assert v.shape == (6, 5) and torch.allclose(v, torch.full_like(v, 0.5))  # head starts at 0.5
 
 
+@pytest.mark.parametrize("value_backbone", ["separate", "shared"])
+def test_policy_and_value_gradients_are_clipped_apart(base_policy, value_backbone):
+    """A large value gradient leaves the policy's step alone: each part clipped to --max_grad_norm by itself (one
+    group when the value head reads the policy's own backbone)."""
+    from accelerate import Accelerator
+
+    policy = sim.load_tutor_base_policy()[0]  # mu, built once by the base_policy fixture
+    ac = mtpo.ActorCritic(policy, policy.get_decoder().__class__(policy.config) if value_backbone == "separate"
+                          else None)
+    for name, p in ac.named_parameters():
+        p.grad = torch.full_like(p, 1e-5 if name.startswith("policy.") else 10.0)
+    policy_before = [p.grad.clone() for p in ac.policy.parameters()]
+    norms = mtpo.clip_gradients(ac, Accelerator(cpu=True), max_norm=1.0)
+    value_grads = [p.grad for n, p in ac.named_parameters() if not n.startswith("policy.")]
+    if value_backbone == "separate":
+        assert len(norms) == 2 and norms[0] < 1.0 < norms[1]
+        assert all(torch.equal(p.grad, g) for p, g in zip(ac.policy.parameters(), policy_before))  # untouched
+        assert torch.linalg.vector_norm(torch.cat([g.flatten() for g in value_grads])).item() == pytest.approx(1.0, rel=1e-4)
+    else:
+        assert len(norms) == 1 and all((p.grad < 1e-5).all() for p in ac.policy.parameters())
+
+
 def test_preference_oracle_checks_and_judge_averages_orders():
     env = sim.TutorEnv()
     a = env.reference_dialogues(4, np.random.default_rng(0))
@@ -345,6 +367,10 @@ def test_checkpoint_resume_and_loadable_policy(tmp_path, base_policy):
     assert steps == [0, 1, 2, 3]
     s = summary(tmp_path, "res")
     assert s["iterations"] == 3 and {"initial_reward", "final_reward", "minutes", "ranks_in_sync"} <= set(s)
+    run(["--variant", "rlhf", "--num_iterations", "3", "--run_name", "res", "--resume", *TINY], tmp_path)
+    again = summary(tmp_path, "res")  # resumed when finished: nothing trained or logged, the same counts
+    assert again["iterations"] == 3 and again["initial_reward"] == s["initial_reward"]
+    assert [m["step"] for m in logged_steps(tmp_path / "res")] == steps
     trained, _ = sim.load_policy(str(ckpt / "policy"))  # what evaluate.py loads
     mu, _ = base_policy
     assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), mu.parameters()))

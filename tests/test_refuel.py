@@ -39,6 +39,8 @@ def test_training_rewards_shaping_and_length_penalty():
     assert refuel.training_rewards(p) == [1.0, 0.5]
     assert refuel.training_rewards(p, gamma=0.1) == pytest.approx([1.0 - 0.1 * 1.0, 0.5 + 0.1 * 1.0])  # Eq. (11)
     assert refuel.training_rewards(p, length_penalty=-4.0) == [1.0, -4.0]
+    # both: Gamma replaces side b's score, and Eq. (11) still applies to it (the authors' code)
+    assert refuel.training_rewards(p, gamma=0.1, length_penalty=-4.0) == pytest.approx([0.9, -4.0 + 0.1 * 1.0])
 
 
 def test_only_turn_h_carries_gradient(base_policy):
