@@ -110,7 +110,8 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
     'reward': -beta (ln pi_old - ln pi_i) per token at sampling (zero in the first PPO batch, where pi_old = pi_i)"""
     d_single_size: Optional[int] = None
     """prompts of D_single per outer iteration across all ranks: a uniform sample, without replacement, of the
-    states pi_i visited (about H per conversation); None = prompts_per_iteration, 0 = every state"""
+    states pi_i visited (about H per conversation); None = prompts_per_iteration, 0 = every state (on several ranks:
+    as many per rank as the rank that visited fewest)"""
     ppo_batches: int = 2
     """D_single is shuffled and cut into this many PPO batches; each is sampled anew from the current policy"""
     ppo_epochs: int = 2
@@ -559,7 +560,10 @@ def main(args: Args) -> dict:
                               args.max_grad_norm, accelerator, optimizer=q_opt, minibatch_unit=args.q_minibatch_unit)
         t_q = time.time() - t0 - t_collect
         # line 6: D_single = the states visited by pi_i, as pi_i's prompts
-        single = sample_d_single(examples, args.local_d_single, rng)
+        # --d_single_size 0: every visited state, as many on each rank as the rank that visited fewest has (records
+        # of different lengths): the same PPO minibatches everywhere, else the gradient all-reduces would not pair up
+        single = sample_d_single(examples, args.local_d_single or same_count_across_ranks(
+            len(examples), accelerator.device, fewest=True), rng)
         prompts = [e["messages"][:-1] for e in single]
         # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and the token critic (from Q_0, then kept)
         with sampling_weights(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included

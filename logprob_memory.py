@@ -82,14 +82,15 @@ def token_budget_batches(lengths: Sequence[int], max_batch_size: int = 64,
     return out + [cur] if cur else out
 
 
-def same_count_across_ranks(n: int, device) -> int:
-    """The largest n over the ranks of the default process group (n itself outside torch.distributed)."""
+def same_count_across_ranks(n: int, device, fewest: bool = False) -> int:
+    """The largest n over the ranks of the default process group (the smallest with fewest=True; n itself outside
+    torch.distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return n
     t = torch.tensor([n], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN if fewest else dist.ReduceOp.MAX)
     return int(t.item())
 
 

@@ -295,10 +295,20 @@ def gae(rewards, values, turn_mask, gamma: float = 1.0, lam: float = 0.95):
     return adv, (adv + values) * turn_mask
 
 
-def normalize(adv, turn_mask, eps: float = 1e-8):
-    """Advantage normalisation over the batch's valid turns (Sec. 4.1: "batch-normalize ... advantage")."""
-    a = adv[turn_mask]
-    return ((adv - a.mean()) / (a.std() + eps)) * turn_mask if a.numel() > 1 else adv
+def normalize(adv, turn_mask, eps: float = 1e-8, accelerator=None):
+    """Advantage normalisation over the valid turns of the whole batch, every rank's (Sec. 4.1: "batch-normalize
+    ... advantage"): the mean and the (unbiased) variance from sums over ranks."""
+    a = adv[turn_mask].double()
+    moments = torch.stack([a.sum(), (a * a).sum(), torch.tensor(float(a.numel()), device=a.device,
+                                                                   dtype=torch.float64)])
+    if accelerator is not None and accelerator.num_processes > 1:
+        moments = accelerator.reduce(moments, "sum")
+    n = moments[2]
+    if n <= 1:
+        return adv
+    mean = moments[0] / n
+    std = ((moments[1] - n * mean ** 2).clamp(min=0) / (n - 1)).sqrt()
+    return ((adv - mean.to(adv.dtype)) / (std.to(adv.dtype) + eps)) * turn_mask
 
 
 def policy_loss(logp_tokens, ref_logp_tokens, token_turn, advantages, turn_mask, alpha: float):
@@ -333,7 +343,11 @@ def collect(model, ref, tokenizer, env, accelerator, rng, args, tau: float, rewa
     with sampling_weights(model, accelerator, part=sampled_part, engine=engine) as policy:
         convs, hit_budget = rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau, n_turns, engine)
     if args.variant == "rlhf":  # Theorem B.6: r_RLHF(x_{H+1}), the environment's or a learned r_phi
-        final_reward = env.reward(convs) if reward_model is None else reward_model.score(convs, args.gen_batch_size)
+        if reward_model is None:
+            final_reward = env.reward(convs)
+        else:  # under the autocast r_phi was fitted (and is evaluated) under
+            with accelerator.autocast():
+                final_reward = reward_model.score(convs, args.gen_batch_size)
         if not torch.isfinite(final_reward).all():
             raise FloatingPointError("the reward is NaN or infinite for some conversations")
     else:
@@ -359,7 +373,8 @@ def score_batch(model, ref, tokenizer, convs, final_reward, accelerator, args) -
     advantages, returns = gae(rewards, old_values, turn_mask, args.gamma, args.gae_lambda)
     return dict(input_ids=ids, attention_mask=attn, token_turn=token_turn, state_pos=state_pos, turn_mask=turn_mask,
                 agent_tokens=agent_tokens, ref_logprobs=ref_logprobs, old_values=old_values,
-                logratio_turn=logratio_turn, advantages=normalize(advantages, turn_mask), returns=returns)
+                logratio_turn=logratio_turn, advantages=normalize(advantages, turn_mask, accelerator=accelerator),
+                returns=returns)
 
 
 def clip_gradients(model, accelerator, max_norm: float) -> list:
@@ -587,7 +602,10 @@ def main(args: Args) -> dict:
         policy_on = iteration >= args.value_warmup_iterations  # policy learning delay
         losses, optimizer_steps = update(model, optimizer, batch, accelerator, rng, args, policy_on)
         local = {**losses, "charts/train_reward": float(final_reward.mean()),
-                 "charts/kl_to_mu": float(batch["logratio_turn"].sum(1).mean()),
+                 # sum_h KLhat[x_h] on the conversations played: KL(pi || mu) when pi played them; MTPO-tau's come
+                 # from the mixture, where this mean of log pi/mu is not KL(pi || mu), so it is named for what it is
+                 ("charts/kl_to_mu" if tau == 0 else "charts/logratio_to_mu_on_mixture"):
+                     float(batch["logratio_turn"].sum(1).mean()),
                  "charts/hit_budget_frac": float(hit_budget.float().mean()),
                  "charts/abs_pref_margin": float((final_reward - 0.5).abs().mean()),
                  "charts/value_mean": float(batch["old_values"][batch["turn_mask"]].mean())}

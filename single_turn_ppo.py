@@ -37,11 +37,18 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8):
-    """(x - mean) / std over the masked entries (mean kept when shift_mean=False), masked entries left at 0."""
-    mean = masked_mean(x, mask)
-    out = (x - mean) * torch.rsqrt(masked_mean((x - mean) ** 2, mask) + eps)
-    return (out if shift_mean else out + mean) * mask
+def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, accelerator=None):
+    """(x - mean) / std over the masked entries of the whole batch, every rank's (the mean and variance summed over
+    ranks when an accelerator runs several), the mean kept when shift_mean=False, masked entries left at 0."""
+    m = mask.to(torch.float64)
+    moments = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
+    if accelerator is not None and accelerator.num_processes > 1:
+        moments = accelerator.reduce(moments, "sum")
+    n = moments[2].clamp(min=1)
+    mean = moments[0] / n
+    var = (moments[1] / n - mean ** 2).clamp(min=0)
+    out = (x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)
+    return (out if shift_mean else out + mean.to(x.dtype)) * mask
 
 
 def ppo_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -143,8 +150,9 @@ def response_kl_entropy(policy, ref_policy, tokenizer, prompts, accelerator, arg
         kl, ent = [], []
         for s in range(0, len(prompts), args.gen_batch_size):
             c = slice(s, s + args.gen_batch_size)
-            k, e = token_kl_entropy(response_log_dists(pi, ids[c], attn[c], idx[c], mask[c], T),
-                                    response_log_dists(ref_policy, ids[c], attn[c], idx[c], mask[c], T), mask[c])
+            with accelerator.autocast():  # both in the precision training runs in
+                logp, ref_logp = (response_log_dists(m, ids[c], attn[c], idx[c], mask[c], T) for m in (pi, ref_policy))
+            k, e = token_kl_entropy(logp, ref_logp, mask[c])
             kl.append(k.sum(1))
             ent.append(e.sum(1))
     return torch.cat(kl), torch.cat(ent)
@@ -184,7 +192,7 @@ def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, pro
     ids, attn, idx, mask = (t.to(dev) for t in response_batch(tokenizer, prompts, samples.token_ids))
     values_of = lambda j: token_scores(critic, ids[j], attn[j]).gather(1, idx[j])  # the critic's V per token
     chunks = [slice(s, s + args.gen_batch_size) for s in range(0, len(prompts), args.gen_batch_size)]  # memory
-    with torch.no_grad():
+    with torch.no_grad(), accelerator.autocast():  # the reference in the precision the prepared policy runs in
         old_lp = torch.cat([response_logprobs(policy, ids[c], attn[c], idx[c], mask[c], T) for c in chunks]) * mask
         ref_lp = torch.cat([response_logprobs(ref_policy, ids[c], attn[c], idx[c], mask[c], T)
                             for c in chunks]) * mask  # the reference: pi_i (Theorem 2)
@@ -193,9 +201,9 @@ def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, pro
         in_reward = args.kl_penalty == "reward"  # else the KL to the reference is in the loss (below)
         rewards, kl = ppo_rewards(scores, old_lp, ref_lp, mask, args.kl_coef if in_reward else 0.0)
         if args.whiten_rewards:
-            rewards = whiten(rewards, mask, shift_mean=False)
+            rewards = whiten(rewards, mask, shift_mean=False, accelerator=accelerator)
         adv, returns = token_gae(rewards, old_v, mask, args.ppo_gamma, args.lam)
-        adv = whiten(adv, mask)
+        adv = whiten(adv, mask, accelerator=accelerator)  # over the batch of every rank
     if log_rows is not None:
         log_rows += [dict(prompt=p, response=t, token_ids=r, q=float(scores[b]), old_logprob=float(old_lp[b].sum()),
                           ref_logprob=float(ref_lp[b].sum())) for b, (p, t, r) in
@@ -211,7 +219,7 @@ def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, pro
             if in_loss:  # Theorem 2's KL to the reference, exact over the vocabulary, on the current weights
                 logp = response_log_dists(policy, ids[j], attn[j], idx[j], mask[j], T)
                 lp = logp.gather(2, tokens[j][:, :, None]).squeeze(-1)
-                with torch.no_grad():
+                with torch.no_grad(), accelerator.autocast():
                     ref_logp = response_log_dists(ref_policy, ids[j], attn[j], idx[j], mask[j], T)
                 kl_term = masked_mean(token_kl_entropy(logp, ref_logp, mask[j])[0], mask[j])  # nats per token
             else:

@@ -2,6 +2,7 @@ import copy
 import json
 import math
 import sys
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -362,6 +363,17 @@ def test_kl_anchor_is_pi_i_not_mu(tmp_path, base_policy):
         metrics[2]["charts/optimizer_steps"]
 
 
+def test_the_anchor_runs_in_the_policys_precision(tmp_path, base_policy):
+    """With --bf16 the prepared policy runs under autocast: pi_i (a replica outside prepare) is read under the same
+    autocast, so at PPO's first batch log pi_i equals log pi_old (in fp32 beside a bf16 policy they differed by
+    0.024 nats per response)."""
+    path = tmp_path / "rows.jsonl"
+    run(["--num_iterations", "1", "--bf16", "True", "--run_name", "bf16", "--save_rollouts", str(path), *TINY],
+        tmp_path)
+    first = [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["ppo_batch"] == 0]
+    assert first and max(abs(r["ref_logprob"] - r["old_logprob"]) for r in first) < 1e-5
+
+
 def test_two_process_cpu_run_is_synced(tmp_path, base_policy):
     path = tmp_path / "ppo.jsonl"
     run(["--num_iterations", "2", "--run_name", "ddp", "--save_rollouts", str(path), *TINY], tmp_path,
@@ -419,6 +431,28 @@ def test_chat_env_with_hf_models(tmp_path):
     got = [json.loads(line) for line in rows.read_text().splitlines()]
     assert len(got) == 16 * 2 and {len(r["prompt"]) for r in got} == {1, 3}  # s_1 and s_2 as PPO prompts
     assert summary(tmp_path, "chat")["iterations"] == 1
+
+
+def test_every_state_on_two_ranks_with_records_of_different_lengths(tmp_path):
+    """--d_single_size 0 on 2 processes where records support 1 to 3 turns: the ranks visit different numbers of
+    states, and each takes as many as the rank with fewest, so both run the same PPO minibatches (with their own
+    counts the gradient all-reduces did not pair up: a hang on GPUs)."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    questions = [[], ["i am not sure ."], ["i am not sure .", "this is boring ."]]
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
+                                           "questions": questions[k % 3]}) + "\n"
+                               for k, t in enumerate(sim.TOPICS * 3)))
+    rows = tmp_path / "ppo.jsonl"
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--prompts_path", str(prompts), "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "2",
+         "--run_name", "uneven", "--save_rollouts", str(rows), "--d_single_size", "0", "--seed", "3", *TINY,
+         "--num_eval", "4"], tmp_path, TWO_CPU_PROCESSES)
+    got = Counter((r["iteration"], r["rank"]) for r in map(json.loads, rows.read_text().splitlines()))
+    assert got[(0, 0)] == got[(0, 1)] and got[(1, 0)] == got[(1, 1)] and got[(0, 0)] >= 8, got
+    assert summary(tmp_path, "uneven")["ranks_in_sync"]
 
 
 @pytest.mark.long

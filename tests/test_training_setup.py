@@ -2,6 +2,7 @@
 on 1 and N processes), gradient checkpointing that recomputes, and launches that do what their config says."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -199,3 +200,52 @@ def test_only_a_teardown_abort_after_summary_is_tolerated(tmp_path):
     other = subprocess.CompletedProcess([], 1, "", "Traceback ...\nValueError: bad")
     assert not aborted_in_teardown(other, tmp_path, args, TWO_CPU_PROCESSES)
     assert not aborted_in_teardown(crashed, tmp_path, ["--threads", "1"], TWO_CPU_PROCESSES)  # run dir unknown
+
+
+def _normalise_worker(rank, port, out):
+    """One rank of 2: whiten (PPO) and normalize (MTPO) on its half of a batch, through a real Accelerator."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE="2")
+    from accelerate import Accelerator
+
+    import mtpo
+    import single_turn_ppo as stp
+
+    accelerator = Accelerator(cpu=True)
+    halves = (torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[3.0, 100.0, 7.0]]))
+    masks = (torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0]]))
+    x, m = halves[rank], masks[rank]
+    out.put((rank, stp.whiten(x, m, accelerator=accelerator).tolist(),
+             mtpo.normalize(x, m.bool(), accelerator=accelerator).tolist()))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    os._exit(0)  # skip finalisation: gloo's threads (tests/test_memory.py)
+
+
+def test_advantages_are_normalised_over_every_ranks_batch():
+    """PPO's whitening and MTPO's advantage normalisation use the whole batch's mean and spread, not each rank's:
+    two ranks with halves of a batch get what one process gets on all of it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    import mtpo
+    import single_turn_ppo as stp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_normalise_worker, args=(r, port, q)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = dict((r, (w, n)) for r, w, n in (q.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(timeout=60)
+    x = torch.tensor([[1.0, 2.0, 0.0], [3.0, 100.0, 7.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    whole_w, whole_n = stp.whiten(x, m), mtpo.normalize(x, m.bool())
+    for rank in (0, 1):
+        torch.testing.assert_close(torch.tensor(got[rank][0]), whole_w[rank:rank + 1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(got[rank][1]), whole_n[rank:rank + 1], atol=1e-5, rtol=0)
