@@ -454,13 +454,16 @@ class ChatEnv(sim.Environment):
         """n contexts; with pre-sampled questions (setting two) each carries max_turns = min(H_max, its record's
         number of turns), the H the scripts play (REFUEL paper Sec. 4.2, App. C: H is the dialogue's own)."""
         idx = rng.choice(self.splits[split], size=n, replace=n > len(self.splits[split]))
-        out = []
-        for i in idx:
-            user = self.records[i].get("user")
-            most = self.supported_turns(user)
-            out.append(sim.Context(int(i), list(self.records[i]["messages"]), user,
-                               None if most is None else min(self.max_turns, most)))
-        return out
+        return [self._context(i) for i in idx]
+
+    def all_contexts(self, split):
+        return [self._context(i) for i in self.splits[split]]
+
+    def _context(self, i) -> sim.Context:
+        user = self.records[i].get("user")
+        most = self.supported_turns(user)
+        return sim.Context(int(i), list(self.records[i]["messages"]), user,
+                           None if most is None else min(self.max_turns, most))
 
     TALLIES = ("user_replies", "user_fallbacks", "user_retries", "judge_verdicts", "judge_unparsed",
                "reward_scored", "reward_truncated")

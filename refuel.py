@@ -87,7 +87,8 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
     num_iterations: int = 300
     """iterations t of Algorithm 1"""
     prompts_per_iteration: int = 256
-    """|D| per iteration across all ranks (setting one: the whole prompt set; setting two: 32)"""
+    """|D| per iteration across all ranks, drawn from the prompts (setting two: 32); 0 = a pass over the whole
+    training prompt set each iteration, every prompt once, in a new order (setting one)"""
     num_epochs: int = 2
     """passes over D per iteration"""
     minibatch_size: int = 128
@@ -142,6 +143,14 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
 # ----------------------------------------------------------------------------------------------------------------
 # Algorithm 1, step 1: data collection
 # ----------------------------------------------------------------------------------------------------------------
+def prompt_pass(env, iteration: int, accelerator, args):
+    """--prompts_per_iteration 0 (setting one: "iterations over the whole prompt set"): every training prompt once,
+    shuffled anew each iteration with a generator all ranks share, each rank taking its own equal share."""
+    everything = env.all_contexts("train")
+    order = np.random.default_rng([args.seed, iteration]).permutation(len(everything))
+    return [everything[i] for i in order[accelerator.process_index::accelerator.num_processes][:args.local_prompts]]
+
+
 def rollin(policy, tokenizer, env, contexts, H, rng, args, engine=None):
     """Roll in with pi_t and the user for H[i] turns from each context (batched across different lengths)."""
     return sim.continue_dialogues(policy, tokenizer, env, [c.messages for c in contexts], [c.user for c in contexts],
@@ -336,12 +345,11 @@ def check_args(args: Args) -> None:
     nothing without a word."""
     if args.lr is None:  # the tutor's 3e-4 moved a pretrained model's log-ratios by 17 nats in one iteration
         args.lr = 3e-4 if args.model_name_or_path == "tutor" else 1e-6
-    positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
-                "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
+    positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
                 "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
                 "max_tokens_per_batch", "max_dialogue_tokens", "vllm_gpu_memory_utilization"]
     non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
-                    "threads"]
+                    "threads", "prompts_per_iteration"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
     bad += [f"--{k} must be >= 0" for k in non_negative if not getattr(args, k) >= 0]
     if not 0 <= args.warmup_ratio <= 1:
@@ -366,7 +374,7 @@ def setup(args: Args):
     args.world_size = accelerator.num_processes
     if args.prompts_per_iteration % args.world_size or args.minibatch_size % args.world_size:
         raise ValueError("prompts_per_iteration and minibatch_size must be divisible by the number of processes")
-    args.local_prompts = args.prompts_per_iteration // args.world_size
+    args.local_prompts = args.prompts_per_iteration // args.world_size  # 0: set from the prompt set in setup
     args.local_minibatch = args.minibatch_size // args.world_size
     args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
     run_dir = run_io.make_run_dir(args, accelerator)
@@ -385,6 +393,11 @@ def setup(args: Args):
         if args.gamma:  # pi_0 for Eq. (11), frozen
             ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
             ref_policy.requires_grad_(False)
+    if not args.prompts_per_iteration:  # a pass over the whole training prompt set per iteration
+        args.local_prompts = len(env.all_contexts("train")) // args.world_size
+        if not args.local_prompts:
+            raise ValueError("--prompts_per_iteration 0: the training prompts are fewer than the processes")
+        args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
     prepare_for_training(policy, args)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
                                   betas=args.adam_betas, weight_decay=args.weight_decay)
@@ -443,7 +456,8 @@ def main(args: Args) -> dict:
     iterations = range(counters["iteration"], args.num_iterations)
     for it in tqdm(iterations, disable=not accelerator.is_main_process, desc="refuel"):
         iteration_start = time.time()
-        contexts = env.contexts(args.local_prompts, "train", rng)
+        contexts = prompt_pass(env, it, accelerator, args) if not args.prompts_per_iteration else \
+            env.contexts(args.local_prompts, "train", rng)
         with distributed.sampling_weights(policy, accelerator, engine=engine) as pi_t:  # Algorithm 1, line 3
             pairs, collection = collect_pairs(pi_t, tokenizer, env, contexts, rng, args, ref_policy, engine)
         collect_seconds = time.time() - iteration_start

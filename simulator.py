@@ -524,6 +524,11 @@ class Environment(abc.ABC):
     def reward(self, convs: Sequence[Conversation]) -> torch.Tensor:
         """r(s_{H+1}) of each whole conversation."""
 
+    def all_contexts(self, split: str) -> list[Context]:
+        """Every context of the split once, in order (a pass over a whole prompt set, REFUEL's setting one)."""
+        raise ValueError(f"env {self.name!r} generates its contexts: it has no fixed prompt set to pass over "
+                         f"(give --prompts_per_iteration N)")
+
     def offline(self, n: int, rng: np.random.Generator) -> tuple[list[Context], list[Conversation]]:
         """n draws from the offline dataset D_off: (contexts whose index is the D_off row, full dialogues)."""
         raise ValueError(f"env {self.name!r} has no offline dataset D_off")

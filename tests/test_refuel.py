@@ -164,6 +164,28 @@ def test_chat_env_with_hf_models_and_presampled_questions(tmp_path):
     assert summary(tmp_path, "chat")["iterations"] == 1
 
 
+def test_prompts_per_iteration_zero_passes_over_the_whole_prompt_set(tmp_path):
+    """--prompts_per_iteration 0 (setting one: iterations over the whole prompt set): each iteration plays every
+    training prompt once, in a new order, on 2 processes each rank its share."""
+    from test_simulator import save_tiny_policy_and_reward_model
+
+    save_tiny_policy_and_reward_model(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"  # 20 records: ChatEnv holds out the first 2 for evaluation
+    prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} number {k} ."}],
+                                           "questions": ["i am not sure ."]}) + "\n"
+                               for k in range(4) for t in sim.TOPICS[:5]))
+    pairs = tmp_path / "pairs.jsonl"
+    run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
+         "--prompts_path", str(prompts), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "2",
+         "--run_name", "pass", "--save_rollouts", str(pairs), "--prompts_per_iteration", "0", "--minibatch_size",
+         "4", "--num_eval", "4", "--threads", "1", "--no-drop_identical"], tmp_path, TWO_CPU_PROCESSES)
+    rows = [json.loads(line) for line in pairs.read_text().splitlines()]
+    seen = {it: sorted(r["prompt_index"] for r in rows if r["iteration"] == it) for it in (0, 1)}
+    assert seen[0] == seen[1] == list(range(2, 20))  # each training prompt once: the whole set, 9 per rank
+    order = lambda it: [r["prompt_index"] for r in rows if r["iteration"] == it]
+    assert order(0) != order(1)  # a new order each iteration
+
+
 def test_setting_one_with_an_hf_user_model_on_ultrainteract_records(tmp_path):
     """REFUEL setting one by flags only: UltraInteract-format records, a local HF model prompted as the user
     (--user_model), an HF sequence-classification reward model. The user's replies come from the model, not the
