@@ -293,22 +293,33 @@ def get_lr(step: int, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def micro_batches(order, args):
+    """An epoch's minibatches of --minibatch_size pairs (this rank's share), each cut into exactly
+    --gradient_accumulation_steps micro-batches, with the weight that makes their losses the minibatch's mean
+    (accelerate divides by the step count). Every minibatch, a short last one included, ends on accelerate's
+    accumulation boundary, so no micro-batch joins the next epoch's or iteration's step. A minibatch of fewer pairs
+    than micro-batches pads with a repeated pair of weight 0 (a backward on every micro-step keeps DDP in step)."""
+    steps = args.gradient_accumulation_steps
+    for s in range(0, len(order), args.local_minibatch):
+        minibatch = order[s:s + args.local_minibatch]
+        for part in np.array_split(minibatch, steps):
+            yield (part, len(part) * steps / len(minibatch)) if len(part) else (minibatch[:1], 0.0)
+
+
 def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, optimizer_steps: int):
     """num_epochs passes over this rank's pairs; returns the mean loss by name and the optimizer steps taken so far
     (the learning-rate schedule's clock)."""
     losses = []
-    micro = max(1, args.local_minibatch // args.gradient_accumulation_steps)
     for _ in range(args.num_epochs):
-        order = rng.permutation(len(pairs))
-        for s in range(0, len(order), micro):
-            batch = [pairs[i] for i in order[s:s + micro]]
+        for rows, weight in micro_batches(rng.permutation(len(pairs)), args):
+            batch = [pairs[i] for i in rows]
             with accelerator.accumulate(model):
                 convs = [p["conv_a"] for p in batch] + [p["conv_b"] for p in batch]
                 logp = sim.turn_logprob(model, tokenizer, convs, [p["h"] for p in batch] * 2, args.temperature,
                                         max_tokens_per_batch=args.max_tokens_per_batch,
                                         sync_ranks=accelerator.num_processes > 1)  # same forwards on every rank
                 loss = pair_loss(logp[: len(batch)], logp[len(batch):], batch, args)
-                accelerator.backward(loss)
+                accelerator.backward(loss * weight)  # the minibatch's mean over its micro-batches
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 for group in optimizer.param_groups:
@@ -316,7 +327,8 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
                 optimizer.step()
                 optimizer.zero_grad()
                 optimizer_steps += int(accelerator.sync_gradients)
-            losses.append(loss.item())
+            if weight:
+                losses.append(loss.item())
     return {f"losses/{args.loss}_loss": float(np.mean(losses)) if losses else 0.0}, optimizer_steps
 
 

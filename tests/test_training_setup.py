@@ -49,6 +49,39 @@ def test_logged_lr_follows_the_optimizer_steps_on_1_and_2_processes(tmp_path, pr
         assert r["charts/lr"] == pytest.approx(refuel.get_lr(r["charts/optimizer_steps"] - 1, schedule), rel=1e-9)
 
 
+# ---------------------------------------------------------------- gradient accumulation
+@pytest.mark.parametrize("script", [refuel, baselines_dpo_rebel])
+def test_every_minibatch_ends_on_an_accumulation_boundary(script):
+    """Each minibatch, a short last one included, is cut into exactly --gradient_accumulation_steps micro-batches
+    whose weights make the minibatch's mean; accelerate's step counter then never carries micro-batches into the
+    next epoch or iteration."""
+    args = script.Args(minibatch_size=4, gradient_accumulation_steps=2)
+    args.local_minibatch = 4
+    for n in range(1, 12):
+        parts = list(script.micro_batches(np.arange(n), args))
+        assert len(parts) == 2 * math.ceil(n / 4)
+        for k in range(0, len(parts), 2):  # one minibatch
+            rows = [i for part, w in parts[k:k + 2] if w for i in part]
+            size = len(rows)
+            assert rows == list(range(2 * k, 2 * k + size)) and sum(w for _, w in parts[k:k + 2]) == 2
+            assert all(w == len(part) * 2 / size for part, w in parts[k:k + 2] if w)
+
+
+@pytest.mark.parametrize("script", ["refuel.py", "baselines_dpo_rebel.py"])
+def test_optimizer_steps_are_whole_minibatches_with_accumulation(tmp_path, script, base_policy):
+    """With --gradient_accumulation_steps 2 every iteration takes epochs x ceil(pairs / minibatch) optimizer steps
+    on its own pairs: none of its micro-batches joins the next iteration's first step, none is left unapplied."""
+    path = tmp_path / "pairs.jsonl"
+    run_script(script, ["--num_iterations", "4", "--run_name", "ga", "--prompts_per_iteration", "12",
+                        "--minibatch_size", "4", "--gradient_accumulation_steps", "2", "--num_epochs", "1",
+                        "--num_eval", "8", "--threads", "1", "--save_rollouts", str(path), "--seed", "2"], tmp_path)
+    pairs = [json.loads(line)["iteration"] for line in path.read_text().splitlines()]
+    expected = np.cumsum([math.ceil(pairs.count(it) / 4) for it in range(4)]).tolist()
+    rows = [json.loads(line) for line in (tmp_path / "ga" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["charts/optimizer_steps"] for r in rows if "charts/optimizer_steps" in r] == expected, \
+        [pairs.count(it) for it in range(4)]
+
+
 # ---------------------------------------------------------------- gradient checkpointing
 def forwards_per_backward(layer, run) -> int:
     """How many times `layer`'s MLP computes in one forward + backward of `run()`. (Counted by wrapping its forward:
