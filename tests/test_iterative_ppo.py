@@ -294,6 +294,39 @@ def test_kl_penalty_acts_in_the_first_ppo_batch(base_policy, one_thread):
     assert out["charts/optimizer_steps"] == 2
 
 
+def test_ppo_whitens_advantages_and_adds_the_kl_term(base_policy, one_thread, monkeypatch):
+    """Each minibatch's loss is the clipped surrogate on advantages whitened over the batch, plus beta x the KL to
+    pi_i (a penalty: its sign pulls pi toward pi_i)."""
+    args, acc, policy, ref, q, critic, opt, critic_opt, tok, prompts = ppo_setup(base_policy, kl_coef=0.7,
+                                                                                ppo_minibatch_size=8, ppo_epochs=1)
+    seen, losses, real_clipped, real_kl = {}, [], stp.ppo_clipped_loss, stp.token_kl_entropy
+
+    def clipped(lp, old, adv, mask, cliprange):
+        seen["adv"], seen["mask"] = adv, mask
+        out = real_clipped(lp, old, adv, mask, cliprange)
+        seen["pg"] = out[0]
+        return out
+
+    def kl_entropy(logp, ref_logp, mask):
+        out = real_kl(logp, ref_logp, mask)
+        seen["kl"] = stp.masked_mean(out[0], mask)
+        return out
+
+    monkeypatch.setattr(stp, "ppo_clipped_loss", clipped)
+    monkeypatch.setattr(stp, "token_kl_entropy", kl_entropy)
+    monkeypatch.setattr(acc, "backward", lambda loss: losses.append(loss) or loss.backward())
+    with torch.no_grad():  # move pi off pi_i so that the KL term is not zero
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    score = lambda ps, texts: torch.arange(len(ps), dtype=torch.float32) * 10.0 + 3.0  # far from whitened
+    stp.ppo_step_batch(policy, ref, score, critic, critic_opt, tok, prompts, opt, acc, np.random.default_rng(0), args)
+    adv, mask = seen["adv"], seen["mask"]
+    assert stp.masked_mean(adv, mask).abs().item() < 1e-5  # whitened: mean 0, variance 1 over the batch
+    assert stp.masked_mean(adv ** 2, mask).item() == pytest.approx(1.0, abs=1e-3)
+    assert len(losses) == 1 and seen["kl"].item() > 1e-4
+    torch.testing.assert_close(losses[0], seen["pg"] + 0.7 * seen["kl"])
+
+
 def test_d_single_is_a_uniform_sample_of_the_visited_states():
     examples = [dict(messages=[{"role": "user", "content": f"{g}-{h}"}], h=h, group=g) for g in range(8)
                 for h in (1, 2, 3)]  # 8 conversations x 3 turns = 24 states

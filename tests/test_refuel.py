@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import baselines_dpo_rebel as bl
 import refuel
 import simulator as sim
 from conftest import TWO_CPU_PROCESSES, logged_steps, run_script, summary
@@ -80,13 +81,35 @@ def test_saved_pairs_obey_algorithm_1(tmp_path, base_policy):
             assert sum(m["role"] == "assistant" for m in c) == H and c[-1]["role"] == "user"
         env = sim.TutorEnv(sim.TutorRules(max_turns=4))  # reward = lessons / (H_max - 1)
         assert env.reward([a]).item() == p["reward_a"] and env.reward([b]).item() == p["reward_b"]
-    assert len({h for h, _ in hs}) > 1 and len({H for _, H in hs}) > 1
+    assert len({h for h, _ in hs}) > 1 and len({H for _, H in hs}) > 1 and any(h < H for h, H in hs)
     # stored log pi_t(y_h|s_h) equals a fresh forward pass of pi_t (= mu at iteration 0)
     with torch.no_grad():
         fresh = sim.turn_logprob(model, tok, [p["conv_a"] for p in pairs] + [p["conv_b"] for p in pairs],
                                  [p["h"] for p in pairs] * 2)
     stored = torch.tensor([p["logprob_a"] for p in pairs] + [p["logprob_b"] for p in pairs])
     torch.testing.assert_close(fresh, stored, atol=1e-4, rtol=0)
+
+
+def test_turns_are_drawn_uniformly_and_records_keep_their_own():
+    """Algorithm 1: H ~ U{1..H_max}, then h ~ U{1..H} (not h = H); setting two's contexts carry their record's own
+    number of turns, which H takes (not a draw)."""
+    rng = np.random.default_rng(0)
+    free = [sim.Context(0, [], None, None)] * 20000
+    H, h = refuel.draw_turns(free, rng, refuel.Args(max_turns=4))
+    for k in (1, 2, 3, 4):
+        assert abs(np.mean(H == k) - 1 / 4) < 0.02
+        assert abs(np.mean(h[H == 4] == k) - 1 / 4) < 0.03  # uniform over the turns of H = 4
+    assert (h <= H).all() and (h >= 1).all()
+    own = [sim.Context(0, [], None, m) for m in (1, 2, 3) * 2000]
+    H, h = refuel.draw_turns(own, rng, refuel.Args(max_turns=5))
+    assert H.tolist() == [c.max_turns for c in own]
+    assert abs(np.mean(h[H == 3] == 1) - 1 / 3) < 0.04 and (h <= H).all()
+    # the baselines: the record's own H; h = H in the LT modes, h ~ U{1..H} in MT-MIXED
+    H0 = np.array([5] * 6000)
+    H, h = bl.turns_of(own, H0, None, bl.Args(mode="lt-offline"))
+    assert H.tolist() == [c.max_turns for c in own] and (h == H).all()
+    H, h = bl.turns_of(own, H0, rng.random(6000), bl.Args(mode="mt-mixed"))
+    assert H.tolist() == [c.max_turns for c in own] and abs(np.mean(h[H == 3] == 2) - 1 / 3) < 0.04
 
 
 def test_collect_pairs_batches_every_turn(base_policy, monkeypatch):

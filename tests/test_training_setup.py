@@ -67,6 +67,50 @@ def test_every_minibatch_ends_on_an_accumulation_boundary(script):
             assert all(w == len(part) * 2 / size for part, w in parts[k:k + 2] if w)
 
 
+@pytest.mark.parametrize("script", [refuel, baselines_dpo_rebel])
+def test_accumulated_micro_batches_take_the_step_of_the_whole_minibatch(script, base_policy):
+    """One minibatch of 6 pairs as 1 or as 2 (or 4: a 1-pair part among them) accumulated micro-batches: the same
+    gradient, so plain SGD takes the same step (a loss scaled twice, or micro-batch means averaged with equal weights,
+    would not)."""
+    import copy
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    model, tok = base_policy
+    rng = np.random.default_rng(0)
+    args = script.Args(max_turns=3, prompts_per_iteration=16, num_epochs=1, lr=1.0, lr_schedule="constant",
+                       warmup_ratio=0.0, max_grad_norm=0.0, **({"loss": "rebel"} if script is baselines_dpo_rebel
+                                                               else {}))
+    args.local_prompts = 16
+    env = sim.TutorEnv(sim.TutorRules(max_turns=3))
+    torch.manual_seed(0)
+    if script is refuel:
+        pairs = script.collect_pairs(model, tok, env, env.contexts(16, "train", rng), rng, args)[0][:6]
+    else:
+        pairs = script.collect_pairs(model, tok, env, rng, args, ref_policy=model)[0][:6]
+    assert len(pairs) == 6
+    steps = {}
+    for accumulation in (1, 2, 4):
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+        args.gradient_accumulation_steps, args.minibatch_size = accumulation, 6
+        args.local_minibatch, args.steps_per_iteration = 6, 1
+        policy = copy.deepcopy(model).train()
+        optimizer = torch.optim.SGD(policy.parameters(), lr=1.0)
+        policy, optimizer = accelerator.prepare(policy, optimizer)
+        before = [p.detach().clone() for p in policy.parameters()]
+        _, taken = script.train_on_pairs(policy, tok, pairs, optimizer, accelerator, np.random.default_rng(1), args, 0)
+        assert taken == 1
+        steps[accumulation] = torch.cat([(p.detach() - b).flatten() for p, b in zip(policy.parameters(), before)])
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    assert steps[1].abs().max() > 0
+    torch.testing.assert_close(steps[2], steps[1], atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(steps[4], steps[1], atol=1e-6, rtol=1e-4)
+
+
 @pytest.mark.parametrize("script", ["refuel.py", "baselines_dpo_rebel.py"])
 def test_optimizer_steps_are_whole_minibatches_with_accumulation(tmp_path, script, base_policy):
     """With --gradient_accumulation_steps 2 every iteration takes epochs x ceil(pairs / minibatch) optimizer steps
@@ -248,16 +292,22 @@ def _normalise_worker(rank, port, out):
     halves = (torch.tensor([[1.0, 2.0, 0.0]]), torch.tensor([[3.0, 100.0, 7.0]]))
     masks = (torch.tensor([[1.0, 1.0, 0.0]]), torch.tensor([[1.0, 1.0, 1.0]]))
     x, m = halves[rank], masks[rank]
+    import baselines_dpo_rebel
+    import refuel
+
+    mine = [{"rank": rank, "k": k} for k in range((5, 3)[rank])]  # 8 pairs in all, unevenly collected
     out.put((rank, stp.whiten(x, m, accelerator=accelerator).tolist(),
-             mtpo.normalize(x, m.bool(), accelerator=accelerator).tolist()))
+             mtpo.normalize(x, m.bool(), accelerator=accelerator).tolist(),
+             refuel.balance_pairs(mine, accelerator), baselines_dpo_rebel.balance_pairs(mine, accelerator)))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     os._exit(0)  # skip finalisation: gloo's threads (tests/test_memory.py)
 
 
-def test_advantages_are_normalised_over_every_ranks_batch():
+def test_two_ranks_normalise_over_the_whole_batch_and_share_the_pairs():
     """PPO's whitening and MTPO's advantage normalisation use the whole batch's mean and spread, not each rank's:
-    two ranks with halves of a batch get what one process gets on all of it."""
+    two ranks with halves of a batch get what one process gets on all of it. balance_pairs (REFUEL, the baselines)
+    gives the ranks equal, disjoint shares of every rank's pairs."""
     import socket
 
     import torch.multiprocessing as mp
@@ -273,7 +323,7 @@ def test_advantages_are_normalised_over_every_ranks_batch():
     procs = [ctx.Process(target=_normalise_worker, args=(r, port, q)) for r in (0, 1)]
     for p in procs:
         p.start()
-    got = dict((r, (w, n)) for r, w, n in (q.get(timeout=120) for _ in procs))
+    got = dict((r, rest) for r, *rest in (q.get(timeout=120) for _ in procs))
     for p in procs:
         p.join(timeout=60)
     x = torch.tensor([[1.0, 2.0, 0.0], [3.0, 100.0, 7.0]])
@@ -282,3 +332,8 @@ def test_advantages_are_normalised_over_every_ranks_batch():
     for rank in (0, 1):
         torch.testing.assert_close(torch.tensor(got[rank][0]), whole_w[rank:rank + 1], atol=1e-5, rtol=0)
         torch.testing.assert_close(torch.tensor(got[rank][1]), whole_n[rank:rank + 1], atol=1e-5, rtol=0)
+    everything = [{"rank": r, "k": k} for r in (0, 1) for k in range((5, 3)[r])]
+    for script in (2, 3):  # refuel's balance_pairs, the baselines'
+        shares = [got[0][script], got[1][script]]
+        assert len(shares[0]) == len(shares[1]) == 4
+        assert sorted(map(str, shares[0] + shares[1])) == sorted(map(str, everything))  # disjoint, all of them
