@@ -103,6 +103,9 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
     (docs/implementation_notes.md#learning-rates-for-real-models)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (its floor on the per-element step size: raise it with tiny gradients, lower it for bf16-scale
+    updates of large models)"""
     weight_decay: float = 1e-6
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -261,9 +264,11 @@ def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta):
 
 
 def rebel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
-    """REBEL: ((1/eta)(ln pi/pi_t (y) - ln pi/pi_t (y')) - (r - r'))^2, mean over pairs (REFUEL Eq. (1), one turn)."""
-    predicted = ((logp_a - old_logp_a) - (logp_b - old_logp_b)) / eta
-    return ((predicted - (reward_a - reward_b)) ** 2).mean()
+    """REBEL (REFUEL Eq. (1), one turn) times eta: ((ln pi/pi_t (y) - ln pi/pi_t (y')) - eta (r - r'))^2 / eta, mean
+    over pairs: the same minimiser, a gradient at pi = pi_t that does not shrink with eta (docs/refuel.md#the-loss-
+    and-its-scale); divided by eta it is the equation's value."""
+    logratio_diff = (logp_a - old_logp_a) - (logp_b - old_logp_b)
+    return ((logratio_diff - eta * (reward_a - reward_b)) ** 2).mean() / eta
 
 
 def pair_loss(logp_a, logp_b, batch, args):
@@ -328,7 +333,7 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
                 optimizer.zero_grad()
                 optimizer_steps += int(accelerator.sync_gradients)
             if weight:
-                losses.append(loss.item())
+                losses.append(loss.item() / (args.eta if args.loss == "rebel" else 1.0))  # REBEL: the equation's value
     return {f"losses/{args.loss}_loss": float(np.mean(losses)) if losses else 0.0}, optimizer_steps
 
 
@@ -395,7 +400,7 @@ def check_args(args: Args) -> None:
     positive = ["eta", "beta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations",
                 "prompts_per_iteration", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
                 "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
-                "max_tokens_per_batch", "max_dialogue_tokens", "vllm_gpu_memory_utilization"]
+                "max_tokens_per_batch", "max_dialogue_tokens", "vllm_gpu_memory_utilization", "adam_eps"]
     non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
                     "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -446,7 +451,7 @@ def setup(args: Args):
             ref_policy.requires_grad_(False)
     prepare_for_training(policy, args)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
-                                  betas=args.adam_betas, weight_decay=args.weight_decay)
+                                  betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     distributed.configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
                                     args.gradient_accumulation_steps, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -532,7 +537,8 @@ def main(args: Args) -> dict:
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
             logger.log(it + 1, {**latest_eval, "charts/elapsed_min": (time.time() - start) / 60})
-            run_io.record_evaluation(accelerator, run_dir, it + 1, latest_eval, distributed.env_tallies(accelerator, env))
+            run_io.record_evaluation(accelerator, run_dir, it + 1, latest_eval,
+                                     distributed.env_tallies(accelerator, env))
         if out_of_time:
             break
     return finish(accelerator, policy, logger, run_dir, args, counters["initial_reward"], latest_eval,

@@ -137,6 +137,9 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
     (docs/implementation_notes.md#learning-rates-for-real-models)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (its floor on the per-element step size: raise it with tiny gradients, lower it for bf16-scale
+    updates of large models)"""
     weight_decay: float = 1e-6
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -410,7 +413,7 @@ def check_args(args: Args) -> None:
     positive = ("temperature max_new_tokens gen_batch_size max_turns num_iterations prompts_per_iteration q_epochs "
                 "q_minibatch_size ppo_batches ppo_epochs ppo_minibatch_size cliprange cliprange_value eval_every "
                 "num_eval save_every reward_max_length max_dialogue_tokens user_max_concurrency user_timeout "
-                "user_retries").split()
+                "user_retries adam_eps").split()
     non_negative = ("q_patience q_lr q_converged_tol kl_coef target_kl lr weight_decay max_grad_norm "
                     "time_budget_minutes threads").split()
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -463,7 +466,8 @@ def setup(args: Args):
         ref_policy = sim.load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
     ref_policy.to(accelerator.device).eval().requires_grad_(False)
     prepare_for_training([policy, q_model, critic], args)
-    optimizer = torch.optim.AdamW(policy.parameters(), args.lr, args.adam_betas, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(policy.parameters(), args.lr, args.adam_betas, args.adam_eps,
+                                  weight_decay=args.weight_decay)
     configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), 1, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness

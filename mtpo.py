@@ -130,6 +130,9 @@ class Args(RewardModelArgs, sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm
     """value model AdamW learning rate"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (its floor on the per-element step size: raise it with tiny gradients, lower it for bf16-scale
+    updates of large models)"""
     weight_decay: float = 0.0
     """AdamW weight decay"""
     max_grad_norm: float = 1.0
@@ -473,7 +476,8 @@ def check_args(args: Args) -> None:
         args.lr = 3e-4 if args.model_name_or_path == "tutor" else 1e-6
     positive = ["temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations", "num_epochs",
                 "prompts_per_iteration", "num_minibatches", "eval_every", "num_eval", "save_every", "reward_max_length",
-                "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries", "max_tokens_per_batch"]
+                "max_dialogue_tokens", "user_max_concurrency", "user_timeout", "user_retries", "max_tokens_per_batch",
+                "adam_eps"]
     non_negative = ["alpha", "lr", "value_lr", "weight_decay", "max_grad_norm", "value_warmup_iterations",
                     "time_budget_minutes", "threads"]
     bad = [f"--{k} must be > 0" for k in positive if getattr(args, k) is not None and not getattr(args, k) > 0]
@@ -531,7 +535,7 @@ def setup(args: Args):
     value_params = [*model.value_head.parameters(), *(model.value_backbone or torch.nn.Module()).parameters()]
     optimizer = torch.optim.AdamW([{"params": list(model.policy.parameters()), "lr": args.lr},
                                    {"params": value_params, "lr": args.value_lr}],
-                                  betas=args.adam_betas, weight_decay=args.weight_decay)
+                                  betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
     configure_deepspeed(accelerator, max(1, conversations // args.num_minibatches), 1, args.max_grad_norm)
     model, optimizer = accelerator.prepare(model, optimizer)

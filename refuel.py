@@ -100,6 +100,9 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
     (docs/implementation_notes.md#learning-rates-for-real-models)"""
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas"""
+    adam_eps: float = 1e-8
+    """AdamW's epsilon (its floor on the per-element step size: raise it with tiny gradients, lower it for bf16-scale
+    updates of large models)"""
     weight_decay: float = 1e-6
     """AdamW weight decay"""
     lr_schedule: Literal["constant", "cosine"] = "constant"
@@ -230,9 +233,12 @@ def training_rewards(pair, gamma=0.0, length_penalty=None):
 # Algorithm 1, step 2: regression to the relative future reward
 # ----------------------------------------------------------------------------------------------------------------
 def refuel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
-    """Eq. (1): mean over pairs of ((1/eta)(ln pi/pi_t(y_h) - ln pi/pi_t(y'_h)) - (r - r'))^2."""
-    predicted = ((logp_a - old_logp_a) - (logp_b - old_logp_b)) / eta  # Eq. (1), relative future predicted by pi
-    return ((predicted - (reward_a - reward_b)) ** 2).mean()  # Eq. (1), regressed onto the relative future reward
+    """Eq. (1) times eta: mean over pairs of ((ln pi/pi_t(y_h) - ln pi/pi_t(y'_h)) - eta (r - r'))^2 / eta. The same
+    minimiser as Eq. (1); its gradient at pi = pi_t is -2 (r - r') grad(log-ratio difference) whatever eta, where
+    Eq. (1) as written gives 1/eta of that (at eta = 1e3 too small for clipping and Adam's eps; docs/refuel.md#the-
+    loss-and-its-scale). Divided by eta it is Eq. (1)'s value, which the script logs."""
+    logratio_diff = (logp_a - old_logp_a) - (logp_b - old_logp_b)  # Eq. (1): the relative future predicted by pi
+    return ((logratio_diff - eta * (reward_a - reward_b)) ** 2).mean() / eta  # Eq. (1) x eta, onto r - r'
 
 
 def get_lr(step: int, args) -> float:
@@ -292,7 +298,7 @@ def train_on_pairs(model, tokenizer, pairs, optimizer, accelerator, rng, args, o
                 continue
             with torch.no_grad():
                 logratio_a, logratio_b = logp[:k] - stored("logprob_a"), logp[k:] - stored("logprob_b")
-            logs["losses/refuel_loss"].append(loss.item())
+            logs["losses/refuel_loss"].append(loss.item() / args.eta)  # Eq. (1)'s value
             logs["losses/abs_logratio_diff"].append((logratio_a - logratio_b).abs().mean().item())
             logs["losses/mean_logratio_a"].append(logratio_a.mean().item())
     return {name: float(np.mean(values)) if values else 0.0 for name, values in logs.items()}, optimizer_steps
@@ -358,7 +364,8 @@ def check_args(args: Args) -> None:
     nothing without a word."""
     if args.lr is None:  # the tutor's 3e-4 moved a pretrained model's log-ratios by 17 nats in one iteration
         args.lr = 3e-4 if args.model_name_or_path == "tutor" else 1e-6
-    positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations", "num_epochs", "minibatch_size", "gradient_accumulation_steps", "eval_every",
+    positive = ["eta", "temperature", "max_new_tokens", "gen_batch_size", "max_turns", "num_iterations", "num_epochs",
+                "minibatch_size", "gradient_accumulation_steps", "eval_every", "adam_eps",
                 "num_eval", "save_every", "reward_max_length", "user_max_concurrency", "user_timeout", "user_retries",
                 "max_tokens_per_batch", "max_dialogue_tokens", "vllm_gpu_memory_utilization"]
     non_negative = ["gamma", "lr", "weight_decay", "max_grad_norm", "train_top_layers", "time_budget_minutes",
@@ -413,7 +420,7 @@ def setup(args: Args):
         args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
     prepare_for_training(policy, args)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
-                                  betas=args.adam_betas, weight_decay=args.weight_decay)
+                                  betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     distributed.configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
                                     args.gradient_accumulation_steps, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -500,7 +507,8 @@ def main(args: Args) -> dict:
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
             logger.log(it + 1, {**latest_eval, "charts/elapsed_min": (time.time() - start) / 60})
-            run_io.record_evaluation(accelerator, run_dir, it + 1, latest_eval, distributed.env_tallies(accelerator, env))
+            run_io.record_evaluation(accelerator, run_dir, it + 1, latest_eval,
+                                     distributed.env_tallies(accelerator, env))
         if out_of_time:
             break
     return finish(accelerator, policy, env, logger, run_dir, counters["initial_reward"], latest_eval,

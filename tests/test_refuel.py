@@ -25,13 +25,20 @@ def test_refuel_loss_value_and_gradient():
     old_a, old_b = torch.tensor([-1.2, -1.0]), torch.tensor([-1.0, -1.0])
     r_a, r_b, eta = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.25]), 2.0
     loss = refuel.refuel_loss(logp_a, logp_b, old_a, old_b, r_a, r_b, eta)
-    # pair 1: ((0.2 - (-0.5)) / 2 - 0.5)^2 = (0.35 - 0.5)^2 = 0.0225
-    # pair 2: ((-1.0 - 0.5) / 2 - (-0.25))^2 = (-0.75 + 0.25)^2 = 0.25
-    assert loss.item() == pytest.approx((0.0225 + 0.25) / 2)
+    # Eq. (1), pair 1: ((0.2 - (-0.5)) / 2 - 0.5)^2 = (0.35 - 0.5)^2 = 0.0225
+    # Eq. (1), pair 2: ((-1.0 - 0.5) / 2 - (-0.25))^2 = (-0.75 + 0.25)^2 = 0.25
+    # minimised: Eq. (1) x eta, i.e. (0.7 - 2 x 0.5)^2 / 2 = 0.045 and (-1.5 - 2 x -0.25)^2 / 2 = 0.5
+    assert loss.item() == pytest.approx(eta * (0.0225 + 0.25) / 2) == pytest.approx((0.045 + 0.5) / 2)
     loss.backward()
-    # d/dlogp_a = 2 * residual / eta / N; d/dlogp_b is its negative
-    assert logp_a.grad.tolist() == pytest.approx([2 * -0.15 / 2 / 2, 2 * -0.5 / 2 / 2])
-    assert logp_b.grad.tolist() == pytest.approx([0.075, 0.25])
+    # d/dlogp_a = 2 * (Eq. (1)'s residual) / N, whatever eta; d/dlogp_b is its negative
+    assert logp_a.grad.tolist() == pytest.approx([2 * -0.15 / 2, 2 * -0.5 / 2])
+    assert logp_b.grad.tolist() == pytest.approx([0.15, 0.5])
+    # at pi = pi_t the gradient is -2 (r - r') / N for any eta (Eq. (1) as written gave 1/eta of it)
+    for eta in (1.0, 1e3):
+        at = torch.zeros(1, requires_grad=True)
+        refuel.refuel_loss(at, torch.zeros(1), torch.zeros(1), torch.zeros(1), torch.tensor([0.3]),
+                           torch.tensor([0.1]), eta).backward()
+        assert at.grad.item() == pytest.approx(-2 * 0.2)
 
 
 def test_training_rewards_shaping_and_length_penalty():
