@@ -92,6 +92,9 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
     """stop fitting after this many epochs without a held-out improvement; the best epoch's weights are kept"""
     q_heldout_fraction: float = 0.1
     """share of conversations held out to measure Q's error"""
+    q_revert: bool = False
+    """keep Q_{i-1} when no epoch of the fit beats it on the held-out conversations (the old rule: on the tutor it
+    threw away pi_i's data in 13-22 of 50 fits, decided on about 26 conversations); off: the best trained epoch"""
     q_lr: float = 1e-3
     """AdamW lr of Q (and of the token critic)"""
     q_minibatch_size: int = 128
@@ -103,8 +106,10 @@ class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, .
     """Algorithm 1 line 9: stop once |V_hat(Q_i) - V_hat(Q_{i-1})| < tol (0 = run num_iterations)"""
 
     # step 7: token-level PPO against Q_i
-    kl_coef: float = 1.0
-    """beta of the KL penalty to pi_i (Theorem 2) (on the tutor, seed 1: 0.05 let an excursion to 0.19 happen)"""
+    kl_coef: float = 0.15
+    """beta of the KL penalty to pi_i, in Q's units (Theorem 2: maximise Q_i - beta KL); the loss weighs the KL
+    beta / (the advantages' spread), as it reads whitened advantages. 0.15 keeps the tutor's KL strength of the
+    former default (1.0 on whitened advantages: beta = 1.0 x spread, 0.13-0.18 after the first iteration)"""
     kl_penalty: Literal["loss", "reward"] = "loss"
     """'loss': beta x the exact per-token KL(pi_theta || pi_i) in every minibatch's loss (acts from the first step);
     'reward': -beta (ln pi_old - ln pi_i) per token at sampling (zero in the first PPO batch, where pi_old = pi_i)"""
@@ -310,9 +315,12 @@ def split_heldout(examples, fraction: float, rng):
 
 def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_size=128, heldout_fraction=0.1,
                 patience=2, max_grad_norm=1.0, accelerator=None, weight_decay=0.0, optimizer=None,
-                minibatch_unit: str = "turn") -> dict:
-    """Step 5: regress Q(s_h, y_h) onto G_h (MSE), early-stopped on the held-out MSE, keeping the best epoch;
-    q/reverted = 1 when no epoch beat the starting weights there (Q comes out unchanged: Q_i = Q_{i-1})."""
+                minibatch_unit: str = "turn", revert: bool = False) -> dict:
+    """Step 5: regress Q(s_h, y_h) onto G_h (MSE), early-stopped on the held-out MSE, keeping the best trained
+    epoch: Q_i has always seen pi_i's data. q/worse_than_before = 1 when no epoch beat the starting weights on the
+    held-out conversations; with revert=True (the old rule) Q then comes out unchanged, Q_i = Q_{i-1}
+    (q/reverted = 1). q/heldout_mse is the kept epoch's, chosen on those same conversations (optimistic);
+    q/heldout_mse_last is the last epoch's."""
     if not examples:
         raise ValueError("fit_q_model: no examples")
     if not all(math.isfinite(e["G"]) for e in examples):
@@ -332,8 +340,10 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
     trained = [p for p in q_model.parameters() if p.requires_grad]
     opt = optimizer or torch.optim.AdamW(trained, lr, weight_decay=weight_decay)
     q_model.train()
-    before = best = heldout_mse()
-    best_state, epochs_without_gain, train_mse, epochs_run, improved, steps = cpu_copy(), 0, float("nan"), 0, False, 0
+    before = heldout_mse()
+    best = before if revert else float("inf")  # the pre-fit weights compete only under the old rule
+    best_state, epochs_without_gain, train_mse, epochs_run, steps = cpu_copy(), 0, float("nan"), 0, 0
+    mse = before
     for epoch in range(epochs):
         losses = []
         for chunk in np.array_split(rng.permutation(len(units)), n_batches):
@@ -355,7 +365,7 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
             continue
         mse = heldout_mse()
         if mse < best:  # the held-out error is the "Q has converged" signal of the fit
-            best, epochs_without_gain, best_state, improved = mse, 0, cpu_copy(), True
+            best, epochs_without_gain, best_state = mse, 0, cpu_copy()
         else:
             epochs_without_gain += 1
             if epochs_without_gain >= patience:
@@ -366,9 +376,10 @@ def fit_q_model(q_model, tokenizer, examples, rng, epochs=6, lr=1e-3, minibatch_
     first = [conv[0] for conv in held or fit]  # each conversation's first turn: V_hat(s_1)
     v_hat = mean_over_ranks(float(q_predict(q_model, tokenizer, [e["messages"] for e in first]).mean()))
     v_mc = mean_over_ranks(float(np.mean([e["G"] for e in first])))
-    return {"q/heldout_mse_before": before, "q/heldout_mse": best, "q/train_mse": train_mse, "q/epochs": epochs_run,
+    return {"q/heldout_mse_before": before, "q/heldout_mse": best if held else float("nan"), "q/train_mse": train_mse, "q/epochs": epochs_run,
             "q/v_hat": v_hat, "q/v_monte_carlo": v_mc, "q/examples": n_fit, "q/heldout_examples": sum(map(len, held)),
-            "q/reverted": float(bool(held) and not improved), "q/optimizer_steps": steps}
+            "q/heldout_mse_last": mse, "q/worse_than_before": float(bool(held) and best >= before),
+            "q/reverted": float(bool(held) and revert and best >= before), "q/optimizer_steps": steps}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -401,7 +412,7 @@ def ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, opt
 # ----------------------------------------------------------------------------------------------------------------
 # The run: flags, setup, evaluation, resume, finish, and the outer loop (launch plumbing: distributed.py, run_io.py)
 # ----------------------------------------------------------------------------------------------------------------
-CONSOLE_METRICS = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/reverted",
+CONSOLE_METRICS = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/worse_than_before",
                    "q/v_hat", "ppo/q_score", "ppo/kl_new_to_pi_i", "charts/entropy", "charts/optimizer_steps",
                    "losses/clipfrac", "eval/mean_reward", "eval/ask_rate", "charts/elapsed_min")  # metrics.jsonl: all
 
@@ -561,7 +572,8 @@ def main(args: Args) -> dict:
             q_opt = adamw(q_model)
         q_stats = fit_q_model(q_model, tokenizer, examples, fit_rng, args.q_epochs, args.q_lr,
                               args.q_minibatch_size // W, args.q_heldout_fraction, args.q_patience,
-                              args.max_grad_norm, accelerator, optimizer=q_opt, minibatch_unit=args.q_minibatch_unit)
+                              args.max_grad_norm, accelerator, optimizer=q_opt, minibatch_unit=args.q_minibatch_unit,
+                              revert=args.q_revert)
         t_q = time.time() - t0 - t_collect
         # line 6: D_single = the states visited by pi_i, as pi_i's prompts
         # --d_single_size 0: every visited state, as many on each rank as the rank that visited fewest has (records
@@ -583,6 +595,8 @@ def main(args: Args) -> dict:
                              engine)
         totals["charts/optimizer_steps_total"] += steps
         totals["q/reverted_total"] += int(q_stats["q/reverted"])
+        totals["q/worse_than_before_total"] = totals.get("q/worse_than_before_total", 0) + \
+            int(q_stats["q/worse_than_before"])
         done, env_counts = it + 1, env_tallies(accelerator, env)  # user/judge/reward tallies over all ranks
         dt = time.time() - t0
         metrics = {**reduce_mean(accelerator, {"charts/rollout_reward": rewards.mean(), **ppo_stats}), **q_stats,

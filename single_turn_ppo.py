@@ -37,18 +37,24 @@ def masked_mean(x, mask):
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, accelerator=None):
-    """(x - mean) / std over the masked entries of the whole batch, every rank's (the mean and variance summed over
-    ranks when an accelerator runs several), the mean kept when shift_mean=False, masked entries left at 0."""
+def batch_mean_std(x, mask, accelerator=None, eps: float = 1e-8):
+    """The mean and sqrt(variance + eps) of the masked entries of the whole batch, every rank's (sums over ranks when
+    an accelerator runs several)."""
     m = mask.to(torch.float64)
     moments = torch.stack([(x * m).sum(), (x * x * m).sum(), m.sum()]).double()
     if accelerator is not None and accelerator.num_processes > 1:
         moments = accelerator.reduce(moments, "sum")
     n = moments[2].clamp(min=1)
     mean = moments[0] / n
-    var = (moments[1] / n - mean ** 2).clamp(min=0)
-    out = (x - mean.to(x.dtype)) * torch.rsqrt(var + eps).to(x.dtype)
-    return (out if shift_mean else out + mean.to(x.dtype)) * mask
+    return mean.to(x.dtype), ((moments[1] / n - mean ** 2).clamp(min=0) + eps).sqrt().to(x.dtype)
+
+
+def whiten(x, mask, shift_mean: bool = True, eps: float = 1e-8, accelerator=None):
+    """(x - mean) / std over the masked entries of the whole batch, every rank's (`batch_mean_std`), the mean kept
+    when shift_mean=False, masked entries left at 0."""
+    mean, std = batch_mean_std(x, mask, accelerator, eps)
+    out = (x - mean) / std
+    return (out if shift_mean else out + mean) * mask
 
 
 def ppo_rewards(scores, logprobs, ref_logprobs, mask, kl_coef):
@@ -203,7 +209,12 @@ def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, pro
         if args.whiten_rewards:
             rewards = whiten(rewards, mask, shift_mean=False, accelerator=accelerator)
         adv, returns = token_gae(rewards, old_v, mask, args.ppo_gamma, args.lam)
+        adv_std = batch_mean_std(adv, mask, accelerator)[1]
         adv = whiten(adv, mask, accelerator=accelerator)  # over the batch of every rank
+    # Theorem 2's beta: the surrogate reads the advantages divided by their spread sigma, so the KL term is weighted
+    # beta / sigma and the minibatch's loss is (surrogate of A - beta KL) / sigma, whose maximiser is Theorem 2's
+    # whatever Q's spread (weighted beta, the KL's weight drifted with sigma: beta x sigma in Theorem 2's terms)
+    kl_weight = float(args.kl_coef / adv_std)
     if log_rows is not None:
         log_rows += [dict(prompt=p, response=t, token_ids=r, q=float(scores[b]), old_logprob=float(old_lp[b].sum()),
                           ref_logprob=float(ref_lp[b].sum())) for b, (p, t, r) in
@@ -226,7 +237,7 @@ def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, pro
                 lp = response_logprobs(policy, ids[j], attn[j], idx[j], mask[j], T)
                 kl_term = torch.zeros((), device=dev)
             pg_loss, clipfrac = ppo_clipped_loss(lp, old_lp[j], adv[j], mask[j], args.cliprange)
-            accelerator.backward(pg_loss + args.kl_coef * kl_term if in_loss else pg_loss)
+            accelerator.backward(pg_loss + kl_weight * kl_term if in_loss else pg_loss)
             if args.max_grad_norm:
                 accelerator.clip_grad_norm_(policy.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -241,7 +252,7 @@ def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, pro
                 approx_kl = accelerator.reduce(masked_mean(0.5 * (lp - old_lp[j]) ** 2, mask[j]), "mean").item()
             logs.append({"losses/policy_loss": pg_loss.item(), "losses/value_loss": vf_loss.item(),
                          "losses/clipfrac": clipfrac.item(), "losses/approx_kl": approx_kl,
-                         "ppo/kl_term": kl_term.item()})
+                         "ppo/kl_term": kl_term.item(), "ppo/adv_std": float(adv_std), "ppo/kl_weight": kl_weight})
             if args.target_kl and approx_kl > args.target_kl:  # same decision on every rank
                 break
         else:

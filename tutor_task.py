@@ -10,6 +10,7 @@ optimum. docs/tutor_task.md describes the rules.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -124,11 +125,16 @@ class TutorEnv(sim.Environment):
         self.offline_size, self.offline_seed, self._pool = offline_size, offline_seed, None
 
     def offline_pool(self) -> tuple[list[sim.Context], list[sim.Conversation]]:
-        """D_off: a fixed set of full reference-teacher dialogues (same seed, same rows), with their students."""
+        """D_off: a fixed set of reference-teacher dialogues (same seed, same rows) of H ~ U{1..H_max} turns each,
+        with their students. Each context carries its dialogue's H (Context.max_turns), as D_off's records do on
+        the chat path: LT-OFFLINE and LT-MIXED train that dialogue's own last turn, MT-MIXED resets within it."""
         if self._pool is None:
             rng = np.random.default_rng(self.offline_seed)
             ctx = self.contexts(self.offline_size, "offline", rng)
-            self._pool = ctx, self.reference_dialogues(ctx, rng)
+            full = self.reference_dialogues(ctx, rng)
+            lengths = rng.integers(1, self.max_turns + 1, size=len(ctx)).tolist()
+            ctx = [dataclasses.replace(c, max_turns=H) for c, H in zip(ctx, lengths)]
+            self._pool = ctx, [conv[:1 + 2 * H] for conv, H in zip(full, lengths)]  # to the student's reply to y_H
         return self._pool
 
     def offline(self, n, rng):

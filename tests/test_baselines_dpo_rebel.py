@@ -76,8 +76,9 @@ def test_saved_pairs_obey_the_mode(tmp_path, loss, mode, base_policy):
             assert h == H and n_turns == [h, h]  # the last turn only, one-turn completions
         if mode == "lt-online":
             assert p["state_source"] == "online"
-        else:  # the state is a prefix of the D_off row it was drawn from
+        else:  # the state is a prefix of the D_off row it was drawn from; H is that dialogue's own length
             assert p["state_source"] == "offline" and a[:i] == d_off[p["prompt_index"]][:i]
+            assert H == sim.assistant_turns(d_off[p["prompt_index"]])
         if mode == "lt-offline":  # D_off's own reply and a resampled reference-teacher reply
             assert a[i] == d_off[p["prompt_index"]][i]
             assert sim.parse_teacher(b[i]["content"])[0] in ("ask", "teach")

@@ -86,7 +86,8 @@ def test_fit_q_model_improves_heldout_error(base_policy, one_thread):
 
 
 def test_fit_q_model_reports_a_revert(base_policy, one_thread):
-    """No epoch beats the starting weights (lr 0: the held-out MSE never moves): Q comes out unchanged, and says so."""
+    """--q_revert: no epoch beats the starting weights (lr 0: the held-out MSE never moves): Q comes out unchanged,
+    and says so."""
     _, tok = base_policy
     torch.manual_seed(0)
     q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
@@ -95,11 +96,30 @@ def test_fit_q_model_reports_a_revert(base_policy, one_thread):
     convs = env.reference_dialogues(8, np.random.default_rng(0), 2)
     ex = ippo.q_examples(convs, env.reward(convs), 1.0)
     stats = ippo.fit_q_model(q, tok, ex, np.random.default_rng(0), epochs=3, lr=0.0, minibatch_size=4,
-                             heldout_fraction=0.25, patience=2)
+                             heldout_fraction=0.25, patience=2, revert=True)
     assert stats["q/reverted"] == 1.0 and stats["q/heldout_mse"] == stats["q/heldout_mse_before"]
+    assert stats["q/worse_than_before"] == 1.0
     assert stats["q/epochs"] == 2 and stats["q/optimizer_steps"] == 2 * math.ceil(12 / 4)  # 6 fitted convs x 2 turns
     for k, v in q.state_dict().items():
         torch.testing.assert_close(v, start[k], atol=0, rtol=0)
+
+
+def test_fit_q_model_keeps_a_trained_epoch_by_default(base_policy, one_thread):
+    """By default Q_i always comes out fitted on pi_i's data: the best trained epoch, even when the held-out
+    conversations score the starting weights better (said by q/worse_than_before, not acted on)."""
+    _, tok = base_policy
+    torch.manual_seed(0)
+    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    start = copy.deepcopy(q.state_dict())
+    env = sim.TutorEnv()
+    convs = env.reference_dialogues(8, np.random.default_rng(0), 2)
+    ex = ippo.q_examples(convs, env.reward(convs), 1.0)
+    # a huge step ruins the fit: every epoch is worse than the start on the held-out conversations
+    stats = ippo.fit_q_model(q, tok, ex, np.random.default_rng(0), epochs=2, lr=10.0, minibatch_size=4,
+                             heldout_fraction=0.25, patience=2)
+    assert stats["q/worse_than_before"] == 1.0 and stats["q/reverted"] == 0.0
+    assert stats["q/heldout_mse"] > stats["q/heldout_mse_before"]
+    assert any(not torch.equal(v, start[k]) for k, v in q.state_dict().items())  # fitted, not reverted
 
 
 def test_q_of_every_turn_from_one_forward_equals_a_forward_per_prefix(base_policy, one_thread):
@@ -319,12 +339,15 @@ def test_ppo_whitens_advantages_and_adds_the_kl_term(base_policy, one_thread, mo
         for p in policy.parameters():
             p.add_(0.02 * torch.randn_like(p))
     score = lambda ps, texts: torch.arange(len(ps), dtype=torch.float32) * 10.0 + 3.0  # far from whitened
-    stp.ppo_step_batch(policy, ref, score, critic, critic_opt, tok, prompts, opt, acc, np.random.default_rng(0), args)
+    out = stp.ppo_step_batch(policy, ref, score, critic, critic_opt, tok, prompts, opt, acc,
+                             np.random.default_rng(0), args)
     adv, mask = seen["adv"], seen["mask"]
     assert stp.masked_mean(adv, mask).abs().item() < 1e-5  # whitened: mean 0, variance 1 over the batch
     assert stp.masked_mean(adv ** 2, mask).item() == pytest.approx(1.0, abs=1e-3)
     assert len(losses) == 1 and seen["kl"].item() > 1e-4
-    torch.testing.assert_close(losses[0], seen["pg"] + 0.7 * seen["kl"])
+    # the surrogate reads A / sigma, so Theorem 2's beta weighs the KL as beta / sigma: (E[A] - beta KL) / sigma
+    assert out["ppo/adv_std"] > 1.0 and out["ppo/kl_weight"] == pytest.approx(0.7 / out["ppo/adv_std"])
+    torch.testing.assert_close(losses[0], seen["pg"] + out["ppo/kl_weight"] * seen["kl"])
 
 
 def test_d_single_is_a_uniform_sample_of_the_visited_states():

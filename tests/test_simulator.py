@@ -618,3 +618,14 @@ def test_a_rows_reward_does_not_depend_on_its_place_in_a_padded_batch(pad):
     torch.testing.assert_close(scorer(convs[::-1]), batched.flip(0), atol=1e-5, rtol=0)
     # the model's pad id is synced (set from the tokenizer when missing); a substitute is set for one forward only
     assert rm.config.pad_token_id == scorer.pad_id == (tok.pad_token_id if config_pad is None else config_pad)
+
+
+def test_the_tutors_offline_dialogues_carry_their_own_length():
+    """D_off on the tutor: dialogues of H ~ U{1..H_max} turns, each ending with the student's reply to y_H, whose
+    contexts say H (so LT-OFFLINE / LT-MIXED train each dialogue's own last turn, as on the chat path)."""
+    env = sim.TutorEnv(offline_size=2000)
+    ctx, convs = env.offline_pool()
+    lengths = [sim.assistant_turns(c) for c in convs]
+    assert [c.max_turns for c in ctx] == lengths
+    assert all(c[-1]["role"] == "user" and len(c) == 1 + 2 * H for c, H in zip(convs, lengths))
+    assert set(lengths) == {1, 2, 3, 4, 5} and all(abs(lengths.count(k) / 2000 - 0.2) < 0.04 for k in range(1, 6))
