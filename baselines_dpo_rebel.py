@@ -265,8 +265,8 @@ def dpo_loss(logp_w, logp_l, ref_logp_w, ref_logp_l, beta):
 
 def rebel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
     """REBEL (REFUEL Eq. (1), one turn) times eta: ((ln pi/pi_t (y) - ln pi/pi_t (y')) - eta (r - r'))^2 / eta, mean
-    over pairs: the same minimiser, a gradient at pi = pi_t that does not shrink with eta (docs/refuel.md#the-loss-
-    and-its-scale); divided by eta it is the equation's value."""
+    over pairs: the same minimiser, a gradient at pi = pi_t that does not shrink with eta
+    (docs/refuel.md#the-loss-and-its-scale); divided by eta it is the equation's value."""
     logratio_diff = (logp_a - old_logp_a) - (logp_b - old_logp_b)
     return ((logratio_diff - eta * (reward_a - reward_b)) ** 2).mean() / eta
 

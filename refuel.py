@@ -235,8 +235,8 @@ def training_rewards(pair, gamma=0.0, length_penalty=None):
 def refuel_loss(logp_a, logp_b, old_logp_a, old_logp_b, reward_a, reward_b, eta):
     """Eq. (1) times eta: mean over pairs of ((ln pi/pi_t(y_h) - ln pi/pi_t(y'_h)) - eta (r - r'))^2 / eta. The same
     minimiser as Eq. (1); its gradient at pi = pi_t is -2 (r - r') grad(log-ratio difference) whatever eta, where
-    Eq. (1) as written gives 1/eta of that (at eta = 1e3 too small for clipping and Adam's eps; docs/refuel.md#the-
-    loss-and-its-scale). Divided by eta it is Eq. (1)'s value, which the script logs."""
+    Eq. (1) as written gives 1/eta of that (at eta = 1e3 too small for clipping and Adam's eps:
+    docs/refuel.md#the-loss-and-its-scale). Divided by eta it is Eq. (1)'s value, which the script logs."""
     logratio_diff = (logp_a - old_logp_a) - (logp_b - old_logp_b)  # Eq. (1): the relative future predicted by pi
     return ((logratio_diff - eta * (reward_a - reward_b)) ** 2).mean() / eta  # Eq. (1) x eta, onto r - r'
 
