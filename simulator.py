@@ -646,6 +646,12 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
     if env == "tutor":
         from tutor_task import TutorEnv, TutorRules
 
+        ignored = [f"--{name}" for name, value in (("prompts_path", prompts_path), ("user_model", user_model),
+                   ("user_api_base", user_api_base), ("user_prompt_path", user_prompt_path),
+                   ("reward_model", reward_model), ("offline_path", offline_path)) if value is not None]
+        if ignored:  # else a run meant for a chat model's user or reward would train on the tutor, silently
+            raise ValueError(f"--env tutor has its own prompts, user and reward: {', '.join(ignored)} would be "
+                             f"ignored (pass --env chat to use them)")
         return TutorEnv(TutorRules(max_turns=max_turns))
     if env != "chat":
         raise ValueError(f"unknown env {env!r}: expected 'tutor' or 'chat'")

@@ -192,11 +192,20 @@ def test_an_fsdp_config_without_a_gpu_is_refused(script, monkeypatch, tmp_path):
 
 
 # ---------------------------------------------------------------- flags checked after parsing
+def test_chat_flags_with_the_tutor_task_are_an_error():
+    """--env tutor (the default) has its own prompts, user and reward: a chat flag given with it would be ignored
+    and the run would train on the tutor without a word."""
+    for flag in ("user_api_base", "user_model", "reward_model", "prompts_path"):
+        with pytest.raises(ValueError, match=f"--{flag} would be ignored.*--env chat"):
+            sim.make_env("tutor", **{flag: "x"})
+    assert sim.make_env("tutor").name == "tutor"
+
+
 @pytest.mark.parametrize("script,flags,named", [
     (refuel, dict(eta=0), "--eta"), (refuel, dict(max_new_tokens=0), "--max_new_tokens"),
     (refuel, dict(max_turns=0), "--max_turns"), (refuel, dict(minibatch_size=0), "--minibatch_size"),
     (refuel, dict(gen_batch_size=0), "--gen_batch_size"), (refuel, dict(temperature=0), "--temperature"),
-    (refuel, dict(num_epochs=0), "--num_epochs"), (refuel, dict(prompts_per_iteration=0), "--prompts_per_iteration"),
+    (refuel, dict(num_epochs=0), "--num_epochs"), (refuel, dict(prompts_per_iteration=-1), "--prompts_per_iteration"),
     (refuel, dict(warmup_ratio=1.5), "--warmup_ratio"), (refuel, dict(max_tokens_per_batch=0), "--max_tokens_per_batch"),
     (baselines_dpo_rebel, dict(loss="dpo", beta=0), "--beta"), (baselines_dpo_rebel, dict(eta=-1), "--eta"),
     (baselines_dpo_rebel, dict(loss="dpo", gamma=0.1), "--gamma"),
@@ -204,6 +213,8 @@ def test_an_fsdp_config_without_a_gpu_is_refused(script, monkeypatch, tmp_path):
     (iterative_ppo, dict(ppo_epochs=0), "--ppo_epochs"), (iterative_ppo, dict(q_heldout_fraction=0), "--q_heldout_fraction"),
     (iterative_ppo, dict(lam=1.5), "--lam"), (iterative_ppo, dict(d_single_size=257), "--d_single_size"),
     (iterative_ppo, dict(d_single_size=-1), "--d_single_size"),
+    (refuel, dict(adam_eps=0), "--adam_eps"), (baselines_dpo_rebel, dict(adam_eps=-1), "--adam_eps"),
+    (mtpo, dict(adam_eps=0), "--adam_eps"), (iterative_ppo, dict(adam_eps=0), "--adam_eps"),
 ])
 def test_flags_out_of_range_are_named(script, flags, named):
     with pytest.raises(ValueError, match=named):
