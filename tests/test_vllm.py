@@ -253,7 +253,7 @@ def test_a_run_with_the_engine(tmp_path, script, extra):
     import subprocess
     import sys
 
-    from conftest import ROOT, subprocess_env
+    from conftest import ROOT, logged_steps, subprocess_env
     from test_simulator import save_tiny_reward_model
 
     tok = llama3_tokenizer()
@@ -278,8 +278,8 @@ def test_a_run_with_the_engine(tmp_path, script, extra):
                           "--vllm_enforce_eager", "--output_dir", str(tmp_path), "--run_name", "v", "--threads", "1"],
                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
-    trained = [r for r in rows if r["step"] > 0]  # one row per iteration (the first row: the evaluation before)
+    rows = logged_steps(tmp_path / "v")  # a step's training and evaluation lines merged
+    trained = [r for r in rows if r["step"] > 0]  # one per iteration (step 0: the evaluation before training)
     assert len(trained) == 2 and all(r["charts/vllm_sync_s"] > 0 and r["charts/vllm_generated_tokens"] > 0
                                      for r in trained), rows
     assert json.loads((tmp_path / "v" / "summary.json").read_text())["iterations"] == 2
