@@ -18,8 +18,8 @@ Losses, over the pairs of one iteration (`pair_loss` picks one; `train_on_pairs`
 The pairs' rewards may carry REFUEL's Eq. (11) KL shaping (REBEL) and the length penalty Gamma (`training_rewards`).
 On the tutor task D_off is the simulator's fixed set of scripted-reference dialogues, and LT-OFFLINE's second reply
 is the reference teacher resampled at s_H; on `--env chat` it is `--offline_path` (chosen/rejected pairs).
-The launch plumbing (accelerator, ZeRO-3, FSDP2, vLLM weight sync) is distributed.py's, the run's files (metrics,
-TensorBoard, W&B, checkpoints) run_io.py's; `setup`, `resume` and `finish` put them together.
+The launch plumbing (accelerator, ZeRO-3, FSDP2, vLLM weight sync) is plumbing/distributed.py's, the run's files (metrics,
+TensorBoard, W&B, checkpoints) plumbing/run_io.py's; `setup`, `resume` and `finish` put them together.
 """
 from __future__ import annotations
 
@@ -36,14 +36,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-import distributed
-import run_io
 import simulator as sim
-import vllm_engine
+from envs.flags import EnvArgs, make_env_from_args
+from envs.loading import load_policy
+from plumbing import vllm_engine
+from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
+                                  outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
+from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
+                             resume_hint, save_checkpoint)
 
 
 @dataclass
-class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
+class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):
     """DPO's and REBEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come
     from simulator.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
     loss: Literal["dpo", "rebel"] = "rebel"
@@ -373,22 +377,22 @@ def prepare_for_training(policy, args):
         for module in top:
             module.requires_grad_(True)
     if args.gradient_checkpointing:
-        distributed.enable_gradient_checkpointing(policy)
-    return distributed.without_dropout(policy)
+        enable_gradient_checkpointing(policy)
+    return without_dropout(policy)
 
 
 def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     """Mean reward (and per-turn detail on the tutor) on held-out contexts; each rank plays its share."""
     n = max(1, args.num_eval // accelerator.num_processes)
-    with distributed.sampling_weights(model, accelerator, engine=engine) as policy:
+    with sampling_weights(model, accelerator, engine=engine) as policy:
         out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
                                   args.max_new_tokens, args.temperature, args.gen_batch_size, engine)
     keys = sorted(k for k in out if k != "eval/reward_stderr")
     vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
     res = dict(zip(keys, vals.tolist()))
     res["eval/reward_stderr"] = out["eval/reward_stderr"] / math.sqrt(accelerator.num_processes)
-    if isinstance(env, sim.TutorEnv):
-        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    if env.optimal_value() is not None:  # V*, where the task knows it exactly
+        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / env.optimal_value()
     return res
 
 
@@ -424,7 +428,7 @@ def setup(args: Args):
     from accelerate.utils import set_seed
 
     check_args(args)
-    accelerator = distributed.make_accelerator(args.bf16, args.gradient_accumulation_steps)
+    accelerator = make_accelerator(args.bf16, args.gradient_accumulation_steps)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = accelerator.num_processes
@@ -433,26 +437,26 @@ def setup(args: Args):
     args.local_prompts = args.prompts_per_iteration // args.world_size
     args.local_minibatch = args.minibatch_size // args.world_size
     args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
-    run_dir = run_io.make_run_dir(args, accelerator, f"{args.loss}-{args.mode}")
+    run_dir = make_run_dir(args, accelerator, f"{args.loss}-{args.mode}")
     set_seed(args.seed + accelerator.process_index)
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
     frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
-    with accelerator.main_process_first(), (distributed.outside_zero3_init(accelerator) if tutor
+    with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor
                                             else contextlib.nullcontext()):
-        policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    with distributed.outside_zero3_init(accelerator):
-        env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), frozen_dtype, tokenizer,
+        policy, tokenizer = load_policy(args.model_name_or_path)
+    with outside_zero3_init(accelerator):
+        env = make_env_from_args(args, args.max_turns, str(accelerator.device), frozen_dtype, tokenizer,
                                      offline_path=args.offline_path)
         ref_policy = None
         if args.loss == "dpo" or args.gamma:  # DPO's pi_ref, or pi_0 for Eq. (11); frozen
-            ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
+            ref_policy = load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
             ref_policy.requires_grad_(False)
     prepare_for_training(policy, args)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
                                   betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    distributed.configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
+    configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
                                     args.gradient_accumulation_steps, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     engine = vllm_engine.make_engine(policy, accelerator, args)  # None without --vllm
@@ -461,12 +465,12 @@ def setup(args: Args):
 
 def resume(accelerator, run_dir: Path, rng, env, args) -> dict:
     """The run's counters: zero, or with --resume those of runs/<run>/checkpoint (or the .old one a crash mid-replace
-    left), whose model, optimizer and RNG states are restored in place (run_io.load_checkpoint); what the stopped
+    left), whose model, optimizer and RNG states are restored in place (load_checkpoint); what the stopped
     run wrote after that checkpoint is dropped (it is done again), and its environment tallies carried on."""
     counters = dict(iteration=0, elapsed=0.0, pairs=0, optimizer_steps=0)
     if args.resume:
-        counters.update(run_io.load_checkpoint(accelerator, run_dir, rng)[0])
-        run_io.forget_lost_iterations(accelerator, run_dir, counters, args.save_rollouts)
+        counters.update(load_checkpoint(accelerator, run_dir, rng)[0])
+        forget_lost_iterations(accelerator, run_dir, counters, args.save_rollouts)
         if accelerator.is_main_process:  # the sum over ranks is then the whole run's
             env.counts().update(counters.get("env_counts", {}))
     return counters
@@ -479,7 +483,7 @@ def finish(accelerator, policy, logger, run_dir: Path, args, initial_reward: flo
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-               "ranks_in_sync": distributed.ranks_in_sync(policy, accelerator),
+               "ranks_in_sync": ranks_in_sync(policy, accelerator),
                **{k: v for k, v in final_eval.items() if k.startswith("eval/learned")}}
     logger.close()
     if accelerator.is_main_process:
@@ -497,7 +501,7 @@ def main(args: Args) -> dict:
     evaluate, log by name and checkpoint on the way."""
     accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine = setup(args)
     counters = resume(accelerator, run_dir, rng, env, args)  # iteration, elapsed, pairs, optimizer_steps, ...
-    logger = run_io.Logger(run_dir, args, accelerator.is_main_process)
+    logger = Logger(run_dir, args, accelerator.is_main_process)
     eval_seed = 10_000 + args.seed
     latest_eval = counters.pop("evaluation", None)  # a resumed checkpoint's evaluation, already logged
     if latest_eval is None:
@@ -508,7 +512,7 @@ def main(args: Args) -> dict:
     iterations = range(counters["iteration"], args.num_iterations)
     for it in tqdm(iterations, disable=not accelerator.is_main_process, desc=f"{args.loss}-{args.mode}"):
         iteration_start = time.time()
-        with distributed.sampling_weights(policy, accelerator, engine=engine) as pi_t:
+        with sampling_weights(policy, accelerator, engine=engine) as pi_t:
             pairs, collection = collect_pairs(pi_t, tokenizer, env, rng, args, ref_policy, engine)
         collect_seconds = time.time() - iteration_start
         if args.save_rollouts:
@@ -518,9 +522,9 @@ def main(args: Args) -> dict:
                                                                args, counters["optimizer_steps"])
         counters["pairs"] += len(pairs) * args.world_size
         counters["iteration"] = it + 1
-        counters["env_counts"] = distributed.env_tallies(accelerator, env)  # user/judge/reward tallies, all ranks
+        counters["env_counts"] = env_tallies(accelerator, env)  # user/judge/reward tallies, all ranks
         seconds = time.time() - iteration_start
-        metrics = distributed.reduce_mean(accelerator, {**collection, **training})  # means over ranks
+        metrics = reduce_mean(accelerator, {**collection, **training})  # means over ranks
         metrics.update({
             "charts/pairs_trained": counters["pairs"], "charts/lr": optimizer.param_groups[0]["lr"],
             "charts/optimizer_steps": counters["optimizer_steps"], "charts/iterations_per_sec": 1 / seconds,
@@ -533,12 +537,12 @@ def main(args: Args) -> dict:
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.save_every == 0 or last:  # before the evaluation: a failing endpoint loses no iteration
             counters["elapsed"] = time.time() - start
-            run_io.save_checkpoint(accelerator, policy, tokenizer, run_dir, counters, rng)
+            save_checkpoint(accelerator, policy, tokenizer, run_dir, counters, rng)
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
             logger.log(it + 1, {**latest_eval, "charts/elapsed_min": (time.time() - start) / 60})
-            run_io.record_evaluation(accelerator, run_dir, it + 1, latest_eval,
-                                     distributed.env_tallies(accelerator, env))
+            record_evaluation(accelerator, run_dir, it + 1, latest_eval,
+                                     env_tallies(accelerator, env))
         if out_of_time:
             break
     return finish(accelerator, policy, logger, run_dir, args, counters["initial_reward"], latest_eval,
@@ -549,5 +553,5 @@ if __name__ == "__main__":
     import tyro
 
     cli_args = tyro.cli(Args)
-    with run_io.resume_hint(cli_args):  # an endpoint that stays down: the error names the checkpoint and the --resume command
+    with resume_hint(cli_args):  # an endpoint that stays down: the error names the checkpoint and the --resume command
         main(cli_args)

@@ -40,6 +40,10 @@ import numpy as np
 import torch
 
 import simulator as sim
+from envs.chat_env import (JUDGE_PROMPT, OpenAIChatClient, format_dialogue, hf_greedy_generate, judge_prompt,
+                           load_reward_model, parse_judge_reply)
+from envs.flags import EnvArgs, make_env_from_args
+from envs.loading import load_policy
 
 # ----------------------------------------------------------------------------------------------------------------
 # Judges: __call__(convs_a, convs_b) -> array of "A wins" scores in {1, 0.5, 0}
@@ -57,16 +61,16 @@ class ScoreJudge:
 
 
 class LLMJudge:
-    """A judge model prompted with a template (sim.JUDGE_PROMPT by default); generate(prompts) -> replies (an HF
+    """A judge model prompted with a template (JUDGE_PROMPT by default); generate(prompts) -> replies (an HF
     model or an endpoint)."""
 
-    def __init__(self, generate: Callable[[list], list], template: str = sim.JUDGE_PROMPT):
+    def __init__(self, generate: Callable[[list], list], template: str = JUDGE_PROMPT):
         self.generate, self.template, self.counts = generate, template, Counter()
 
     def __call__(self, convs_a, convs_b) -> np.ndarray:
-        prompts = [self.template.format(dialogue_a=sim.format_dialogue(a), dialogue_b=sim.format_dialogue(b))
+        prompts = [self.template.format(dialogue_a=format_dialogue(a), dialogue_b=format_dialogue(b))
                    for a, b in zip(convs_a, convs_b)]
-        parsed = [sim.parse_judge_reply(t) for t in self.generate(prompts)]
+        parsed = [parse_judge_reply(t) for t in self.generate(prompts)]
         self.counts.update(how for _, how in parsed)
         return np.array([1.0 if c == "A" else 0.0 if c == "B" else 0.5 for c, _ in parsed])
 
@@ -193,7 +197,7 @@ def matrix_table(names: Sequence[str], M: np.ndarray) -> str:
 # CLI
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
-class Args(sim.EnvArgs):
+class Args(EnvArgs):
     """The environment's flags (--env, --prompts_path, --user_model, --reward_model, ...) are simulator.EnvArgs's,
     as in the training scripts; --user_max_concurrency/--user_timeout/--user_retries also govern an endpoint judge."""
     policies: list[str] = field(default_factory=lambda: ["tutor"])
@@ -244,7 +248,7 @@ def load_any_policy(path: str, dtype, device):
     p = Path(path)
     if (p / "checkpoint" / "policy").is_dir():
         path = str(p / "checkpoint" / "policy")
-    model, tok = sim.load_policy(path, dtype)
+    model, tok = load_policy(path, dtype)
     return model.to(device).eval(), tok
 
 
@@ -255,23 +259,23 @@ def evaluate(args: Args) -> dict:
     names = args.names or args.policies
     if len(names) != len(args.policies):
         raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
-    env = sim.make_env_from_args(args, args.max_turns, device, dtype)
+    env = make_env_from_args(args, args.max_turns, device, dtype)
     if args.judge == "oracle":
         judge = ScoreJudge(env.reward)
     elif not args.judge_model:
         raise ValueError(f"--judge {args.judge} needs --judge_model")
     elif args.judge == "reward_model":
-        judge = ScoreJudge(sim.load_reward_model(args.judge_model, dtype, device, args.reward_trust_remote_code,
+        judge = ScoreJudge(load_reward_model(args.judge_model, dtype, device, args.reward_trust_remote_code,
                                                  args.reward_max_length))
     elif args.judge_api_base:
-        client = sim.OpenAIChatClient(args.judge_api_base, args.judge_model, max_workers=args.user_max_concurrency,
+        client = OpenAIChatClient(args.judge_api_base, args.judge_model, max_workers=args.user_max_concurrency,
                                       timeout=args.user_timeout, retries=args.user_retries)
         judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0),
-                         sim.judge_prompt(env, args.judge_prompt_path))
+                         judge_prompt(env, args.judge_prompt_path))
     else:
-        jm, jt = sim.load_policy(args.judge_model, dtype)
-        judge = LLMJudge(sim.hf_greedy_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens),
-                         sim.judge_prompt(env, args.judge_prompt_path))
+        jm, jt = load_policy(args.judge_model, dtype)
+        judge = LLMJudge(hf_greedy_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens),
+                         judge_prompt(env, args.judge_prompt_path))
 
     rng = np.random.default_rng(args.seed)
     contexts = env.contexts(args.num_contexts, "eval", rng)
@@ -280,7 +284,7 @@ def evaluate(args: Args) -> dict:
                    max_batch_size=args.gen_batch_size)
     torch.manual_seed(args.seed)
     ref_convs = play(ref_model, ref_tok, env, contexts, np.random.default_rng(args.seed + 1), **play_kw)
-    v_star = sim.tutor_value(env.rules) if isinstance(env, sim.TutorEnv) else None
+    v_star = env.optimal_value()  # None where the task has no exact optimum
     rows, all_convs = [], []
     for k, (name, path) in enumerate(zip(names, args.policies)):
         t0 = time.time()

@@ -25,9 +25,9 @@ Batch-online policy iteration (paper Algorithm 1), per outer iteration i:
 
 Runs as `python iterative_ppo.py` (CPU, the embedded tutor task) or `accelerate launch [--config_file configs/...]
 iterative_ppo.py --model_name_or_path ... --env chat ...`. The policy goes through accelerate (DDP, DeepSpeed, FSDP2:
-distributed.py); Q_i and the critic are replicated on every rank and kept in sync by an all-reduce of their gradients.
-Run files (metrics, checkpoints) are run_io.py's; `--vllm` samples every policy turn (rollouts, PPO, evaluation)
-with a vLLM engine (vllm_engine.py).
+plumbing/distributed.py); Q_i and the critic are replicated on every rank and kept in sync by an all-reduce of their gradients.
+Run files (metrics, checkpoints) are plumbing/run_io.py's; `--vllm` samples every policy turn (rollouts, PPO, evaluation)
+with a vLLM engine (plumbing/vllm_engine.py).
 """
 from __future__ import annotations
 
@@ -44,18 +44,20 @@ from accelerate.utils import gather_object, set_seed
 from tqdm.auto import tqdm
 
 import simulator as sim
-import vllm_engine
-from distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
+from envs.flags import EnvArgs, make_env_from_args
+from envs.loading import load_policy, load_tokenizer, model_load_error
+from plumbing import vllm_engine
+from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
                          outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, sync_gradients,
                          without_dropout)
-from logprob_memory import same_count_across_ranks
-from run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
+from plumbing.logprob_memory import same_count_across_ranks
+from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
                     resume_hint, save_checkpoint)
 from single_turn_ppo import policy_shift, ppo_step_batch, token_scores
 
 
 @dataclass
-class Args(sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, ..., --output_dir, --track, ...
+class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, ..., --output_dir, --track, ...
     exp_name: str = "iterative_ppo"
     """experiment name, the first part of run_name"""
     run_name: Optional[str] = None
@@ -242,10 +244,10 @@ def build_q_model(name_or_path: str, tokenizer):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "score.weight newly initialized" is the point
     try:
-        q_tok = None if name_or_path == str(sim.DEFAULT_BASE_POLICY) else sim.load_tokenizer(name_or_path)
+        q_tok = None if name_or_path == tokenizer.name_or_path else load_tokenizer(name_or_path)  # the policy's own
         q = AutoModelForSequenceClassification.from_pretrained(name_or_path, num_labels=1, dtype=torch.float32)
     except (OSError, ValueError) as e:
-        raise sim.model_load_error("Q model", name_or_path, e) from None
+        raise model_load_error("Q model", name_or_path, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
     if q_tok is not None and q_tok is not tokenizer and q_tok.get_vocab() != tokenizer.get_vocab():
@@ -410,7 +412,7 @@ def ppo(policy, ref_policy, q_model, critic, critic_opt, tokenizer, prompts, opt
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The run: flags, setup, evaluation, resume, finish, and the outer loop (launch plumbing: distributed.py, run_io.py)
+# The run: flags, setup, evaluation, resume, finish, and the outer loop (launch plumbing: plumbing/distributed.py, plumbing/run_io.py)
 # ----------------------------------------------------------------------------------------------------------------
 CONSOLE_METRICS = ("charts/rollout_reward", "q/heldout_mse_before", "q/heldout_mse", "q/epochs", "q/worse_than_before",
                    "q/v_hat", "ppo/q_score", "ppo/kl_new_to_pi_i", "charts/entropy", "charts/optimizer_steps",
@@ -466,15 +468,15 @@ def setup(args: Args):
     rng = np.random.default_rng(args.seed + accelerator.process_index)
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
-        policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    q_path = args.q_model_name_or_path or (str(sim.DEFAULT_BASE_POLICY) if tutor else args.model_name_or_path)
+        policy, tokenizer = load_policy(args.model_name_or_path)
+    q_path = args.q_model_name_or_path or policy.name_or_path  # the policy's folder (the tutor's: where mu is cached)
     # Q_i, the critic, pi_i: full replicas outside prepare(), zero.Init (Q, critic all-reduce their own gradients)
     with outside_zero3_init(accelerator):
-        env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), torch.bfloat16
+        env = make_env_from_args(args, args.max_turns, str(accelerator.device), torch.bfloat16
                                      if accelerator.mixed_precision == "bf16" else torch.float32, tokenizer)
         q_model = build_q_model(q_path, tokenizer).to(accelerator.device)
         critic = build_q_model(q_path, tokenizer).to(accelerator.device)
-        ref_policy = sim.load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
+        ref_policy = load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
     ref_policy.to(accelerator.device).eval().requires_grad_(False)
     prepare_for_training([policy, q_model, critic], args)
     optimizer = torch.optim.AdamW(policy.parameters(), args.lr, args.adam_betas, args.adam_eps,
@@ -494,8 +496,8 @@ def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
                                   args.gen_batch_size, engine)
     stderr = out.pop("eval/reward_stderr") / math.sqrt(accelerator.num_processes)
     metrics = {**reduce_mean(accelerator, out), "eval/reward_stderr": stderr}
-    if isinstance(env, sim.TutorEnv):
-        metrics["eval/fraction_of_v_star"] = metrics["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    if env.optimal_value() is not None:  # V*, where the task knows it exactly
+        metrics["eval/fraction_of_v_star"] = metrics["eval/mean_reward"] / env.optimal_value()
     return metrics
 
 
@@ -527,7 +529,7 @@ def finish(accelerator, policy, replicas, env, run_dir, logger, initial_reward: 
                "optimizer_steps": totals["charts/optimizer_steps_total"], "q_reverted": totals["q/reverted_total"]}
     logger.close()
     if accelerator.is_main_process:
-        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
+        v_star = f", V* = {env.optimal_value():.3f}" if env.optimal_value() is not None else ""
         print(f"mean reward: start of run {summary['initial_reward']:.3f} -> Iterative PPO "
               f"{summary['final_reward']:.3f} +- {summary['final_stderr']:.3f} after {iterations} outer iterations, "
               f"{minutes:.1f} min{v_star}")

@@ -1,7 +1,7 @@
 """mtpo.py: MTPO, MTPO-tau and the multi-turn RLHF baseline (Shani et al., "Multi-turn Reinforcement Learning from
 Preference Human Feedback", NeurIPS 2024; the derivations and design notes are in docs/mtpo.md), a CleanRL-style
-single-file script (the launch plumbing every script shares is in distributed.py, run files in run_io.py, the RLHF
-baseline's learned reward model in learned_reward.py).
+single-file script (the launch plumbing every script shares is in plumbing/distributed.py, run files in plumbing/run_io.py, the RLHF
+baseline's learned reward model in envs/learned_reward.py).
 
 The game (Sec. 3, Lemmas 3.1-3.2): the regularised preference
 P_a(pi > pi') = P(pi > pi') - a KL_p(pi||mu) + a KL_p(pi'||mu); its Nash equilibrium is the target. Self-play
@@ -16,7 +16,7 @@ the context (no shared prefix). The deep version (Sec. 4.1) is an actor-critic:
   --variant rlhf      one conversation per context, the conversation-level reward instead (Theorem B.6): the
                       environment's own (--reward exact, a control as the paper's Car Dealer online oracle) or,
                       --reward learned, a Bradley-Terry reward model r_phi fitted before training on pairs of mu's
-                      conversations labelled by the oracle (the paper's baseline, Sec. 5).   -> learned_reward.py
+                      conversations labelled by the oracle (the paper's baseline, Sec. 5).   -> envs/learned_reward.py
 Losses for agent turn y_h at state x_h (Sec. 4.1):
   L_policy = -A_h log pi(y_h|x_h) + a KL(pi||mu)[x_h]                                       -> `policy_loss`
   L_value  = (V_hat_h - V(x_h))^2                                                           -> `value_loss`
@@ -45,16 +45,18 @@ import torch
 from tqdm.auto import tqdm
 
 import simulator as sim
-import vllm_engine
-from distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
+from envs.flags import EnvArgs, make_env_from_args
+from envs.loading import load_policy
+from plumbing import vllm_engine
+from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
                          outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
-from learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, reward_model_summary
-from run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
+from envs.learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, reward_model_summary
+from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
                     resume_hint, save_checkpoint)
 
 
 @dataclass
-class Args(RewardModelArgs, sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm_*, --env, --vllm, --track...
+class Args(RewardModelArgs, EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm_*, --env, --vllm, --track...
     variant: Literal["mtpo", "mtpo-tau", "rlhf"] = "mtpo-tau"
     """mtpo: self-play from pi; mtpo-tau: self-play from the geometric mixture; rlhf: one conversation, the reward"""
     exp_name: str = "mtpo"
@@ -108,7 +110,7 @@ class Args(RewardModelArgs, sim.EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm
     # multi-turn RLHF's reward (--variant rlhf)
     reward: Literal["exact", "learned"] = "exact"
     """rlhf: 'exact' = the environment's reward (the Car-Dealer-style control); 'learned' = r_phi fitted on mu's
-    pairs labelled by the oracle (the paper's multi-turn RLHF baseline; --rm_* flags: learned_reward.py)"""
+    pairs labelled by the oracle (the paper's multi-turn RLHF baseline; --rm_* flags: envs/learned_reward.py)"""
 
     # optimisation
     num_iterations: int = 1000
@@ -465,8 +467,8 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
     res = reduce_mean(accelerator, out)  # means over ranks
     res["eval/reward_stderr"] = float(r.std() / math.sqrt(n * accelerator.num_processes))
     res["eval/win_rate_stderr"] = float(p.std() / math.sqrt(n * accelerator.num_processes))
-    if isinstance(env, sim.TutorEnv):
-        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    if env.optimal_value() is not None:  # V*, where the task knows it exactly
+        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / env.optimal_value()
     return res
 
 
@@ -517,20 +519,22 @@ def setup(args: Args):
 
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
-        policy, tokenizer = sim.load_policy(args.model_name_or_path)
+        policy, tokenizer = load_policy(args.model_name_or_path)
     value_backbone = None if args.value_backbone == "shared" else \
-        sim.load_policy(args.model_name_or_path)[0].get_decoder()  # trained: zero.Init is fine
+        load_policy(args.model_name_or_path)[0].get_decoder()  # trained: zero.Init is fine
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     with outside_zero3_init(accelerator):
-        ref = sim.load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
+        ref = load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
         ref.requires_grad_(False)
-        env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), dtype, tokenizer)
+        env = make_env_from_args(args, args.max_turns, str(accelerator.device), dtype, tokenizer)
         if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
-            env.judge = sim.make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device),
-                                                  dtype, template=sim.judge_prompt(env, args.judge_prompt_path),
-                                                  max_concurrency=args.user_max_concurrency,
-                                                  timeout=args.user_timeout, retries=args.user_retries,
-                                                  max_unparsed=args.judge_max_unparsed)
+            from envs.chat_env import judge_prompt, make_judge_preference  # the chat world, only when used
+
+            env.judge = make_judge_preference(args.judge_model, args.judge_api_base, str(accelerator.device),
+                                              dtype, template=judge_prompt(env, args.judge_prompt_path),
+                                              max_concurrency=args.user_max_concurrency,
+                                              timeout=args.user_timeout, retries=args.user_retries,
+                                              max_unparsed=args.judge_max_unparsed)
     model = prepare_for_training(ActorCritic(policy, value_backbone), args)
     value_params = [*model.value_head.parameters(), *(model.value_backbone or torch.nn.Module()).parameters()]
     optimizer = torch.optim.AdamW([{"params": list(model.policy.parameters()), "lr": args.lr},

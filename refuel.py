@@ -22,7 +22,7 @@ branch y'_h is generated anew. This is equal in distribution to rolling both out
 Runs as `python refuel.py` (CPU, the embedded tutor task) or `accelerate launch [--config_file configs/...]
 refuel.py --model_name_or_path ... --env chat ...`. Each rank collects its own shard; pairs are then balanced so
 every rank takes the same number of optimizer steps (`balance_pairs`). The launch plumbing (accelerator, ZeRO-3,
-FSDP2, vLLM weight sync) is distributed.py's, the run's files (metrics, TensorBoard, W&B, checkpoints) run_io.py's;
+FSDP2, vLLM weight sync) is plumbing/distributed.py's, the run's files (metrics, TensorBoard, W&B, checkpoints) plumbing/run_io.py's;
 `setup`, `resume` and `finish` put them together.
 """
 from __future__ import annotations
@@ -38,14 +38,18 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-import distributed
-import run_io
 import simulator as sim
-import vllm_engine
+from envs.flags import EnvArgs, make_env_from_args
+from envs.loading import load_policy
+from plumbing import vllm_engine
+from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
+                                  outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
+from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
+                             resume_hint, save_checkpoint)
 
 
 @dataclass
-class Args(sim.EnvArgs, vllm_engine.VLLMArgs, run_io.RunArgs):
+class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):
     """REFUEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come from
     simulator.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
     exp_name: str = "refuel"
@@ -340,22 +344,22 @@ def prepare_for_training(policy, args):
         for module in top:
             module.requires_grad_(True)
     if args.gradient_checkpointing:
-        distributed.enable_gradient_checkpointing(policy)
-    return distributed.without_dropout(policy)
+        enable_gradient_checkpointing(policy)
+    return without_dropout(policy)
 
 
 def evaluate(model, tokenizer, env, accelerator, args, seed, engine=None):
     """Mean reward (and per-turn detail on the tutor) on held-out contexts; each rank plays its share."""
     n = max(1, args.num_eval // accelerator.num_processes)
-    with distributed.sampling_weights(model, accelerator, engine=engine) as policy:
+    with sampling_weights(model, accelerator, engine=engine) as policy:
         out = sim.evaluate_policy(policy, tokenizer, env, n, seed + 7919 * accelerator.process_index,
                                   args.max_new_tokens, args.temperature, args.gen_batch_size, engine)
     keys = sorted(k for k in out if k != "eval/reward_stderr")
     vals = accelerator.gather(torch.tensor([out[k] for k in keys], device=accelerator.device)[None]).mean(0)
     res = dict(zip(keys, vals.tolist()))
     res["eval/reward_stderr"] = out["eval/reward_stderr"] / math.sqrt(accelerator.num_processes)
-    if isinstance(env, sim.TutorEnv):
-        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / sim.tutor_value(env.rules, "optimal")
+    if env.optimal_value() is not None:  # V*, where the task knows it exactly
+        res["eval/fraction_of_v_star"] = res["eval/mean_reward"] / env.optimal_value()
     return res
 
 
@@ -388,7 +392,7 @@ def setup(args: Args):
     from accelerate.utils import set_seed
 
     check_args(args)
-    accelerator = distributed.make_accelerator(args.bf16, args.gradient_accumulation_steps)
+    accelerator = make_accelerator(args.bf16, args.gradient_accumulation_steps)
     if args.threads:
         torch.set_num_threads(args.threads)
     args.world_size = accelerator.num_processes
@@ -397,21 +401,21 @@ def setup(args: Args):
     args.local_prompts = args.prompts_per_iteration // args.world_size  # 0: set from the prompt set in setup
     args.local_minibatch = args.minibatch_size // args.world_size
     args.steps_per_iteration = args.num_epochs * math.ceil(args.local_prompts / args.local_minibatch)
-    run_dir = run_io.make_run_dir(args, accelerator)
+    run_dir = make_run_dir(args, accelerator)
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
     frozen_dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     if args.model_name_or_path == "tutor":  # rank 0 builds and caches mu
-        with accelerator.main_process_first(), distributed.outside_zero3_init(accelerator):
-            policy, tokenizer = sim.load_tutor_base_policy()
+        with accelerator.main_process_first(), outside_zero3_init(accelerator):
+            policy, tokenizer = load_policy("tutor")
     else:  # under ZeRO-3 this loads straight into shards; prepare() takes it from there
-        policy, tokenizer = sim.load_policy(args.model_name_or_path)
-    with distributed.outside_zero3_init(accelerator):
-        env = sim.make_env_from_args(args, args.max_turns, str(accelerator.device), frozen_dtype, tokenizer)
+        policy, tokenizer = load_policy(args.model_name_or_path)
+    with outside_zero3_init(accelerator):
+        env = make_env_from_args(args, args.max_turns, str(accelerator.device), frozen_dtype, tokenizer)
         ref_policy = None
         if args.gamma:  # pi_0 for Eq. (11), frozen
-            ref_policy = sim.load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
+            ref_policy = load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
             ref_policy.requires_grad_(False)
     if not args.prompts_per_iteration:  # a pass over the whole training prompt set per iteration
         args.local_prompts = len(env.all_contexts("train")) // args.world_size
@@ -421,7 +425,7 @@ def setup(args: Args):
     prepare_for_training(policy, args)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=get_lr(0, args),
                                   betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
-    distributed.configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
+    configure_deepspeed(accelerator, max(1, args.local_minibatch // args.gradient_accumulation_steps),
                                     args.gradient_accumulation_steps, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     engine = vllm_engine.make_engine(policy, accelerator, args)  # None without --vllm
@@ -430,12 +434,12 @@ def setup(args: Args):
 
 def resume(accelerator, run_dir: Path, rng, env, args) -> dict:
     """The run's counters: zero, or with --resume those of runs/<run>/checkpoint (or the .old one a crash mid-replace
-    left), whose model, optimizer and RNG states are restored in place (run_io.load_checkpoint); what the stopped
+    left), whose model, optimizer and RNG states are restored in place (load_checkpoint); what the stopped
     run wrote after that checkpoint is dropped (it is done again), and its environment tallies carried on."""
     counters = dict(iteration=0, elapsed=0.0, pairs=0, optimizer_steps=0)
     if args.resume:
-        counters.update(run_io.load_checkpoint(accelerator, run_dir, rng)[0])
-        run_io.forget_lost_iterations(accelerator, run_dir, counters, args.save_rollouts)
+        counters.update(load_checkpoint(accelerator, run_dir, rng)[0])
+        forget_lost_iterations(accelerator, run_dir, counters, args.save_rollouts)
         if accelerator.is_main_process:  # the sum over ranks is then the whole run's
             env.counts().update(counters.get("env_counts", {}))
     return counters
@@ -448,10 +452,10 @@ def finish(accelerator, policy, env, logger, run_dir: Path, initial_reward: floa
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
                "distributed_type": str(accelerator.distributed_type).split(".")[-1],
-               "ranks_in_sync": distributed.ranks_in_sync(policy, accelerator)}
+               "ranks_in_sync": ranks_in_sync(policy, accelerator)}
     logger.close()
     if accelerator.is_main_process:
-        v_star = f", V* = {sim.tutor_value(env.rules, 'optimal'):.3f}" if isinstance(env, sim.TutorEnv) else ""
+        v_star = f", V* = {env.optimal_value():.3f}" if env.optimal_value() is not None else ""
         print(f"mean reward: start of run {summary['initial_reward']:.3f} -> REFUEL {summary['final_reward']:.3f} "
               f"+- {summary['final_stderr']:.3f} after {iterations} iterations, {minutes:.1f} min{v_star}")
         (run_dir / "summary.json").write_text(json.dumps(summary))
@@ -465,7 +469,7 @@ def main(args: Args) -> dict:
     name and checkpoint on the way."""
     accelerator, run_dir, rng, policy, tokenizer, env, ref_policy, optimizer, engine = setup(args)
     counters = resume(accelerator, run_dir, rng, env, args)  # iteration, elapsed, pairs, optimizer_steps, ...
-    logger = run_io.Logger(run_dir, args, accelerator.is_main_process)
+    logger = Logger(run_dir, args, accelerator.is_main_process)
     eval_seed = 10_000 + args.seed
     latest_eval = counters.pop("evaluation", None)  # a resumed checkpoint's evaluation, already logged
     if latest_eval is None:
@@ -478,7 +482,7 @@ def main(args: Args) -> dict:
         iteration_start = time.time()
         contexts = prompt_pass(env, it, accelerator, args) if not args.prompts_per_iteration else \
             env.contexts(args.local_prompts, "train", rng)
-        with distributed.sampling_weights(policy, accelerator, engine=engine) as pi_t:  # Algorithm 1, line 3
+        with sampling_weights(policy, accelerator, engine=engine) as pi_t:  # Algorithm 1, line 3
             pairs, collection = collect_pairs(pi_t, tokenizer, env, contexts, rng, args, ref_policy, engine)
         collect_seconds = time.time() - iteration_start
         if args.save_rollouts:
@@ -488,9 +492,9 @@ def main(args: Args) -> dict:
                                                                args, counters["optimizer_steps"])  # Algorithm 1, line 4
         counters["pairs"] += len(pairs) * args.world_size
         counters["iteration"] = it + 1
-        counters["env_counts"] = distributed.env_tallies(accelerator, env)  # user/judge/reward tallies, all ranks
+        counters["env_counts"] = env_tallies(accelerator, env)  # user/judge/reward tallies, all ranks
         seconds = time.time() - iteration_start
-        metrics = distributed.reduce_mean(accelerator, {**collection, **training})  # means over ranks
+        metrics = reduce_mean(accelerator, {**collection, **training})  # means over ranks
         metrics.update({
             "charts/pairs_trained": counters["pairs"], "charts/lr": optimizer.param_groups[0]["lr"],
             "charts/optimizer_steps": counters["optimizer_steps"], "charts/iterations_per_sec": 1 / seconds,
@@ -503,12 +507,12 @@ def main(args: Args) -> dict:
         last = it == args.num_iterations - 1 or out_of_time
         if (it + 1) % args.save_every == 0 or last:  # before the evaluation: a failing endpoint loses no iteration
             counters["elapsed"] = time.time() - start
-            run_io.save_checkpoint(accelerator, policy, tokenizer, run_dir, counters, rng)
+            save_checkpoint(accelerator, policy, tokenizer, run_dir, counters, rng)
         if (it + 1) % args.eval_every == 0 or last:
             latest_eval = evaluate(policy, tokenizer, env, accelerator, args, eval_seed, engine)
             logger.log(it + 1, {**latest_eval, "charts/elapsed_min": (time.time() - start) / 60})
-            run_io.record_evaluation(accelerator, run_dir, it + 1, latest_eval,
-                                     distributed.env_tallies(accelerator, env))
+            record_evaluation(accelerator, run_dir, it + 1, latest_eval,
+                                     env_tallies(accelerator, env))
         if out_of_time:
             break
     return finish(accelerator, policy, env, logger, run_dir, counters["initial_reward"], latest_eval,
@@ -518,5 +522,5 @@ if __name__ == "__main__":
     import tyro
 
     cli_args = tyro.cli(Args)
-    with run_io.resume_hint(cli_args):  # an endpoint that stays down: the error names the checkpoint and the --resume command
+    with resume_hint(cli_args):  # an endpoint that stays down: the error names the checkpoint and the --resume command
         main(cli_args)

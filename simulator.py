@@ -1,26 +1,19 @@
-"""simulator.py: what every algorithm script reads: conversations, turn log-probs, the sampler, environments.
+"""simulator.py: the contract every algorithm script reads: conversations, turn log-probs, the sampler, environments.
 
 A conversation is a list of {"role", "content"} messages (user x_1, assistant y_1, user x_2, ...); the policy plays
 the assistant. Here: the policy's tokens of a conversation (`conversation_ids`: token in, token out) and log pi(y_h|s_h)
 (`turn_logprob`, the sum over the tokens of assistant turn h as it was sampled, its stop token included and its role
-header excluded, with logits / temperature); the batched sampler (`sample_turns`, `continue_dialogues`); the Environment interface
-(contexts, a user, a reward r(s_{H+1}), a preference); `make_env` and `evaluate_policy`. Beside it, reachable as
-sim.NAME all the same:
+header excluded, with logits / temperature; `token_logprobs` per token); the batched sampler (`sample_turns`,
+`continue_dialogues`); the Environment interface (contexts, a user, a reward r(s_{H+1}), a preference, and V* where
+known) that envs/ implements; `evaluate_policy`. Every name a script reads as sim.NAME is defined here.
 
-    loading.py         the scripts' --policy (load_policy) and --env flags (EnvArgs, make_env_from_args)
-    tutor_task.py      the embedded task "tutor": rules, exact values (V*), the SFT reference policy mu
-    chat_datasets.py   the papers' dataset formats (message lists, UltraInteract, HH, Education Dialogue)
-    chat_env.py        the chat setting: prompted users (in-process or an endpoint), judges, HF reward model
-    fast_decode.py     the sampler's static-cache compiled decode step (CUDA)
-    logprob_memory.py  log-probs at a 128k vocabulary: chunked log-softmax, scored-span passes (`token_logprobs`,
-                       the whole-sequence pass MTPO and Iterative PPO read), token-budget micro-batches
-    distributed.py     launch plumbing shared by the scripts (and the FSDP2 sampling copy)
+Below it, plumbing/ (nothing there imports this file): the sampler's compiled fast path (fast_decode.py), the
+memory-bounded log-prob pieces (logprob_memory.py), the optional vLLM engine the sampler hands turns to
+(vllm_engine.py, which samples token ids: the rendering and stopping rule stay here).
 
 A sampled turn is scored on the ids that were sampled (kept in its message as "token_ids"), never on a re-rendering
 of its text; user and system messages take the chat template's own tokens; a turn that ran out of tokens is scored
 without the end-of-turn token it never sampled: docs/implementation_notes.md#chat-templates has the rules.
-
-    python simulator.py    # build (or load) the tutor's mu and print its value beside V*
 """
 from __future__ import annotations
 
@@ -28,22 +21,20 @@ import abc
 import collections
 import contextlib
 import functools
-import importlib
 import math
-import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 
-import fast_decode
-from logprob_memory import (accepts_logits_to_keep, last_logprobs, same_count_across_ranks, token_budget_batches,
-                            unwrap_model)
+import torch.nn.functional as F
+
+from plumbing import fast_decode
+from plumbing.logprob_memory import (accepts_logits_to_keep, last_logprobs, same_count_across_ranks,
+                                     target_logprobs, token_budget_batches, unwrap_model)
 
 Conversation = list  # list[dict[str, str]]
-ROOT = Path(__file__).resolve().parent
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -348,6 +339,41 @@ def turn_logprob(model, tokenizer, convs, turns, temperature=1.0, pad_id=None, m
     return out + sum(extra) if extra else out
 
 
+def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0,
+                   target_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """log pi(token_t | tokens_<t) for t >= 1 (shape B x (L-1); entry j is token j + 1's), with logits / temperature.
+
+    target_mask (B x (L-1), bool): the entries that are needed (e.g. the turns in a loss); the others are 0. With
+    it, each right-padded row is cut after its last needed token (a causal model's earlier log-probs do not depend
+    on later tokens), the rows are re-aligned at their ends (left padding, positions from the mask), and the LM head
+    runs only over the span from each row's first needed token: memory B x span x V instead of B x L x V. Without
+    it every position is computed, as before. Either way no KV cache is built and float32 copies of the logits are
+    made one chunk at a time."""
+    B, L = input_ids.shape
+    if target_mask is None:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        targets = F.pad(input_ids[:, 1:], (0, 1))  # the last position predicts nothing: a dummy target, dropped
+        return target_logprobs(logits, targets, temperature)[:, :-1]
+    need = target_mask.to(device=input_ids.device, dtype=torch.bool)
+    has = need.any(1)
+    if not has.any():
+        return torch.zeros((B, L - 1), device=input_ids.device)
+    j = torch.arange(L - 1, device=input_ids.device)
+    first = torch.where(need, j, L).min(1).values
+    last = torch.where(need, j, -1).max(1).values
+    n = torch.where(has, last + 2, 1)  # tokens kept per row: up to the last needed target token
+    k = int(torch.where(has, last - first + 1, 0).max())
+    Lp = int(n.max())
+    src = torch.arange(Lp, device=input_ids.device) - (Lp - n)[:, None]  # left padding: row ends aligned
+    ids = input_ids.gather(1, src.clamp(min=0))
+    attn = attention_mask.gather(1, src.clamp(min=0)) * (src >= 0)
+    lp = last_logprobs(model, ids, attn, k, temperature)
+    t = n[:, None] - k - 1 + torch.arange(k, device=input_ids.device)  # the target index of each kept entry
+    ok = t >= 0
+    out = torch.zeros((B, L - 1), dtype=lp.dtype, device=lp.device).scatter_add(1, t.clamp(min=0), lp * ok)
+    return out * need
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Batched turn sampling
 # ----------------------------------------------------------------------------------------------------------------
@@ -359,20 +385,24 @@ class TurnSamples:
     hit_budget: torch.Tensor  # bool, True where the turn ran out of tokens before any stop token
 
 
-def finish_turns(tokenizer, toks: torch.Tensor, lps: torch.Tensor, stop_ids: Sequence[int]) -> TurnSamples:
-    """TurnSamples from a decode loop's B x n sampled ids and their log-probs (the sampler's stopping rule, for
-    any decode loop that samples turns): each row is cut after its first stop id (padding written after a
-    row's stop may itself be a stop id), hit_budget where it has none, texts decoded without special tokens
-    and stripped, the stop token left out of them."""
-    toks, lps = toks.cpu(), lps.cpu()
-    B, n = toks.shape
-    is_stop = torch.isin(toks, torch.as_tensor(list(stop_ids), dtype=toks.dtype))
-    has_stop = is_stop.any(1)
-    length = torch.where(has_stop, is_stop.float().argmax(1) + 1, torch.full((B,), n))
-    ids = [toks[b, : length[b]].tolist() for b in range(B)]  # bookkeeping on finished tensors, not generation
-    content = [row[:-1] if has_stop[b] else row for b, row in enumerate(ids)]
+def finish_turns(tokenizer, toks, lps, stop_ids: Sequence[int]) -> TurnSamples:
+    """TurnSamples from a decode loop's sampled ids and their log-probs (the sampler's stopping rule, for any decode
+    loop that samples turns: ours, B x n tensors; vLLM's, B ragged lists): each row is cut after its first stop id
+    (padding written after a row's stop may itself be a stop id), hit_budget where it has none, texts decoded
+    without special tokens and stripped, the stop token left out of them."""
+    stop = {int(i) for i in stop_ids}
+    rows = toks.tolist() if torch.is_tensor(toks) else [list(r) for r in toks]  # bookkeeping, not generation
+    lps = lps.cpu() if torch.is_tensor(lps) else lps  # one copy, not one per row
+    ids, kept, hit = [], [], []
+    for row, lp in zip(rows, lps):
+        end = next((t for t, tok in enumerate(row) if tok in stop), None)
+        n = len(row) if end is None else end + 1
+        ids.append(row[:n])
+        kept.append(torch.as_tensor(lp[:n], dtype=torch.float32))
+        hit.append(end is None)
+    content = [row if h else row[:-1] for row, h in zip(ids, hit)]
     texts = [answer_text(t) for t in tokenizer.batch_decode(content, skip_special_tokens=True)]
-    return TurnSamples(texts, ids, [lps[b, : length[b]] for b in range(B)], ~has_stop)
+    return TurnSamples(texts, ids, kept, torch.tensor(hit, dtype=torch.bool))
 
 
 def answer_text(decoded: str) -> str:
@@ -403,7 +433,7 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     whatever a hub model's generation_config says, and its log-probs come out of the same computation.
     temperature 0 = greedy (log-probs at T = 1). partner, combine: a second model decoded alongside, and
     combine(logits, partner_logits), float32, gives the logits sampled from (MTPO-tau's mixture; plain loop only).
-    fast (default: on CUDA for models with a static cache): fast_decode.py's static KV cache and compiled step;
+    fast (default: on CUDA for models with a static cache): plumbing/fast_decode.py's static KV cache and compiled step;
     keep_cache=True keeps the cache for the next call. engine: a `vllm_engine.VLLMEngine` samples instead."""
     stop_ids = list(stop_token_ids(tokenizer, model, eot_id) if stop_ids is None else stop_ids)
     if not stop_ids:
@@ -411,8 +441,9 @@ def sample_turns(model, tokenizer, convs: Sequence[Conversation], max_new_tokens
     if partner is not None and (fast or engine is not None or combine is None):
         raise ValueError("sample_turns: a partner model needs combine=, and runs on the plain loop (no fast=True, "
                          "no engine)")
-    if engine is not None:
-        return engine.sample_turns(tokenizer, convs, max_new_tokens, temperature, stop_ids=stop_ids)
+    if engine is not None:  # vLLM samples from the same prompt ids; the same stopping rule cuts its rows
+        prompts = [conversation_ids(tokenizer, c, add_generation_prompt=True).ids for c in convs]
+        return finish_turns(tokenizer, *engine.generate(prompts, max_new_tokens, temperature, stop_ids), stop_ids)
     auto = fast is None
     fast = partner is None and fast_decode.use_fast_path(model, fast) and not (auto and fast_decode.failed(model))
     decode = functools.partial(_sample_turns, model, tokenizer, convs, max_new_tokens, temperature, max_batch_size,
@@ -569,6 +600,28 @@ class Environment(abc.ABC):
         """Task-specific eval/ metrics of finished conversations (evaluate_policy logs them)."""
         return {}
 
+    def optimal_value(self) -> Optional[float]:
+        """V*, the best expected reward any policy can reach, where the task knows it exactly (the tutor task does;
+        the scripts then log eval/fraction_of_v_star); None when unknown."""
+        return None
+
+    @classmethod
+    def from_flags(cls, args, max_turns: int, tokenizer=None, device: str = "cpu", dtype=torch.float32,
+                   **extra) -> "Environment":
+        """How `--env module:ClassName` builds the environment from a script's flags (args: its parsed Args, with
+        the --env flags of envs/flags.EnvArgs; max_turns: the script's H_max; extra: offline_path for the
+        baselines). This default calls cls() and sets max_turns; a flag it would ignore is an error. Override it to
+        read --prompts_path, --reward_model, ... or to put a model on `device`."""
+        ignored = [f"--{k}" for k in ("prompts_path", "user_model", "user_api_base", "user_prompt_path",
+                                      "reward_model") if getattr(args, k, None) is not None]
+        ignored += [f"--{k}" for k, v in extra.items() if v is not None]
+        if ignored:
+            raise ValueError(f"{cls.__name__}.from_flags reads none of {', '.join(ignored)}: they would be ignored "
+                             f"(override from_flags to use them)")
+        env = cls()
+        env.max_turns = max_turns
+        return env
+
 
 @contextlib.contextmanager
 def evaluating(env: Environment):
@@ -631,38 +684,6 @@ def prefix_to_turn(conv: Conversation, h: int) -> Conversation:
     return list(conv[: assistant_turn_index(conv, h)])
 
 
-def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model: Optional[str] = None,
-             reward_model: Optional[str] = None, max_turns: int = 5, device: str = "cpu",
-             dtype=torch.float32, trust_remote_code: bool = False, offline_path: Optional[str] = None,
-             user_api_base: Optional[str] = None, user_prompt_path: Optional[str] = None,
-             dataset_format: str = "auto", bad_records: str = "skip", max_dialogue_tokens: Optional[int] = None,
-             tokenizer=None, reward_device: Optional[str] = None, user_device: Optional[str] = None,
-             reward_max_length: int = 4096, user_max_concurrency: int = 32, user_timeout: float = 120.0,
-             user_retries: int = 3, user_max_new_tokens: int = 128) -> Environment:
-    """The environment named by the scripts' flags (`loading.EnvArgs` documents each). The user: --user_model
-    in-process, or served at --user_api_base (an OpenAI-compatible endpoint), or, with neither, the dataset's
-    pre-sampled questions. Education Dialogue records make the user a student who knows the record's hidden
-    learning preferences. chat_env.make_chat_env builds the chat world; sizing the endpoint: OpenAIChatClient."""
-    if env == "tutor":
-        from tutor_task import TutorEnv, TutorRules
-
-        ignored = [f"--{name}" for name, value in (("prompts_path", prompts_path), ("user_model", user_model),
-                   ("user_api_base", user_api_base), ("user_prompt_path", user_prompt_path),
-                   ("reward_model", reward_model), ("offline_path", offline_path)) if value is not None]
-        if ignored:  # else a run meant for a chat model's user or reward would train on the tutor, silently
-            raise ValueError(f"--env tutor has its own prompts, user and reward: {', '.join(ignored)} would be "
-                             f"ignored (pass --env chat to use them)")
-        return TutorEnv(TutorRules(max_turns=max_turns))
-    if env != "chat":
-        raise ValueError(f"unknown env {env!r}: expected 'tutor' or 'chat'")
-    from chat_env import make_chat_env
-
-    return make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dtype, trust_remote_code,
-                         offline_path, user_api_base, user_prompt_path, dataset_format, bad_records,
-                         max_dialogue_tokens, tokenizer, reward_device, user_device, reward_max_length,
-                         user_max_concurrency, user_timeout, user_retries, user_max_new_tokens)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation shared by the scripts: the policy plays H turns from held-out contexts
 # ----------------------------------------------------------------------------------------------------------------
@@ -679,28 +700,3 @@ def evaluate_policy(model, tokenizer, env: Environment, n: int, seed: int, max_n
     out = {"eval/mean_reward": float(r.mean()), "eval/reward_stderr": float(r.std() / math.sqrt(n))}
     out.update(env.dialogue_metrics(convs))  # the tutor: lessons learned per turn, ask rate
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# What lives in sibling modules, reachable as sim.NAME all the same
-# ----------------------------------------------------------------------------------------------------------------
-SIBLING_MODULES = ("loading", "tutor_task", "chat_datasets", "chat_env", "fast_decode", "logprob_memory", "distributed")
-
-
-def __getattr__(name: str):
-    """sim.TutorEnv, sim.ChatEnv, sim.load_prompts, sim.sampling_copy, ...: the tutor task, the chat world, the
-    sampler's fast path and the sampling copy live in the files named in SIBLING_MODULES (imported on first use)."""
-    if not name.startswith("__"):
-        for module_name in SIBLING_MODULES:
-            found = vars(importlib.import_module(module_name)).get(name)
-            if found is not None and not isinstance(found, types.ModuleType):
-                return found
-    raise AttributeError(f"module 'simulator' has no attribute {name!r}")
-
-
-if __name__ == "__main__":  # build (or load) the tutor's mu and print its value beside V*: see tutor_task.main
-    import tyro
-
-    import tutor_task
-
-    tutor_task.main(tyro.cli(tutor_task.Args))

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 import simulator as sim
-from distributed import sampling_weights, sync_gradients
+from plumbing.distributed import sampling_weights, sync_gradients
+from plumbing.logprob_memory import accepts_logits_to_keep
 
 
 def token_scores(model, input_ids, attention_mask) -> torch.Tensor:
@@ -122,7 +123,7 @@ def response_log_dists(model, ids, attn, idx, mask, temperature):
     ids_l = ids.gather(1, src.clamp(min=0))
     attn_l = attn.gather(1, src.clamp(min=0)) * (src >= 0)
     pos = (attn_l.cumsum(-1) - 1).clamp(min=0)
-    kw = dict(logits_to_keep=T + 1) if sim.accepts_logits_to_keep(model) else {}
+    kw = dict(logits_to_keep=T + 1) if accepts_logits_to_keep(model) else {}
     logits = model(input_ids=ids_l, attention_mask=attn_l, position_ids=pos, use_cache=False, **kw).logits
     logits = logits[:, -(T + 1):-1]  # kept entry t predicts the row's token L - T + t
     r = mask.sum(1).long().to(ids.device)  # response lengths: response token j is kept entry T - r + j

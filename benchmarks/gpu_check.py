@@ -202,7 +202,7 @@ def child_script(stats_path: str, force_fast: bool, keep_checkpoints: bool, scri
             state["auto"] = False
     sim._sample_turns, sim.sample_turns = probe_inner, probe_outer
     if force_fast:
-        import fast_decode
+        from plumbing import fast_decode
 
         use = fast_decode.use_fast_path
         fast_decode.use_fast_path = lambda model, fast: True if fast is None else use(model, fast)

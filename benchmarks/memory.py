@@ -50,8 +50,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import logprob_memory  # noqa: E402
+from plumbing import logprob_memory  # noqa: E402
 import simulator as sim  # noqa: E402
+from envs import chat_env
+from plumbing import fast_decode
 
 GiB = 2 ** 30
 CAPACITY = 80 * GiB
@@ -172,7 +174,7 @@ def phases(c: Command, s: Shape = LLAMA3_8B, before: bool = False) -> dict:
     # sampling: the longest prompt of the last turn, its new tokens in the static cache
     prompt = T - c.max_new_tokens
     B = c.gen_batch_size
-    cache = B * (prompt + c.max_new_tokens if before else sim.ladder(prompt + c.max_new_tokens, 64))
+    cache = B * (prompt + c.max_new_tokens if before else fast_decode.ladder(prompt + c.max_new_tokens, 64))
     prefill_logits = B * prompt * s.vocab * 2 if before else B * s.vocab * (2 + 4 + 4)
     sampling = base + gathered + cache * s.kv_per_token() + s.act_nograd(B * prompt) + prefill_logits
     # old log-probs (no grad): rows of T tokens, turn k scored
@@ -393,7 +395,7 @@ def measure(shape_name: str, batch: int, prompt_tokens: int, new_tokens: int, de
     with counter() as m:
         sim.sample_turns(model.eval(), tok, [c[:1] for c in convs], new_tokens, 1.0)
     L = T - k
-    cache = batch * (sim.ladder(L + new_tokens, 64) if device == "cuda" else L + new_tokens)
+    cache = batch * (fast_decode.ladder(L + new_tokens, 64) if device == "cuda" else L + new_tokens)
     out.append(("sampling", m.peak, cache * s.kv_per_token(b) + s.act_nograd(batch * L, b) + batch * s.vocab * (b + 8)))
     with counter() as m, torch.no_grad():
         sim.turn_logprob(model, tok, convs, [1] * batch)
@@ -405,7 +407,7 @@ def measure(shape_name: str, batch: int, prompt_tokens: int, new_tokens: int, de
     model.zero_grad(set_to_none=True)
     out.append(("training micro-batch", m.peak, s.act_grad(batch * T, False, b) + s.params() * b
                 + 2 * batch * (k + 1) * s.vocab * b + min(CHUNK_BYTES, 2 * batch * (k + 1) * s.vocab * 4)))
-    scorer = sim.HFRewardModel(rm, tok, max_length=4096, max_batch_size=batch)
+    scorer = chat_env.HFRewardModel(rm, tok, max_length=4096, max_batch_size=batch)
     with counter() as m:
         scorer(convs)
     out.append(("reward call", m.peak, s.act_nograd(batch * T, b)))

@@ -239,10 +239,10 @@ def reference_levels(out: dict) -> dict:
     levels = {"mu": out.get("reference_reward"), "V*": out.get("v_star")}
     if out.get("v_star") is not None:
         try:
-            import simulator as sim
+            from envs import tutor_task
 
-            levels["never-ask"] = sim.tutor_value(sim.TutorRules(), "never_ask")
-            levels["last-turn bound"] = sim.tutor_value(sim.TutorRules(), "last_turn")
+            levels["never-ask"] = tutor_task.tutor_value(tutor_task.TutorRules(), "never_ask")
+            levels["last-turn bound"] = tutor_task.tutor_value(tutor_task.TutorRules(), "last_turn")
         except (ImportError, AttributeError, ValueError):
             pass
     return levels

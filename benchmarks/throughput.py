@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import refuel  # noqa: E402
 import simulator as sim  # noqa: E402
+from envs import chat_env
 
 SHAPES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 2, 128, 4096),
@@ -64,7 +65,7 @@ class Args:
     seed: int = 0
     """seed"""
     vllm: bool = False
-    """also time the vLLM engine (vllm_engine.py, needs vllm) on the same prompts, and the REFUEL collection with
+    """also time the vLLM engine (plumbing/vllm_engine.py, needs vllm) on the same prompts, and the REFUEL collection with
     the engine sampling the policy's turns (prefix caching on)"""
     fast_path: bool = True
     """also time the sampler's fast path (static cache + compiled step: compiles once per shape, minutes on CPU)"""
@@ -149,7 +150,7 @@ def time_engine(engine, tok, convs, new_tokens, device):
 
 def make_engine(model, tok, device):
     """A vLLM engine holding the model's weights, or (None, why not) where it cannot serve this shape."""
-    import vllm_engine
+    from plumbing import vllm_engine
 
     engine = None
     try:
@@ -183,8 +184,8 @@ def collection(model, user_model, tok, args, device, rng, engine=None):
     records = [{"messages": c, "user": None if user_model is not None else {"questions": [
         " ".join(f"w{i}" for i in rng.integers(len(tok) - 7, size=16)) for _ in range(2)]}}
         for c in prompts(tok, args.collection_prompts, 32, rng)]
-    user = user_model and sim.PromptedUser(user_model, tok, prompt_template="{dialogue}", max_new_tokens=16)
-    env = sim.ChatEnv(records, reward_model=lambda convs: torch.zeros(len(convs)), user=user, max_turns=3)
+    user = user_model and chat_env.PromptedUser(user_model, tok, prompt_template="{dialogue}", max_new_tokens=16)
+    env = chat_env.ChatEnv(records, reward_model=lambda convs: torch.zeros(len(convs)), user=user, max_turns=3)
     rargs = refuel.Args(max_turns=3, max_new_tokens=16, gen_batch_size=1024)
     counter, restore = count_generated_tokens()
     sync(device)

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import simulator as sim
+from envs import chat_datasets
+from envs import tutor_task
 from test_simulator import LLAMA3_TEMPLATE
 
 # ---------------------------------------------------------------------------------------------------- datasets
@@ -131,10 +132,10 @@ def write_datasets(path: Path, seed: int = 0) -> dict:
 # ------------------------------------------------------------------------------------------------------ models
 def fixture_words() -> list[str]:
     texts = (HH_QUESTIONS + HH_FOLLOW_UPS + HH_ANSWERS + UI_TASKS + UI_FEEDBACK + TOPICS + PREFERENCES +
-             [sim.EDUCATION_SYSTEM, sim.EDUCATION_OPENING, "Step 1 : attempt the answer is read task again guess ."
+             [chat_datasets.EDUCATION_SYSTEM, chat_datasets.EDUCATION_OPENING, "Step 1 : attempt the answer is read task again guess ."
               "Part of our lesson on let me explain Okay Can we try an example I am not sure follow That interesting !"
               " case ( ) Human Assistant Task do know"])
-    base = sim.build_tutor_tokenizer()
+    base = tutor_task.build_tutor_tokenizer()
     words = {w for t in texts for w in t.split()} | {w for w in base.get_vocab() if not w.startswith("<")}
     return sorted(words | {"user", "assistant", "system"} | {str(i) for i in range(100)})
 

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import baselines_dpo_rebel as bl
 import simulator as sim
+from envs import tutor_task
 from conftest import TWO_CPU_PROCESSES, run_script, summary
 
 TINY = ["--prompts_per_iteration", "32", "--minibatch_size", "16", "--num_eval", "32", "--threads", "1"]
@@ -62,7 +63,7 @@ def test_saved_pairs_obey_the_mode(tmp_path, loss, mode, base_policy):
     assert s["iterations"] == 1
     pairs = [json.loads(line) for line in path.read_text().splitlines()]
     assert len(pairs) > 3
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     _, d_off = env.offline_pool()
     for p in pairs:
         a, b, h, H = p["conv_a"], p["conv_b"], p["h"], p["H"]
@@ -81,7 +82,7 @@ def test_saved_pairs_obey_the_mode(tmp_path, loss, mode, base_policy):
             assert H == sim.assistant_turns(d_off[p["prompt_index"]])
         if mode == "lt-offline":  # D_off's own reply and a resampled reference-teacher reply
             assert a[i] == d_off[p["prompt_index"]][i]
-            assert sim.parse_teacher(b[i]["content"])[0] in ("ask", "teach")
+            assert tutor_task.parse_teacher(b[i]["content"])[0] in ("ask", "teach")
         if loss == "dpo":
             assert p["reward_a"] != p["reward_b"]  # ties dropped
         assert env.reward([a]).item() == p["reward_a"]
@@ -134,7 +135,7 @@ def test_lt_online_on_chat_trains_a_turn_that_follows_the_users_reply(tmp_path):
     save_tiny_policy_and_reward_model(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} ."}],
-                                           "questions": ["why ?", "go on .", "more ."]}) + "\n" for t in sim.TOPICS))
+                                           "questions": ["why ?", "go on .", "more ."]}) + "\n" for t in tutor_task.TOPICS))
     path = tmp_path / "pairs.jsonl"
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--prompts_path", str(prompts), "--mode", "lt-online", "--max_turns", "3", "--max_new_tokens", "4",

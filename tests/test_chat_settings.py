@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import simulator as sim
+from envs import chat_datasets
+from envs import chat_env
+from envs import tutor_task
 from test_simulator import llama3_tokenizer, tiny_llama
 
 
@@ -45,30 +48,30 @@ def turns_of(conv) -> int:
 def test_setting_two_contexts_have_each_records_own_number_of_turns(tmp_path, capsys):
     path = tmp_path / "hh.jsonl"
     n_good = write_hh(path)
-    records = sim.load_prompts(str(path), max_turns=5)
+    records = chat_datasets.load_prompts(str(path), max_turns=5)
     assert len(records) == n_good
     assert "skipped 3 malformed" in capsys.readouterr().out  # roles out of order: skipped and counted
-    env = sim.ChatEnv(records, reward_model=None, max_turns=5)
+    env = chat_env.ChatEnv(records, reward_model=None, max_turns=5)
     ctx = env.contexts(300, "train", np.random.default_rng(0))
     assert all(c.max_turns == turns_of(c.messages) for c in ctx)
     assert set(Counter(c.max_turns for c in ctx)) == {1, 2, 3, 4, 5}
     assert all(c.max_turns == len(c.user["questions"] or []) + 1 for c in ctx)
     # H_max below a record's turns caps it; a user model (or an endpoint) makes any H possible: None
-    capped = sim.ChatEnv(records, reward_model=None, max_turns=3).contexts(100, "train", np.random.default_rng(0))
+    capped = chat_env.ChatEnv(records, reward_model=None, max_turns=3).contexts(100, "train", np.random.default_rng(0))
     assert all(c.max_turns == min(3, turns_of(c.messages)) for c in capped)
-    with_user = sim.ChatEnv(records, reward_model=None, user=object(), max_turns=5)
+    with_user = chat_env.ChatEnv(records, reward_model=None, user=object(), max_turns=5)
     assert all(c.max_turns is None for c in with_user.contexts(20, "train", np.random.default_rng(0)))
-    assert all(c.max_turns is None for c in sim.TutorEnv().contexts(5, "train", np.random.default_rng(0)))
+    assert all(c.max_turns is None for c in tutor_task.TutorEnv().contexts(5, "train", np.random.default_rng(0)))
     # a prompt record without later questions supports one turn
-    one = sim.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": {"questions": None}}], None)
+    one = chat_env.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": {"questions": None}}], None)
     assert [c.max_turns for c in one.contexts(2, "train", np.random.default_rng(0))] == [1, 1]
 
 
 def test_offline_dialogues_have_their_own_last_turn(tmp_path):
     path = tmp_path / "hh.jsonl"
     write_hh(path)
-    rows = sim.load_offline(str(path), max_turns=5)
-    env = sim.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": None}], reward_model=None,
+    rows = chat_datasets.load_offline(str(path), max_turns=5)
+    env = chat_env.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": None}], reward_model=None,
                       max_turns=5, offline_records=rows)
     ctx, dialogues = env.offline(200, np.random.default_rng(1))
     assert all(c.max_turns == sum(m["role"] == "assistant" for m in d) == turns_of(d) for c, d in zip(ctx, dialogues))
@@ -82,8 +85,8 @@ def test_offline_dialogues_have_their_own_last_turn(tmp_path):
                                for k in range(25)]}
     edu = tmp_path / "edu.json"
     edu.write_text(json.dumps([lesson]))
-    env = sim.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": None}], reward_model=None,
-                      max_turns=5, offline_records=sim.load_offline(str(edu), max_turns=5))
+    env = chat_env.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": None}], reward_model=None,
+                      max_turns=5, offline_records=chat_datasets.load_offline(str(edu), max_turns=5))
     assert [c.max_turns for c in env.offline(3, np.random.default_rng(0))[0]] == [5, 5, 5]
 
 
@@ -100,7 +103,7 @@ def test_short_records_roll_in_and_reset_without_error_and_refuse_more_turns(tmp
     model, tok = policy
     path = tmp_path / "hh.jsonl"
     write_hh(path, copies=2)
-    env = sim.ChatEnv(sim.load_prompts(str(path), max_turns=5), reward_model=None, max_turns=5)
+    env = chat_env.ChatEnv(chat_datasets.load_prompts(str(path), max_turns=5), reward_model=None, max_turns=5)
     rng = np.random.default_rng(0)
     ctx = env.contexts(40, "train", rng)
     H = [c.max_turns for c in ctx]
@@ -139,7 +142,7 @@ def test_a_roll_in_to_s_h_ends_with_the_users_turn(policy):
     the user does not otherwise speak after the last rolled-in turn)."""
     model, tok = policy
     questions = ["second question ?", "third question ?"]
-    env = sim.ChatEnv([{"messages": [{"role": "user", "content": "first ?"}], "user": {"questions": questions}}],
+    env = chat_env.ChatEnv([{"messages": [{"role": "user", "content": "first ?"}], "user": {"questions": questions}}],
                       reward_model=None, max_turns=3)
     ctx = env.contexts(6, "train", np.random.default_rng(0))
     for k in (0, 1, 2):  # h - 1 rolled-in turns
@@ -158,7 +161,7 @@ def test_evaluation_plays_each_records_own_turns(tmp_path, policy):
     path = tmp_path / "hh.jsonl"
     write_hh(path, copies=1)
     seen = []
-    env = sim.ChatEnv(sim.load_prompts(str(path), max_turns=5),
+    env = chat_env.ChatEnv(chat_datasets.load_prompts(str(path), max_turns=5),
                       reward_model=lambda convs: seen.extend(convs) or torch.zeros(len(convs)), max_turns=5,
                       eval_fraction=1.0)
     torch.manual_seed(0)

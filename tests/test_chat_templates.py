@@ -22,6 +22,7 @@ import torch
 
 from conftest import ROOT, subprocess_env  # first: it puts the repository on sys.path
 import simulator as sim  # noqa: E402
+from envs import chat_env
 from real_models import FAMILIES, load_tokenizer  # noqa: E402
 from test_simulator import biased_to, save_tiny_reward_model, tiny_llama  # noqa: E402
 
@@ -66,7 +67,7 @@ def test_sampled_turns_are_scored_on_their_own_tokens(family, kwargs, system):
     tok = prepared(family, kwargs)
     model = policy_for(tok)
     questions = [f"Why? {SPECIALS}", "Go on, please."]
-    env = sim.ChatEnv([{"messages": opening(0, system), "user": {"questions": questions}}], reward_model=None)
+    env = chat_env.ChatEnv([{"messages": opening(0, system), "user": {"questions": questions}}], reward_model=None)
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     convs, info = sim.continue_dialogues(model, tok, env, [opening(k, system) for k in range(6)],
@@ -181,7 +182,7 @@ def test_a_template_that_prints_todays_date_gets_the_runs_date():
 
 
 def test_the_runs_template_date_is_kept_on_resume(tmp_path):
-    import run_io
+    from plumbing import run_io
     from refuel import Args
 
     class OneProcess:
@@ -313,7 +314,7 @@ def write_smollm2(folder: Path) -> None:
 
 
 def load_tokenizer_at(path):
-    import loading
+    from envs import loading
 
     return loading.load_tokenizer(str(path))
 

@@ -47,7 +47,9 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1])
 out_dir = Path(sys.argv[2])
 import numpy as np, torch
-import distributed, refuel, run_io, simulator as sim
+import refuel, simulator as sim
+from envs import loading, tutor_task
+from plumbing import distributed, run_io
 import deepspeed.comm as dcomm
 from transformers import AutoModelForCausalLM
 
@@ -56,11 +58,11 @@ accelerator = distributed.make_accelerator(args.bf16, args.gradient_accumulation
 rank = accelerator.process_index
 report = {"distributed_type": str(accelerator.distributed_type).split(".")[-1],
           "num_processes": accelerator.num_processes, "zero_stage": accelerator.state.deepspeed_plugin.zero_stage}
-path = str(sim.DEFAULT_BASE_POLICY)  # the tutor's mu, cached by the test before launch
+path = str(tutor_task.DEFAULT_BASE_POLICY)  # the tutor's mu, cached by the test before launch
 with distributed.outside_zero3_init(accelerator):  # how the scripts load models that are not trained
     frozen = AutoModelForCausalLM.from_pretrained(path)
     report["frozen_numel"] = sum(p.numel() for p in frozen.parameters())
-policy, tok = sim.load_policy(path)  # trained: under ZeRO-3 this loads straight into shards
+policy, tok = loading.load_policy(path)  # trained: under ZeRO-3 this loads straight into shards
 report["policy_numel_before_prepare"] = sum(p.numel() for p in policy.parameters())
 refuel.prepare_for_training(policy, args)
 optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-2)
@@ -84,7 +86,7 @@ for name in dir(dcomm):
     if "gather" in name and callable(getattr(dcomm, name)):
         setattr(dcomm, name, counted(getattr(dcomm, name)))
 
-convs = [[{"role": "user", "content": f"hello teacher , please teach me {t} ."}] for t in sim.TOPICS[:4]]
+convs = [[{"role": "user", "content": f"hello teacher , please teach me {t} ."}] for t in tutor_task.TOPICS[:4]]
 report["gathers"], report["decoded"] = {}, {}
 for budget in (2, 12):
     calls[0] = 0

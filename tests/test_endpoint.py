@@ -9,7 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-import simulator as sim
+from envs import chat_env
+from envs import flags
+from envs import tutor_task
 from conftest import ROOT, logged_steps, subprocess_env
 
 
@@ -74,7 +76,7 @@ def server():
 
 
 def test_batched_completions_keep_their_order(server):
-    client = sim.OpenAIChatClient(server, "ok", max_workers=8)
+    client = chat_env.OpenAIChatClient(server, "ok", max_workers=8)
     prompts = [f"prompt number {i:03d}" for i in range(40)]
     out = client.complete(prompts)
     assert out == [f"Justification: keep going.\nQuestion: what about prompt number {i:03d}?" for i in range(40)]
@@ -82,41 +84,41 @@ def test_batched_completions_keep_their_order(server):
 
 
 def test_server_errors_are_retried_with_backoff(server):
-    client = sim.OpenAIChatClient(server, "flaky", retries=3, backoff=0.05)
+    client = chat_env.OpenAIChatClient(server, "flaky", retries=3, backoff=0.05)
     assert client.complete(["flaky one", "flaky two"])[1].endswith("two?")
     assert client.n_retries == 2 and client.n_requests == 4
 
 
 def test_timeouts_end_in_a_clear_error(server):
-    client = sim.OpenAIChatClient(server, "slow", timeout=0.2, retries=2, backoff=0.05)
+    client = chat_env.OpenAIChatClient(server, "slow", timeout=0.2, retries=2, backoff=0.05)
     with pytest.raises(ConnectionError, match=r"model slow\) failed after 2 tries \(timeout 0.2s\)"):
         client.complete(["slow prompt"])
 
 
 def test_refused_and_malformed_replies(server):
     with pytest.raises(ValueError, match="refused the request \\(HTTP 404\\).*model unknown not found"):
-        sim.OpenAIChatClient(server, "unknown", backoff=0.05).complete(["x"])
+        chat_env.OpenAIChatClient(server, "unknown", backoff=0.05).complete(["x"])
     with pytest.raises(ValueError, match="unexpected reply.*not json"):
-        sim.OpenAIChatClient(server, "garbage").complete(["y"])
+        chat_env.OpenAIChatClient(server, "garbage").complete(["y"])
 
 
 def test_prompted_user_over_the_endpoint(server):
-    user = sim.PromptedUser(client=sim.OpenAIChatClient(server, "ok"), max_new_tokens=32)
-    env = sim.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": None}], reward_model=None,
+    user = chat_env.PromptedUser(client=chat_env.OpenAIChatClient(server, "ok"), max_new_tokens=32)
+    env = chat_env.ChatEnv([{"messages": [{"role": "user", "content": "hi"}], "user": None}], reward_model=None,
                       user=user)
     convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(5)]
     replies = env.user_turn(convs, [None] * 5, None)
     assert replies == [f"what about Assistant: answer {i}?" for i in range(5)]  # parsed off "Question:", in order
     assert user.n_calls == 5 and user.n_fallbacks == 0
     with pytest.raises(ValueError, match="dialogue"):
-        sim.PromptedUser(client=user.client, prompt_template="no placeholder")
+        chat_env.PromptedUser(client=user.client, prompt_template="no placeholder")
 
 
 def test_user_requests_carry_a_seed_from_the_runs_generator(server):
     """The user samples at temperature 1 at the endpoint: without a seed in each request, --seed did not fix the
     user's turns. Each request's seed comes from the rank's generator: the same seed, the same seeds; another
     conversation, another seed."""
-    user = sim.PromptedUser(client=sim.OpenAIChatClient(server, "ok"), max_new_tokens=32)
+    user = chat_env.PromptedUser(client=chat_env.OpenAIChatClient(server, "ok"), max_new_tokens=32)
     convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"seeded answer {i}"}]
              for i in range(4)]
     runs = []
@@ -134,7 +136,7 @@ def test_refuel_iteration_with_the_user_served_by_an_endpoint(server, tmp_path):
     save_tiny_policy_and_reward_model(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps([{"role": "user", "content": f"hello teacher , teach me {t} ."}]) + "\n"
-                               for t in sim.TOPICS))
+                               for t in tutor_task.TOPICS))
     pairs = tmp_path / "pairs.jsonl"
     cmd = [sys.executable, "refuel.py", "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
            "--reward_model", str(tmp_path / "rm"), "--prompts_path", str(prompts), "--user_api_base", server,
@@ -182,7 +184,7 @@ def test_an_endpoint_failing_in_the_evaluation_loses_no_iteration(server, tmp_pa
     save_tiny_policy_and_reward_model(tmp_path)
     prompts = tmp_path / "prompts.jsonl"  # the first record is the held-out one (ChatEnv's eval split)
     prompts.write_text("".join(json.dumps([{"role": "user", "content": f"hello teacher , {ask} {t} ."}]) + "\n"
-                               for ask, t in [("quiz me on", "plants"), *[("teach me", t) for t in sim.TOPICS]]))
+                               for ask, t in [("quiz me on", "plants"), *[("teach me", t) for t in tutor_task.TOPICS]]))
     pairs = tmp_path / "pairs.jsonl"
     cmd = [sys.executable, "refuel.py", "--env", "chat", "--model_name_or_path", str(tmp_path / "policy"),
            "--reward_model", str(tmp_path / "rm"), "--prompts_path", str(prompts), "--user_api_base", server,
@@ -233,21 +235,21 @@ def test_endpoint_concurrency_timeout_and_tries_are_passed_from_make_env(server,
     save_tiny_policy_and_reward_model(tmp_path)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(json.dumps([{"role": "user", "content": "hi"}]) + "\n")
-    env = sim.make_env("chat", str(prompts), user_model="counted", reward_model=str(tmp_path / "rm"),
+    env = flags.make_env("chat", str(prompts), user_model="counted", reward_model=str(tmp_path / "rm"),
                        user_api_base=server, user_max_concurrency=3, user_timeout=7.5, user_retries=2)
     client = env.user.client
     assert (client.max_workers, client.timeout, client.retries) == (3, 7.5, 2)
-    default = sim.make_env("chat", str(prompts), user_model="ok", reward_model=str(tmp_path / "rm"),
+    default = flags.make_env("chat", str(prompts), user_model="ok", reward_model=str(tmp_path / "rm"),
                            user_api_base=server).user.client
     assert (default.max_workers, default.timeout, default.retries) == (32, 120.0, 3)
     Handler.most_in_flight = 0
     convs = [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": f"answer {i}"}] for i in range(9)]
     assert len(env.user_turn(convs, [None] * 9, None)) == 9
     assert Handler.most_in_flight == 3
-    judge = sim.make_judge_preference("ok", api_base=server, max_concurrency=5, timeout=9.0, retries=4)
+    judge = chat_env.make_judge_preference("ok", api_base=server, max_concurrency=5, timeout=9.0, retries=4)
     assert (judge.client.max_workers, judge.client.timeout, judge.client.retries) == (5, 9.0, 4)
     for bad, match in ((dict(user_max_concurrency=0), "concurrency"), (dict(user_timeout=0), "timeout"),
                        (dict(user_retries=0), "tries")):
         with pytest.raises(ValueError, match=match):
-            sim.make_env("chat", str(prompts), user_model="ok", reward_model=str(tmp_path / "rm"),
+            flags.make_env("chat", str(prompts), user_model="ok", reward_model=str(tmp_path / "rm"),
                          user_api_base=server, **bad)

@@ -9,6 +9,8 @@ import torch
 
 import evaluate as ev
 import simulator as sim
+from envs import chat_env
+from envs import tutor_task
 from conftest import ROOT, subprocess_env
 from test_simulator import chatml_tokenizer, teach, tiny_llama
 
@@ -62,10 +64,10 @@ def test_a_position_biased_judge_gives_one_half_and_a_fair_judge_is_order_free()
 
 
 def test_tutor_prefix_includes_the_students_reaction():
-    env = sim.TutorEnv()
-    conv = [{"role": "user", "content": sim.GREETING.format("planets")},
-            {"role": "assistant", "content": teach(0)}, {"role": "user", "content": sim.LEARNED},
-            {"role": "assistant", "content": sim.ASK}, {"role": "user", "content": sim.NAMED.format("songs")}]
+    env = tutor_task.TutorEnv()
+    conv = [{"role": "user", "content": tutor_task.GREETING.format("planets")},
+            {"role": "assistant", "content": teach(0)}, {"role": "user", "content": tutor_task.LEARNED},
+            {"role": "assistant", "content": tutor_task.ASK}, {"role": "user", "content": tutor_task.NAMED.format("songs")}]
     assert ev.dialogue_to_turn(conv, 1, env) == conv[:3]
     assert ev.dialogue_to_turn(conv, 2, env) == conv
     assert float(env.reward([ev.dialogue_to_turn(conv, 1, env)])[0]) == 0.25
@@ -85,7 +87,7 @@ def test_kl_estimator_matches_the_exact_kl():
 
 def test_kl_of_the_reference_to_itself_is_zero_and_to_another_policy_is_positive(base_policy):
     model, tok = base_policy
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     torch.manual_seed(0)
     convs = ev.play(model, tok, env, env.contexts(64, "eval", np.random.default_rng(0)), np.random.default_rng(1), 12)
     lp = ev.dialogue_logprobs(model, tok, convs, 5)
@@ -105,7 +107,7 @@ def test_kl_of_the_reference_to_itself_is_zero_and_to_another_policy_is_positive
     ("", None, "failed"),
 ])
 def test_judge_reply_parser(reply, choice, how):
-    assert sim.parse_judge_reply(reply) == (choice, how)
+    assert chat_env.parse_judge_reply(reply) == (choice, how)
 
 
 def test_llm_judge_uses_the_papers_format_and_counts_parses():
@@ -124,7 +126,7 @@ def test_llm_judge_uses_the_papers_format_and_counts_parses():
 
 def test_hf_llm_judge_runs_batched_and_greedy():
     tok = chatml_tokenizer()
-    judge = ev.LLMJudge(sim.hf_greedy_generate(tiny_llama(tok), tok, max_new_tokens=6, max_batch_size=2))
+    judge = ev.LLMJudge(chat_env.hf_greedy_generate(tiny_llama(tok), tok, max_new_tokens=6, max_batch_size=2))
     a, b = dialogues(*[["good"]] * 3), dialogues(*[["bad"]] * 3)
     first, second = judge(a, b), judge(a, b)
     assert first.tolist() == second.tolist()  # greedy: the same verdicts twice
@@ -184,7 +186,7 @@ def test_judge_preference_averages_both_orders():
         calls.append(len(prompts))
         return ["Comparison: first.\nPreferred: A"] * len(prompts)
 
-    pref = sim.JudgePreference(always_a)
+    pref = chat_env.JudgePreference(always_a)
     a, b = dialogues(["good"], ["bad"]), dialogues(["bad"], ["good"])
     assert pref(a, b).tolist() == [0.5, 0.5] and calls == [4]  # both orders, in one batched call
 
@@ -193,7 +195,7 @@ def test_judge_preference_averages_both_orders():
                 else "Preferred: B" for p in prompts]
 
     env = TwoTurnEnv()
-    env.judge = sim.JudgePreference(knows_good)
+    env.judge = chat_env.JudgePreference(knows_good)
     assert env.preference(a, b).tolist() == [1.0, 0.0]
 
 
@@ -226,7 +228,7 @@ def test_dialogues_shorter_than_h_max_are_judged_on_their_own_turns(base_policy)
     w = ev.win_rates(wins)
     assert w["per_turn"] == [1.0, 1.0] and w["average"] == 1.0
     mu, tok = base_policy
-    convs = [sim.TutorEnv().reference_dialogues(1, np.random.default_rng(s), n)[0] for s, n in ((0, 2), (1, 3))]
+    convs = [tutor_task.TutorEnv().reference_dialogues(1, np.random.default_rng(s), n)[0] for s, n in ((0, 2), (1, 3))]
     lp = ev.dialogue_logprobs(mu, tok, convs, 3)
     assert lp.shape == (2, 3) and lp[0, 2] == 0.0 and (lp[0, :2] < 0).all() and (lp[1] < 0).all()
     full = sim.turn_logprob(mu, tok, [convs[1]] * 3, [1, 2, 3]).detach().numpy()

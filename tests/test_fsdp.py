@@ -9,16 +9,17 @@ from conftest import ROOT, subprocess_env
 SCRIPT = r'''
 import sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
-import distributed
+from plumbing import distributed
 import simulator as sim
+from envs import tutor_task
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 dist.init_process_group("gloo")
-tok = sim.build_tutor_tokenizer()
+tok = tutor_task.build_tutor_tokenizer()
 torch.manual_seed(0)
 from transformers import LlamaForCausalLM
-plain = LlamaForCausalLM(sim.tutor_model_config(tok)).eval()
-sharded = LlamaForCausalLM(sim.tutor_model_config(tok))
+plain = LlamaForCausalLM(tutor_task.tutor_model_config(tok)).eval()
+sharded = LlamaForCausalLM(tutor_task.tutor_model_config(tok))
 sharded.load_state_dict(plain.state_dict())
 for layer in sharded.model.layers:
     fully_shard(layer)

@@ -10,6 +10,7 @@ import torch
 
 import iterative_ppo as ippo
 import simulator as sim
+from envs import tutor_task
 import single_turn_ppo as stp
 from conftest import TWO_CPU_PROCESSES, logged_steps, run_script, summary
 
@@ -42,7 +43,7 @@ def test_monte_carlo_returns_by_hand():
 
 
 def test_q_examples_are_states_plus_responses_with_returns():
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     convs = env.reference_dialogues(4, np.random.default_rng(0))
     rewards = env.reward(convs)
     ex = ippo.q_examples(convs, rewards, gamma=0.5)
@@ -60,22 +61,22 @@ def test_q_examples_are_states_plus_responses_with_returns():
 def test_fit_q_model_improves_heldout_error(base_policy, one_thread):
     _, tok = base_policy
     torch.manual_seed(0)
-    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    q = ippo.build_q_model(str(tutor_task.DEFAULT_BASE_POLICY), tok)
     rng = np.random.default_rng(0)
     target = {"pictures": 0.0, "stories": 0.25, "songs": 1.0, "puzzles": 0.5}
     ex = []
     for g in range(240):  # a tiny synthetic set: Q depends on the response only
-        style = sim.STYLES[rng.integers(4)]
-        msgs = [{"role": "user", "content": sim.GREETING.format(sim.TOPICS[rng.integers(8)])},
-                {"role": "assistant", "content": sim.TEACH.format(style)}]
+        style = tutor_task.STYLES[rng.integers(4)]
+        msgs = [{"role": "user", "content": tutor_task.GREETING.format(tutor_task.TOPICS[rng.integers(8)])},
+                {"role": "assistant", "content": tutor_task.TEACH.format(style)}]
         ex.append(dict(messages=msgs, h=1, group=g, G=target[style]))
     stats = ippo.fit_q_model(q, tok, ex, np.random.default_rng(1), epochs=15, lr=3e-3, minibatch_size=32,
                              heldout_fraction=0.25, patience=3)
     assert stats["q/heldout_examples"] == 60 and stats["q/examples"] == 180
     assert stats["q/heldout_mse"] < 0.2 * stats["q/heldout_mse_before"] and stats["q/heldout_mse"] < 0.02, stats
     assert stats["q/reverted"] == 0.0 and stats["q/optimizer_steps"] == stats["q/epochs"] * math.ceil(180 / 32)
-    pred = ippo.q_predict(q, tok, [[ex[0]["messages"][0], {"role": "assistant", "content": sim.TEACH.format(s)}]
-                                   for s in sim.STYLES])
+    pred = ippo.q_predict(q, tok, [[ex[0]["messages"][0], {"role": "assistant", "content": tutor_task.TEACH.format(s)}]
+                                   for s in tutor_task.STYLES])
     assert pred.argsort().tolist() == [0, 1, 3, 2]  # pictures < stories < puzzles < songs
     with pytest.raises(ValueError):
         ippo.fit_q_model(q, tok, [], rng)
@@ -90,9 +91,9 @@ def test_fit_q_model_reports_a_revert(base_policy, one_thread):
     and says so."""
     _, tok = base_policy
     torch.manual_seed(0)
-    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    q = ippo.build_q_model(str(tutor_task.DEFAULT_BASE_POLICY), tok)
     start = copy.deepcopy(q.state_dict())
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     convs = env.reference_dialogues(8, np.random.default_rng(0), 2)
     ex = ippo.q_examples(convs, env.reward(convs), 1.0)
     stats = ippo.fit_q_model(q, tok, ex, np.random.default_rng(0), epochs=3, lr=0.0, minibatch_size=4,
@@ -109,9 +110,9 @@ def test_fit_q_model_keeps_a_trained_epoch_by_default(base_policy, one_thread):
     conversations score the starting weights better (said by q/worse_than_before, not acted on)."""
     _, tok = base_policy
     torch.manual_seed(0)
-    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    q = ippo.build_q_model(str(tutor_task.DEFAULT_BASE_POLICY), tok)
     start = copy.deepcopy(q.state_dict())
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     convs = env.reference_dialogues(8, np.random.default_rng(0), 2)
     ex = ippo.q_examples(convs, env.reward(convs), 1.0)
     # a huge step ruins the fit: every epoch is worse than the start on the held-out conversations
@@ -127,8 +128,8 @@ def test_q_of_every_turn_from_one_forward_equals_a_forward_per_prefix(base_polic
     it: the same values (and gradients' loss) as one forward per prefix s_h + y_h, in turn order."""
     _, tok = base_policy
     torch.manual_seed(0)
-    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok).eval()
-    env = sim.TutorEnv()
+    q = ippo.build_q_model(str(tutor_task.DEFAULT_BASE_POLICY), tok).eval()
+    env = tutor_task.TutorEnv()
     rng = np.random.default_rng(0)
     convs = env.reference_dialogues(3, rng, 3) + env.reference_dialogues(2, rng, 5)  # conversations of 3 and 5 turns
     ex = ippo.q_examples(convs, env.reward(convs), 1.0)
@@ -230,7 +231,7 @@ def test_rollout_is_batched_per_turn(base_policy, monkeypatch, one_thread):
     calls = []
     real = sim.sample_turns
     monkeypatch.setattr(sim, "sample_turns", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
-    env, rng = sim.TutorEnv(), np.random.default_rng(0)
+    env, rng = tutor_task.TutorEnv(), np.random.default_rng(0)
     convs, rewards = ippo.rollout(model, tok, env, env.contexts(64, "train", rng), rng, ippo.Args())
     assert calls == [64] * 5 and len(convs) == 64 and rewards.shape == (64,)
     assert all(sum(m["role"] == "assistant" for m in c) == 5 and c[-1]["role"] == "user" for c in convs)
@@ -239,7 +240,7 @@ def test_rollout_is_batched_per_turn(base_policy, monkeypatch, one_thread):
 def test_response_logprobs_over_the_responses_span_equal_the_dense_pass(base_policy):
     """The LM head runs over the responses only; the values are those of a full forward."""
     mu, tok = base_policy
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     convs = env.reference_dialogues(3, np.random.default_rng(0), 3)
     prompts = [c[:2 * k + 1] for k, c in enumerate(convs)]
     responses = [tok(c[2 * k + 1]["content"], add_special_tokens=False)["input_ids"] for k, c in enumerate(convs)]
@@ -252,7 +253,7 @@ def test_response_logprobs_over_the_responses_span_equal_the_dense_pass(base_pol
 
 def test_response_log_dists_match_the_sampled_tokens_log_probs(base_policy):
     mu, tok = base_policy
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     convs = env.reference_dialogues(3, np.random.default_rng(1), 3)
     prompts = [c[:2 * k + 1] for k, c in enumerate(convs)]
     responses = [tok(c[2 * k + 1]["content"], add_special_tokens=False)["input_ids"][:2 + 2 * k]
@@ -274,12 +275,12 @@ def ppo_setup(base_policy, **kw):
     acc = ippo.make_accelerator(args.bf16)
     torch.manual_seed(0)
     policy, ref = copy.deepcopy(mu), copy.deepcopy(mu).eval().requires_grad_(False)
-    q = ippo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+    q = ippo.build_q_model(str(tutor_task.DEFAULT_BASE_POLICY), tok)
     critic = copy.deepcopy(q)
     ippo.prepare_for_training([policy, q, critic], args)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=args.q_lr)
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     prompts = [c.messages for c in env.contexts(8, "train", np.random.default_rng(0))]
     return args, acc, policy, ref, q, critic, opt, critic_opt, tok, prompts
 
@@ -367,7 +368,7 @@ def test_d_single_is_a_uniform_sample_of_the_visited_states():
 
 def test_policy_shift_measures_kl_new_to_pi_i(base_policy, one_thread):
     args, acc, policy, ref, *_, tok, prompts = ppo_setup(base_policy)
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     convs = env.reference_dialogues(6, np.random.default_rng(2), 2)
     prompts = prompts[:4] + [sim.prefix_to_turn(c, 2) for c in convs]  # 4 first-turn and 6 second-turn states
     turns = [1] * 4 + [2] * 6
@@ -478,7 +479,7 @@ def test_chat_env_with_hf_models(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
                                            "questions": ["i am not sure .", "this is boring ."]}) + "\n"
-                               for t in sim.TOPICS))
+                               for t in tutor_task.TOPICS))
     rows = tmp_path / "ppo.jsonl"
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--prompts_path", str(prompts), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "1",
@@ -500,7 +501,7 @@ def test_every_state_on_two_ranks_with_records_of_different_lengths(tmp_path):
     questions = [[], ["i am not sure ."], ["i am not sure .", "this is boring ."]]
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
                                            "questions": questions[k % 3]}) + "\n"
-                               for k, t in enumerate(sim.TOPICS * 3)))
+                               for k, t in enumerate(tutor_task.TOPICS * 3)))
     rows = tmp_path / "ppo.jsonl"
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--prompts_path", str(prompts), "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "2",

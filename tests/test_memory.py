@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import simulator as sim
+from plumbing import logprob_memory
 from conftest import ROOT, subprocess_env
 from test_simulator import dialogue, llama3_tokenizer
 
@@ -148,11 +149,11 @@ def test_token_logprobs_target_mask_equals_the_dense_pass():
 
 def test_token_budget_batches_and_turn_logprob_with_a_budget():
     lengths = [50, 10, 300, 40, 40, 120]
-    batches = sim.token_budget_batches(lengths, max_batch_size=3, max_tokens_per_batch=200)
+    batches = logprob_memory.token_budget_batches(lengths, max_batch_size=3, max_tokens_per_batch=200)
     assert sorted(i for b in batches for i in b) == list(range(6))
     for b in batches:
         assert len(b) <= 3 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 200)
-    assert sim.token_budget_batches(lengths, 4) == [[0, 1, 2, 3], [4, 5]]  # without a budget: as before
+    assert logprob_memory.token_budget_batches(lengths, 4) == [[0, 1, 2, 3], [4, 5]]  # without a budget: as before
     from test_simulator import tiny_llama
 
     tok = llama3_tokenizer()

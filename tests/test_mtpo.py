@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-import learned_reward
+from envs import learned_reward
 import mtpo
 import simulator as sim
+from envs import chat_env
+from envs import loading
+from envs import tutor_task
 from conftest import ROOT, TWO_CPU_PROCESSES, logged_steps, run_script, subprocess_env, summary
 
 TINY = ["--prompts_per_iteration", "16", "--num_eval", "32", "--threads", "1", "--value_warmup_iterations", "1"]
@@ -145,7 +148,7 @@ def test_fitted_reward_model_beats_chance_on_the_tutor_task(base_policy, tmp_pat
     ref, tok = base_policy
     args = mtpo.Args(variant="rlhf", reward="learned", rm_pairs=256, rm_epochs=4, rm_lr=3e-3, gen_batch_size=512,
                      lr=3e-4)
-    accelerator, env = Accelerator(cpu=True), sim.TutorEnv()
+    accelerator, env = Accelerator(cpu=True), tutor_task.TutorEnv()
     rm, m = learned_reward.learned_reward_model(args, accelerator, ref, tok, env, tmp_path, mtpo.preference)
     a, b, p, rng = learned_reward.preference_pairs(ref, tok, env, args, accelerator, 3, mtpo.preference)
     assert len(a) == len(b) == 256 and all(x[0] == y[0] for x, y in zip(a, b))  # same context, two samples
@@ -225,7 +228,7 @@ def test_rollout_is_batched_and_starts_from_the_beginning(base_policy, monkeypat
     calls = []
     real = mtpo.mixture_sample_turns
     monkeypatch.setattr(mtpo, "mixture_sample_turns", lambda *a, **k: calls.append(len(a[3])) or real(*a, **k))
-    env, rng, args = sim.TutorEnv(), np.random.default_rng(0), mtpo.Args(lr=3e-4)
+    env, rng, args = tutor_task.TutorEnv(), np.random.default_rng(0), mtpo.Args(lr=3e-4)
     ctx = env.contexts(32, "train", rng)
     convs, hit = mtpo.rollout(model, model, tok, env, [c.messages for c in ctx] * 2, [c.user for c in ctx] * 2, rng,
                               args, tau=0.5)
@@ -237,14 +240,14 @@ def test_rollout_is_batched_and_starts_from_the_beginning(base_policy, monkeypat
 def test_conversation_batch_matches_turn_logprob(base_policy):
     """One forward per whole conversation gives the same log pi(y_h|s_h) as the per-turn computation."""
     model, tok = base_policy
-    convs = sim.TutorEnv().reference_dialogues(6, np.random.default_rng(2))
+    convs = tutor_task.TutorEnv().reference_dialogues(6, np.random.default_rng(2))
     ids, attn, token_turn, state_pos, m = mtpo.conversation_batch(tok, convs, 5)
     with torch.no_grad():
         lp = mtpo.per_turn(sim.token_logprobs(model, ids, attn), token_turn, 5)
         want = sim.turn_logprob(model, tok, [c for c in convs for _ in range(5)], [h for _ in convs for h in range(1, 6)])
     torch.testing.assert_close(lp.flatten(), want, atol=1e-4, rtol=1e-5)
     assert m.all() and (token_turn[torch.arange(6)[:, None], state_pos] > 0).all()  # x_h's last token precedes y_h
-    ac = mtpo.ActorCritic(model, sim.load_tutor_base_policy()[0].get_decoder())
+    ac = mtpo.ActorCritic(model, tutor_task.load_tutor_base_policy()[0].get_decoder())
     tok_lp, v = ac(ids, attn, state_pos)
     assert v.shape == (6, 5) and torch.allclose(v, torch.full_like(v, 0.5))  # head starts at 0.5
 
@@ -255,7 +258,7 @@ def test_policy_and_value_gradients_are_clipped_apart(base_policy, value_backbon
     group when the value head reads the policy's own backbone)."""
     from accelerate import Accelerator
 
-    policy = sim.load_tutor_base_policy()[0]  # mu, built once by the base_policy fixture
+    policy = tutor_task.load_tutor_base_policy()[0]  # mu, built once by the base_policy fixture
     ac = mtpo.ActorCritic(policy, policy.get_decoder().__class__(policy.config) if value_backbone == "separate"
                           else None)
     for name, p in ac.named_parameters():
@@ -272,7 +275,7 @@ def test_policy_and_value_gradients_are_clipped_apart(base_policy, value_backbon
 
 
 def test_preference_oracle_checks_and_judge_averages_orders():
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     a = env.reference_dialogues(4, np.random.default_rng(0))
     b = env.reference_dialogues(4, np.random.default_rng(1))
     p = mtpo.preference(env, a, b)
@@ -280,8 +283,8 @@ def test_preference_oracle_checks_and_judge_averages_orders():
     env.preference = lambda x, y: torch.full((len(x),), float("nan"))
     with pytest.raises(ValueError, match="NaN"):
         mtpo.preference(env, a, b)
-    env = sim.TutorEnv()
-    env.judge = sim.JudgePreference(lambda prompts: ["Comparison: x\nPreferred: A"] * len(prompts))  # position bias
+    env = tutor_task.TutorEnv()
+    env.judge = chat_env.JudgePreference(lambda prompts: ["Comparison: x\nPreferred: A"] * len(prompts))  # position bias
     torch.testing.assert_close(mtpo.preference(env, a, b), torch.full((4,), 0.5))  # both orders cancel it
 
 
@@ -294,7 +297,7 @@ def test_chat_env_with_hf_models_and_a_prompted_judge(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
                                            "questions": ["i am not sure .", "this is boring ."]}) + "\n"
-                               for t in sim.TOPICS))
+                               for t in tutor_task.TOPICS))
     chat = ["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
             "--prompts_path", str(prompts), "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "1",
             *TINY, "--num_eval", "4", "--prompts_per_iteration", "4"]
@@ -326,7 +329,7 @@ def test_education_dialogue_with_an_hf_student_and_a_prompted_judge(tmp_path):
     data.write_text(json.dumps([{"background_info": {"topic": t, "student_prefrences": "story telling",
                                                      "student_reactions": "and gets anxious otherwise"},
                                  "conversation": [{"role": "Teacher", "text": "hello ."},
-                                                  {"role": "Student", "text": "hi ."}]} for t in sim.TOPICS]))
+                                                  {"role": "Student", "text": "hi ."}]} for t in tutor_task.TOPICS]))
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--user_model", str(tmp_path / "policy"), "--judge_model", str(tmp_path / "policy"), "--prompts_path",
          str(data), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "1", *TINY, "--num_eval", "4",
@@ -370,7 +373,7 @@ def test_checkpoint_resume_and_loadable_policy(tmp_path, base_policy):
     again = summary(tmp_path, "res")  # resumed when finished: nothing trained or logged, the same counts
     assert again["iterations"] == 3 and again["initial_reward"] == s["initial_reward"]
     assert [m["step"] for m in logged_steps(tmp_path / "res")] == steps
-    trained, _ = sim.load_policy(str(ckpt / "policy"))  # what evaluate.py loads
+    trained, _ = loading.load_policy(str(ckpt / "policy"))  # what evaluate.py loads
     mu, _ = base_policy
     assert any(not torch.equal(p, q) for p, q in zip(trained.parameters(), mu.parameters()))
 
@@ -419,9 +422,9 @@ def test_default_run_beats_mu(tmp_path, variant, base_policy):
 def test_actor_critic_over_the_agent_turns_equals_the_dense_pass(base_policy):
     """The LM head runs over the agent turns' span only; their log-probs are those of a full forward."""
     _, tok = base_policy
-    load = lambda: sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    load = lambda: loading.load_policy(str(tutor_task.DEFAULT_BASE_POLICY))[0]
     model = mtpo.ActorCritic(load(), load().get_decoder()).eval()
-    convs = sim.TutorEnv().reference_dialogues(3, np.random.default_rng(1), 3)
+    convs = tutor_task.TutorEnv().reference_dialogues(3, np.random.default_rng(1), 3)
     ids, attn, token_turn, state_pos, turn_mask = mtpo.conversation_batch(tok, convs, 3)
     with torch.no_grad():
         dense, v_dense = model(ids, attn, state_pos)
@@ -445,11 +448,11 @@ def test_row_chunks_keep_the_token_budget():
 def test_a_value_head_on_the_policys_backbone(base_policy):
     """--value_backbone shared: one trained backbone fewer; the value loss's gradient reaches the policy's layers."""
     _, tok = base_policy
-    load = lambda: sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    load = lambda: loading.load_policy(str(tutor_task.DEFAULT_BASE_POLICY))[0]
     separate, shared = mtpo.ActorCritic(load(), load().get_decoder()), mtpo.ActorCritic(load())
     count = lambda m: sum(p.numel() for p in m.parameters())
     assert count(shared) == count(separate) - count(separate.value_backbone)
-    convs = sim.TutorEnv().reference_dialogues(2, np.random.default_rng(1), 2)
+    convs = tutor_task.TutorEnv().reference_dialogues(2, np.random.default_rng(1), 2)
     ids, attn, token_turn, state_pos, turn_mask = mtpo.conversation_batch(tok, convs, 2)
     torch.nn.init.normal_(shared.value_head.weight)  # zero at initialisation, so no gradient would pass yet
     _, v = shared(ids, attn, state_pos)
@@ -466,7 +469,7 @@ def test_setting_two_records_of_few_turns_play_their_own_number_of_turns(tmp_pat
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} ."}],
                                            "questions": ["why ?", "go on ."][:k]}) + "\n"
-                               for k, t in zip([0, 1, 2] * 3, sim.TOPICS)))
+                               for k, t in zip([0, 1, 2] * 3, tutor_task.TOPICS)))
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--prompts_path", str(prompts), "--variant", "mtpo", "--max_turns", "3", "--max_new_tokens", "4",
          "--num_iterations", "1", "--prompts_per_iteration", "8", "--num_eval", "6", "--run_name", "s2",

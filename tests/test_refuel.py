@@ -9,6 +9,7 @@ import torch
 import baselines_dpo_rebel as bl
 import refuel
 import simulator as sim
+from envs import tutor_task
 from conftest import TWO_CPU_PROCESSES, logged_steps, run_script, summary
 
 TINY = ["--prompts_per_iteration", "32", "--minibatch_size", "16", "--num_eval", "32", "--threads", "1"]
@@ -53,7 +54,7 @@ def test_training_rewards_shaping_and_length_penalty():
 
 def test_only_turn_h_carries_gradient(base_policy):
     model, tok = base_policy
-    conv = sim.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 3)[0]
+    conv = tutor_task.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 3)[0]
     ids, attn, mask = sim.turn_batch(tok, [conv], [2], tok.pad_token_id)
     emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
     logits = model(inputs_embeds=emb, attention_mask=attn).logits[:, :-1]
@@ -86,7 +87,7 @@ def test_saved_pairs_obey_algorithm_1(tmp_path, base_policy):
         assert a[i]["content"] != b[i]["content"]  # y_h != y'_h
         for c in (a, b):  # both rolled out to turn H (and the student's reply to y_H, which the reward reads)
             assert sum(m["role"] == "assistant" for m in c) == H and c[-1]["role"] == "user"
-        env = sim.TutorEnv(sim.TutorRules(max_turns=4))  # reward = lessons / (H_max - 1)
+        env = tutor_task.TutorEnv(tutor_task.TutorRules(max_turns=4))  # reward = lessons / (H_max - 1)
         assert env.reward([a]).item() == p["reward_a"] and env.reward([b]).item() == p["reward_b"]
     assert len({h for h, _ in hs}) > 1 and len({H for _, H in hs}) > 1 and any(h < H for h, H in hs)
     # stored log pi_t(y_h|s_h) equals a fresh forward pass of pi_t (= mu at iteration 0)
@@ -126,7 +127,7 @@ def test_collect_pairs_batches_every_turn(base_policy, monkeypatch):
     real = sim.sample_turns
     monkeypatch.setattr(sim, "sample_turns", lambda *a, **k: calls.append(len(a[2])) or real(*a, **k))
     args = refuel.Args(max_turns=5)
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
     pairs, stats = refuel.collect_pairs(model, tok, env, env.contexts(64, "train", rng), rng, args)
@@ -182,7 +183,7 @@ def test_chat_env_with_hf_models_and_presampled_questions(tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"hello teacher , teach me {t} ."}],
                                            "questions": ["i am not sure .", "this is boring .", "i like songs best ."]})
-                               + "\n" for t in sim.TOPICS))
+                               + "\n" for t in tutor_task.TOPICS))
     pairs = tmp_path / "pairs.jsonl"
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--prompts_path", str(prompts), "--max_turns", "3", "--max_new_tokens", "4", "--num_iterations", "1",
@@ -203,7 +204,7 @@ def test_prompts_per_iteration_zero_passes_over_the_whole_prompt_set(tmp_path):
     prompts = tmp_path / "prompts.jsonl"  # 20 records: ChatEnv holds out the first 2 for evaluation
     prompts.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"teach me {t} number {k} ."}],
                                            "questions": ["i am not sure ."]}) + "\n"
-                               for k in range(4) for t in sim.TOPICS[:5]))
+                               for k in range(4) for t in tutor_task.TOPICS[:5]))
     pairs = tmp_path / "pairs.jsonl"
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--prompts_path", str(prompts), "--max_turns", "2", "--max_new_tokens", "4", "--num_iterations", "2",
@@ -225,7 +226,7 @@ def test_setting_one_with_an_hf_user_model_on_ultrainteract_records(tmp_path):
     save_tiny_policy_and_reward_model(tmp_path)
     data = tmp_path / "ultrainteract.jsonl"
     data.write_text("".join(json.dumps({"trajectory": [{"from": "user", "value": f"teach me {t} ."}],
-                                        "chosen": "ok .", "rejected": "no ."}) + "\n" for t in sim.TOPICS))
+                                        "chosen": "ok .", "rejected": "no ."}) + "\n" for t in tutor_task.TOPICS))
     pairs = tmp_path / "pairs.jsonl"
     run(["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model", str(tmp_path / "rm"),
          "--user_model", str(tmp_path / "policy"), "--prompts_path", str(data), "--dataset_format", "ultrainteract",

@@ -1,4 +1,4 @@
-"""run_io.py, what a run writes and reads back: metrics by name to metrics.jsonl and (with --track) to Weights &
+"""plumbing/run_io.py, what a run writes and reads back: metrics by name to metrics.jsonl and (with --track) to Weights &
 Biases, and checkpoints that are replaced atomically and restored whole. W&B is a fake module here (the tests never
 need wandb installed, nor the network): it records what the Logger calls."""
 import json
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import refuel
-import run_io
+from plumbing import run_io
 from conftest import ROOT, subprocess_env
 
 # a stand-in for `wandb`: init's arguments, every log call with its step, and finish, appended as JSON lines to
@@ -91,7 +91,7 @@ def test_track_without_wandb_installed_says_what_to_do(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- checkpoints
 def tiny_training_setup():
-    import distributed
+    from plumbing import distributed
     from test_simulator import llama3_tokenizer, tiny_llama
 
     accelerator = distributed.make_accelerator(False)

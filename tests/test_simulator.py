@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-import distributed
-import fast_decode
+from plumbing import distributed
+from plumbing import fast_decode
 import simulator as sim
+from envs import chat_datasets
+from envs import chat_env
+from envs import tutor_task
 from conftest import ROOT, subprocess_env
 
 LLAMA3_TEMPLATE = (
@@ -28,7 +31,7 @@ def word_tokenizer(template, specials, name):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    base = sim.build_tutor_tokenizer()
+    base = tutor_task.build_tutor_tokenizer()
     words = [w for w in base.get_vocab() if not w.startswith("<")] + ["user", "assistant", "system"]
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *specials, *sorted(set(words))])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
@@ -86,12 +89,12 @@ def save_tiny_policy_and_reward_model(path):
 
 
 def dialogue(n_turns=3):
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     return env.reference_dialogues(1, np.random.default_rng(3), n_turns)[0]
 
 
 # ---------------------------------------------------------------- chat templates and turn masks
-@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer, chatml_tokenizer])
+@pytest.mark.parametrize("make", [tutor_task.build_tutor_tokenizer, llama3_tokenizer, chatml_tokenizer])
 def test_turn_masks_match_whole_conversation(make):
     tok = make()
     conv = dialogue(3)
@@ -140,15 +143,15 @@ def test_template_errors_name_the_model():
 
 def test_roles_must_alternate():
     with pytest.raises(ValueError, match="alternate"):
-        sim.validate_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
+        chat_datasets.validate_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}])
     with pytest.raises(ValueError, match="non-empty"):
-        sim.validate_conversation([])
-    sim.validate_conversation([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+        chat_datasets.validate_conversation([])
+    chat_datasets.validate_conversation([{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
                                {"role": "assistant", "content": "b"}])
 
 
 # ---------------------------------------------------------------- batched sampling
-@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer])
+@pytest.mark.parametrize("make", [tutor_task.build_tutor_tokenizer, llama3_tokenizer])
 def test_sampled_logprobs_equal_a_separate_forward_pass(make):
     tok = make()
     model = tiny_llama(tok)
@@ -167,17 +170,17 @@ def test_sampled_logprobs_equal_a_separate_forward_pass(make):
     assert all(len(ids) == 6 for ids, hit in zip(out.token_ids, out.hit_budget) if hit)
 
 
-@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer])
+@pytest.mark.parametrize("make", [tutor_task.build_tutor_tokenizer, llama3_tokenizer])
 def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
     """The sampler's fast path (static KV cache, compiled decode step, batch padded up to 16, 24, 32, ...) against the
     plain dynamic-cache loop: with the same seed, the same tokens and the same log-probs, greedy and sampled."""
     tok = make()
-    if make is sim.build_tutor_tokenizer:
-        model, tok = sim.load_tutor_base_policy()
+    if make is tutor_task.build_tutor_tokenizer:
+        model, tok = tutor_task.load_tutor_base_policy()
     else:
         model = tiny_llama(tok)
     convs = [dialogue(h)[:2 * h + 1] for h in (0, 1, 2)] * 7  # 21 prompts of three lengths: padded to 32 rows
-    assert not sim.use_fast_path(model, None)  # on CPU the default stays the plain loop
+    assert not fast_decode.use_fast_path(model, None)  # on CPU the default stays the plain loop
     for T in (0.0, 1.0):
         runs = []
         for kw in (dict(fast=False), dict(fast=True, compile_step=False), dict(fast=True, compile_step=True)):
@@ -195,7 +198,7 @@ def test_fast_path_static_cache_and_compiled_step_sample_the_same_tokens(make):
     torch.manual_seed(0)
     again = sim.sample_turns(model, tok, convs, 8, 1.0, **fast)
     assert fast_decode._STATIC_CACHES[model][1] is kept and again.token_ids == first.token_ids == runs[0].token_ids
-    sim.free_static_caches()
+    fast_decode.free_static_caches()
     assert not fast_decode._STATIC_CACHES
 
 
@@ -221,17 +224,17 @@ def test_fast_path_compiles_a_bounded_number_of_times_over_many_prompt_lengths(m
         B = 1 + (7 * i) % 20
         sim.sample_turns(model, tok, [conv] * B, 3, 1.0, fast=True, compile_step=True)
         L = len(sim.render_ids(tok, conv, add_generation_prompt=True))
-        shapes.add((sim.ladder(B, 16), sim.ladder(L + 3, 64)))
+        shapes.add((fast_decode.ladder(B, 16), fast_decode.ladder(L + 3, 64)))
     assert len(compiles) == len(shapes) <= 16  # 2 batch buckets x 8 length buckets at most, over 25 x 20 shapes
-    assert torch._dynamo.config.recompile_limit >= sim.STEP_RECOMPILE_LIMIT
-    assert [sim.ladder(n, 64) for n in (1, 64, 65, 96, 97, 129, 200, 3072, 3073)] == \
+    assert torch._dynamo.config.recompile_limit >= fast_decode.STEP_RECOMPILE_LIMIT
+    assert [fast_decode.ladder(n, 64) for n in (1, 64, 65, 96, 97, 129, 200, 3072, 3073)] == \
         [64, 64, 96, 96, 128, 192, 256, 3072, 4096]
 
 
 def test_default_fast_path_falls_back_to_the_plain_loop_when_it_fails(monkeypatch):
     """On a GPU the fast path is the default; a model it cannot handle gets a warning and the plain loop, with the
     random state rewound so the samples are the plain loop's own."""
-    model, tok = sim.load_tutor_base_policy()
+    model, tok = tutor_task.load_tutor_base_policy()
     convs = [dialogue(1)[:3]] * 5
     torch.manual_seed(0)
     plain = sim.sample_turns(model, tok, convs, 8, 1.0, fast=False)
@@ -257,55 +260,55 @@ def test_sampler_chunks_and_stops_at_end_of_turn(base_policy):
     eot = sim.end_of_turn_id(tok)
     assert len(out.texts) == 10 and not out.hit_budget.any()
     assert all(ids[-1] == eot and eot not in ids[:-1] for ids in out.token_ids)
-    assert all(sim.parse_teacher(t)[0] in ("ask", "teach") for t in out.texts)
+    assert all(tutor_task.parse_teacher(t)[0] in ("ask", "teach") for t in out.texts)
 
 
 # ---------------------------------------------------------------- the student follows the rules
 def replies(conv, style, patience, n=20000, seed=0):
-    rules, rng = sim.TutorRules(), np.random.default_rng(seed)
+    rules, rng = tutor_task.TutorRules(), np.random.default_rng(seed)
     u = rng.random((n, 3))
-    out = [sim.student_reply(conv, style, patience, rules, u[i]) for i in range(n)]
+    out = [tutor_task.student_reply(conv, style, patience, rules, u[i]) for i in range(n)]
     return {r: out.count(r) / n for r in set(out)}
 
 
 def conv_with(*teacher_turns):
-    conv = [{"role": "user", "content": sim.GREETING.format("planets")}]
+    conv = [{"role": "user", "content": tutor_task.GREETING.format("planets")}]
     for t in teacher_turns:
-        conv += [{"role": "assistant", "content": t}, {"role": "user", "content": sim.NEUTRAL}]
+        conv += [{"role": "assistant", "content": t}, {"role": "user", "content": tutor_task.NEUTRAL}]
     return conv[:-1]
 
 
 def teach(style):
-    return sim.TEACH.format(sim.STYLES[style])
+    return tutor_task.TEACH.format(tutor_task.STYLES[style])
 
 
 def test_student_answer_frequencies():
     tol = 0.015
-    f = replies(conv_with(sim.ASK), style=2, patience=1)
-    assert abs(f[sim.NAMED.format("songs")] - 0.7) < tol and abs(f[sim.NOT_SURE] - 0.3) < tol
+    f = replies(conv_with(tutor_task.ASK), style=2, patience=1)
+    assert abs(f[tutor_task.NAMED.format("songs")] - 0.7) < tol and abs(f[tutor_task.NOT_SURE] - 0.3) < tol
     f = replies(conv_with(teach(2)), style=2, patience=1)
-    assert abs(f[sim.LEARNED] - 0.9) < tol and abs(f[sim.NEUTRAL] - 0.1) < tol
+    assert abs(f[tutor_task.LEARNED] - 0.9) < tol and abs(f[tutor_task.NEUTRAL] - 0.1) < tol
     f = replies(conv_with(teach(0)), style=2, patience=1)
-    assert abs(f[sim.LEARNED] - 0.1) < tol and abs(f[sim.BORED] - 0.63) < tol and abs(f[sim.NEUTRAL] - 0.27) < tol
+    assert abs(f[tutor_task.LEARNED] - 0.1) < tol and abs(f[tutor_task.BORED] - 0.63) < tol and abs(f[tutor_task.NEUTRAL] - 0.27) < tol
 
 
 def test_student_patience_rules():
     # patience 1: the first mismatch still gets a normal reply, everything after it gets "asleep"
-    assert sim.ASLEEP not in replies(conv_with(teach(0)), 2, 1, n=200)
-    assert replies(conv_with(teach(0), teach(2)), 2, 1, n=200) == {sim.ASLEEP: 1.0}
-    assert replies(conv_with(teach(0), sim.ASK), 2, 1, n=200) == {sim.ASLEEP: 1.0}
+    assert tutor_task.ASLEEP not in replies(conv_with(teach(0)), 2, 1, n=200)
+    assert replies(conv_with(teach(0), teach(2)), 2, 1, n=200) == {tutor_task.ASLEEP: 1.0}
+    assert replies(conv_with(teach(0), tutor_task.ASK), 2, 1, n=200) == {tutor_task.ASLEEP: 1.0}
     # patience 2 tolerates two mismatches; asking and unparseable turns use none
-    assert sim.ASLEEP not in replies(conv_with(teach(0), sim.ASK, "blah blah", teach(1)), 2, 2, n=200)
-    assert replies(conv_with(teach(0), teach(1), teach(2)), 2, 2, n=200) == {sim.ASLEEP: 1.0}
-    assert replies(conv_with("let us learn with dragons ."), 2, 2, n=200) == {sim.CONFUSED: 1.0}
+    assert tutor_task.ASLEEP not in replies(conv_with(teach(0), tutor_task.ASK, "blah blah", teach(1)), 2, 2, n=200)
+    assert replies(conv_with(teach(0), teach(1), teach(2)), 2, 2, n=200) == {tutor_task.ASLEEP: 1.0}
+    assert replies(conv_with("let us learn with dragons ."), 2, 2, n=200) == {tutor_task.CONFUSED: 1.0}
 
 
 def test_reward_is_read_off_the_conversation():
-    conv = conv_with(teach(1), teach(1), sim.ASK)
-    conv[2]["content"], conv[4]["content"] = sim.LEARNED, sim.BORED
-    conv.append({"role": "user", "content": sim.LEARNED})  # the learned-looking reply to an ask still counts as text
-    env = sim.TutorEnv()
-    assert sim.lessons_learned(conv) == [1, 0, 1]
+    conv = conv_with(teach(1), teach(1), tutor_task.ASK)
+    conv[2]["content"], conv[4]["content"] = tutor_task.LEARNED, tutor_task.BORED
+    conv.append({"role": "user", "content": tutor_task.LEARNED})  # the learned-looking reply to an ask still counts as text
+    env = tutor_task.TutorEnv()
+    assert tutor_task.lessons_learned(conv) == [1, 0, 1]
     assert env.reward([conv]).item() == pytest.approx(2 / 4)
     p = env.preference([conv], [conv_with(teach(1))])
     assert p.item() == pytest.approx(torch.sigmoid(torch.tensor(4 * 0.5)).item())
@@ -313,54 +316,54 @@ def test_reward_is_read_off_the_conversation():
 
 # ---------------------------------------------------------------- exact values
 def test_exact_values():
-    v1 = sim.TutorRules()
-    assert sim.tutor_value(v1, "optimal") == pytest.approx(0.8050, abs=5e-5)
-    assert sim.tutor_value(v1, "reference") == pytest.approx(0.2800, abs=5e-5)
-    assert sim.tutor_value(v1, "last_turn") == pytest.approx(0.2969, abs=5e-5)
-    assert sim.tutor_value(v1, "never_ask") == pytest.approx(0.3914, abs=5e-5)
-    original = sim.TutorRules(ref_follow_answer=False)
-    assert sim.tutor_value(original, "reference") == pytest.approx(0.2290, abs=5e-5)
-    assert sim.tutor_value(original, "last_turn") == pytest.approx(0.2412, abs=5e-5)
+    v1 = tutor_task.TutorRules()
+    assert tutor_task.tutor_value(v1, "optimal") == pytest.approx(0.8050, abs=5e-5)
+    assert tutor_task.tutor_value(v1, "reference") == pytest.approx(0.2800, abs=5e-5)
+    assert tutor_task.tutor_value(v1, "last_turn") == pytest.approx(0.2969, abs=5e-5)
+    assert tutor_task.tutor_value(v1, "never_ask") == pytest.approx(0.3914, abs=5e-5)
+    original = tutor_task.TutorRules(ref_follow_answer=False)
+    assert tutor_task.tutor_value(original, "reference") == pytest.approx(0.2290, abs=5e-5)
+    assert tutor_task.tutor_value(original, "last_turn") == pytest.approx(0.2412, abs=5e-5)
 
 
 def test_sampled_reference_matches_exact_value():
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     r = env.reward(env.reference_dialogues(20000, np.random.default_rng(0)))
     se = r.std().item() / np.sqrt(len(r))
-    assert abs(r.mean().item() - sim.tutor_value(env.rules, "reference")) < 3 * se
+    assert abs(r.mean().item() - tutor_task.tutor_value(env.rules, "reference")) < 3 * se
 
 
 def test_base_policy_value_matches_reference(base_policy):
     model, tok = base_policy
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     torch.manual_seed(0)
     out = sim.evaluate_policy(model, tok, env, 3000, seed=123, max_new_tokens=12)
-    exact = sim.tutor_value(env.rules, "reference")
+    exact = tutor_task.tutor_value(env.rules, "reference")
     assert abs(out["eval/mean_reward"] - exact) < 3 * out["eval/reward_stderr"] + 0.01
 
 
 # ---------------------------------------------------------------- the papers' setting: parsing and bad input
 def test_user_question_parsing_and_counted_fallback():
-    assert sim.parse_user_question("Justification: curious.\nQuestion: Why is the sky blue?") == \
+    assert chat_env.parse_user_question("Justification: curious.\nQuestion: Why is the sky blue?") == \
         ("Why is the sky blue?", True)
-    assert sim.parse_user_question("justification: x\nquestion:  how?  ") == ("how?", True)
-    assert sim.parse_user_question("Justification: hmm\nI want more detail.") == ("I want more detail.", False)
+    assert chat_env.parse_user_question("justification: x\nquestion:  how?  ") == ("how?", True)
+    assert chat_env.parse_user_question("Justification: hmm\nI want more detail.") == ("I want more detail.", False)
     # anchored lines, the first complete question, labels stripped (what small and large models write)
-    assert sim.parse_user_question("Question: In what way does plants make food?\nJustification: The answer to this "
+    assert chat_env.parse_user_question("Question: In what way does plants make food?\nJustification: The answer to this "
                                    "question is: light.") == ("In what way does plants make food?", True)
-    assert sim.parse_user_question("Question:\nWhat is X?") == ("What is X?", True)
-    assert sim.parse_user_question("**Question:** How do I cook rice?") == ("How do I cook rice?", True)
-    assert sim.parse_user_question("Justification: it is curious.") == ("it is curious.", False)
-    assert sim.parse_user_question("Question:\nJustification: blah") == ("blah", False)
-    assert sim.parse_user_question("The question to ask next is: What is the capital of France?\nJustification: "
+    assert chat_env.parse_user_question("Question:\nWhat is X?") == ("What is X?", True)
+    assert chat_env.parse_user_question("**Question:** How do I cook rice?") == ("How do I cook rice?", True)
+    assert chat_env.parse_user_question("Justification: it is curious.") == ("it is curious.", False)
+    assert chat_env.parse_user_question("Question:\nJustification: blah") == ("blah", False)
+    assert chat_env.parse_user_question("The question to ask next is: What is the capital of France?\nJustification: "
                                    "The answer is: Paris") == ("What is the capital of France?", False)
     tok = chatml_tokenizer()
-    user = sim.PromptedUser(tiny_llama(tok), tok, max_new_tokens=5)
+    user = chat_env.PromptedUser(tiny_llama(tok), tok, max_new_tokens=5)
     torch.manual_seed(0)
     out = user([dialogue(1)] * 4, [None] * 4, np.random.default_rng(0))
     assert len(out) == 4 and user.n_calls == 4
     assert user.n_fallbacks == 4  # this vocabulary has no "Question:", so every reply falls back and is counted
-    env = sim.ChatEnv([{"messages": dialogue(0), "user": None}], reward_model=None, user=user)
+    env = chat_env.ChatEnv([{"messages": dialogue(0), "user": None}], reward_model=None, user=user)
     env.user_turn([dialogue(1)] * 3, [None] * 3, np.random.default_rng(1))
     with sim.evaluating(env):  # evaluation's replies are tallied apart from training's
         env.user_turn([dialogue(1)] * 2, [None] * 2, np.random.default_rng(2))
@@ -371,25 +374,25 @@ def test_user_question_parsing_and_counted_fallback():
 
 def test_prompt_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        sim.load_prompts(str(tmp_path / "missing.jsonl"))
+        chat_datasets.load_prompts(str(tmp_path / "missing.jsonl"))
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="holds no usable dialogues"):
-        sim.load_prompts(str(empty))
+        chat_datasets.load_prompts(str(empty))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('[{"role": "user", "content": "hi"}]\n{not json\n')
     with pytest.raises(ValueError, match="bad.jsonl:2: not valid JSON"):
-        sim.load_prompts(str(bad))
+        chat_datasets.load_prompts(str(bad))
     roles = tmp_path / "roles.jsonl"
     roles.write_text(json.dumps([{"role": "assistant", "content": "hi"}]) + "\n")
     with pytest.raises(ValueError, match="roles.jsonl:1: .*roles must alternate"):
-        sim.load_prompts(str(roles), bad_records="error")
+        chat_datasets.load_prompts(str(roles), bad_records="error")
     with pytest.raises(ValueError, match="holds no usable dialogues .skipped: {'malformed': 1}"):
-        sim.load_prompts(str(roles))
+        chat_datasets.load_prompts(str(roles))
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}], "questions": ["and then?"]}) + "\n")
-    recs = sim.load_prompts(str(good))
-    env = sim.ChatEnv(recs, reward_model=None)
+    recs = chat_datasets.load_prompts(str(good))
+    env = chat_env.ChatEnv(recs, reward_model=None)
     conv = recs[0]["messages"] + [{"role": "assistant", "content": "hello"}]
     assert env.user_turn([conv], [recs[0]["user"]], None) == ["and then?"]
 
@@ -399,9 +402,9 @@ def test_offline_dataset_file(tmp_path):
                {"role": "assistant", "content": "go away"})
     path = tmp_path / "off.jsonl"
     path.write_text(json.dumps({"chosen": [u, a], "rejected": [u, b]}) + "\n" + json.dumps([u, a, u, a]) + "\n")
-    rows = sim.load_offline(str(path))
+    rows = chat_datasets.load_offline(str(path))
     assert rows[0]["messages"] == [u, a] and rows[0]["alternative"] == "go away" and rows[1]["alternative"] is None
-    env = sim.ChatEnv([{"messages": [u], "user": None}], reward_model=None, offline_records=rows)
+    env = chat_env.ChatEnv([{"messages": [u], "user": None}], reward_model=None, offline_records=rows)
     ctx, convs = env.offline(8, np.random.default_rng(0))
     assert all(c == rows[x.index]["messages"] for x, c in zip(ctx, convs))
     assert all(x.messages == [u] for x in ctx)  # the context is the dialogue up to its first user turn
@@ -413,15 +416,15 @@ def test_offline_dataset_file(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"chosen": [u, a], "rejected": [u, a, u, b]}) + "\n")
     with pytest.raises(ValueError, match="bad.jsonl:1: 'chosen' and 'rejected' must differ only in the last"):
-        sim.load_offline(str(bad), bad_records="error")
+        chat_datasets.load_offline(str(bad), bad_records="error")
     ends_with_user = tmp_path / "user.jsonl"
     ends_with_user.write_text(json.dumps([u]) + "\n" + json.dumps([u, a, u]) + "\n")
-    assert sim.load_offline(str(ends_with_user)) == [{"messages": [u, a], "user": {}, "alternative": None}]
+    assert chat_datasets.load_offline(str(ends_with_user)) == [{"messages": [u, a], "user": {}, "alternative": None}]
     ends_with_user.write_text(json.dumps([u]) + "\n")
     with pytest.raises(ValueError, match="holds no dialogue with an assistant turn"):
-        sim.load_offline(str(ends_with_user))
+        chat_datasets.load_offline(str(ends_with_user))
     with pytest.raises(ValueError, match="--offline_path"):
-        sim.ChatEnv([{"messages": [u], "user": None}], reward_model=None).offline(1, np.random.default_rng(0))
+        chat_env.ChatEnv([{"messages": [u], "user": None}], reward_model=None).offline(1, np.random.default_rng(0))
 
 
 def test_reward_model_scores_chat_templated_conversations_and_rejects_nan():
@@ -432,7 +435,7 @@ def test_reward_model_scores_chat_templated_conversations_and_rejects_nan():
     rm = LlamaForSequenceClassification(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
                                                     num_hidden_layers=1, num_attention_heads=4, num_labels=1,
                                                     pad_token_id=tok.pad_token_id)).eval()
-    scorer = sim.HFRewardModel(rm, tok, max_length=20)
+    scorer = chat_env.HFRewardModel(rm, tok, max_length=20)
     convs = [dialogue(1), dialogue(3)]
     s = scorer(convs)
     assert s.shape == (2,) and torch.isfinite(s).all()
@@ -450,7 +453,7 @@ def test_cli_help():
 
 
 # ---------------------------------------------------------------- turns cut by the token budget, other stop tokens
-@pytest.mark.parametrize("make", [sim.build_tutor_tokenizer, llama3_tokenizer, chatml_tokenizer])
+@pytest.mark.parametrize("make", [tutor_task.build_tutor_tokenizer, llama3_tokenizer, chatml_tokenizer])
 def test_chat_templates_ignore_the_truncated_key(make):
     tok = make()
     conv = dialogue(2)
@@ -468,7 +471,7 @@ def test_a_turn_that_hit_the_budget_is_scored_without_the_end_of_turn_it_never_s
     """Greedy turns cut at 3 tokens: each is marked truncated, and its log-prob through turn_logprob (what old and
     new log-probs both use) is the sampler's own sum over the 3 sampled tokens, without the template's <eot>."""
     model, tok = base_policy
-    env = sim.TutorEnv()
+    env = tutor_task.TutorEnv()
     rng = np.random.default_rng(0)
     ctx = env.contexts(6, "train", rng)
     for budget, truncated in ((3, True), (12, False)):
@@ -522,7 +525,7 @@ def test_sampling_stops_at_the_models_other_stop_tokens(source, fast):
     assert sim.stop_token_ids(tok, model) == [eot, end_of_text]
     # in a dialogue the turn ended (not truncated), and it is scored on the stop token it sampled, <|end_of_text|>:
     # the log-prob a loss reads is the sampler's own
-    env = sim.ChatEnv([{"messages": convs[0], "user": {"questions": ["why ?"]}}], reward_model=None)
+    env = chat_env.ChatEnv([{"messages": convs[0], "user": {"questions": ["why ?"]}}], reward_model=None)
     torch.manual_seed(0)
     done, info = sim.continue_dialogues(model, tok, env, convs[:1], [{"questions": ["why ?"]}], [1],
                                         np.random.default_rng(0), max_new_tokens=6)
@@ -583,7 +586,7 @@ def test_reward_model_truncates_from_the_left_and_keeps_the_last_turn():
     other = [dict(m) for m in conv]
     other[-1]["content"] = "i do not understand you ."  # the same dialogue but its last teacher turn
     full = sim.render_ids(tok, conv, add_generation_prompt=False)
-    scorer = sim.HFRewardModel(rm, tok, max_length=16)
+    scorer = chat_env.HFRewardModel(rm, tok, max_length=16)
     a, b = scorer([conv, other])
     assert scorer.n_truncated == 2 and a != b  # the end is kept: the pair's difference is scored
     kept = full[:1] + full[-15:]  # <|begin_of_text|> kept in front of the last 15 tokens
@@ -592,7 +595,7 @@ def test_reward_model_truncates_from_the_left_and_keeps_the_last_turn():
     chatml = chatml_tokenizer()  # no BOS in the template: simply the last max_length tokens
     rm2 = tiny_reward_model(chatml, chatml.pad_token_id)
     tail = sim.render_ids(chatml, conv, add_generation_prompt=False)[-16:]
-    assert sim.HFRewardModel(rm2, chatml, max_length=16)([conv]).item() == \
+    assert chat_env.HFRewardModel(rm2, chatml, max_length=16)([conv]).item() == \
         pytest.approx(score_at_last_token(rm2, tail), abs=1e-5)
 
 
@@ -609,7 +612,7 @@ def test_a_rows_reward_does_not_depend_on_its_place_in_a_padded_batch(pad):
         tok.pad_token = "<|eot_id|>"
     rm = tiny_reward_model(tok, config_pad)
     convs = [dialogue(1), dialogue(3), dialogue(2)[:3] + [{"role": "assistant", "content": "ok"}], dialogue(2)]
-    scorer = sim.HFRewardModel(rm, tok, max_length=4096)
+    scorer = chat_env.HFRewardModel(rm, tok, max_length=4096)
     batched = scorer(convs)
     alone = torch.cat([scorer([c]) for c in convs])
     by_hand = torch.tensor([score_at_last_token(rm, sim.render_ids(tok, c, False)) for c in convs])
@@ -623,7 +626,7 @@ def test_a_rows_reward_does_not_depend_on_its_place_in_a_padded_batch(pad):
 def test_the_tutors_offline_dialogues_carry_their_own_length():
     """D_off on the tutor: dialogues of H ~ U{1..H_max} turns, each ending with the student's reply to y_H, whose
     contexts say H (so LT-OFFLINE / LT-MIXED train each dialogue's own last turn, as on the chat path)."""
-    env = sim.TutorEnv(offline_size=2000)
+    env = tutor_task.TutorEnv(offline_size=2000)
     ctx, convs = env.offline_pool()
     lengths = [sim.assistant_turns(c) for c in convs]
     assert [c.max_turns for c in ctx] == lengths

@@ -13,6 +13,9 @@ import iterative_ppo
 import mtpo
 import refuel
 import simulator as sim
+from envs import flags
+from envs import loading
+from envs import tutor_task
 from conftest import TWO_CPU_PROCESSES, run_script
 
 SCRIPTS = [refuel, baselines_dpo_rebel, mtpo, iterative_ppo]
@@ -83,7 +86,7 @@ def test_accumulated_micro_batches_take_the_step_of_the_whole_minibatch(script, 
                        warmup_ratio=0.0, max_grad_norm=0.0, **({"loss": "rebel"} if script is baselines_dpo_rebel
                                                                else {}))
     args.local_prompts = 16
-    env = sim.TutorEnv(sim.TutorRules(max_turns=3))
+    env = tutor_task.TutorEnv(tutor_task.TutorRules(max_turns=3))
     torch.manual_seed(0)
     if script is refuel:
         pairs = script.collect_pairs(model, tok, env, env.contexts(16, "train", rng), rng, args)[0][:6]
@@ -146,15 +149,15 @@ def test_gradient_checkpointing_recomputes_in_every_script(script, checkpointing
     training mode, and from_pretrained returns eval mode)."""
     tok = base_policy[1]
     args = script.Args(gradient_checkpointing=checkpointing)
-    conv = sim.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 2)[0]
-    load = lambda: sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    conv = tutor_task.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 2)[0]
+    load = lambda: loading.load_policy(str(tutor_task.DEFAULT_BASE_POLICY))[0]
     if script is mtpo:
         model = mtpo.prepare_for_training(mtpo.ActorCritic(load(), load().get_decoder()), args)
         ids, attn, token_turn, state_pos, turn_mask = mtpo.conversation_batch(tok, [conv], 2)
         parts = [(model.policy.get_decoder().layers[0], lambda: model(ids, attn, state_pos)[0].sum()),
                  (model.value_backbone.layers[0], lambda: model(ids, attn, state_pos)[1].sum())]
     elif script is iterative_ppo:
-        policy, q = load(), iterative_ppo.build_q_model(str(sim.DEFAULT_BASE_POLICY), tok)
+        policy, q = load(), iterative_ppo.build_q_model(str(tutor_task.DEFAULT_BASE_POLICY), tok)
         iterative_ppo.prepare_for_training([policy, q], args)
         parts = [(policy.get_decoder().layers[0], lambda: sim.turn_logprob(policy, tok, [conv], [1]).sum()),
                  (q.base_model.layers[0], lambda: iterative_ppo.q_forward(q, tok, [conv[:2]]).sum())]
@@ -167,14 +170,14 @@ def test_gradient_checkpointing_recomputes_in_every_script(script, checkpointing
 
 def test_dropout_is_off_after_prepare_for_training(base_policy):
     """Training mode must not turn dropout on: old and new log-probs are the same function of the weights."""
-    policy = sim.load_policy(str(sim.DEFAULT_BASE_POLICY))[0]
+    policy = loading.load_policy(str(tutor_task.DEFAULT_BASE_POLICY))[0]
     policy.config.attention_dropout = 0.5
     for layer in policy.get_decoder().layers:
         layer.self_attn.attention_dropout = 0.5
     refuel.prepare_for_training(policy, refuel.Args())
     assert policy.training
     tok = base_policy[1]
-    conv = sim.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 2)[0]
+    conv = tutor_task.TutorEnv().reference_dialogues(1, np.random.default_rng(0), 2)[0]
     a, b = (sim.turn_logprob(policy, tok, [conv], [2]) for _ in range(2))
     assert torch.equal(a, b)
 
@@ -197,8 +200,8 @@ def test_chat_flags_with_the_tutor_task_are_an_error():
     and the run would train on the tutor without a word."""
     for flag in ("user_api_base", "user_model", "reward_model", "prompts_path"):
         with pytest.raises(ValueError, match=f"--{flag} would be ignored.*--env chat"):
-            sim.make_env("tutor", **{flag: "x"})
-    assert sim.make_env("tutor").name == "tutor"
+            flags.make_env("tutor", **{flag: "x"})
+    assert flags.make_env("tutor").name == "tutor"
 
 
 @pytest.mark.parametrize("script,flags,named", [

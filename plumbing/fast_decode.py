@@ -1,4 +1,4 @@
-"""fast_decode.py: the sampler's fast path and its KV-cache helpers (simulator.sample_turns reads them).
+"""plumbing/fast_decode.py: the sampler's fast path and its KV-cache helpers (simulator.sample_turns reads them).
 
 On CUDA, for models that support a static KV cache, `simulator.sample_turns` preallocates one (its length rounded up
 on `ladder`) and runs one compiled decode step (CUDA graphs: the per-step Python and kernel-launch overhead that

@@ -1,4 +1,4 @@
-"""distributed.py: the launch plumbing every algorithm script shares, and no algorithm.
+"""plumbing/distributed.py: the launch plumbing every algorithm script shares, and no algorithm.
 
 One process on a laptop CPU, DDP (GPUs, or CPU processes over gloo), DeepSpeed ZeRO-2/3 (GPUs, or CPU processes
 through DeepSpeed's CPU accelerator) and FSDP2 (GPUs) all go through `accelerate launch --config_file configs/...`;
