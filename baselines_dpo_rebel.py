@@ -49,7 +49,7 @@ from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_check
 @dataclass
 class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):
     """DPO's and REBEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come
-    from simulator.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
+    from envs/flags.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
     loss: Literal["dpo", "rebel"] = "rebel"
     """the pairwise loss"""
     mode: Literal["lt-offline", "lt-mixed", "lt-online", "mt-mixed"] = "lt-online"

@@ -198,7 +198,7 @@ def matrix_table(names: Sequence[str], M: np.ndarray) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
 class Args(EnvArgs):
-    """The environment's flags (--env, --prompts_path, --user_model, --reward_model, ...) are simulator.EnvArgs's,
+    """The environment's flags (--env, --prompts_path, --user_model, --reward_model, ...) are envs/flags.EnvArgs's,
     as in the training scripts; --user_max_concurrency/--user_timeout/--user_retries also govern an endpoint judge."""
     policies: list[str] = field(default_factory=lambda: ["tutor"])
     """policies to evaluate: run directories (their checkpoint/policy is used), save_pretrained dirs, hub names,

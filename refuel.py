@@ -51,7 +51,7 @@ from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_check
 @dataclass
 class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):
     """REFUEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come from
-    simulator.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
+    envs/flags.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
     exp_name: str = "refuel"
     """experiment name, the first part of run_name"""
     run_name: Optional[str] = None
