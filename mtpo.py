@@ -179,25 +179,20 @@ def mixture_sample_turns(policy, ref, tokenizer, convs, max_new_tokens: int, tem
 
 
 def rollout(policy, ref, tokenizer, env, messages, users, rng, args, tau=0.0, n_turns=None, engine=None):
-    """Whole conversations from the start (no shared prefix) of H = n_turns[i] agent turns (default H_max): per turn
-    one batched sampler call and one batched user call over those still short of their H; a turn that hit the token
-    budget is marked "truncated" (its never-sampled end-of-turn token is not scored). -> (convs, hit_budget N x H)."""
-    convs = [list(m) for m in messages]
-    n_turns = [args.max_turns] * len(convs) if n_turns is None else list(n_turns)
+    """Whole conversations from the start (no shared prefix) of H = n_turns[i] agent turns (default H_max), sampled
+    from the mixture pi^tau (tau = 0: pi itself) by `sim.continue_dialogues` (a batched sampler call and a batched
+    user call per turn); a turn that hit the token budget is marked "truncated" (its never-sampled end-of-turn token
+    is not scored). -> (convs, hit_budget N x H)."""
+    n_turns = [args.max_turns] * len(messages) if n_turns is None else list(n_turns)
+    convs, info = sim.continue_dialogues(
+        policy, tokenizer, env, messages, users, n_turns, rng, args.max_new_tokens, args.temperature,
+        args.gen_batch_size, sample=lambda batch: mixture_sample_turns(policy, ref, tokenizer, batch,
+                                                                       args.max_new_tokens, args.temperature, tau,
+                                                                       args.gen_batch_size, engine))
     hit = torch.zeros((len(convs), args.max_turns), dtype=torch.bool)
-    for h in range(args.max_turns):
-        active = [i for i in range(len(convs)) if h < n_turns[i]]
-        if not active:
-            break
-        out = mixture_sample_turns(policy, ref, tokenizer, [convs[i] for i in active], args.max_new_tokens,
-                                   args.temperature, tau, args.gen_batch_size, engine)
-        for j, i in enumerate(active):
-            convs[i].append(sim.assistant_message(out, j))  # its sampled ids are what gets scored
-            hit[i, h] = bool(out.hit_budget[j])
-        talk = [i for i in active if h < n_turns[i] - 1 or env.scores_final_user_reply]
-        if talk:
-            for i, r in zip(talk, env.user_turn([convs[i] for i in talk], [users[i] for i in talk], rng)):
-                convs[i].append({"role": "user", "content": r})
+    for i, turns in enumerate(info):
+        for h, (_, hit_budget) in turns.items():
+            hit[i, h - 1] = hit_budget
     return convs, hit
 
 

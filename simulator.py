@@ -635,7 +635,8 @@ def evaluating(env: Environment):
 
 def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: list, n_turns: Sequence[int],
                        rng: np.random.Generator, max_new_tokens: int, temperature: float = 1.0,
-                       max_batch_size: int = 256, reply_after_last: bool = False, engine=None) -> tuple[list, list]:
+                       max_batch_size: int = 256, reply_after_last: bool = False, engine=None,
+                       sample=None) -> tuple[list, list]:
     """Continue each conversation (ending with a user message) until it has n_turns[i] assistant turns.
 
     Conversations of different lengths advance together: one batched sampler call per step over every
@@ -647,6 +648,8 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
     user's x_{h+1}). Asking for more turns than a conversation's user state supports (setting two's pre-sampled
     questions: `Environment.supported_turns`, the contexts' max_turns) is a ValueError before any sampling.
     engine: a `vllm_engine.VLLMEngine` holding the policy's current weights samples the turns (see sample_turns).
+    sample: convs -> TurnSamples, another sampler of the assistant's turns (MTPO-tau's mixture of pi and mu);
+    default sample_turns with the arguments above.
     """
     need = [n + int(bool(reply_after_last) and not env.scores_final_user_reply) for n in n_turns]
     for i, (c, u, n) in enumerate(zip(convs, users, need)):
@@ -664,8 +667,9 @@ def continue_dialogues(model, tokenizer, env: Environment, convs: list, users: l
             active = [i for i, c in enumerate(convs) if assistant_turns(c) < n_turns[i]]
             if not active:
                 return convs, info
-            out = sample_turns(model, tokenizer, [convs[i] for i in active], max_new_tokens, temperature,
-                               max_batch_size, keep_cache=True, engine=engine)
+            batch = [convs[i] for i in active]
+            out = sample(batch) if sample is not None else sample_turns(
+                model, tokenizer, batch, max_new_tokens, temperature, max_batch_size, keep_cache=True, engine=engine)
             for j, i in enumerate(active):
                 convs[i].append(assistant_message(out, j))
                 info[i][assistant_turns(convs[i])] = (float(out.logprobs[j].sum()), bool(out.hit_budget[j]))

@@ -62,10 +62,8 @@ PY = sys.executable
 # hidden, layers, heads, kv heads, intermediate, vocab (1b and 8b as in benchmarks/throughput.py)
 SHAPES = {"tiny": (64, 2, 4, 2, 128, 512), "1b": (2048, 16, 32, 8, 8192, 128256)}
 RM_SHAPES = {"tiny": (32, 1, 4, 2, 64), "1b": (256, 2, 4, 4, 512)}  # the reward model: small, same vocabulary
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+sys.path.insert(0, str(ROOT / "tests"))
+from templates import LLAMA3_TEMPLATE  # noqa: E402  (the tests' tiny-model template, one copy)
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 # memory bandwidth GB/s and dense bf16 TFLOP/s by device name (first match wins)
 GPU_SPECS = [("H200", 4800, 989), ("H100 NVL", 3900, 835), ("H100 PCIe", 2000, 756), ("H100", 3350, 989),

@@ -15,7 +15,7 @@ import torch
 
 from envs import chat_datasets
 from envs import tutor_task
-from test_simulator import LLAMA3_TEMPLATE
+from templates import LLAMA3_TEMPLATE
 
 # ---------------------------------------------------------------------------------------------------- datasets
 HH_QUESTIONS = [

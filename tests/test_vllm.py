@@ -20,10 +20,7 @@ if not vllm_engine.vllm_available():
         raise RuntimeError("REQUIRE_VLLM=1 but vllm cannot be imported here (see .ci/vllm_env)")
     pytest.skip("vllm is not installed (run .ci/vllm_env)", allow_module_level=True)
 
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
-    "{{ m['content'] | trim }}<|eot_id|>{% endfor %}"
-    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+from templates import LLAMA3_TEMPLATE
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|end_of_text|>"]
 LOGPROB_ATOL = 1e-4  # float32 on both sides; measured max abs difference ~1e-6
 
