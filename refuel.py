@@ -1,5 +1,6 @@
 """refuel.py: REFUEL, REgressing the RElative FUturE (Gao et al., "Regressing the Relative Future: Efficient Policy
-Optimization for Multi-turn RLHF", ICLR 2025), one self-contained CleanRL-style script.
+Optimization for Multi-turn RLHF", ICLR 2025), one CleanRL-style script: every step of the algorithm is here; it
+reads conversations, log-probs and the sampler from simulator.py.
 
 Algorithm 1, per iteration t (the loop is `main`):
   1. collect D with pi_t: x_1 ~ rho, H ~ U{1..H_max}, h ~ U{1..H}; roll in with pi_t and the user for H turns
