@@ -140,10 +140,10 @@ def time_generate(model, tok, convs, new_tokens, device):
     return int((gen != tok.pad_token_id).sum()), time.perf_counter() - t
 
 
-def time_engine(engine, tok, convs, new_tokens, device):
+def time_engine(engine, model, tok, convs, new_tokens, device):
     sync(device)
     t = time.perf_counter()
-    out = engine.sample_turns(tok, convs, new_tokens, temperature=1.0)
+    out = sim.sample_turns(model, tok, convs, new_tokens, temperature=1.0, engine=engine)
     sync(device)
     return sum(len(i) for i in out.token_ids), time.perf_counter() - t
 
@@ -155,7 +155,7 @@ def make_engine(model, tok, device):
     engine = None
     try:
         engine = vllm_engine.VLLMEngine(model, enforce_eager=device != "cuda", gpu_memory_utilization=0.3)
-        engine.sample_turns(tok, [[{"role": "user", "content": "w1"}]], 1)  # the first step is where it can fail
+        sim.sample_turns(model, tok, [[{"role": "user", "content": "w1"}]], 1, engine=engine)  # the first step is where it can fail
         return engine, ""
     except Exception as e:  # e.g. vLLM's CPU attention rejects head dimension 16 (the tiny shape)
         if engine is not None:
@@ -200,7 +200,7 @@ def collection(model, user_model, tok, args, device, rng, engine=None):
     per_seq = 16
     n_flat = max(1, tokens // per_seq)
     flat = prompts(tok, n_flat, 64, rng)
-    t_flat = time_engine(engine, tok, flat, per_seq, device)[1] if engine else \
+    t_flat = time_engine(engine, model, tok, flat, per_seq, device)[1] if engine else \
         time_sampler(model, tok, flat, per_seq, device)[1]
     return dict(tokens=tokens, calls=counter["calls"], t_collection=t_coll, t_flat=t_flat)
 
@@ -265,8 +265,8 @@ def main(args: Args) -> None:
                 if engine is None:
                     vllm_rows.append(f"| {shape} | {b} | - ({why}) | - |")
                     continue
-                time_engine(engine, tok, convs[:2], 2, device)  # warm-up
-                n_v, t_v = time_engine(engine, tok, convs, args.new_tokens, device)
+                time_engine(engine, model, tok, convs[:2], 2, device)  # warm-up
+                n_v, t_v = time_engine(engine, model, tok, convs, args.new_tokens, device)
                 step_v = 1e3 * t_v / args.new_tokens
                 r = 1e3 * roofline_ms(model, cfg, b, args.prompt_len + args.new_tokens // 2, dtype)
                 share = f"{100 * r / args.bandwidth_gbs / step_v:.1f}%" if args.bandwidth_gbs else "-"

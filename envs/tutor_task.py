@@ -355,7 +355,7 @@ def load_tutor_base_policy(path: Path = DEFAULT_BASE_POLICY, rebuild: bool = Fal
 
     path = Path(path)
     if rebuild or not (path / "config.json").exists():
-        print(f"[simulator] building the tutor base policy by SFT into {path} (once; about 2 minutes on CPU)")
+        print(f"[simulator] building the tutor base policy by SFT into {path} (once; about 2.5-3 minutes on 2 CPU cores)")
         model, tok = train_base_policy(TutorEnv(), **sft_kwargs)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_pretrained([model, tok], path)

@@ -86,7 +86,7 @@ def test_greedy_tokens_and_logprobs_equal_the_hf_sampler(setup):
     engine.sync_weights(model)
     convs = dialogues()
     ref = sim.sample_turns(model, tok, convs, max_new_tokens=12, temperature=0)
-    out = engine.sample_turns(tok, convs, max_new_tokens=12, temperature=0)
+    out = sim.sample_turns(model, tok, convs, max_new_tokens=12, temperature=0, engine=engine)
     assert out.token_ids == ref.token_ids
     assert out.texts == ref.texts
     assert out.hit_budget.tolist() == ref.hit_budget.tolist()
@@ -100,7 +100,7 @@ def test_sampled_logprobs_equal_hf_teacher_forced_logprobs(setup):
     engine.sync_weights(model)
     convs = dialogues() * 8
     t0 = time.perf_counter()
-    out = engine.sample_turns(tok, convs, max_new_tokens=16, temperature=0.7)
+    out = sim.sample_turns(model, tok, convs, max_new_tokens=16, temperature=0.7, engine=engine)
     dt = time.perf_counter() - t0
     assert len(out.texts) == len(convs) and len({tuple(i) for i in out.token_ids}) > 3  # it samples
     diff = 0.0
@@ -123,7 +123,7 @@ def test_sampling_distribution_is_softmax_of_logits_over_temperature(setup):
         sharp.lm_head.weight.mul_(30.0)
     engine.sync_weights(sharp)
     conv, n, T = dialogues()[1], 3000, 1.5
-    out = engine.sample_turns(tok, [conv] * n, max_new_tokens=1, temperature=T)
+    out = sim.sample_turns(model, tok, [conv] * n, max_new_tokens=1, temperature=T, engine=engine)
     prompt = torch.tensor([sim.render_ids(tok, conv, add_generation_prompt=True)])
     with torch.no_grad():
         logits = sharp(input_ids=prompt).logits[0, -1].float()
@@ -153,13 +153,13 @@ def test_samples_follow_an_optimizer_step_after_a_sync(setup):
         opt.step()
     trained.eval()
     engine.sync_weights(model)
-    before = engine.sample_turns(tok, convs, max_new_tokens=12, temperature=0)
+    before = sim.sample_turns(model, tok, convs, max_new_tokens=12, temperature=0, engine=engine)
     ref = sim.sample_turns(trained, tok, convs, max_new_tokens=12, temperature=0)
     assert ref.texts == [answer] * 3 and not ref.hit_budget.any()  # the step took
     assert before.token_ids != ref.token_ids
     engine.sync_weights(trained)
     print(f"\nsync of the trained copy: {engine.timings['sync_s']:.3f} s")
-    after = engine.sample_turns(tok, convs, max_new_tokens=12, temperature=0)
+    after = sim.sample_turns(model, tok, convs, max_new_tokens=12, temperature=0, engine=engine)
     assert after.token_ids == ref.token_ids
     assert after.texts == [answer] * 3
     assert not after.hit_budget.any()
@@ -167,7 +167,8 @@ def test_samples_follow_an_optimizer_step_after_a_sync(setup):
     diff = max(float((a - b).abs().max()) for a, b in zip(after.logprobs, ref.logprobs))
     assert diff < LOGPROB_ATOL
     engine.sync_weights(model)  # back to the original policy: the old samples again
-    assert engine.sample_turns(tok, convs, max_new_tokens=12, temperature=0).token_ids == before.token_ids
+    again = sim.sample_turns(model, tok, convs, max_new_tokens=12, temperature=0, engine=engine)
+    assert again.token_ids == before.token_ids
 
 
 def test_turns_end_at_the_models_other_stop_tokens_as_in_the_hf_sampler(setup):
@@ -181,7 +182,7 @@ def test_turns_end_at_the_models_other_stop_tokens_as_in_the_hf_sampler(setup):
     engine.sync_weights(eos_model)
     convs = dialogues()
     ref = sim.sample_turns(eos_model, tok, convs, max_new_tokens=5, temperature=0)
-    out = engine.sample_turns(tok, convs, max_new_tokens=5, temperature=0)
+    out = sim.sample_turns(eos_model, tok, convs, max_new_tokens=5, temperature=0, engine=engine)
     assert tok.eos_token_id != sim.end_of_turn_id(tok)
     assert all(ids == [tok.eos_token_id] for ids in ref.token_ids) and not ref.hit_budget.any()
     assert out.token_ids == ref.token_ids and not out.hit_budget.any() and out.texts == ref.texts
@@ -196,7 +197,8 @@ def test_engine_from_a_checkpoint_path(setup, tmp_path):
                                     kv_cache_memory_bytes=64 * 2 ** 20)
     try:
         ref = sim.sample_turns(model, tok, dialogues(), max_new_tokens=8, temperature=0)
-        assert engine.sample_turns(tok, dialogues(), max_new_tokens=8, temperature=0).token_ids == ref.token_ids
+        out = sim.sample_turns(model, tok, dialogues(), max_new_tokens=8, temperature=0, engine=engine)
+        assert out.token_ids == ref.token_ids
     finally:
         engine.close()
 
@@ -215,8 +217,8 @@ model = tiny_llama(tok)
 torch.manual_seed(accelerator.process_index)  # as the scripts seed each rank
 engine = vllm_engine.VLLMEngine(model, dtype=torch.float32, enforce_eager=True, kv_cache_memory_bytes=64 * 2 ** 20)
 convs = dialogues()[accelerator.process_index:]
-assert engine.sample_turns(tok, convs, 8, 0).token_ids == sim.sample_turns(model, tok, convs, 8, 0).token_ids
-print("RANK", accelerator.process_index, engine.sample_turns(tok, dialogues() * 4, 8, 1.0).token_ids, flush=True)
+assert sim.sample_turns(model, tok, convs, 8, 0, engine=engine).token_ids == sim.sample_turns(model, tok, convs, 8, 0).token_ids
+print("RANK", accelerator.process_index, sim.sample_turns(model, tok, dialogues() * 4, 8, 1.0, engine=engine).token_ids, flush=True)
 accelerator.wait_for_everyone()
 '''
 
