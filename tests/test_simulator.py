@@ -444,7 +444,7 @@ def test_reward_model_scores_chat_templated_conversations_and_rejects_nan():
 
 
 def test_cli_help():
-    out = subprocess.run([sys.executable, "simulator.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "envs.tutor_task", "--help"], cwd=ROOT, capture_output=True, text=True,
                          env=subprocess_env(), timeout=120)
     assert out.returncode == 0 and "--base-policy-path" in out.stdout
 
