@@ -16,7 +16,7 @@ Per-rank terms, N ranks, P policy parameters, bf16 (2 bytes) unless said:
   live        ZeRO-3 forward/backward keeps up to stage3_max_live_parameters (DeepSpeed default 1e9, i.e. 2 GB)
               of gathered parameters beside the shards.
   kv          KV cache: rows x cache length x 2 (K, V) x layers x KV heads x head dim x 2 bytes; the sampler's
-              static cache length is `simulator.ladder(context + new tokens, 64)`.
+              static cache length is `plumbing/fast_decode.ladder(context + new tokens, 64)`.
   act(no grad) one layer's transient activations: tokens x (3 I + 2 h) x 2 (the MLP's gate, up and product).
   act(grad)   with --gradient_checkpointing: layers x tokens x h x 2 (a checkpoint per layer) + one layer
               recomputed and its gradients, 2 x tokens x (6 h + 2 kv + 4 I) x 2; without it, layers x that.

@@ -3,7 +3,7 @@
 Prompted judges (the REFUEL paper's GPT-4 leaderboard prompt, the MTPO paper's Education Dialogue judge), a user
 played by a prompted LLM (in-process or at an OpenAI-compatible endpoint; REFUEL paper, App. C.2 format), the HF
 reward model that scores a chat-templated conversation, and `ChatEnv`, which ties them to a dataset's records
-(pre-sampled user turns in setting two). `simulator.make_env` builds it from the scripts' flags.
+(pre-sampled user turns in setting two). `envs/flags.make_env` builds it from the scripts' flags.
 """
 from __future__ import annotations
 
@@ -616,7 +616,7 @@ def make_chat_env(prompts_path, user_model, reward_model, max_turns, device, dty
                   user_api_base, user_prompt_path, dataset_format, bad_records, max_dialogue_tokens, tokenizer,
                   reward_device, user_device, reward_max_length, user_max_concurrency, user_timeout,
                   user_retries, user_max_new_tokens=128) -> ChatEnv:
-    """simulator.make_env's --env chat (its docstring describes the arguments)."""
+    """envs/flags.make_env's --env chat (its docstring describes the arguments)."""
     if not prompts_path or not reward_model:
         raise ValueError("--env chat needs --prompts_path (a dataset file) and --reward_model")
     if user_api_base and not user_model:

@@ -34,9 +34,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def base_policy():
     """The tutor's cached reference policy mu (built by SFT on first use, then reused from runs/)."""
-    import simulator
+    from envs.tutor_task import load_tutor_base_policy
 
-    return simulator.load_tutor_base_policy()
+    return load_tutor_base_policy()
 
 
 def subprocess_env():
