@@ -40,8 +40,6 @@ import numpy as np
 import torch
 
 import simulator as sim
-from envs.chat_env import (JUDGE_PROMPT, OpenAIChatClient, format_dialogue, hf_greedy_generate, judge_prompt,
-                           load_reward_model, parse_judge_reply)
 from envs.flags import EnvArgs, make_env_from_args
 from envs.loading import load_policy
 
@@ -61,13 +59,18 @@ class ScoreJudge:
 
 
 class LLMJudge:
-    """A judge model prompted with a template (JUDGE_PROMPT by default); generate(prompts) -> replies (an HF
-    model or an endpoint)."""
+    """A judge model prompted with a template (envs/chat_env.py's JUDGE_PROMPT by default); generate(prompts) ->
+    replies (an HF model or an endpoint). The chat world's prompt format and parser, imported when a judge is made
+    (a copy of evaluate.py with your own environment and the oracle judge does not need them)."""
 
-    def __init__(self, generate: Callable[[list], list], template: str = JUDGE_PROMPT):
-        self.generate, self.template, self.counts = generate, template, Counter()
+    def __init__(self, generate: Callable[[list], list], template: Optional[str] = None):
+        from envs.chat_env import JUDGE_PROMPT
+
+        self.generate, self.template, self.counts = generate, template or JUDGE_PROMPT, Counter()
 
     def __call__(self, convs_a, convs_b) -> np.ndarray:
+        from envs.chat_env import format_dialogue, parse_judge_reply
+
         prompts = [self.template.format(dialogue_a=format_dialogue(a), dialogue_b=format_dialogue(b))
                    for a, b in zip(convs_a, convs_b)]
         parsed = [parse_judge_reply(t) for t in self.generate(prompts)]
@@ -252,6 +255,28 @@ def load_any_policy(path: str, dtype, device):
     return model.to(device).eval(), tok
 
 
+def make_judge(args, env, dtype, device):
+    """--judge: the environment's own reward (oracle), an HF reward model, or a prompted LLM in-process or at an
+    endpoint. The chat world (envs/chat_env.py) is imported only for a judge model."""
+    if args.judge == "oracle":
+        return ScoreJudge(env.reward)
+    if not args.judge_model:
+        raise ValueError(f"--judge {args.judge} needs --judge_model")
+    from envs.chat_env import OpenAIChatClient, hf_greedy_generate, judge_prompt, load_reward_model
+
+    if args.judge == "reward_model":
+        return ScoreJudge(load_reward_model(args.judge_model, dtype, device, args.reward_trust_remote_code,
+                                            args.reward_max_length))
+    if args.judge_api_base:
+        client = OpenAIChatClient(args.judge_api_base, args.judge_model, max_workers=args.user_max_concurrency,
+                                  timeout=args.user_timeout, retries=args.user_retries)
+        return LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0),
+                        judge_prompt(env, args.judge_prompt_path))
+    jm, jt = load_policy(args.judge_model, dtype)
+    return LLMJudge(hf_greedy_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens),
+                    judge_prompt(env, args.judge_prompt_path))
+
+
 def evaluate(args: Args) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     bf16 = torch.cuda.is_available() if args.bf16 is None else args.bf16
@@ -260,23 +285,7 @@ def evaluate(args: Args) -> dict:
     if len(names) != len(args.policies):
         raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
     env = make_env_from_args(args, args.max_turns, device, dtype)
-    if args.judge == "oracle":
-        judge = ScoreJudge(env.reward)
-    elif not args.judge_model:
-        raise ValueError(f"--judge {args.judge} needs --judge_model")
-    elif args.judge == "reward_model":
-        judge = ScoreJudge(load_reward_model(args.judge_model, dtype, device, args.reward_trust_remote_code,
-                                                 args.reward_max_length))
-    elif args.judge_api_base:
-        client = OpenAIChatClient(args.judge_api_base, args.judge_model, max_workers=args.user_max_concurrency,
-                                      timeout=args.user_timeout, retries=args.user_retries)
-        judge = LLMJudge(lambda prompts: client.complete(prompts, args.judge_max_new_tokens, temperature=0.0),
-                         judge_prompt(env, args.judge_prompt_path))
-    else:
-        jm, jt = load_policy(args.judge_model, dtype)
-        judge = LLMJudge(hf_greedy_generate(jm.to(device).eval(), jt, args.judge_max_new_tokens),
-                         judge_prompt(env, args.judge_prompt_path))
-
+    judge = make_judge(args, env, dtype, device)
     rng = np.random.default_rng(args.seed)
     contexts = env.contexts(args.num_contexts, "eval", rng)
     ref_model, ref_tok = load_any_policy(args.reference, dtype, device)

@@ -147,7 +147,7 @@ def test_no_script_names_the_tutor_task():
 
 
 def test_a_copy_with_your_own_environment_leaves_the_tutor_and_chat_behind():
-    for script in SCRIPTS:
+    for script in (*SCRIPTS, "evaluate.py"):
         files = copy_of(script, graph(lazy=False))
         allowed = ("envs/__init__.py", "envs/flags.py", "envs/loading.py", "envs/learned_reward.py" * (script == "mtpo.py"))
         assert not [f for f in files if f.startswith("envs/") and f not in allowed], files
