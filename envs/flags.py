@@ -114,9 +114,10 @@ def environment_class(spec: str) -> type:
             path = Path(where).expanduser().resolve()
             if not path.is_file():
                 raise FileNotFoundError(f"no file {path}")
-            module_spec = importlib.util.spec_from_file_location(path.stem, path)
+            name_here = f"env_file_{path.stem}"  # not the file's bare name: a file called envs.py or simulator.py
+            module_spec = importlib.util.spec_from_file_location(name_here, path)  # must not replace those modules
             module = importlib.util.module_from_spec(module_spec)
-            sys.modules[path.stem] = module  # what dataclasses and pickling look a class's module up by
+            sys.modules[name_here] = module  # what dataclasses and pickling look a class's module up by
             module_spec.loader.exec_module(module)
         else:
             module = importlib.import_module(where)

@@ -176,3 +176,15 @@ def test_the_example_gives_an_environment_the_scripts_build(home):
     args = EnvArgs(env=f"{home / 'my_tasks' / 'colour.py'}:FavouriteColourEnv")
     env = make_env_from_args(args, 1, "cpu", torch.float32)
     assert env.max_turns == 1 and env.optimal_value() == pytest.approx(1 / 6)
+
+
+def test_a_file_named_like_a_repository_module_does_not_replace_it(home, tmp_path):
+    """--env path/simulator.py:Class loads the user's file under its own module name: the repository's simulator
+    (which the scripts and the user's file itself import) stays the one in sys.modules."""
+    sys.path.insert(0, str(ROOT))
+    import simulator
+    from envs.flags import environment_class
+
+    (tmp_path / "simulator.py").write_text(example_source())
+    cls = environment_class(f"{tmp_path / 'simulator.py'}:FavouriteColourEnv")
+    assert sys.modules["simulator"] is simulator and issubclass(cls, simulator.Environment)
