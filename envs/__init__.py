@@ -4,6 +4,7 @@
     loading.py         models by name: the policy (--model_name_or_path), tokenizers, load errors
     tutor_task.py      the embedded task "tutor": rules, exact values (V*), the SFT reference policy mu
                        (python -m envs.tutor_task builds mu and prints its value beside V*)
+    gift_task.py       the real-language task "gift" for a real chat model (--env gift): ask, then recommend
     chat_env.py        the papers' chat setting: prompted users (in-process or an endpoint), judges, HF reward model
     chat_datasets.py   the papers' dataset formats (message lists, UltraInteract, HH, Education Dialogue)
     learned_reward.py  the RLHF baseline's Bradley-Terry reward model, learned from preferences (mtpo.py)

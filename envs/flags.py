@@ -25,9 +25,10 @@ class EnvArgs:
     """The environment's flags, shared by every script (whose Args extend this class, so the flags stay flat:
     --env, --prompts_path, --user_model, ...). --max_turns stays in each script: H means something else in each."""
     env: str = "tutor"
-    """'tutor': the embedded task; 'chat': prompts or dialogues from a dataset, a prompted user model (or the
-    dataset's pre-sampled questions), an HF reward model; 'package.module:ClassName' or 'path/to/file.py:ClassName':
-    an Environment subclass of your own (docs/your_environment.md)"""
+    """'tutor': the embedded task; 'gift': a real-language task for a real chat model (docs/gift_task.md); 'chat':
+    prompts or dialogues from a dataset, a prompted user model (or the dataset's pre-sampled questions), an HF
+    reward model; 'package.module:ClassName' or 'path/to/file.py:ClassName': an Environment subclass of your own
+    (docs/your_environment.md)"""
     prompts_path: Optional[str] = None
     """chat: dataset of prompts or dialogues (JSONL/JSON, any --dataset_format; later user turns are the
     pre-sampled questions of setting two)"""
@@ -90,9 +91,9 @@ def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.f
     """make_env with a script's parsed flags (an EnvArgs); `extra` passes what only some scripts have (offline_path).
     A 'module:ClassName' --env is built by its class's `Environment.from_flags`, which reads the flags it wants."""
     set_chat_templates(args)
-    if ":" in args.env:
-        env = environment_class(args.env).from_flags(args, max_turns=max_turns, tokenizer=tokenizer, device=device,
-                                                     dtype=dtype, **extra)
+    if ":" in args.env or args.env in NAMED_ENVIRONMENTS:
+        cls = environment_class(NAMED_ENVIRONMENTS.get(args.env, args.env))
+        env = cls.from_flags(args, max_turns=max_turns, tokenizer=tokenizer, device=device, dtype=dtype, **extra)
         if not isinstance(env, sim.Environment):
             raise TypeError(f"--env {args.env}: from_flags returned a {type(env).__name__}, not an Environment")
         return env
@@ -102,12 +103,15 @@ def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.f
                     trust_remote_code=args.reward_trust_remote_code, **{k: getattr(args, k) for k in names})
 
 
+NAMED_ENVIRONMENTS = {"gift": "envs.gift_task:GiftEnv"}  # built like your own: by their from_flags
+
+
 def environment_class(spec: str) -> type:
     """The Environment subclass --env names: 'package.module:ClassName' (importable from here: the working directory
     or PYTHONPATH) or 'path/to/file.py:ClassName' (loaded from the file)."""
     where, _, name = spec.rpartition(":")
     if not where or not name.isidentifier():
-        raise ValueError(f"--env {spec!r}: expected 'tutor', 'chat', 'package.module:ClassName' or "
+        raise ValueError(f"--env {spec!r}: expected 'tutor', 'gift', 'chat', 'package.module:ClassName' or "
                          f"'path/to/file.py:ClassName'")
     try:
         if where.endswith(".py"):

@@ -95,3 +95,29 @@ def logged_steps(run_dir) -> list:
         merged.update(row)
     assert list(steps) == sorted(steps), f"steps out of order: {list(steps)}"
     return list(steps.values())
+
+
+def tiny_chat_model(path: Path) -> Path:
+    """A 2-layer random-init Llama carrying SmolLM2-135M-Instruct's real tokenizer and chat template (from the local
+    copy), saved in `path`: seconds per run where the real model takes minutes (it runs in test_chat_templates.py
+    and test_gift_task.py). Skips the calling test when the real model was not fetched."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from real_models import smollm2_dir
+
+    tok = AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
+                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                 max_position_embeddings=2048)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def fenced_blocks(text: str, lang: str) -> list[str]:
+    """The bodies of a markdown page's ```lang fenced blocks."""
+    import re
+
+    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)

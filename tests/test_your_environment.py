@@ -4,7 +4,6 @@ a 2-layer random-init Llama with SmolLM2-135M-Instruct's own tokenizer and chat 
 for the hub name, the temporary folder for `~`, and tiny sizes. Also: the
 example's user and reward on hand-written conversations, and the errors a wrong --env gives."""
 import json
-import re
 import shlex
 import subprocess
 import sys
@@ -13,8 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, subprocess_env
-from real_models import smollm2_dir
+from conftest import ROOT, fenced_blocks, subprocess_env, tiny_chat_model
 
 PAGE = ROOT / "docs" / "your_environment.md"
 HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -30,10 +28,6 @@ ACCEPTS = {  # the sizes each script has
                                "--minibatch_size"),
     "evaluate.py": ("--num_contexts", "--max_new_tokens", "--gen_batch_size"),
 }
-
-
-def fenced_blocks(text: str, lang: str) -> list[str]:
-    return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
 
 
 def example_source() -> str:
@@ -61,17 +55,7 @@ def home(tmp_path_factory) -> Path:
 def policy(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct's tokenizer and chat template on a 2-layer random-init Llama (seconds per run, not
     minutes; the real model runs every script in tests/test_chat_templates.py)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("policy")
-    tok = AutoTokenizer.from_pretrained(smollm2_dir(), local_files_only=True)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, pad_token_id=tok.pad_token_id,
-                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                 max_position_embeddings=2048)).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return tiny_chat_model(tmp_path_factory.mktemp("policy"))
 
 
 def as_here(argv: list[str], home: Path, policy: Path, runs: Path, run_name: str) -> tuple[list[str], dict]:
