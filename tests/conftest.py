@@ -121,3 +121,12 @@ def fenced_blocks(text: str, lang: str) -> list[str]:
     import re
 
     return re.findall(rf"^```{lang}\n(.*?)^```", text, flags=re.S | re.M)
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS's pick)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -228,11 +228,13 @@ def test_one_engine_per_rank_under_accelerate(tmp_path):
     existing process group (vLLM's external_launcher), samples the HF greedy tokens, and ranks sample apart."""
     import subprocess
 
-    from conftest import ROOT, TWO_CPU_PROCESSES, subprocess_env
+    from conftest import ROOT, TWO_CPU_PROCESSES, free_port, subprocess_env
 
     script = tmp_path / "two_ranks.py"
     script.write_text(TWO_RANKS.format(root=str(ROOT), tests=str(ROOT / "tests")))
-    out = subprocess.run([*TWO_CPU_PROCESSES, str(script)], cwd=ROOT, capture_output=True, text=True,
+    # a port of its own: CI runs this file while the suite's 2-process runs use accelerate's default 29500
+    port = ["--main_process_port", str(free_port())]
+    out = subprocess.run([*TWO_CPU_PROCESSES, *port, str(script)], cwd=ROOT, capture_output=True, text=True,
                          env=subprocess_env(), timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     ranks = sorted(line for line in out.stdout.splitlines() if line.startswith("RANK"))

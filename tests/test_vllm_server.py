@@ -11,7 +11,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import urllib.request
 import pytest
 
 from plumbing import vllm_engine
-from conftest import ROOT, logged_steps, subprocess_env
+from conftest import ROOT, free_port, logged_steps, subprocess_env
 from real_models import smollm2_dir
 
 if not vllm_engine.vllm_available():
@@ -29,12 +28,6 @@ if not vllm_engine.vllm_available():
     pytest.skip("vllm is not installed (run .ci/vllm_env)", allow_module_level=True)
 
 SERVED = "smollm2"  # --served-model-name: what --user_model / --judge_model name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class VLLMServer:
