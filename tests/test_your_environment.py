@@ -80,7 +80,9 @@ def as_here(argv: list[str], home: Path, policy: Path, runs: Path, run_name: str
     return [sys.executable, script, *args], env
 
 
-def test_every_script_trains_in_the_pages_environment_from_outside_the_repository(home, policy, tmp_path):
+def test_every_script_trains_in_the_pages_environment_from_outside_the_repository(request, home, policy, tmp_path):
+    """CI runs REFUEL (the file form) and evaluate.py (the module form); --long every line of the page (each script
+    also runs on a task of this kind, --env gift, in test_gift_task.py)."""
     commands = running_commands()
     scripts = [c[1] if c[0] == "python" else c[2] for c in commands]
     assert sorted(scripts) == sorted(["refuel.py", "mtpo.py", "iterative_ppo.py", "baselines_dpo_rebel.py",
@@ -88,6 +90,8 @@ def test_every_script_trains_in_the_pages_environment_from_outside_the_repositor
     assert any(c[0].startswith("PYTHONPATH=") and ":" in c[c.index("--env") + 1] and ".py:" not in
                c[c.index("--env") + 1] for c in commands)  # the module form is on the page too
     runs = tmp_path / "runs"
+    if not request.config.getoption("--long"):
+        commands = [c for c in commands if {"refuel.py", "evaluate.py"} & set(c)]
     for argv in sorted(commands, key=lambda c: "evaluate.py" in c):  # evaluate.py reads REFUEL's run
         script = argv[1] if argv[0] == "python" else argv[2]
         name = "RUN_A" if script == "refuel.py" else Path(script).stem
