@@ -130,3 +130,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SMOLLM2_HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what pages write; tests put tiny_chat_model's folder there
+_TINY = {"--num_iterations": "1", "--prompts_per_iteration": "4", "--num_eval": "4", "--max_new_tokens": "6",
+         "--minibatch_size": "4", "--q_minibatch_size": "4", "--ppo_minibatch_size": "4", "--num_contexts": "4",
+         "--gen_batch_size": "8", "--time_budget_minutes": "0"}
+_TRAINING = ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens", "--time_budget_minutes")
+TINY_FLAGS = {  # the size flags each script has
+    "refuel.py": (*_TRAINING, "--minibatch_size"),
+    "mtpo.py": _TRAINING,
+    "iterative_ppo.py": (*_TRAINING, "--q_minibatch_size", "--ppo_minibatch_size"),
+    "baselines_dpo_rebel.py": (*_TRAINING, "--minibatch_size"),
+    "evaluate.py": ("--num_contexts", "--max_new_tokens", "--gen_batch_size"),
+}
+
+
+def tiny_sizes(script: str, args: list) -> list:
+    """A documented command's arguments with its size flags set to tiny values (replaced where the page sets
+    them, added where it does not)."""
+    args = list(args)
+    for flag in TINY_FLAGS[script]:
+        if flag in args:
+            args[args.index(flag) + 1] = _TINY[flag]
+        else:
+            args += [flag, _TINY[flag]]
+    return args

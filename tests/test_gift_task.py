@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, fenced_blocks, subprocess_env, tiny_chat_model
+from conftest import (ROOT, SMOLLM2_HUB_NAME, TINY_FLAGS, fenced_blocks, subprocess_env, tiny_chat_model,
+                      tiny_sizes)
 from real_models import smollm2_dir
 
 sys.path.insert(0, str(ROOT))
@@ -18,7 +19,6 @@ from envs import gift_task  # noqa: E402
 from envs.gift_task import COLOURS, DELIGHTED, GiftEnv, LMUser  # noqa: E402
 
 PAGE = ROOT / "docs" / "gift_task.md"
-HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def customer(colour="green", their="her"):
@@ -132,22 +132,6 @@ def test_gift_needs_a_chat_model_and_reads_no_chat_flags():
 
 
 # ---- the page's commands -------------------------------------------------------------------------------------
-TINY = {"--num_iterations": "1", "--prompts_per_iteration": "4", "--num_eval": "4", "--max_new_tokens": "6",
-        "--minibatch_size": "4", "--q_minibatch_size": "4", "--ppo_minibatch_size": "4", "--num_contexts": "4",
-        "--gen_batch_size": "8", "--time_budget_minutes": "0"}
-ACCEPTS = {  # the sizes each script has
-    "refuel.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens", "--minibatch_size",
-                  "--time_budget_minutes"),
-    "mtpo.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens",
-                "--time_budget_minutes"),
-    "iterative_ppo.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens",
-                         "--q_minibatch_size", "--ppo_minibatch_size", "--time_budget_minutes"),
-    "baselines_dpo_rebel.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens",
-                               "--minibatch_size", "--time_budget_minutes"),
-    "evaluate.py": ("--num_contexts", "--max_new_tokens", "--gen_batch_size"),
-}
-
-
 def page_commands() -> list[list[str]]:
     return [shlex.split(line) for block in fenced_blocks(PAGE.read_text(), "bash") for line in block.splitlines()
             if line.strip() and not line.startswith("#") and ".py" in line]
@@ -168,22 +152,19 @@ def test_every_command_on_the_page_runs(policy, tmp_path):
     runs = tmp_path / "runs"
     for argv in sorted(commands, key=lambda c: ("evaluate.py" in c[1], "benchmarks" in c[1])):
         script = argv[1]
-        args = [str(policy) if a == HUB_NAME else str(runs / "RUN_A") if a == "runs/RUN_A" else a for a in argv[2:]]
+        args = [str(policy) if a == SMOLLM2_HUB_NAME else str(runs / "RUN_A") if a == "runs/RUN_A" else a
+                for a in argv[2:]]
         if script.startswith("benchmarks/"):
             args += ["--dry_run"]
         else:
-            for flag in ACCEPTS[script]:
-                if flag in args:
-                    args[args.index(flag) + 1] = TINY[flag]
-                else:
-                    args += [flag, TINY[flag]]
+            args = tiny_sizes(script, args)
             name = "RUN_A" if script == "refuel.py" else script[:-3]
             args += (["--output", str(runs / "evaluate.json"), "--device", "cpu"] if script == "evaluate.py" else
                      ["--output_dir", str(runs), "--run_name", name, "--threads", "1"])
         out = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True,
                              env=subprocess_env(), timeout=900)
         assert out.returncode == 0, f"{shlex.join(argv)}\n" + out.stdout[-3000:] + out.stderr[-3000:]
-        if script in ACCEPTS and script != "evaluate.py":
+        if script in TINY_FLAGS and script != "evaluate.py":
             evaluated = [json.loads(line) for line in (runs / name / "metrics.jsonl").read_text().splitlines()
                          if "eval/mean_reward" in line]
             assert evaluated and all(0 <= m["eval/asked_rate"] <= 1 for m in evaluated)

@@ -12,22 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, fenced_blocks, subprocess_env, tiny_chat_model
+from conftest import (ROOT, SMOLLM2_HUB_NAME, fenced_blocks, subprocess_env, tiny_chat_model,
+                      tiny_sizes)
 
 PAGE = ROOT / "docs" / "your_environment.md"
-HUB_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-SIZES = {"--num_iterations": "1", "--prompts_per_iteration": "4", "--num_eval": "4", "--max_new_tokens": "6",
-         "--minibatch_size": "4", "--q_minibatch_size": "4", "--ppo_minibatch_size": "4", "--num_contexts": "4",
-         "--gen_batch_size": "8"}
-ACCEPTS = {  # the sizes each script has
-    "refuel.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens", "--minibatch_size"),
-    "mtpo.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens"),
-    "iterative_ppo.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens",
-                         "--q_minibatch_size", "--ppo_minibatch_size"),
-    "baselines_dpo_rebel.py": ("--num_iterations", "--prompts_per_iteration", "--num_eval", "--max_new_tokens",
-                               "--minibatch_size"),
-    "evaluate.py": ("--num_contexts", "--max_new_tokens", "--gen_batch_size"),
-}
 
 
 def example_source() -> str:
@@ -67,12 +55,9 @@ def as_here(argv: list[str], home: Path, policy: Path, runs: Path, run_name: str
     assert argv[0] == "python", argv
     script = argv[1]
     args = [a.replace("~", str(home)) for a in argv[2:]]
-    args = [str(policy) if a == HUB_NAME else str(runs / "RUN_A") if a == "runs/RUN_A" else a for a in args]
-    for flag in ACCEPTS[script]:
-        if flag in args:
-            args[args.index(flag) + 1] = SIZES[flag]
-        else:
-            args += [flag, SIZES[flag]]
+    args = [str(policy) if a == SMOLLM2_HUB_NAME else str(runs / "RUN_A") if a == "runs/RUN_A" else a
+            for a in args]
+    args = tiny_sizes(script, args)
     if script == "evaluate.py":
         args += ["--output", str(runs / "evaluate.json"), "--device", "cpu"]
     else:
