@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 import simulator as sim
 from envs.flags import EnvArgs, make_env_from_args
 from envs.loading import load_policy
-from plumbing import vllm_engine
+from plumbing import lora, vllm_engine
 from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
                                   outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
 from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
@@ -47,9 +47,10 @@ from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_check
 
 
 @dataclass
-class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):
+class Args(EnvArgs, vllm_engine.VLLMArgs, lora.LoraArgs, RunArgs):
     """DPO's and REBEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come
-    from envs/flags.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
+    from envs/flags.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs, LoRA's (--lora_r, ...)
+    from plumbing/lora.LoraArgs."""
     loss: Literal["dpo", "rebel"] = "rebel"
     """the pairwise loss"""
     mode: Literal["lt-offline", "lt-mixed", "lt-online", "mt-mixed"] = "lt-online"
@@ -417,6 +418,7 @@ def check_args(args: Args) -> None:
         bad.append("--minibatch_size must be divisible by --gradient_accumulation_steps")
     if args.gamma and args.loss == "dpo":
         bad.append("--gamma is REBEL's Eq. (11) shaping; DPO's KL to pi_ref is --beta")
+    bad += lora.check_lora_args(args)
     if bad:
         hint = " (greedy sampling makes both replies identical: every pair dropped)" * (args.temperature <= 0)
         raise ValueError("invalid flags: " + "; ".join(bad) + hint)
@@ -446,11 +448,15 @@ def setup(args: Args):
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor
                                             else contextlib.nullcontext()):
         policy, tokenizer = load_policy(args.model_name_or_path)
+    if args.lora_r:  # only the adapters train
+        policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     with outside_zero3_init(accelerator):
         env = make_env_from_args(args, args.max_turns, str(accelerator.device), frozen_dtype, tokenizer,
                                      offline_path=args.offline_path)
         ref_policy = None
-        if args.loss == "dpo" or args.gamma:  # DPO's pi_ref, or pi_0 for Eq. (11); frozen
+        if (args.loss == "dpo" or args.gamma) and args.lora_r:  # pi_ref = pi_0: the policy with its adapters off
+            ref_policy = lora.AdaptersOff(policy)
+        elif args.loss == "dpo" or args.gamma:  # DPO's pi_ref, or pi_0 for Eq. (11); a frozen copy
             ref_policy = load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
             ref_policy.requires_grad_(False)
     prepare_for_training(policy, args)
@@ -476,9 +482,12 @@ def resume(accelerator, run_dir: Path, rng, env, args) -> dict:
     return counters
 
 
-def finish(accelerator, policy, logger, run_dir: Path, args, initial_reward: float, final_eval: dict,
+def finish(accelerator, policy, tokenizer, logger, run_dir: Path, args, initial_reward: float, final_eval: dict,
            iterations: int, minutes: float) -> dict:
-    """summary.json and the closing line; ranks tear the process group down together."""
+    """summary.json (and with --merge_on_save the merged LoRA model) and the closing line; ranks tear the process
+    group down together."""
+    if args.merge_on_save:  # runs/<run>/merged: a plain HF model of the final policy
+        lora.write_merged(accelerator, policy, tokenizer, run_dir)
     summary = {"initial_reward": initial_reward, "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
@@ -545,7 +554,7 @@ def main(args: Args) -> dict:
                                      env_tallies(accelerator, env))
         if out_of_time:
             break
-    return finish(accelerator, policy, logger, run_dir, args, counters["initial_reward"], latest_eval,
+    return finish(accelerator, policy, tokenizer, logger, run_dir, args, counters["initial_reward"], latest_eval,
                   counters["iteration"], (time.time() - start) / 60)
 
 

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 import simulator as sim
 from envs.flags import EnvArgs, make_env_from_args
 from envs.loading import load_policy, load_tokenizer, model_load_error
-from plumbing import vllm_engine
+from plumbing import lora, vllm_engine
 from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
                          outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, sync_gradients,
                          without_dropout)
@@ -57,7 +57,7 @@ from single_turn_ppo import policy_shift, ppo_step_batch, token_scores
 
 
 @dataclass
-class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --env, ..., --vllm, ..., --output_dir, --track, ...
+class Args(EnvArgs, vllm_engine.VLLMArgs, lora.LoraArgs, RunArgs):  # --env, --vllm, --lora_r, --output_dir, ...
     exp_name: str = "iterative_ppo"
     """experiment name, the first part of run_name"""
     run_name: Optional[str] = None
@@ -436,6 +436,7 @@ def check_args(args: Args) -> None:
     bad += ["--d_single_size must lie in [0, prompts_per_iteration]"] * (
         args.d_single_size is not None and not 0 <= args.d_single_size <= args.prompts_per_iteration)
     bad += ["--adam_betas must lie in [0, 1)"] * (not all(0 <= b < 1 for b in args.adam_betas))
+    bad += lora.check_lora_args(args)
     if bad:
         raise ValueError("invalid flags: " + "; ".join(bad))
 
@@ -469,6 +470,8 @@ def setup(args: Args):
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = load_policy(args.model_name_or_path)
+    if args.lora_r:  # only the adapters train
+        policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     q_path = args.q_model_name_or_path or policy.name_or_path  # the policy's folder (the tutor's: where mu is cached)
     # Q_i, the critic, pi_i: full replicas outside prepare(), zero.Init (Q, critic all-reduce their own gradients)
     with outside_zero3_init(accelerator):
@@ -476,10 +479,12 @@ def setup(args: Args):
                                      if accelerator.mixed_precision == "bf16" else torch.float32, tokenizer)
         q_model = build_q_model(q_path, tokenizer).to(accelerator.device)
         critic = build_q_model(q_path, tokenizer).to(accelerator.device)
-        ref_policy = load_policy(args.model_name_or_path)[0]  # pi_i, reloaded from the policy per i
-    ref_policy.to(accelerator.device).eval().requires_grad_(False)
+        if args.lora_r:  # pi_i: the policy's base weights with a copy of its adapters, taken per i
+            ref_policy = lora.AdapterSnapshot(policy)
+        else:  # pi_i, a frozen copy, reloaded from the policy per i
+            ref_policy = load_policy(args.model_name_or_path)[0].to(accelerator.device).eval().requires_grad_(False)
     prepare_for_training([policy, q_model, critic], args)
-    optimizer = torch.optim.AdamW(policy.parameters(), args.lr, args.adam_betas, args.adam_eps,
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], args.lr, args.adam_betas, args.adam_eps,
                                   weight_decay=args.weight_decay)
     configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), 1, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
@@ -518,9 +523,12 @@ def resume(accelerator, run_dir, rng, env, args, q_model, q_opt, critic, critic_
     return meta
 
 
-def finish(accelerator, policy, replicas, env, run_dir, logger, initial_reward: float, final_eval: dict,
-           iterations: int, minutes: float, totals: dict) -> dict:
-    """summary.json (ranks_in_sync: the policy, Q_i and the critic) and the closing line; ranks end together."""
+def finish(accelerator, policy, tokenizer, replicas, env, run_dir, logger, initial_reward: float, final_eval: dict,
+           iterations: int, minutes: float, totals: dict, args) -> dict:
+    """summary.json (ranks_in_sync: the policy, Q_i and the critic), with --merge_on_save the merged LoRA policy,
+    and the closing line; ranks end together."""
+    if args.merge_on_save:  # runs/<run>/merged: a plain HF model of the final policy
+        lora.write_merged(accelerator, policy, tokenizer, run_dir)
     summary = {"initial_reward": initial_reward, "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
@@ -584,8 +592,11 @@ def main(args: Args) -> dict:
             len(examples), accelerator.device, fewest=True), rng)
         prompts = [e["messages"][:-1] for e in single]
         # line 7: PPO(D_single, RewardModel = Q_i) with the KL anchor pi_i and the token critic (from Q_0, then kept)
-        with sampling_weights(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
-            ref_policy.load_state_dict(pi_i.state_dict())
+        if args.lora_r:  # a copy of the adapters alone
+            ref_policy.take()
+        else:
+            with sampling_weights(policy, accelerator) as pi_i:  # full weights on every rank, ZeRO-3 included
+                ref_policy.load_state_dict(pi_i.state_dict())
         if args.reset_critic or not critic_ready:  # else the critic (and its AdamW state) carries over from i - 1
             critic.load_state_dict(q_model.state_dict())
             critic_opt, critic_ready = adamw(critic), True
@@ -630,8 +641,8 @@ def main(args: Args) -> dict:
                                                      for k in CONSOLE_METRICS if k in metrics))
         if out_of_time or converged:
             break
-    return finish(accelerator, policy, (q_model, critic), env, run_dir, logger, initial_reward, latest_eval, done,
-                  (time.time() - start) / 60, totals)
+    return finish(accelerator, policy, tokenizer, (q_model, critic), env, run_dir, logger, initial_reward, latest_eval,
+                  done, (time.time() - start) / 60, totals, args)
 
 
 if __name__ == "__main__":

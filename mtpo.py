@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 import simulator as sim
 from envs.flags import EnvArgs, make_env_from_args
 from envs.loading import load_policy
-from plumbing import vllm_engine
+from plumbing import lora, vllm_engine
 from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
                          outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
 from envs.learned_reward import RewardModelArgs, learned_reward_model, reward_model_flag_errors, reward_model_summary
@@ -56,7 +56,7 @@ from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_check
 
 
 @dataclass
-class Args(RewardModelArgs, EnvArgs, vllm_engine.VLLMArgs, RunArgs):  # --rm_*, --env, --vllm, --track...
+class Args(RewardModelArgs, EnvArgs, vllm_engine.VLLMArgs, lora.LoraArgs, RunArgs):  # --rm_*, --env, --vllm, --lora_*, ...
     variant: Literal["mtpo", "mtpo-tau", "rlhf"] = "mtpo-tau"
     """mtpo: self-play from pi; mtpo-tau: self-play from the geometric mixture; rlhf: one conversation, the reward"""
     exp_name: str = "mtpo"
@@ -446,11 +446,11 @@ def evaluate(model, ref, tokenizer, env, accelerator, args, seed, cache, reward_
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     # evaluation leaves the training sampler's RNG untouched; its user and judge calls are tallied apart
     with torch.random.fork_rng(devices=devices), sim.evaluating(env):
-        if "mu" not in cache:
-            torch.manual_seed(s + 2)
-            cache["mu"] = play(ref, 2)
-        torch.manual_seed(s + 1)
         with sampling_weights(model, accelerator, part=sampled_part, engine=engine) as pi:
+            if "mu" not in cache:  # in here: with LoRA mu is the policy's weights (gathered under ZeRO-3)
+                torch.manual_seed(s + 2)
+                cache["mu"] = play(ref, 2)
+            torch.manual_seed(s + 1)
             convs = play(pi, 1, engine)
         r, p, r_mu = env.reward(convs), preference(env, convs, cache["mu"]), env.reward(cache["mu"])
     out = {"eval/mean_reward": r.mean(), "eval/win_rate_vs_mu": p.mean(), "eval/mu_reward": r_mu.mean(),
@@ -490,6 +490,7 @@ def check_args(args: Args) -> None:
         bad.append("--vllm samples from the policy alone: MTPO-tau's per-token mixture with mu stays on the HF sampler")
     if args.judge_api_base and not args.judge_model:  # else the run would train on the reward model, silently
         bad.append("--judge_api_base needs --judge_model, the model name the endpoint serves")
+    bad += lora.check_lora_args(args)
     if bad:
         raise ValueError("invalid flags: " + "; ".join(bad))
 
@@ -515,12 +516,17 @@ def setup(args: Args):
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
         policy, tokenizer = load_policy(args.model_name_or_path)
+    if args.lora_r:  # only the adapters train (and the value model)
+        policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     value_backbone = None if args.value_backbone == "shared" else \
         load_policy(args.model_name_or_path)[0].get_decoder()  # trained: zero.Init is fine
     dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     with outside_zero3_init(accelerator):
-        ref = load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()  # mu, frozen
-        ref.requires_grad_(False)
+        if args.lora_r:  # mu: the policy's own weights with the adapters off
+            ref = lora.AdaptersOff(policy)
+        else:  # mu, a frozen copy
+            ref = load_policy(args.model_name_or_path, dtype)[0].to(accelerator.device).eval()
+            ref.requires_grad_(False)
         env = make_env_from_args(args, args.max_turns, str(accelerator.device), dtype, tokenizer)
         if args.judge_model:  # pluggable oracle: a prompted judge, both orders averaged
             from envs.chat_env import judge_prompt, make_judge_preference  # the chat world, only when used
@@ -532,7 +538,8 @@ def setup(args: Args):
                                               max_unparsed=args.judge_max_unparsed)
     model = prepare_for_training(ActorCritic(policy, value_backbone), args)
     value_params = [*model.value_head.parameters(), *(model.value_backbone or torch.nn.Module()).parameters()]
-    optimizer = torch.optim.AdamW([{"params": list(model.policy.parameters()), "lr": args.lr},
+    trained = [p for p in model.policy.parameters() if p.requires_grad]  # with LoRA: the adapters
+    optimizer = torch.optim.AdamW([{"params": trained, "lr": args.lr},
                                    {"params": value_params, "lr": args.value_lr}],
                                   betas=args.adam_betas, eps=args.adam_eps, weight_decay=args.weight_decay)
     conversations = args.local_prompts * (1 if args.variant == "rlhf" else 2)
@@ -555,9 +562,12 @@ def resume(accelerator, run_dir: Path, rng, env, args) -> dict:
     return counters
 
 
-def finish(accelerator, model, run_dir: Path, args, first_eval: dict, final: dict, iterations: int,
+def finish(accelerator, model, tokenizer, run_dir: Path, args, first_eval: dict, final: dict, iterations: int,
            minutes: float, reward_model=None, reward_model_metrics: Optional[dict] = None) -> dict:
-    """summary.json and the closing line; ranks tear the process group down together."""
+    """summary.json (and with --merge_on_save the merged LoRA policy) and the closing line; ranks tear the process
+    group down together."""
+    if args.merge_on_save:  # runs/<run>/merged: a plain HF model of the final policy
+        lora.write_merged(accelerator, model, tokenizer, run_dir, part=sampled_part)
     summary = {"initial_reward": first_eval["eval/mean_reward"], "final_reward": final["eval/mean_reward"],
                "final_stderr": final["eval/reward_stderr"], "mu_reward": final["eval/mu_reward"],
                "initial_win_rate_vs_mu": first_eval["eval/win_rate_vs_mu"], "final_win_rate_vs_mu":
@@ -583,8 +593,9 @@ def main(args: Args) -> dict:
     counters = resume(accelerator, run_dir, rng, env, args)  # iteration, elapsed, env_counts, ...
     tau = args.tau if args.variant == "mtpo-tau" else 0.0
     logger = Logger(run_dir, args, accelerator.is_main_process)
-    reward_model, reward_model_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir,
-                                                              preference) if args.reward == "learned" else (None, {})
+    with sampling_weights(model, accelerator, part=sampled_part):  # with LoRA mu plays on the policy's weights
+        reward_model, reward_model_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir,
+                                                                  preference) if args.reward == "learned" else (None, {})
     mu_eval_conversations = {}  # mu plays the held-out contexts once
     evaluate_now = lambda: evaluate(model, ref, tokenizer, env, accelerator, args, 10_000 + args.seed,
                                     mu_eval_conversations, reward_model, engine)
@@ -635,7 +646,7 @@ def main(args: Args) -> dict:
         if out_of_time:
             break
     logger.close()
-    return finish(accelerator, model, run_dir, args, counters["initial_eval"], latest_eval, counters["iteration"],
+    return finish(accelerator, model, tokenizer, run_dir, args, counters["initial_eval"], latest_eval, counters["iteration"],
                   (time.time() - start) / 60, reward_model, reward_model_metrics)
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 import simulator as sim
 from envs.flags import EnvArgs, make_env_from_args
 from envs.loading import load_policy
-from plumbing import vllm_engine
+from plumbing import lora, vllm_engine
 from plumbing.distributed import (configure_deepspeed, enable_gradient_checkpointing, env_tallies, make_accelerator,
                                   outside_zero3_init, ranks_in_sync, reduce_mean, sampling_weights, without_dropout)
 from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_checkpoint, make_run_dir, record_evaluation,
@@ -50,9 +50,10 @@ from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_check
 
 
 @dataclass
-class Args(EnvArgs, vllm_engine.VLLMArgs, RunArgs):
+class Args(EnvArgs, vllm_engine.VLLMArgs, lora.LoraArgs, RunArgs):
     """REFUEL's flags; the environment's (--env, --prompts_path, --user_model, --reward_model, ...) come from
-    envs/flags.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs."""
+    envs/flags.EnvArgs, the rollout engine's (--vllm, ...) from vllm_engine.VLLMArgs, LoRA's (--lora_r, ...) from
+    plumbing/lora.LoraArgs."""
     exp_name: str = "refuel"
     """experiment name, the first part of run_name"""
     run_name: Optional[str] = None
@@ -383,6 +384,7 @@ def check_args(args: Args) -> None:
         bad.append("--adam_betas must lie in [0, 1)")
     if args.minibatch_size % args.gradient_accumulation_steps:
         bad.append("--minibatch_size must be divisible by --gradient_accumulation_steps")
+    bad += lora.check_lora_args(args)
     if bad:
         hint = " (greedy sampling makes y_h = y'_h, so every pair would be dropped)" * (args.temperature <= 0)
         raise ValueError("invalid flags: " + "; ".join(bad) + hint)
@@ -412,10 +414,14 @@ def setup(args: Args):
             policy, tokenizer = load_policy("tutor")
     else:  # under ZeRO-3 this loads straight into shards; prepare() takes it from there
         policy, tokenizer = load_policy(args.model_name_or_path)
+    if args.lora_r:  # only the adapters train
+        policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     with outside_zero3_init(accelerator):
         env = make_env_from_args(args, args.max_turns, str(accelerator.device), frozen_dtype, tokenizer)
         ref_policy = None
-        if args.gamma:  # pi_0 for Eq. (11), frozen
+        if args.gamma and args.lora_r:  # pi_0 for Eq. (11): the policy's own weights with the adapters off
+            ref_policy = lora.AdaptersOff(policy)
+        elif args.gamma:  # pi_0 for Eq. (11), a frozen copy
             ref_policy = load_policy(args.model_name_or_path, frozen_dtype)[0].to(accelerator.device).eval()
             ref_policy.requires_grad_(False)
     if not args.prompts_per_iteration:  # a pass over the whole training prompt set per iteration
@@ -446,9 +452,12 @@ def resume(accelerator, run_dir: Path, rng, env, args) -> dict:
     return counters
 
 
-def finish(accelerator, policy, env, logger, run_dir: Path, initial_reward: float, final_eval: dict, iterations: int,
-           minutes: float) -> dict:
-    """summary.json and the closing line; ranks tear the process group down together."""
+def finish(accelerator, policy, tokenizer, env, logger, run_dir: Path, initial_reward: float, final_eval: dict,
+           iterations: int, minutes: float, args) -> dict:
+    """summary.json (and with --merge_on_save the merged LoRA model) and the closing line; ranks tear the process
+    group down together."""
+    if args.merge_on_save:  # runs/<run>/merged: a plain HF model of the final policy
+        lora.write_merged(accelerator, policy, tokenizer, run_dir)
     summary = {"initial_reward": initial_reward, "final_reward": final_eval["eval/mean_reward"],
                "final_stderr": final_eval["eval/reward_stderr"], "iterations": iterations, "minutes": minutes,
                "run_dir": str(run_dir), "num_processes": accelerator.num_processes,
@@ -516,8 +525,8 @@ def main(args: Args) -> dict:
                                      env_tallies(accelerator, env))
         if out_of_time:
             break
-    return finish(accelerator, policy, env, logger, run_dir, counters["initial_reward"], latest_eval,
-                  counters["iteration"], (time.time() - start) / 60)
+    return finish(accelerator, policy, tokenizer, env, logger, run_dir, counters["initial_reward"], latest_eval,
+                  counters["iteration"], (time.time() - start) / 60, args)
 
 if __name__ == "__main__":
     import tyro

@@ -229,10 +229,10 @@ def ppo_step_batch(policy, ref_policy, score, critic, critic_opt, tokenizer, pro
         for s in range(0, len(prompts), mb):
             j = order[s:s + mb]
             if in_loss:  # Theorem 2's KL to the reference, exact over the vocabulary, on the current weights
+                with torch.no_grad(), accelerator.autocast():  # first: no other forward between pi's and its backward
+                    ref_logp = response_log_dists(ref_policy, ids[j], attn[j], idx[j], mask[j], T)
                 logp = response_log_dists(policy, ids[j], attn[j], idx[j], mask[j], T)
                 lp = logp.gather(2, tokens[j][:, :, None]).squeeze(-1)
-                with torch.no_grad(), accelerator.autocast():
-                    ref_logp = response_log_dists(ref_policy, ids[j], attn[j], idx[j], mask[j], T)
                 kl_term = masked_mean(token_kl_entropy(logp, ref_logp, mask[j])[0], mask[j])  # nats per token
             else:
                 lp = response_logprobs(policy, ids[j], attn[j], idx[j], mask[j], T)

@@ -1,5 +1,8 @@
 """envs/loading.py: models by name. The policy every script loads (--model_name_or_path: 'tutor' = the tutor task's
-mu, else an HF hub name or local folder), tokenizers once per process, and load errors that say what was looked for.
+mu, else an HF hub name or local folder, or a LoRA run's adapter folder on top of its base), tokenizers once per
+process, and load errors that say what was looked for.
+
+    python -m envs.loading merge runs/<run>/checkpoint/policy merged/   # a LoRA checkpoint -> a plain HF model
 """
 from __future__ import annotations
 
@@ -28,7 +31,14 @@ def load_tokenizer(name: str):
 
 
 def load_policy(name: str, dtype=torch.float32):
-    """(model, tokenizer) for a policy: 'tutor' = the embedded base policy, else an HF hub name or local path."""
+    """(model, tokenizer) for a policy: 'tutor' = the embedded base policy, else an HF hub name or local path; a
+    LoRA run's checkpoint/policy (adapter_config.json) is its base model (by the name the run was given) with the
+    adapters on top, a PEFT model."""
+    from plumbing import lora
+
+    if lora.is_adapter_folder(name):
+        base, tok = load_policy(lora.adapter_base_name(name), dtype)
+        return lora.load_adapters(base, name), tok
     if name == "tutor":
         from envs.tutor_task import load_tutor_base_policy
 
@@ -45,3 +55,26 @@ def load_policy(name: str, dtype=torch.float32):
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return model, tok
+
+
+def main(argv=None) -> None:
+    """python -m envs.loading merge ADAPTER_FOLDER OUT_FOLDER [--dtype bfloat16]: a LoRA run's adapters merged into
+    its base model, written as a plain save_pretrained model (what --merge_on_save writes at the end of a run)."""
+    import argparse
+
+    from plumbing import lora
+
+    parser = argparse.ArgumentParser(prog="python -m envs.loading", description=main.__doc__)
+    parser.add_argument("command", choices=["merge"])
+    parser.add_argument("adapter_folder", help="a LoRA run's runs/<run>/checkpoint/policy")
+    parser.add_argument("out_folder", help="where the merged model goes")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    a = parser.parse_args(argv)
+    if not lora.is_adapter_folder(a.adapter_folder):
+        raise SystemExit(f"{a.adapter_folder} has no adapter_config.json: not a LoRA run's checkpoint/policy")
+    model, tokenizer = load_policy(a.adapter_folder, getattr(torch, a.dtype))
+    print(f"merged {a.adapter_folder} into {lora.save_merged(model, tokenizer, a.out_folder)}")
+
+
+if __name__ == "__main__":
+    main()

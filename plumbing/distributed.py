@@ -200,10 +200,11 @@ def enable_gradient_checkpointing(model) -> None:
 def without_dropout(model):
     """Training mode with every dropout off. transformers recomputes checkpointed activations only in training mode
     (from_pretrained returns eval mode); dropout stays off so that the log-probs taken without grad at collection
-    and the ones in the loss are the same function of the weights."""
+    and the ones in the loss are the same function of the weights. LoRA's dropout (--lora_dropout, 0 by default)
+    is left as asked: a user who sets it has chosen log-probs that differ between the two."""
     model.train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Dropout) and ".lora_dropout." not in name:
             module.p = 0.0
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0

@@ -95,10 +95,12 @@ def same_count_across_ranks(n: int, device, fewest: bool = False) -> int:
 
 
 def unwrap_model(model):
-    """The HF model inside DDP / DeepSpeed / torch.compile wrappers (read only: the forward still goes through the
-    wrapper, whose hooks gather ZeRO-3 shards and synchronise gradients)."""
+    """The HF model inside DDP / DeepSpeed / torch.compile / PEFT wrappers (read only: the forward still goes through
+    the wrapper, whose hooks gather ZeRO-3 shards, synchronise gradients and add the adapters)."""
     while True:
         inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None and hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+            inner = model.get_base_model()
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner

@@ -30,6 +30,7 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from plumbing import lora
 from plumbing.distributed import full_tensor, full_weights
 
 # Prefixes that wrappers put before an HF model's own parameter names (DDP/DeepSpeed, torch.compile, PEFT merged).
@@ -79,8 +80,9 @@ def hf_weights(model) -> Iterator[tuple[str, torch.Tensor]]:
 
     FSDP2 shards (DTensors) are all-gathered one by one (a collective: every rank must iterate in step); wrapper
     prefixes are stripped. vLLM's own `load_weights` maps the HF names onto its fused layers (q/k/v -> qkv_proj,
-    gate/up -> gate_up_proj) and skips a tied lm_head."""
-    for name, t in model.state_dict().items():
+    gate/up -> gate_up_proj) and skips a tied lm_head. A LoRA policy gives its merged weights (lora.merged_weights)."""
+    peft_model = lora.peft_model_of(model)
+    for name, t in (lora.merged_weights(peft_model) if peft_model is not None else model.state_dict().items()):
         for p in _WRAPPER_PREFIXES:
             if name.startswith(p):
                 name = name[len(p):]

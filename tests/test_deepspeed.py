@@ -218,3 +218,46 @@ def test_frozen_hf_models_under_zero3_on_the_chat_path(tmp_path):
                tmp_path, launcher(ZERO3))
     s = summary(tmp_path, "chat")
     assert s["distributed_type"] == "DEEPSPEED" and s["ranks_in_sync"]
+
+
+# ---------------------------------------------------------------- LoRA (plumbing/lora.py) under ZeRO
+def strict_zero3(tmp_path):
+    (tmp_path / "zero3.json").write_text(json.dumps(STRICT_ZERO3_JSON))
+    config = tmp_path / "zero3.yaml"
+    config.write_text(STRICT_ZERO3_YAML.format(json=tmp_path / "zero3.json"))
+    return config
+
+
+@pytest.mark.parametrize("stage", [3, pytest.param(2, marks=pytest.mark.long)])
+def test_lora_under_zero_trains_resumes_and_merges(tmp_path, stage, base_policy):
+    """REFUEL with LoRA on two ranks, every tensor (adapters included) partitioned under ZeRO-3: pi_0 of Eq. (11) read
+    through the policy's weights with the adapters off, the adapters saved in PEFT's format, --resume, and
+    --merge_on_save gathering the weights into a plain HF model."""
+    pytest.importorskip("peft")
+    config = strict_zero3(tmp_path) if stage == 3 else ZERO2
+    args = ["--num_iterations", "2", "--save_every", "1", "--run_name", "lora", "--minibatch_size", "8", "--gamma",
+            "0.05", "--lora_r", "4", "--merge_on_save", *TINY]
+    run_script("refuel.py", args, tmp_path, launcher(config))
+    out = run_script("refuel.py", [*args, "--num_iterations", "3", "--resume"], tmp_path, launcher(config))
+    assert "resumed" in out.stdout + out.stderr
+    s = summary(tmp_path, "lora")
+    assert s["distributed_type"] == "DEEPSPEED" and s["ranks_in_sync"] and s["iterations"] == 3
+    assert (tmp_path / "lora" / "checkpoint" / "policy" / "adapter_model.safetensors").exists()
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "lora" / "merged")
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in base_policy[0].parameters())
+
+
+def test_iterative_ppo_lora_snapshot_under_zero3(tmp_path, base_policy):
+    """Iterative PPO's pi_i with LoRA is a frozen copy of the adapters inside the policy's module: under ZeRO-3 it
+    is partitioned like the rest, and taking the copy gathers and rewrites its shards on every rank."""
+    pytest.importorskip("peft")
+    run_script("iterative_ppo.py", ["--num_iterations", "2", "--run_name", "ppo", "--lora_r", "4",
+                                    "--ppo_minibatch_size", "8", "--q_minibatch_size", "8", "--q_epochs", "1", *TINY],
+               tmp_path, launcher(strict_zero3(tmp_path)))
+    s = summary(tmp_path, "ppo")
+    assert s["distributed_type"] == "DEEPSPEED" and s["ranks_in_sync"] and s["iterations"] == 2
+    rows = [json.loads(line) for line in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    shifts = [r["ppo/kl_new_to_pi_i"] for r in rows if "ppo/kl_new_to_pi_i" in r]  # KL(pi_{i+1} || pi_i)
+    assert len(shifts) == 2 and all(0 < k < 1 for k in shifts), shifts

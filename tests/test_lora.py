@@ -1,0 +1,195 @@
+"""LoRA (--lora_r, plumbing/lora.py) in every script: only the adapters train, the references equal to the initial
+policy are the same weights with the adapters off (Iterative PPO's pi_i a copy of the adapters), checkpoints hold the
+adapters and resume exactly, --merge_on_save and `python -m envs.loading merge` write a plain HF model, and the
+runs pass on 2 processes (DDP here; DeepSpeed ZeRO-2/3 in test_deepspeed.py) and on the real SmolLM2."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, TWO_CPU_PROCESSES, logged_steps, run_script, subprocess_env, summary
+
+pytest.importorskip("peft")
+
+import simulator as sim  # noqa: E402
+from envs.loading import load_policy  # noqa: E402
+from plumbing import lora  # noqa: E402
+
+LORA = ["--lora_r", "4", "--threads", "1"]
+TINY = ["--num_iterations", "1", "--prompts_per_iteration", "16", "--num_eval", "16", *LORA]
+# name: (script, flags): every script, and every reference a LoRA run reads through the policy's weights
+RUNS = {
+    "refuel": ("refuel", ["--gamma", "0.05", "--minibatch_size", "16", "--merge_on_save"]),  # pi_0 = adapters off
+    "dpo": ("baselines_dpo_rebel", ["--loss", "dpo", "--mode", "lt-online", "--minibatch_size", "8"]),  # pi_ref
+    "mtpo-tau": ("mtpo", ["--variant", "mtpo-tau", "--value_warmup_iterations", "0"]),  # mu, mixed in per token
+    "rlhf-learned": ("mtpo", ["--variant", "rlhf", "--reward", "learned", "--rm_pairs", "16", "--rm_epochs", "1",
+                                  "--value_warmup_iterations", "0"]),
+    "iterative_ppo": ("iterative_ppo", ["--ppo_minibatch_size", "8", "--q_minibatch_size", "8", "--q_epochs", "1"]),
+}
+
+
+def run_all(folder: Path) -> dict:
+    """Every entry of RUNS for one iteration, parsed by tyro as on the command line, in this one process."""
+    import importlib
+
+    import tyro
+
+    out = {}
+    for name, (script, flags) in RUNS.items():
+        module = importlib.import_module(script)
+        argv = [*TINY, *flags, "--output_dir", str(folder), "--run_name", name]
+        out[name] = module.main(tyro.cli(module.Args, args=argv))["iterations"]
+    return out
+
+
+def tutor_dialogues(policy, tok, n: int = 8):
+    """n held-out tutor dialogues of 2 turns played by `policy`."""
+    import numpy as np
+
+    from envs.flags import make_env
+
+    env = make_env("tutor", max_turns=2)
+    ctx = env.contexts(n, "eval", np.random.default_rng(0))
+    with torch.no_grad():
+        return sim.continue_dialogues(policy, tok, env, [c.messages for c in ctx], [c.user for c in ctx], [2] * n,
+                                      np.random.default_rng(1), 12)[0]
+
+
+def logprobs(model, tok, convs):
+    return sim.turn_logprob(model, tok, convs, [1] * len(convs))
+
+
+def test_every_script_trains_adapters_and_reads_its_references_through_them(tmp_path, base_policy):
+    out = subprocess.run([sys.executable, __file__, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                         env=subprocess_env(), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {name: 1 for name in RUNS}
+    base, tok = load_policy("tutor")
+    convs = tutor_dialogues(base, tok)
+    with torch.no_grad():
+        base_lp = logprobs(base, tok, convs)
+        for name in RUNS:
+            policy_dir = tmp_path / name / "checkpoint" / "policy"
+            # the checkpoint holds the adapters (PEFT's format), not a copy of the model
+            assert (policy_dir / "adapter_config.json").exists() and not (policy_dir / "model.safetensors").exists()
+            trained, _ = load_policy(str(policy_dir))  # the base named in adapter_config.json, adapters on top
+            assert lora.peft_model_of(trained) is trained
+            trained_lp = logprobs(trained, tok, convs)
+            assert (trained_lp - base_lp).abs().max() > 1e-4, name  # the adapters trained
+            off_lp = logprobs(lora.AdaptersOff(trained), tok, convs)
+            assert torch.allclose(off_lp, base_lp, atol=1e-6, rtol=0), name  # adapters off: the base model, exactly
+        # --merge_on_save, and the merge command on the checkpoint: a plain HF model computing the LoRA policy
+        from transformers import AutoModelForCausalLM
+
+        trained, _ = load_policy(str(tmp_path / "refuel" / "checkpoint" / "policy"))
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "refuel" / "merged")
+        assert not hasattr(merged, "peft_config")
+        assert torch.allclose(logprobs(merged, tok, convs), logprobs(trained, tok, convs), atol=1e-5, rtol=0)
+    cmd = [sys.executable, "-m", "envs.loading", "merge", str(tmp_path / "refuel" / "checkpoint" / "policy"),
+           str(tmp_path / "merged_by_command")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_by_command")
+    with torch.no_grad():
+        assert torch.allclose(logprobs(again, tok, convs), logprobs(merged, tok, convs), atol=1e-6, rtol=0)
+    # evaluate.py reads a LoRA run's directory as it reads any other
+    cmd = [sys.executable, "evaluate.py", "--policies", str(tmp_path / "refuel"), "--num_contexts", "8", "--max_turns",
+           "2", "--output", str(tmp_path / "eval.json")]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads((tmp_path / "eval.json").read_text())
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.5])
+def test_every_iterations_first_step_has_log_ratio_zero_unless_lora_dropout_is_asked_for(tmp_path, dropout,
+                                                                                        base_policy):
+    """An iteration's first minibatch scores the pairs with the weights that collected them, so ln pi/pi_t = 0 there
+    with --lora_dropout 0 (the default). --lora_dropout is kept as asked (the scripts switch every other dropout off):
+    once B != 0 (the second iteration here) the loss's log pi then differs from the collection's log pi_t even at the
+    first step. (In the first iteration B = 0 and dropout on the adapters' input changes nothing.)"""
+    run_script("refuel.py", [*TINY, "--num_iterations", "2", "--minibatch_size", "16", "--num_epochs", "1",
+                             "--lora_dropout", str(dropout), "--run_name", "r"], tmp_path)
+    rows = [m for m in logged_steps(tmp_path / "r") if "losses/refuel_loss" in m]
+    logratios = [abs(m["losses/mean_logratio_a"]) for m in rows]  # one minibatch per iteration: its first step
+    assert logratios[0] < 1e-6 and (logratios[1] < 1e-6 if dropout == 0 else logratios[1] > 1e-3), logratios
+
+
+def test_a_resumed_lora_run_continues_exactly(tmp_path, base_policy):
+    """Two iterations in one go, and one iteration then --resume for the second: the second iteration's training
+    metrics and the final adapters agree to 1e-6 (the adapters, AdamW's state and every RNG come back)."""
+    flags = [*LORA, "--prompts_per_iteration", "16", "--num_eval", "8", "--minibatch_size", "8", "--gamma", "0.05"]
+    run_script("refuel.py", [*flags, "--num_iterations", "2", "--run_name", "whole"], tmp_path)
+    run_script("refuel.py", [*flags, "--num_iterations", "1", "--run_name", "parts"], tmp_path)
+    run_script("refuel.py", [*flags, "--num_iterations", "2", "--run_name", "parts", "--resume"], tmp_path)
+    whole, parts = (logged_steps(tmp_path / name)[2] for name in ("whole", "parts"))
+    for key in ("losses/refuel_loss", "losses/abs_logratio_diff", "losses/mean_logratio_a", "charts/rollin_reward",
+                "charts/optimizer_steps", "eval/mean_reward"):
+        assert parts[key] == pytest.approx(whole[key], abs=1e-6), key
+    from safetensors.torch import load_file
+
+    a, b = (load_file(tmp_path / name / "checkpoint" / "policy" / "adapter_model.safetensors")
+            for name in ("whole", "parts"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+
+
+def test_lora_on_two_ddp_processes(tmp_path, base_policy):
+    """DDP on 2 CPU processes: the adapters all-reduce and stay equal on both ranks, pi_0 read through them."""
+    run_script("refuel.py", [*TINY, "--num_iterations", "2", "--gamma", "0.05", "--minibatch_size", "16",
+                             "--run_name", "ddp"], tmp_path, TWO_CPU_PROCESSES)
+    s = summary(tmp_path, "ddp")
+    assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
+
+
+def test_gradient_checkpointing_trains_the_adapters(base_policy):
+    """--gradient_checkpointing with frozen base weights: every adapter still gets its gradient (B's first: A's is
+    zero while B = 0), the same as without checkpointing."""
+    import refuel
+
+    grads = []
+    for checkpointing in (False, True):
+        policy, tok = load_policy("tutor")
+        args = refuel.Args(lora_r=4, gradient_checkpointing=checkpointing)
+        torch.manual_seed(0)  # the same A in both
+        policy = refuel.prepare_for_training(lora.add_adapters(policy, args, "tutor"), args)
+        convs = tutor_dialogues(base_policy[0], tok, 4)
+        sim.turn_logprob(policy, tok, convs, [1] * 4).sum().backward()
+        grads.append({n: p.grad for n, p in policy.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert all(g is not None and g.abs().sum() > 0 for n, g in checkpointed.items() if "lora_B" in n)
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--lora_r", "4", "--train_top_layers", "2"], "--train_top_layers and --lora_r"),
+    (["--merge_on_save"], "--merge_on_save merges LoRA adapters: it needs --lora_r"),
+    (["--lora_r", "4", "--lora_dropout", "1.0"], "--lora_dropout must lie in [0, 1)"),
+    (["--lora_r", "4", "--lora_target_modules", "no_such_proj"], "--lora_target_modules no_such_proj"),
+])
+def test_bad_lora_flags_are_errors_naming_them(tmp_path, flags, message, base_policy):
+    cmd = [sys.executable, "refuel.py", *flags, "--num_iterations", "1", "--output_dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+
+
+def test_without_peft_lora_is_an_error_naming_the_install(tmp_path):
+    """PEFT is an optional extra: a run that asks for LoRA without it stops before loading anything, saying what to
+    install; a run without --lora_r never imports it."""
+    hide = "import sys, runpy; sys.modules['peft'] = None; sys.argv = ['refuel.py', *sys.argv[1:]]; " \
+           "runpy.run_path('refuel.py', run_name='__main__')"
+    cmd = [sys.executable, "-c", hide, "--lora_r", "4", "--output_dir", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert out.returncode != 0 and "pip install peft" in out.stderr, out.stderr[-2000:]
+    check = "import sys; sys.path.insert(0, '.'); import refuel, mtpo, iterative_ppo, baselines_dpo_rebel, evaluate; " \
+            "print('peft' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", check], cwd=ROOT, capture_output=True, text=True,
+                         env=subprocess_env(), timeout=300)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+if __name__ == "__main__":  # RUNS in one process (each CLI start costs 5 s): test_every_script_trains_adapters_...
+    sys.path.insert(0, str(ROOT))
+    print(json.dumps(run_all(Path(sys.argv[1]))))
