@@ -447,7 +447,8 @@ def setup(args: Args):
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor
                                             else contextlib.nullcontext()):
-        policy, tokenizer = load_policy(args.model_name_or_path)
+        # with LoRA the base is frozen: loaded in the precision the frozen models use
+        policy, tokenizer = load_policy(args.model_name_or_path, frozen_dtype if args.lora_r else torch.float32)
     if args.lora_r:  # only the adapters train
         policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     with outside_zero3_init(accelerator):

@@ -469,7 +469,8 @@ def setup(args: Args):
     rng = np.random.default_rng(args.seed + accelerator.process_index)
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
-        policy, tokenizer = load_policy(args.model_name_or_path)
+        policy, tokenizer = load_policy(args.model_name_or_path, torch.bfloat16 if args.lora_r and
+                                        accelerator.mixed_precision == "bf16" else torch.float32)  # LoRA: frozen
     if args.lora_r:  # only the adapters train
         policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     q_path = args.q_model_name_or_path or policy.name_or_path  # the policy's folder (the tutor's: where mu is cached)
@@ -484,8 +485,8 @@ def setup(args: Args):
         else:  # pi_i, a frozen copy, reloaded from the policy per i
             ref_policy = load_policy(args.model_name_or_path)[0].to(accelerator.device).eval().requires_grad_(False)
     prepare_for_training([policy, q_model, critic], args)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], args.lr, args.adam_betas, args.adam_eps,
-                                  weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], args.lr, args.adam_betas,
+                                  args.adam_eps, weight_decay=args.weight_decay)
     configure_deepspeed(accelerator, max(1, args.ppo_minibatch_size // W), 1, args.max_grad_norm)
     policy, optimizer = accelerator.prepare(policy, optimizer)
     set_seed(args.seed + accelerator.process_index)  # per-rank sampling randomness

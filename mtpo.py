@@ -56,7 +56,7 @@ from plumbing.run_io import (Logger, RunArgs, forget_lost_iterations, load_check
 
 
 @dataclass
-class Args(RewardModelArgs, EnvArgs, vllm_engine.VLLMArgs, lora.LoraArgs, RunArgs):  # --rm_*, --env, --vllm, --lora_*, ...
+class Args(RewardModelArgs, EnvArgs, vllm_engine.VLLMArgs, lora.LoraArgs, RunArgs):  # --rm_*, --env, --vllm, --lora_r
     variant: Literal["mtpo", "mtpo-tau", "rlhf"] = "mtpo-tau"
     """mtpo: self-play from pi; mtpo-tau: self-play from the geometric mixture; rlhf: one conversation, the reward"""
     exp_name: str = "mtpo"
@@ -514,13 +514,14 @@ def setup(args: Args):
     rng = np.random.default_rng(args.seed + accelerator.process_index)
 
     tutor = args.model_name_or_path == "tutor"  # built by SFT on first use: rank 0 builds it, outside zero.Init
+    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     with accelerator.main_process_first(), (outside_zero3_init(accelerator) if tutor else contextlib.nullcontext()):
-        policy, tokenizer = load_policy(args.model_name_or_path)
+        # with LoRA the base is frozen: loaded in the precision the frozen models use
+        policy, tokenizer = load_policy(args.model_name_or_path, dtype if args.lora_r else torch.float32)
     if args.lora_r:  # only the adapters train (and the value model)
         policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     value_backbone = None if args.value_backbone == "shared" else \
         load_policy(args.model_name_or_path)[0].get_decoder()  # trained: zero.Init is fine
-    dtype = torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32
     with outside_zero3_init(accelerator):
         if args.lora_r:  # mu: the policy's own weights with the adapters off
             ref = lora.AdaptersOff(policy)
@@ -593,9 +594,11 @@ def main(args: Args) -> dict:
     counters = resume(accelerator, run_dir, rng, env, args)  # iteration, elapsed, env_counts, ...
     tau = args.tau if args.variant == "mtpo-tau" else 0.0
     logger = Logger(run_dir, args, accelerator.is_main_process)
-    with sampling_weights(model, accelerator, part=sampled_part):  # with LoRA mu plays on the policy's weights
-        reward_model, reward_model_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir,
-                                                                  preference) if args.reward == "learned" else (None, {})
+    reward_model, reward_model_metrics = None, {}
+    if args.reward == "learned":
+        with sampling_weights(model, accelerator, part=sampled_part):  # with LoRA mu plays on the policy's weights
+            reward_model, reward_model_metrics = learned_reward_model(args, accelerator, ref, tokenizer, env, run_dir,
+                                                                      preference)
     mu_eval_conversations = {}  # mu plays the held-out contexts once
     evaluate_now = lambda: evaluate(model, ref, tokenizer, env, accelerator, args, 10_000 + args.seed,
                                     mu_eval_conversations, reward_model, engine)

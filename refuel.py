@@ -413,7 +413,8 @@ def setup(args: Args):
         with accelerator.main_process_first(), outside_zero3_init(accelerator):
             policy, tokenizer = load_policy("tutor")
     else:  # under ZeRO-3 this loads straight into shards; prepare() takes it from there
-        policy, tokenizer = load_policy(args.model_name_or_path)
+        # with LoRA the base is frozen: loaded in the precision the frozen models use
+        policy, tokenizer = load_policy(args.model_name_or_path, frozen_dtype if args.lora_r else torch.float32)
     if args.lora_r:  # only the adapters train
         policy = lora.add_adapters(policy, args, args.model_name_or_path, accelerator)
     with outside_zero3_init(accelerator):

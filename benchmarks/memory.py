@@ -89,6 +89,12 @@ class Shape:
         """Untied embedding and LM head, as Llama-3-8B."""
         return self.vocab * self.h * (2 if lm_head else 1) + self.layers * self.layer_params() + self.h
 
+    def lora_params(self, r: int) -> int:
+        """LoRA adapters of rank r on every linear layer but the LM head (--lora_target_modules all-linear): r x
+        (inputs + outputs) for q, k, v, o, gate, up and down."""
+        kv = self.kv_heads * self.head_dim
+        return self.layers * r * (2 * (self.h + self.h) + 2 * (self.h + kv) + 3 * (self.h + self.inter))
+
     def kv_per_token(self, dtype_bytes: int = 2) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * dtype_bytes
 
@@ -141,6 +147,7 @@ class Command:
     max_tokens_per_batch: Optional[int] = None
     gradient_accumulation_steps: int = 1
     shared_value_backbone: bool = False  # MTPO's value head on the policy's backbone
+    lora_r: int = 0  # --lora_r: bf16 base weights frozen, fp32 adapters trained; pi_0 / mu are the adapters off
 
     @property
     def context(self) -> int:
@@ -162,7 +169,9 @@ def phases(c: Command, s: Shape = LLAMA3_8B, before: bool = False) -> dict:
     """Per-rank peak bytes of each phase of command c."""
     P = s.params()
     trained = c.trained_backbones * P
-    if c.zero == 3:
+    if c.lora_r:  # one process: the whole bf16 base, and the adapters' fp32 weights, grads and Adam m, v (16 bytes)
+        states, gathered, live = 2 * P + 16 * s.lora_params(c.lora_r), 0, 0
+    elif c.zero == 3:
         states = 16 * trained // c.n_ranks
         gathered, live = 2 * P, ZERO3_LIVE
     else:
@@ -186,8 +195,8 @@ def phases(c: Command, s: Shape = LLAMA3_8B, before: bool = False) -> dict:
     tr = max(1, c.train_rows // c.gradient_accumulation_steps)
     train = base + live + c.trained_backbones * s.act_grad(tr * T, c.checkpointing) \
         + logits_bytes(tr, T if before else k + 1, s.vocab, before, grad=True)
-    if c.zero == 2:  # whole bf16 gradients of the trained params before the reduce-scatter (one bucket at a time
-        train += int(2 * trained * c.trained_fraction) // c.n_ranks  # in DeepSpeed; counted as its shard)
+    if c.zero == 2 and not c.lora_r:  # whole bf16 gradients of the trained params before the reduce-scatter (one
+        train += int(2 * trained * c.trained_fraction) // c.n_ranks  # bucket at a time in DeepSpeed; as its shard)
     # the reward call: HFRewardModel, right-truncated rows, no grad (before: a KV cache too)
     rT = min(T, c.reward_max_length)
     reward = base + s.act_nograd(c.reward_rows * rT) + (c.reward_rows * rT * s.kv_per_token() if before else 0)
@@ -217,6 +226,19 @@ README_COMMANDS = {
         shared_value_backbone=True,
         frozen_params=(("reward model", LLAMA3_8B.params(lm_head=False)), ("mu", LLAMA3_8B.params()))),
 }
+LORA_R = 16
+
+
+def with_lora(c: Command, r: int = LORA_R) -> Command:
+    """The command with --lora_r r on ONE GPU: the same rows per forward (the 8 ranks' batch becomes 8x the
+    gradient accumulation, time not memory), the base loaded in bf16, no ZeRO, and pi_0 / mu no longer resident."""
+    frozen = tuple((n, p) for n, p in c.frozen_params if n not in ("pi_0", "mu"))
+    return dataclasses.replace(c, name=f"{c.name} + LoRA", n_ranks=1, zero=0, lora_r=r, trained_fraction=1.0,
+                               frozen_params=frozen)
+
+
+LORA_COMMANDS = {f"{title.split(' (')[0]} + LoRA r={LORA_R}, 1 GPU": with_lora(c)
+                 for title, c in README_COMMANDS.items()}
 # the flags that make each command fit, found by `fix` below and printed with the table
 TOKEN_BUDGET = 16384
 MIN_GEN_BATCH = 16  # below this sampling is too slow to be the answer; a model copy has to go instead
@@ -285,6 +307,23 @@ def table() -> str:
             verdict = "yes" if peak <= USABLE else "**no**"
             lines.append(f"| {title} | {code} | {flags(cmd, c) if cmd is fixed else 'README'} | "
                          + " | ".join(gb(p[n]) for n in names) + f" | {gb(peak)} | {verdict} |")
+    return "\n".join(lines)
+
+
+def lora_table() -> str:
+    """The README's commands with LoRA on one 80 GB GPU (the flags that make each fit added by `fix`)."""
+    names = ["sampling", "old log-probs", "training micro-batch", "reward call"]
+    lines = ["| command | flags | adapters | " + " | ".join(names) + " | peak | fits 80 GB |",
+             "|---|---|---|" + "---|" * len(names) + "---|---|"]
+    for title, c in LORA_COMMANDS.items():
+        fixed = fix(c)
+        p = phases(fixed)
+        peak = max(p.values())
+        adapters = f"{LLAMA3_8B.lora_params(c.lora_r) / 1e6:.0f}M"
+        extra = f", {flags(fixed, c)}" if fixed != c else ""
+        lines.append(f"| {title} | --lora_r {c.lora_r}{extra} | {adapters} | "
+                     + " | ".join(gb(p[n]) for n in names) + f" | {gb(peak)} | "
+                     + ("yes" if peak <= USABLE else "**no**") + " |")
     return "\n".join(lines)
 
 
@@ -448,7 +487,9 @@ class Args:
 
 def main(args: Args) -> str:
     out = ["Per-rank peak GiB of each phase at the Llama-3-8B shape, 8 ranks (analytic; `benchmarks/memory.py`):",
-           "", table(), "", assumptions()]
+           "", table(), "", assumptions(), "",
+           f"With LoRA (--lora_r {LORA_R}, all linear layers) on one GPU: the bf16 base frozen, the references read "
+           "through it with the adapters off (GiB):", "", lora_table()]
     if args.measure:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         out += ["", f"Measured on {device} ({args.shape} shape, one process, {args.batch} rows, "

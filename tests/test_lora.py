@@ -190,6 +190,48 @@ def test_without_peft_lora_is_an_error_naming_the_install(tmp_path):
     assert out.stdout.strip() == "False", out.stderr[-2000:]
 
 
+# ---------------------------------------------------------------- the real SmolLM2-135M-Instruct
+SMOLLM2_RUNS = {  # CI: REFUEL (pi_0 read with the adapters off); every script with --long
+    "refuel": ("refuel.py", ["--gamma", "0.05", "--minibatch_size", "4", "--num_epochs", "1"]),
+    "dpo": ("baselines_dpo_rebel.py", ["--loss", "dpo", "--mode", "lt-online", "--minibatch_size", "4"]),
+    "mtpo-tau": ("mtpo.py", ["--variant", "mtpo-tau", "--value_warmup_iterations", "0", "--prompts_per_iteration",
+                             "2"]),
+    "iterative_ppo": ("iterative_ppo.py", ["--ppo_minibatch_size", "4", "--q_minibatch_size", "4", "--q_epochs", "1",
+                                           "--time_budget_minutes", "0"]),
+}
+
+
+@pytest.mark.parametrize("name", [n if n == "refuel" else pytest.param(n, marks=pytest.mark.long)
+                                  for n in SMOLLM2_RUNS])
+def test_lora_on_smollm2(tmp_path, name):
+    """One iteration with LoRA on SmolLM2-135M-Instruct (its own chat template, real questions): the first step
+    starts at pi = pi_t, the adapters train, and with them disabled the checkpoint computes the real base model's
+    log-probs to 1e-6."""
+    from test_chat_templates import QUESTIONS, write_smollm2
+
+    write_smollm2(tmp_path)
+    script, flags = SMOLLM2_RUNS[name]
+    run_script(script, ["--env", "chat", "--model_name_or_path", str(tmp_path / "policy"), "--reward_model",
+                        str(tmp_path / "rm"), "--prompts_path", str(tmp_path / "prompts.jsonl"), "--max_turns", "2",
+                        "--max_new_tokens", "8", "--num_iterations", "1", "--num_eval", "2",
+                        "--prompts_per_iteration", "4", "--lora_r", "4", "--lr", "1e-3", "--run_name", name, *flags],
+               tmp_path, timeout=900)
+    if name == "refuel":
+        trained = next(m for m in logged_steps(tmp_path / name) if "losses/refuel_loss" in m)
+        assert abs(trained["losses/mean_logratio_a"]) < 1e-3, trained  # one minibatch, one epoch: the first step
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "policy")
+    policy, tok = load_policy(str(tmp_path / name / "checkpoint" / "policy"))
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": "I think it is a good question."}]
+             for q in QUESTIONS[:4]]
+    with torch.no_grad():
+        base_lp, lora_lp = logprobs(base, tok, convs), logprobs(policy, tok, convs)
+        off_lp = logprobs(lora.AdaptersOff(policy), tok, convs)
+    assert (lora_lp - base_lp).abs().max() > 1e-4  # the adapters trained
+    assert torch.allclose(off_lp, base_lp, atol=1e-6, rtol=0), (off_lp - base_lp).abs().max()
+
+
 if __name__ == "__main__":  # RUNS in one process (each CLI start costs 5 s): test_every_script_trains_adapters_...
     sys.path.insert(0, str(ROOT))
     print(json.dumps(run_all(Path(sys.argv[1]))))

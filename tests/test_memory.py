@@ -211,11 +211,22 @@ def test_memory_benchmark_table_and_measurement():
     out = subprocess.run([sys.executable, "benchmarks/memory.py"], cwd=ROOT, capture_output=True, text=True,
                          env=subprocess_env(), timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = [x for x in out.stdout.splitlines() if x.startswith("| refuel") or x.startswith("| mtpo")]
+    lines = [x for x in out.stdout.splitlines() if (x.startswith("| refuel") or x.startswith("| mtpo"))
+             and "LoRA" not in x]
     # each README command before the log-prob changes (does not fit) and now, with the flags it is written with
     assert len(lines) == 6 and {x.split(" | ")[1] for x in lines} == {"before", "now"}
     assert all(x.endswith("| yes |") for x in lines if "| now |" in x)
     assert all(x.endswith("| **no** |") for x in lines if "| before |" in x)
+    # with LoRA on one GPU: the bf16 base and 16 bytes per adapter parameter (fp32 weight, grad, Adam m and v), no
+    # pi_0 or mu; Llama-3-8B's all-linear adapters at r = 16 are 41.9M parameters (r x (in + out) per projection)
+    assert bench.LLAMA3_8B.lora_params(16) == 32 * 16 * (2 * 8192 + 2 * (4096 + 1024) + 3 * (4096 + 14336))
+    lora_lines = [x for x in out.stdout.splitlines() if "+ LoRA r=16, 1 GPU" in x]
+    assert len(lora_lines) == 3 and all(x.endswith("| yes |") for x in lora_lines)
+    two = bench.LORA_COMMANDS["refuel setting two + LoRA r=16, 1 GPU"]
+    assert all(name != "pi_0" for name, _ in two.frozen_params) and two.n_ranks == 1
+    P, rm = bench.LLAMA3_8B.params(), bench.LLAMA3_8B.params(lm_head=False)
+    resident = 2 * P + 16 * bench.LLAMA3_8B.lora_params(16) + 2 * rm  # base, adapters' states, the reward model
+    assert bench.phases(two)["reward call"] - resident == bench.LLAMA3_8B.act_nograd(two.reward_rows * 3840)
     # the measuring path, on a CPU with the byte counter: the formulas predict what is measured
     rows = bench.measure("tiny", batch=2, prompt_tokens=48, new_tokens=8, device="cpu")
     assert [r[0] for r in rows] == ["sampling", "old log-probs", "training micro-batch", "reward call"]

@@ -114,6 +114,36 @@ def test_sampled_logprobs_equal_hf_teacher_forced_logprobs(setup):
     assert out.hit_budget.tolist() == [not any(i in stops for i in ids) for ids in out.token_ids]
 
 
+def test_a_lora_policy_is_sampled_with_its_adapters_merged(setup):
+    """--lora_r with --vllm: the engine gets W + (alpha / r) B A (plumbing/lora.merged_weights) at each sync, so its
+    samples' log-probs are the PEFT policy's, not the base model's."""
+    pytest.importorskip("peft")
+    import refuel
+    from plumbing import lora
+
+    tok, model, engine = setup
+    policy = lora.add_adapters(copy.deepcopy(model), refuel.Args(lora_r=8), "tiny-llama3-template")
+    torch.manual_seed(1)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:  # trained adapters (B = 0 would be the base model)
+            p.data.normal_(0, 0.05)
+    t0 = time.perf_counter()
+    engine.sync_weights(policy)
+    sync_s = time.perf_counter() - t0
+    try:
+        convs = dialogues() * 4
+        out = sim.sample_turns(policy, tok, convs, max_new_tokens=16, temperature=0.7, engine=engine)
+        diff = max(float((lps - teacher_forced(policy, tok, conv, ids, 0.7)).abs().max())
+                   for conv, ids, lps in zip(convs, out.token_ids, out.logprobs))
+        from_base = max(float((lps - teacher_forced(model, tok, conv, ids, 0.7)).abs().max())
+                        for conv, ids, lps in zip(convs, out.token_ids, out.logprobs))
+    finally:
+        engine.sync_weights(model)  # the module's engine holds the plain model again
+    print(f"\nLoRA: max |log-prob difference| vs the PEFT policy = {diff:.2e} (vs its base model {from_base:.2e}); "
+          f"merged sync {sync_s:.3f} s")
+    assert diff < LOGPROB_ATOL and from_base > 100 * LOGPROB_ATOL
+
+
 def test_sampling_distribution_is_softmax_of_logits_over_temperature(setup):
     """First-token frequencies over many samples match softmax(logits / T) (total variation distance). The
     output layer is scaled up so that the distribution is far from uniform and T matters."""
