@@ -127,7 +127,15 @@ def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rn
         policy, policy_sd = (policy_of or (lambda m, sd: (m, sd)))(accelerator.unwrap_model(model), state_dict)
         policy.save_pretrained(tmp / "policy", state_dict=policy_sd)
         tokenizer.save_pretrained(tmp / "policy")
-    accelerator.save_state(str(tmp / "state"))
+    if trains_adapters_only(accelerator):  # LoRA: the frozen base is the run's --model_name_or_path, not saved again
+        deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        hook = accelerator.register_save_state_pre_hook(_trained_entries_only)
+        try:
+            accelerator.save_state(str(tmp / "state"), **({"exclude_frozen_parameters": True} if deepspeed else {}))
+        finally:
+            hook.remove()
+    else:
+        accelerator.save_state(str(tmp / "state"))
     (tmp / "state").mkdir(parents=True, exist_ok=True)
     with open(tmp / "state" / f"numpy_rng_{accelerator.process_index}.json", "w") as f:
         json.dump(rng.bit_generator.state, f)
@@ -144,6 +152,21 @@ def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rn
     accelerator.wait_for_everyone()
 
 
+def trains_adapters_only(accelerator) -> bool:
+    """Whether the prepared models carry LoRA adapters (then only the trained entries go into checkpoint/state)."""
+    from plumbing import lora
+
+    return any(lora.peft_model_of(m) is not None for m in accelerator._models)
+
+
+def _trained_entries_only(models, weights, output_dir) -> None:
+    """accelerate's save-state hook: keep each model's trained parameters (at 8B the frozen base is 16 GB a save)."""
+    for model, state in zip(models, weights):
+        trained = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name in [k for k in state if k not in trained]:
+            del state[name]
+
+
 def load_checkpoint(accelerator, run_dir: Path, rng) -> tuple[dict, Path]:
     """Restore runs/<run>/checkpoint (or the .old one a crash mid-replace left): the prepared model and optimizer,
     the RNGs, this rank's numpy generator. Returns (meta, the checkpoint folder, for a script's extra files)."""
@@ -151,7 +174,11 @@ def load_checkpoint(accelerator, run_dir: Path, rng) -> tuple[dict, Path]:
     ckpt = ckpt if ckpt.exists() else run_dir / "checkpoint.old"
     if not ckpt.exists():
         raise FileNotFoundError(f"--resume: no checkpoint under {run_dir}")
-    accelerator.load_state(str(ckpt / "state"))
+    partial = {}
+    if trains_adapters_only(accelerator):  # the state holds the trained entries; the base came with the model
+        deepspeed = getattr(accelerator.state, "deepspeed_plugin", None) is not None
+        partial = {"load_module_strict": False} if deepspeed else {"strict": False}
+    accelerator.load_state(str(ckpt / "state"), **partial)
     meta = json.loads((ckpt / "meta.json").read_text())
     rng_file = ckpt / "state" / f"numpy_rng_{accelerator.process_index}.json"
     if rng_file.exists():

@@ -134,6 +134,9 @@ def test_a_resumed_lora_run_continues_exactly(tmp_path, base_policy):
     a, b = (load_file(tmp_path / name / "checkpoint" / "policy" / "adapter_model.safetensors")
             for name in ("whole", "parts"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6, rtol=0) for k in a)
+    # checkpoint/state holds the trained entries alone (the frozen base is --model_name_or_path's)
+    state = load_file(tmp_path / "whole" / "checkpoint" / "state" / "model.safetensors")
+    assert state and all(".lora_" in k for k in state), sorted(state)[:5]
 
 
 def test_lora_on_two_ddp_processes(tmp_path, base_policy):
