@@ -19,7 +19,8 @@ The pairs' rewards may carry REFUEL's Eq. (11) KL shaping (REBEL) and the length
 On the tutor task D_off is the simulator's fixed set of scripted-reference dialogues, and LT-OFFLINE's second reply
 is the reference teacher resampled at s_H; on `--env chat` it is `--offline_path` (chosen/rejected pairs).
 The launch plumbing (accelerator, ZeRO-3, FSDP2, vLLM weight sync) is plumbing/distributed.py's, the run's files (metrics,
-TensorBoard, W&B, checkpoints) plumbing/run_io.py's; `setup`, `resume` and `finish` put them together.
+TensorBoard, W&B, checkpoints) plumbing/run_io.py's; `setup`, `resume` and `finish` put them together. With --lora_r
+only adapters train (plumbing/lora.py) and pi_ref = pi_0 is the policy's own weights with the adapters off.
 """
 from __future__ import annotations
 

@@ -27,7 +27,8 @@ Runs as `python iterative_ppo.py` (CPU, the embedded tutor task) or `accelerate 
 iterative_ppo.py --model_name_or_path ... --env chat ...`. The policy goes through accelerate (DDP, DeepSpeed, FSDP2:
 plumbing/distributed.py); Q_i and the critic are replicated on every rank and kept in sync by an all-reduce of their gradients.
 Run files (metrics, checkpoints) are plumbing/run_io.py's; `--vllm` samples every policy turn (rollouts, PPO, evaluation)
-with a vLLM engine (plumbing/vllm_engine.py).
+with a vLLM engine (plumbing/vllm_engine.py). With --lora_r only adapters train (plumbing/lora.py) and pi_i is a frozen copy
+of the adapters inside the policy's module.
 """
 from __future__ import annotations
 

@@ -29,6 +29,7 @@ Choices the paper leaves open are in docs/mtpo.md#implementation-details (no KL 
 `policy_loss`; a turn-level value on its own backbone: `ActorCritic`); the defaults were not swept (the paper's are
 for T5 models). Runs as `python mtpo.py` (CPU, the tutor task) or `accelerate launch [--config_file configs/...]
 mtpo.py ...`; every rank plays its own contexts. `--vllm` samples pi's turns with vLLM (MTPO-tau's mixture: HF).
+With --lora_r only adapters train (plumbing/lora.py) and mu is the policy's own weights with the adapters off.
 """
 from __future__ import annotations
 

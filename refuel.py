@@ -24,7 +24,8 @@ Runs as `python refuel.py` (CPU, the embedded tutor task) or `accelerate launch 
 refuel.py --model_name_or_path ... --env chat ...`. Each rank collects its own shard; pairs are then balanced so
 every rank takes the same number of optimizer steps (`balance_pairs`). The launch plumbing (accelerator, ZeRO-3,
 FSDP2, vLLM weight sync) is plumbing/distributed.py's, the run's files (metrics, TensorBoard, W&B, checkpoints) plumbing/run_io.py's;
-`setup`, `resume` and `finish` put them together.
+`setup`, `resume` and `finish` put them together. With --lora_r only adapters train (plumbing/lora.py) and pi_0 is
+the policy's own weights with the adapters off.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ policy are the same weights with the adapters off (Iterative PPO's pi_i a copy o
 adapters and resume exactly, --merge_on_save and `python -m envs.loading merge` write a plain HF model, and the
 runs pass on 2 processes (DDP here; DeepSpeed ZeRO-2/3 in test_deepspeed.py) and on the real SmolLM2."""
 import json
-import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -104,27 +104,32 @@ def test_every_script_trains_adapters_and_reads_its_references_through_them(tmp_
     assert json.loads((tmp_path / "eval.json").read_text())
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.5])
-def test_every_iterations_first_step_has_log_ratio_zero_unless_lora_dropout_is_asked_for(tmp_path, dropout,
-                                                                                        base_policy):
-    """An iteration's first minibatch scores the pairs with the weights that collected them, so ln pi/pi_t = 0 there
-    with --lora_dropout 0 (the default). --lora_dropout is kept as asked (the scripts switch every other dropout off):
-    once B != 0 (the second iteration here) the loss's log pi then differs from the collection's log pi_t even at the
-    first step. (In the first iteration B = 0 and dropout on the adapters' input changes nothing.)"""
+def first_steps_logratios(run_dir: Path) -> list:
+    """|ln pi/pi_t| of each iteration's first step (runs with one minibatch per iteration and one epoch)."""
+    return [abs(m["losses/mean_logratio_a"]) for m in logged_steps(run_dir) if "losses/refuel_loss" in m]
+
+
+def test_lora_dropout_is_kept_when_asked_for(tmp_path, base_policy):
+    """The scripts switch every dropout off but LoRA's: --lora_dropout 0.5 is kept as asked, so once B != 0 (the
+    second iteration) the loss's log pi differs from the collection's log pi_t even at an iteration's first step.
+    (In the first iteration B = 0 and dropout on the adapters' input changes nothing; with the default 0 every
+    iteration's first step has log-ratio 0: test_a_resumed_lora_run_continues_exactly.)"""
     run_script("refuel.py", [*TINY, "--num_iterations", "2", "--minibatch_size", "16", "--num_epochs", "1",
-                             "--lora_dropout", str(dropout), "--run_name", "r"], tmp_path)
-    rows = [m for m in logged_steps(tmp_path / "r") if "losses/refuel_loss" in m]
-    logratios = [abs(m["losses/mean_logratio_a"]) for m in rows]  # one minibatch per iteration: its first step
-    assert logratios[0] < 1e-6 and (logratios[1] < 1e-6 if dropout == 0 else logratios[1] > 1e-3), logratios
+                             "--lora_dropout", "0.5", "--run_name", "r"], tmp_path)
+    logratios = first_steps_logratios(tmp_path / "r")
+    assert logratios[0] < 1e-6 and logratios[1] > 1e-3, logratios
 
 
 def test_a_resumed_lora_run_continues_exactly(tmp_path, base_policy):
     """Two iterations in one go, and one iteration then --resume for the second: the second iteration's training
     metrics and the final adapters agree to 1e-6 (the adapters, AdamW's state and every RNG come back)."""
-    flags = [*LORA, "--prompts_per_iteration", "16", "--num_eval", "8", "--minibatch_size", "8", "--gamma", "0.05"]
+    flags = [*LORA, "--prompts_per_iteration", "16", "--num_eval", "8", "--minibatch_size", "16", "--num_epochs", "1",
+             "--gamma", "0.05"]
     run_script("refuel.py", [*flags, "--num_iterations", "2", "--run_name", "whole"], tmp_path)
     run_script("refuel.py", [*flags, "--num_iterations", "1", "--run_name", "parts"], tmp_path)
     run_script("refuel.py", [*flags, "--num_iterations", "2", "--run_name", "parts", "--resume"], tmp_path)
+    # an iteration's first step scores its pairs with the weights that collected them: log-ratio 0 (--lora_dropout 0)
+    assert all(x < 1e-6 for x in first_steps_logratios(tmp_path / "whole")), first_steps_logratios(tmp_path / "whole")
     whole, parts = (logged_steps(tmp_path / name)[2] for name in ("whole", "parts"))
     for key in ("losses/refuel_loss", "losses/abs_logratio_diff", "losses/mean_logratio_a", "charts/rollin_reward",
                 "charts/optimizer_steps", "eval/mean_reward"):
@@ -166,16 +171,29 @@ def test_gradient_checkpointing_trains_the_adapters(base_policy):
     assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
 
 
-@pytest.mark.parametrize("flags,message", [
-    (["--lora_r", "4", "--train_top_layers", "2"], "--train_top_layers and --lora_r"),
-    (["--merge_on_save"], "--merge_on_save merges LoRA adapters: it needs --lora_r"),
-    (["--lora_r", "4", "--lora_dropout", "1.0"], "--lora_dropout must lie in [0, 1)"),
-    (["--lora_r", "4", "--lora_target_modules", "no_such_proj"], "--lora_target_modules no_such_proj"),
-])
-def test_bad_lora_flags_are_errors_naming_them(tmp_path, flags, message, base_policy):
-    cmd = [sys.executable, "refuel.py", *flags, "--num_iterations", "1", "--output_dir", str(tmp_path)]
-    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=subprocess_env(), timeout=300)
-    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+BAD_FLAGS = [(dict(merge_on_save=True), "--merge_on_save merges LoRA adapters: it needs --lora_r"),
+             (dict(lora_r=4, lora_dropout=1.0), "--lora_dropout must lie in [0, 1)"),
+             (dict(lora_r=-1), "--lora_r must be >= 0")]
+
+
+@pytest.mark.parametrize("script,flags,message", [
+    *[(s, f, m) for s in ("refuel", "baselines_dpo_rebel", "mtpo", "iterative_ppo") for f, m in BAD_FLAGS],
+    *[(s, dict(lora_r=4, train_top_layers=2), "--train_top_layers and --lora_r")  # the scripts that have it
+      for s in ("refuel", "baselines_dpo_rebel")]])
+def test_bad_lora_flags_are_errors_naming_them(script, flags, message):
+    import importlib
+
+    module = importlib.import_module(script)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        module.check_args(module.Args(**flags))
+
+
+def test_a_target_module_the_model_lacks_is_an_error_naming_it(base_policy):
+    import refuel
+
+    policy, _ = load_policy("tutor")
+    with pytest.raises(ValueError, match="--lora_target_modules no_such_proj"):
+        lora.add_adapters(policy, refuel.Args(lora_r=4, lora_target_modules=("no_such_proj",)), "tutor")
 
 
 def test_without_peft_lora_is_an_error_naming_the_install(tmp_path):

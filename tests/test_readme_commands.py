@@ -64,7 +64,7 @@ API_OF = {"--user_model": "--user_api_base", "--judge_model": "--judge_api_base"
 COMMON_SIZES = {"--num_iterations": "1", "--prompts_per_iteration": "8", "--num_eval": "4", "--max_new_tokens": "4",
                 "--gen_batch_size": "8"}
 SIZES = {
-    "refuel.py": {**COMMON_SIZES, "--minibatch_size": "4"},
+    "refuel.py": {**COMMON_SIZES, "--minibatch_size": "4", "--gradient_accumulation_steps": "2"},  # 2 divides 4
     "baselines_dpo_rebel.py": {**COMMON_SIZES, "--prompts_per_iteration": "4", "--minibatch_size": "4"},
     # --max_turns 10 -> 3 (the lessons are cut to it); no value-only warm-up, so the one iteration trains the policy
     "mtpo.py": {**COMMON_SIZES, "--prompts_per_iteration": "4", "--max_turns": "3", "--value_warmup_iterations": "0"},
@@ -154,7 +154,7 @@ def label(cmd: dict) -> str:
             return "refuel-setting-one"
         data = flag_value(a, "--prompts_path") or ""
         return "refuel-setting-two-" + ("hh" if "hh-rlhf" in data else "ultrainteract" if "UltraInteract" in data
-                                        else Path(data).stem)
+                                        else Path(data).stem) + ("-lora" if "--lora_r" in a else "")
     if script == "baselines_dpo_rebel.py":
         return f"baselines-{flag_value(a, '--loss')}-{flag_value(a, '--mode')}"
     if script == "mtpo.py":
@@ -212,7 +212,7 @@ PARSED = parse_pages(PAGES)
 COMMANDS = PARSED["commands"]
 # the chat commands the README and docs pages have today; a new one is run as well (and must have its stand-ins)
 EXPECTED = {"refuel-setting-one", "refuel-setting-two-hh", "refuel-setting-two-ultrainteract",
-            "mtpo-mtpo-tau-education", "baselines-rebel-lt-mixed", "iterative-ppo", "evaluate-reward_model-judge",
+            "refuel-setting-two-hh-lora", "mtpo-mtpo-tau-education", "baselines-rebel-lt-mixed", "iterative-ppo", "evaluate-reward_model-judge",
             "evaluate-llm-judge"}
 
 
