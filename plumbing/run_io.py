@@ -153,10 +153,9 @@ def save_checkpoint(accelerator, model, tokenizer, run_dir: Path, meta: dict, rn
 
 
 def trains_adapters_only(accelerator) -> bool:
-    """Whether the prepared models carry LoRA adapters (then only the trained entries go into checkpoint/state)."""
-    from plumbing import lora
-
-    return any(lora.peft_model_of(m) is not None for m in accelerator._models)
+    """Whether a prepared model carries LoRA adapters (MTPO's inside its actor-critic): then only the trained
+    entries go into checkpoint/state."""
+    return any(hasattr(sub, "peft_config") for model in accelerator._models for sub in model.modules())
 
 
 def _trained_entries_only(models, weights, output_dir) -> None:

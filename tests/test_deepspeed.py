@@ -235,13 +235,13 @@ def test_lora_under_zero_trains_resumes_and_merges(tmp_path, stage, base_policy)
     --merge_on_save gathering the weights into a plain HF model."""
     pytest.importorskip("peft")
     config = strict_zero3(tmp_path) if stage == 3 else ZERO2
-    args = ["--num_iterations", "2", "--save_every", "1", "--run_name", "lora", "--minibatch_size", "8", "--gamma",
+    args = ["--num_iterations", "1", "--save_every", "1", "--run_name", "lora", "--minibatch_size", "8", "--gamma",
             "0.05", "--lora_r", "4", "--merge_on_save", *TINY]
     run_script("refuel.py", args, tmp_path, launcher(config))
-    out = run_script("refuel.py", [*args, "--num_iterations", "3", "--resume"], tmp_path, launcher(config))
+    out = run_script("refuel.py", [*args, "--num_iterations", "2", "--resume"], tmp_path, launcher(config))
     assert "resumed" in out.stdout + out.stderr
     s = summary(tmp_path, "lora")
-    assert s["distributed_type"] == "DEEPSPEED" and s["ranks_in_sync"] and s["iterations"] == 3
+    assert s["distributed_type"] == "DEEPSPEED" and s["ranks_in_sync"] and s["iterations"] == 2
     assert (tmp_path / "lora" / "checkpoint" / "policy" / "adapter_model.safetensors").exists()
     from transformers import AutoModelForCausalLM
 

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, subprocess_env
 
 SCRIPTS = ("refuel.py", "baselines_dpo_rebel.py", "mtpo.py", "iterative_ppo.py")
@@ -32,6 +34,7 @@ def final_table(stdout):
     return rows
 
 
+@pytest.mark.long  # about a minute: CI runs the budget check below (the script's argument handling and table)
 def test_dry_run_covers_every_section(tmp_path):
     stdout, out = run_check(tmp_path)
     rows = final_table(stdout)

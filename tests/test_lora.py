@@ -20,13 +20,13 @@ from envs.loading import load_policy  # noqa: E402
 from plumbing import lora  # noqa: E402
 
 LORA = ["--lora_r", "4", "--threads", "1"]
-TINY = ["--num_iterations", "1", "--prompts_per_iteration", "16", "--num_eval", "16", *LORA]
+TINY = ["--num_iterations", "1", "--prompts_per_iteration", "16", "--num_eval", "8", *LORA]
 # name: (script, flags): every script, and every reference a LoRA run reads through the policy's weights
 RUNS = {
     "refuel": ("refuel", ["--gamma", "0.05", "--minibatch_size", "16", "--merge_on_save"]),  # pi_0 = adapters off
     "dpo": ("baselines_dpo_rebel", ["--loss", "dpo", "--mode", "lt-online", "--minibatch_size", "8"]),  # pi_ref
     "mtpo-tau": ("mtpo", ["--variant", "mtpo-tau", "--value_warmup_iterations", "0"]),  # mu, mixed in per token
-    "rlhf-learned": ("mtpo", ["--variant", "rlhf", "--reward", "learned", "--rm_pairs", "16", "--rm_epochs", "1",
+    "rlhf-learned": ("mtpo", ["--variant", "rlhf", "--reward", "learned", "--rm_pairs", "8", "--rm_epochs", "1",
                                   "--value_warmup_iterations", "0"]),
     "iterative_ppo": ("iterative_ppo", ["--ppo_minibatch_size", "8", "--q_minibatch_size", "8", "--q_epochs", "1"]),
 }
@@ -76,6 +76,12 @@ def test_every_script_trains_adapters_and_reads_its_references_through_them(tmp_
             policy_dir = tmp_path / name / "checkpoint" / "policy"
             # the checkpoint holds the adapters (PEFT's format), not a copy of the model
             assert (policy_dir / "adapter_config.json").exists() and not (policy_dir / "model.safetensors").exists()
+            from safetensors.torch import load_file
+
+            state = load_file(tmp_path / name / "checkpoint" / "state" / "model.safetensors")
+            # checkpoint/state: the trained entries alone (the adapters; MTPO's value model), not the frozen base
+            assert state and all(".lora_" in k or k.startswith("value_") for k in state), name
+            assert not any("frozen_copy" in k for k in state), name  # Iterative PPO's pi_i is re-taken, not saved
             trained, _ = load_policy(str(policy_dir))  # the base named in adapter_config.json, adapters on top
             assert lora.peft_model_of(trained) is trained
             trained_lp = logprobs(trained, tok, convs)
@@ -144,9 +150,10 @@ def test_a_resumed_lora_run_continues_exactly(tmp_path, base_policy):
     assert state and all(".lora_" in k for k in state), sorted(state)[:5]
 
 
+@pytest.mark.long  # CI: the 2-process ZeRO-3 runs of test_deepspeed.py
 def test_lora_on_two_ddp_processes(tmp_path, base_policy):
     """DDP on 2 CPU processes: the adapters all-reduce and stay equal on both ranks, pi_0 read through them."""
-    run_script("refuel.py", [*TINY, "--num_iterations", "2", "--gamma", "0.05", "--minibatch_size", "16",
+    run_script("refuel.py", [*TINY, "--num_iterations", "2", "--gamma", "0.05", "--minibatch_size", "8",
                              "--run_name", "ddp"], tmp_path, TWO_CPU_PROCESSES)
     s = summary(tmp_path, "ddp")
     assert s["num_processes"] == 2 and s["ranks_in_sync"] and s["iterations"] == 2
@@ -212,7 +219,7 @@ def test_without_peft_lora_is_an_error_naming_the_install(tmp_path):
 
 
 # ---------------------------------------------------------------- the real SmolLM2-135M-Instruct
-SMOLLM2_RUNS = {  # CI: REFUEL (pi_0 read with the adapters off); every script with --long
+SMOLLM2_RUNS = {  # every script with --long
     "refuel": ("refuel.py", ["--gamma", "0.05", "--minibatch_size", "4", "--num_epochs", "1"]),
     "dpo": ("baselines_dpo_rebel.py", ["--loss", "dpo", "--mode", "lt-online", "--minibatch_size", "4"]),
     "mtpo-tau": ("mtpo.py", ["--variant", "mtpo-tau", "--value_warmup_iterations", "0", "--prompts_per_iteration",
@@ -222,8 +229,31 @@ SMOLLM2_RUNS = {  # CI: REFUEL (pi_0 read with the adapters off); every script w
 }
 
 
-@pytest.mark.parametrize("name", [n if n == "refuel" else pytest.param(n, marks=pytest.mark.long)
-                                  for n in SMOLLM2_RUNS])
+def test_adapters_off_is_smollm2_itself():
+    """The real SmolLM2-135M-Instruct (tied embeddings, its own chat template) with adapters whose B is not 0: the
+    policy moves, and with the adapters disabled it computes the base model's log-probs to 1e-6 (CI's real-model
+    check; test_lora_on_smollm2 trains every script on it with --long)."""
+    import refuel
+    from real_models import smollm2_dir
+    from test_chat_templates import QUESTIONS
+
+    base, tok = load_policy(str(smollm2_dir()))
+    policy = lora.add_adapters(load_policy(str(smollm2_dir()))[0], refuel.Args(lora_r=4), str(smollm2_dir()))
+    torch.manual_seed(0)
+    for name, p in policy.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0, 0.01)
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": "I think it is a good question."}]
+             for q in QUESTIONS[:4]]
+    with torch.no_grad():
+        base_lp, lora_lp = logprobs(base, tok, convs), logprobs(policy, tok, convs)
+        off_lp = logprobs(lora.AdaptersOff(policy), tok, convs)
+    assert (lora_lp - base_lp).abs().max() > 1e-3
+    assert torch.allclose(off_lp, base_lp, atol=1e-6, rtol=0), (off_lp - base_lp).abs().max()
+
+
+@pytest.mark.long
+@pytest.mark.parametrize("name", list(SMOLLM2_RUNS))
 def test_lora_on_smollm2(tmp_path, name):
     """One iteration with LoRA on SmolLM2-135M-Instruct (its own chat template, real questions): the first step
     starts at pi = pi_t, the adapters train, and with them disabled the checkpoint computes the real base model's
