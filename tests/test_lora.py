@@ -123,7 +123,7 @@ def test_lora_dropout_is_kept_when_asked_for(tmp_path, base_policy):
     run_script("refuel.py", [*TINY, "--num_iterations", "2", "--minibatch_size", "16", "--num_epochs", "1",
                              "--lora_dropout", "0.5", "--run_name", "r"], tmp_path)
     logratios = first_steps_logratios(tmp_path / "r")
-    assert logratios[0] < 1e-6 and logratios[1] > 1e-3, logratios
+    assert logratios[0] < 1e-6 and logratios[1] > 1e-5, logratios  # without dropout: 0 to float precision
 
 
 def test_a_resumed_lora_run_continues_exactly(tmp_path, base_policy):
