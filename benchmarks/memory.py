@@ -293,37 +293,41 @@ def gb(x: float) -> str:
     return f"{x / GiB:.1f}"
 
 
+PHASES = ["sampling", "old log-probs", "training micro-batch", "reward call"]
+
+
+def header(*columns: str) -> list:
+    """A phase table's two header lines: `columns`, each phase, the peak and the verdict."""
+    cells = [*columns, *PHASES, "peak", "fits 80 GB"]
+    return ["| " + " | ".join(cells) + " |", "|" + "---|" * len(cells)]
+
+
+def phase_cells(p: dict) -> str:
+    """Each phase's GiB, the peak and whether it fits, as the end of a table row."""
+    peak = max(p.values())
+    return " | ".join(gb(p[n]) for n in PHASES) + f" | {gb(peak)} | " + ("yes" if peak <= USABLE else "**no**") + " |"
+
+
 def table() -> str:
-    names = ["sampling", "old log-probs", "training micro-batch", "reward call"]
-    lines = ["| command | code | flags | " + " | ".join(names) + " | peak | fits 80 GB |",
-             "|---|---|---|" + "---|" * len(names) + "---|---|"]
+    lines = header("command", "code", "flags")
     for title, c in README_COMMANDS.items():
         fixed = fix(c)
         for code, cmd, before in (("before", c, True), ("now", c, False), ("now", fixed, False)):
             if cmd is fixed and fixed == c:
                 continue
-            p = phases(cmd, before=before)
-            peak = max(p.values())
-            verdict = "yes" if peak <= USABLE else "**no**"
             lines.append(f"| {title} | {code} | {flags(cmd, c) if cmd is fixed else 'README'} | "
-                         + " | ".join(gb(p[n]) for n in names) + f" | {gb(peak)} | {verdict} |")
+                         + phase_cells(phases(cmd, before=before)))
     return "\n".join(lines)
 
 
 def lora_table() -> str:
     """The README's commands with LoRA on one 80 GB GPU (the flags that make each fit added by `fix`)."""
-    names = ["sampling", "old log-probs", "training micro-batch", "reward call"]
-    lines = ["| command | flags | adapters | " + " | ".join(names) + " | peak | fits 80 GB |",
-             "|---|---|---|" + "---|" * len(names) + "---|---|"]
+    lines = header("command", "flags", "adapters")
     for title, c in LORA_COMMANDS.items():
         fixed = fix(c)
-        p = phases(fixed)
-        peak = max(p.values())
         adapters = f"{LLAMA3_8B.lora_params(c.lora_r) / 1e6:.0f}M"
         extra = f", {flags(fixed, c)}" if fixed != c else ""
-        lines.append(f"| {title} | --lora_r {c.lora_r}{extra} | {adapters} | "
-                     + " | ".join(gb(p[n]) for n in names) + f" | {gb(peak)} | "
-                     + ("yes" if peak <= USABLE else "**no**") + " |")
+        lines.append(f"| {title} | --lora_r {c.lora_r}{extra} | {adapters} | " + phase_cells(phases(fixed)))
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ docs/lora.md explains the choices and the memory they save.
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 from dataclasses import dataclass
@@ -102,10 +103,11 @@ def peft_model_of(model):
     return model
 
 
-class _ReadsThePolicy:
+class _ReadsThePolicy(abc.ABC):
     """A frozen reference computed by the trained policy's own module: everything but the forward (the config,
-    the parameters' device, the generation config) is the policy's. Not an nn.Module on purpose: a script's
-    .eval() or .to() on the reference must not reach the policy it reads."""
+    the parameters' device, the generation config) is the policy's; a subclass says, in `_reference`, how the
+    module is switched to the reference for one forward. Not an nn.Module on purpose: a script's .eval() or .to()
+    on the reference must not reach the policy it reads."""
     _can_compile_fullgraph = False  # the sampler's compiled CUDA step would capture one state of the switch
 
     def __init__(self, peft_model):
@@ -121,8 +123,9 @@ class _ReadsThePolicy:
 
     forward = __call__
 
+    @abc.abstractmethod
     def _reference(self):
-        raise NotImplementedError
+        """A context manager under which self.model computes the reference."""
 
 
 class AdaptersOff(_ReadsThePolicy):
@@ -184,7 +187,7 @@ def merged_weights(peft_model) -> Iterator[tuple[str, torch.Tensor]]:
     adapter = peft_model.active_adapter
     lora_layers = {name: m for name, m in base.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     for name, t in base.state_dict().items():
-        if ".lora_" in name or "lora_magnitude" in name:
+        if ".lora_" in name:  # the adapters' own weights (lora_A, lora_B, a DoRA lora_magnitude_vector)
             continue
         plain = name.replace(".base_layer.", ".")
         layer = lora_layers.get(name.rsplit(".base_layer.", 1)[0]) if ".base_layer." in name else None
