@@ -9,7 +9,9 @@ What it measures (REFUEL paper, Gao et al., ICLR 2025, Sections 4.2-4.3 and Appe
     with a 95% confidence interval (normal approximation; the average's interval is taken over per-context means,
     so the correlation between the turns of one context is accounted for).
   - Judges: `oracle` (the environment's own reward of each prefix, higher wins: on the tutor task the lessons
-    learned so far), `reward_model` (an HF sequence-classification model, higher score wins), `llm` (a judge model
+    learned so far), `preference` (the environment's own preference oracle, P(a > b) counted as a's share of the
+    win: with --tutor_judge majority the tutor's panel vote), `reward_model` (an HF sequence-classification model,
+    higher score wins), `llm` (a judge model
     prompted in the paper's App. C.5 format, from an HF model or an OpenAI-compatible endpoint; replies that miss
     the format go through a counted fallback, and replies that still do not parse count as ties and are counted).
   - The reward of the final conversation (the environment's reward model), and on the tutor task its fraction of V*.
@@ -210,8 +212,9 @@ class Args(EnvArgs):
     """a display name per policy (default: the paths)"""
     reference: str = "tutor"
     """the reference policy of the win rates and of the KL (the papers: the initial policy)"""
-    judge: Literal["oracle", "reward_model", "llm"] = "oracle"
-    """oracle: the env's own reward; reward_model: --judge_model as an HF reward model; llm: --judge_model prompted"""
+    judge: Literal["oracle", "preference", "reward_model", "llm"] = "oracle"
+    """oracle: the env's own reward; preference: the env's own preference oracle (what MTPO plays); reward_model:
+    --judge_model as an HF reward model; llm: --judge_model prompted"""
     judge_model: Optional[str] = None
     """the judge's HF model (or, with --judge_api_base, the endpoint's model name, e.g. gpt-4-0613)"""
     judge_api_base: Optional[str] = None
@@ -221,6 +224,10 @@ class Args(EnvArgs):
     comparison prompt, or the MTPO paper's teacher-assessment prompt on Education Dialogue data)"""
     judge_max_new_tokens: int = 256
     """the llm judge's reply budget"""
+    scripted: list[str] = field(default_factory=list)
+    """policies the environment plays by code, evaluated beside --policies and in the matrix (no KL): the tutor's
+    'reference' (the scripted teacher mu imitates); with --tutor_judge majority also 'nash' (the panel's exact Nash
+    equilibrium) and 'bradley_terry_optimal' (the maximiser of the judge's Bradley-Terry reward)"""
     matrix: bool = False
     """also write the pairwise preference matrix across the policies and the reference (final dialogues)"""
     matrix_policies: Optional[list[str]] = None
@@ -260,6 +267,8 @@ def make_judge(args, env, dtype, device):
     endpoint. The chat world (envs/chat_env.py) is imported only for a judge model."""
     if args.judge == "oracle":
         return ScoreJudge(env.reward)
+    if args.judge == "preference":
+        return lambda convs_a, convs_b: env.preference(convs_a, convs_b).double().numpy()
     if not args.judge_model:
         raise ValueError(f"--judge {args.judge} needs --judge_model")
     from envs.chat_env import OpenAIChatClient, hf_greedy_generate, judge_prompt, load_reward_model
@@ -286,6 +295,10 @@ def evaluate(args: Args) -> dict:
         raise ValueError(f"--names has {len(names)} entries for {len(args.policies)} policies")
     env = make_env_from_args(args, args.max_turns, device, dtype)
     judge = make_judge(args, env, dtype, device)
+    scripted = env.scripted_policies()
+    unknown = [n for n in args.scripted if n not in scripted]
+    if unknown:  # before anything is played
+        raise ValueError(f"--scripted {' '.join(unknown)}: env {env.name!r} plays {sorted(scripted) or 'none'}")
     rng = np.random.default_rng(args.seed)
     contexts = env.contexts(args.num_contexts, "eval", rng)
     ref_model, ref_tok = load_any_policy(args.reference, dtype, device)
@@ -311,9 +324,19 @@ def evaluate(args: Args) -> dict:
                                                       **budget))
         rows.append(dict(name=name, policy=path, win_rate=win_rates(wins), reward=reward,
                          fraction_of_v_star=reward / v_star if v_star else None, kl=kl, kl_stderr=kl_se,
-                         seconds=time.time() - t0))
+                         seconds=time.time() - t0, metrics=env.dialogue_metrics(convs)))
         all_convs.append(convs)
         del model
+    for name in args.scripted:
+        draw = zlib.crc32(name.encode())
+        convs = scripted[name](contexts, np.random.default_rng([args.seed, draw, 2]))
+        wins = judge_turns(judge, convs, ref_convs, env, np.random.default_rng([args.seed, draw, 100]))
+        reward = float(env.reward(convs).mean())
+        rows.append(dict(name=name, policy=f"scripted {name}", win_rate=win_rates(wins), reward=reward,
+                         fraction_of_v_star=reward / v_star if v_star else None, kl=None, kl_stderr=None,
+                         metrics=env.dialogue_metrics(convs)))
+        all_convs.append(convs)
+    names = [*names, *args.scripted]
     ref_reward = float(env.reward(ref_convs).mean())
     out = {"rows": rows, "reference": args.reference, "reference_reward": ref_reward, "judge": args.judge,
            "num_contexts": args.num_contexts, "v_star": v_star, "table": results_table(rows, env.max_turns)}

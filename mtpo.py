@@ -27,8 +27,10 @@ One iteration (`main`): `collect`, then `score_batch` (log-probs, values, `turn_
 
 Choices the paper leaves open are in docs/mtpo.md#implementation-details (no KL counted twice: `turn_rewards`,
 `policy_loss`; a turn-level value on its own backbone: `ActorCritic`); the defaults were not swept (the paper's are
-for T5 models). Runs as `python mtpo.py` (CPU, the tutor task) or `accelerate launch [--config_file configs/...]
-mtpo.py ...`; every rank plays its own contexts. `--vllm` samples pi's turns with vLLM (MTPO-tau's mixture: HF).
+for T5 models). `--tutor_judge majority` makes the tutor's oracle a panel vote that no reward represents (the case
+MTPO is for; envs/tutor_judge.py solves its game exactly). Runs as `python mtpo.py` (CPU, the tutor task) or
+`accelerate launch [--config_file configs/...] mtpo.py ...`; every rank plays its own contexts. `--vllm` samples pi's
+turns with vLLM (MTPO-tau's mixture: HF).
 With --lora_r only adapters train (plumbing/lora.py) and mu is the policy's own weights with the adapters off.
 """
 from __future__ import annotations

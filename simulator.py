@@ -578,6 +578,11 @@ class Environment(abc.ABC):
             return self.judge(convs_a, convs_b)
         return torch.sigmoid(scale * (self.reward(convs_a) - self.reward(convs_b)))
 
+    def scripted_policies(self) -> dict:
+        """Policies the environment plays by code, by name: {name: play(contexts, rng) -> whole conversations}
+        (evaluate.py --scripted puts them beside trained policies: the tutor's scripted reference, its judge's Nash)."""
+        return {}
+
     def supported_turns(self, user) -> Optional[int]:
         """The most assistant turns a conversation with this user state can reach (None: no limit)."""
         return None

@@ -69,24 +69,25 @@ class Args:
     """the table counts the runs whose final mean reward reaches this (0.6 = 0.75 of V*)"""
 
 
-def seeds_of(args: Args, method: str) -> list:
+def seeds_of(args: Args, method: str, methods: dict = METHODS) -> list:
     """--seeds, and the seeds --more_seeds adds for this method."""
     extra = [x.split("=", 1) for x in args.more_seeds]
-    if any(len(x) != 2 or x[0] not in METHODS for x in extra):
-        raise SystemExit(f"--more_seeds takes METHOD=SEED,SEED (methods: {', '.join(METHODS)}): {args.more_seeds}")
+    if any(len(x) != 2 or x[0] not in methods for x in extra):
+        raise SystemExit(f"--more_seeds takes METHOD=SEED,SEED (methods: {', '.join(methods)}): {args.more_seeds}")
     return args.seeds + [int(s) for m, seeds in extra if m == method for s in seeds.split(",")
                          if int(s) not in args.seeds]
 
 
-def train_all(args: Args) -> dict:
+def train_all(args: Args, methods: dict = METHODS) -> dict:
+    """Every method of args.methods (names in `methods`: name -> (script, flags)) for each of its seeds."""
     # a run that already finished (its summary.json exists) is kept: the study can be extended or resumed
-    jobs = [(m, s) for m in args.methods for s in seeds_of(args, m)
+    jobs = [(m, s) for m in args.methods for s in seeds_of(args, m, methods)
             if not (run_dir(args, m, s) / "summary.json").exists()]
     procs, done = {}, {}
     while jobs or procs:
         while jobs and len(procs) < args.parallel:
             method, seed = jobs.pop(0)
-            script, flags = METHODS[method]
+            script, flags = methods[method]
             name = f"{method.replace(' ', '_')}__seed{seed}"
             cmd = [sys.executable, script, *flags, "--seed", str(seed), "--run_name", name, "--output_dir",
                    args.output_dir, "--num_iterations", str(args.iterations), "--prompts_per_iteration",

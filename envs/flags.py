@@ -57,6 +57,10 @@ class EnvArgs:
     counted as charts/reward_truncated)"""
     dataset_format: Literal["auto", "messages", "ultrainteract", "hh", "education"] = "auto"
     """chat: format of the dataset files (auto = detected per record); a path `hf:NAME[:SPLIT]` loads from the hub"""
+    tutor_judge: Literal["reward", "majority"] = "reward"
+    """tutor: the judge of two conversations. 'reward': sigmoid(4 (r(a) - r(b))) on the lessons learned; 'majority':
+    a vote of three criteria (more lessons, fewer questions, an earlier first lesson) that cycles, so no reward
+    represents it; the reward is then the judge's Bradley-Terry reward (envs/tutor_judge.py, docs/mtpo.md)"""
     bad_records: Literal["skip", "error"] = "skip"
     """chat: dataset records that do not parse (roles out of order, missing fields): skip and count, or stop"""
     max_dialogue_tokens: Optional[int] = None
@@ -92,6 +96,8 @@ def make_env_from_args(args: EnvArgs, max_turns: int, device: str, dtype=torch.f
     A 'module:ClassName' --env is built by its class's `Environment.from_flags`, which reads the flags it wants."""
     set_chat_templates(args)
     if ":" in args.env or args.env in NAMED_ENVIRONMENTS:
+        if args.tutor_judge != "reward":
+            raise ValueError(f"--tutor_judge is the tutor task's: --env {args.env} has its own judge")
         cls = environment_class(NAMED_ENVIRONMENTS.get(args.env, args.env))
         env = cls.from_flags(args, max_turns=max_turns, tokenizer=tokenizer, device=device, dtype=dtype, **extra)
         if not isinstance(env, sim.Environment):
@@ -142,7 +148,8 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
              dataset_format: str = "auto", bad_records: str = "skip", max_dialogue_tokens: Optional[int] = None,
              tokenizer=None, reward_device: Optional[str] = None, user_device: Optional[str] = None,
              reward_max_length: int = 4096, user_max_concurrency: int = 32, user_timeout: float = 120.0,
-             user_retries: int = 3, user_max_new_tokens: int = 128) -> sim.Environment:
+             user_retries: int = 3, user_max_new_tokens: int = 128,
+             tutor_judge: str = "reward") -> sim.Environment:
     """The environment named by the scripts' flags (`EnvArgs` documents each). The user: --user_model
     in-process, or served at --user_api_base (an OpenAI-compatible endpoint), or, with neither, the dataset's
     pre-sampled questions. Education Dialogue records make the user a student who knows the record's hidden
@@ -156,7 +163,13 @@ def make_env(env: str = "tutor", prompts_path: Optional[str] = None, user_model:
         if ignored:  # else a run meant for a chat model's user or reward would train on the tutor, silently
             raise ValueError(f"--env tutor has its own prompts, user and reward: {', '.join(ignored)} would be "
                              f"ignored (pass --env chat to use them)")
+        if tutor_judge == "majority":
+            from envs.tutor_judge import MajorityTutorEnv  # exact machinery, loaded only when asked for
+
+            return MajorityTutorEnv(TutorRules(max_turns=max_turns))
         return TutorEnv(TutorRules(max_turns=max_turns))
+    if tutor_judge != "reward":
+        raise ValueError(f"--tutor_judge is the tutor task's: --env {env} has its own judge")
     if env != "chat":
         raise ValueError(f"unknown env {env!r}: expected 'tutor', 'chat' or 'module:ClassName' (an Environment "
                          f"subclass of your own: docs/your_environment.md)")

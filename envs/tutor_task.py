@@ -172,6 +172,9 @@ class TutorEnv(sim.Environment):
                                                if m["role"] == "assistant"] for c in convs]))
         return out
 
+    def scripted_policies(self):
+        return {"reference": lambda contexts, rng: self.reference_dialogues(contexts, rng)}
+
     def reference_dialogues(self, n_or_contexts, rng: np.random.Generator, n_turns: Optional[int] = None) -> list:
         """Full dialogues of the scripted reference teacher from n new contexts (or the given ones)."""
         ctx = self.contexts(n_or_contexts, "offline", rng) if isinstance(n_or_contexts, int) else n_or_contexts

@@ -380,13 +380,16 @@ def test_checkpoint_resume_and_loadable_policy(tmp_path, base_policy):
 
 def test_rlhf_with_a_learned_reward_runs_end_to_end(tmp_path, base_policy):
     """--variant rlhf --reward learned: r_phi is fitted on mu's pairs, logged at step 0, optimised in place of the
-    environment's reward (whose value is still logged), saved with the run, and reloaded, not refitted, on resume."""
+    environment's reward (whose value is still logged), saved with the run, and reloaded, not refitted, on resume.
+    Here on the tutor judged by the panel (--tutor_judge majority), whose preference no reward represents: r_phi's
+    accuracy on it is measured and logged."""
     learned = ["--variant", "rlhf", "--reward", "learned", "--rm_pairs", "64", "--rm_epochs", "1",
-               "--run_name", "rmrl", "--save_every", "1", *TINY]
+               "--run_name", "rmrl", "--save_every", "1", "--tutor_judge", "majority", *TINY]
     out = run([*learned, "--num_iterations", "2"], tmp_path)
     assert "reward model:" in out.stdout + out.stderr
     rows = [json.loads(line) for line in (tmp_path / "rmrl" / "metrics.jsonl").read_text().splitlines()]
-    assert 0 <= rows[0]["reward_model/heldout_accuracy"] <= 1 and rows[0]["reward_model/train_pairs"] == 51
+    assert 0 <= rows[0]["reward_model/heldout_accuracy"] <= rows[0]["reward_model/heldout_accuracy_ceiling"] <= 1
+    assert rows[0]["reward_model/train_pairs"] == 51 and "eval/asks" in rows[-1]  # the panel's criteria logged
     assert "charts/true_reward" in rows[1] and "eval/rm_reward" in rows[-1]
     s = summary(tmp_path, "rmrl")
     assert s["reward"] == "learned" and s["iterations"] == 2 and s["reward_model_ranks_in_sync"]
