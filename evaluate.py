@@ -308,34 +308,33 @@ def evaluate(args: Args) -> dict:
     ref_convs = play(ref_model, ref_tok, env, contexts, np.random.default_rng(args.seed + 1), **play_kw)
     v_star = env.optimal_value()  # None where the task has no exact optimum
     rows, all_convs = [], []
-    for k, (name, path) in enumerate(zip(names, args.policies)):
+
+    def add_row(name, policy, convs, draw, t0, kl=None, kl_se=None):
+        wins = judge_turns(judge, convs, ref_convs, env, np.random.default_rng([args.seed, draw, 100]))
+        reward = float(env.reward(convs).mean())
+        rows.append(dict(name=name, policy=policy, win_rate=win_rates(wins), reward=reward,
+                         fraction_of_v_star=reward / v_star if v_star else None, kl=kl, kl_stderr=kl_se,
+                         seconds=time.time() - t0, metrics=env.dialogue_metrics(convs)))
+        all_convs.append(convs)
+
+    for name, path in zip(names, args.policies):
         t0 = time.time()
         model, tok = load_any_policy(path, dtype, device)
         draw = zlib.crc32(name.encode())  # a policy's sampling follows its name, not its place in the list
         torch.manual_seed(args.seed + 2 + draw)
         convs = play(model, tok, env, contexts, np.random.default_rng([args.seed, draw, 2]), **play_kw)
-        wins = judge_turns(judge, convs, ref_convs, env, np.random.default_rng([args.seed, draw, 100]))
-        reward = float(env.reward(convs).mean())
         kl = kl_se = None
         if tok.get_vocab() == ref_tok.get_vocab():  # the KL needs a shared token space
             budget = dict(max_tokens_per_batch=args.max_tokens_per_batch)
             kl, kl_se = kl_estimate(dialogue_logprobs(model, tok, convs, env.max_turns, args.temperature, **budget),
                                     dialogue_logprobs(ref_model, ref_tok, convs, env.max_turns, args.temperature,
                                                       **budget))
-        rows.append(dict(name=name, policy=path, win_rate=win_rates(wins), reward=reward,
-                         fraction_of_v_star=reward / v_star if v_star else None, kl=kl, kl_stderr=kl_se,
-                         seconds=time.time() - t0, metrics=env.dialogue_metrics(convs)))
-        all_convs.append(convs)
+        add_row(name, path, convs, draw, t0, kl, kl_se)
         del model
-    for name in args.scripted:
-        draw = zlib.crc32(name.encode())
-        convs = scripted[name](contexts, np.random.default_rng([args.seed, draw, 2]))
-        wins = judge_turns(judge, convs, ref_convs, env, np.random.default_rng([args.seed, draw, 100]))
-        reward = float(env.reward(convs).mean())
-        rows.append(dict(name=name, policy=f"scripted {name}", win_rate=win_rates(wins), reward=reward,
-                         fraction_of_v_star=reward / v_star if v_star else None, kl=None, kl_stderr=None,
-                         metrics=env.dialogue_metrics(convs)))
-        all_convs.append(convs)
+    for name in args.scripted:  # played by the environment's code: no token space, no KL
+        t0, draw = time.time(), zlib.crc32(name.encode())
+        add_row(name, f"scripted {name}", scripted[name](contexts, np.random.default_rng([args.seed, draw, 2])), draw,
+                t0)
     names = [*names, *args.scripted]
     ref_reward = float(env.reward(ref_convs).mean())
     out = {"rows": rows, "reference": args.reference, "reference_reward": ref_reward, "judge": args.judge,

@@ -27,7 +27,7 @@ import tyro
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ("--env gift --max_turns 2 --max_new_tokens 32 --temperature 0.7 --prompts_per_iteration 16 "
           "--num_eval 64 --eval_every 5 --num_iterations 1000")
-RUN_FLAGS = {  # on top of COMMON; the time budget ends each run
+RUN_FLAGS = {  # on top of COMMON; the time budget ends each run (measured on seed 1 for mtpo.py and iterative_ppo.py)
     "refuel.py": "--minibatch_size 8 --num_epochs 1 --bf16 True --lr 2e-5",
     "mtpo.py": "--bf16 True --lr 2e-5",
     "iterative_ppo.py": "--bf16 True --lr 2e-5",
