@@ -141,13 +141,12 @@ def tables(args: Args, evals: dict, exact: dict) -> dict:
 def exact_figures() -> dict:
     from envs import tutor_judge as tj
 
-    rules = tj.TutorRules()
-    game, bt = tj.solve_game(rules), tj.BradleyTerryReward(rules)
-    nash = tj.mixture_distribution(game["dists"], game["weights"])
-    d_bt = tj.outcome_distribution(tj.Expectimax(lambda p, f: bt.of_criteria(f), rules).policy, rules)
-    ref = tj.outcome_distribution(tj.reference_teacher(rules), rules)
+    env = tj.MajorityTutorEnv()
+    nash = tj.solve_game(env.rules)["nash"]
+    d_bt = tj.outcome_distribution(env.bradley_terry_optimum.policy, env.rules)
+    ref = tj.outcome_distribution(tj.reference_teacher(env.rules), env.rules)
     return dict(bt_vs_nash=tj.policy_preference(d_bt, nash), ref_vs_nash=tj.policy_preference(ref, nash),
-                bt_accuracy=bt.accuracy)
+                bt_accuracy=env.bradley_terry.accuracy)
 
 
 def update_docs(text: str, readme: str) -> None:

@@ -254,19 +254,22 @@ def best_response(opponent: dict, rules: TutorRules = TutorRules()) -> Expectima
 def solve_game(rules: TutorRules = TutorRules(), tolerance: float = 1e-3, max_rounds: int = 20) -> dict:
     """Double oracle from FAMILY: the restricted game's Nash, the exact best response to it over all teachers, that
     teacher added, until the best response wins by at most `tolerance` (then no teacher beats the mixture by more).
-    Returns the teachers, their distributions, the Nash weights and the best response's P against it."""
+    Returns the teachers, their distributions, the Nash weights, the Nash's own distribution and the best response's
+    P against it."""
     names, teachers = list(FAMILY), list(FAMILY.values())
     dists = [outcome_distribution(t, rules) for t in teachers]
     for round_ in range(max_rounds):
         P = np.array([[policy_preference(a, b) for b in dists] for a in dists])
         weights = restricted_nash(P)
-        br = best_response(mixture_distribution(dists, weights), rules)
+        nash = mixture_distribution(dists, weights)
+        br = best_response(nash, rules)
         if br.value <= 0.5 + tolerance:
             break
         names.append(f"best response {round_ + 1}")
         teachers.append(br.policy)
         dists.append(outcome_distribution(br.policy, rules))
-    return dict(names=names, teachers=teachers, dists=dists, matrix=P, weights=weights, exploitability=br.value - 0.5)
+    return dict(names=names, teachers=teachers, dists=dists, matrix=P, weights=weights, nash=nash,
+                exploitability=br.value - 0.5)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -377,17 +380,17 @@ class MajorityTutorEnv(TutorEnv):
         super().__init__(rules, **kwargs)
         self.judge = MajorityJudge(rules.max_turns)
         self.bradley_terry = BradleyTerryReward(rules)
-        self._game = None
 
     def reward(self, convs):
         return self.bradley_terry(convs)
 
     @functools.cached_property
-    def _optimal_value(self) -> float:
-        return Expectimax(lambda p, f: self.bradley_terry.of_criteria(f), self.rules).value
+    def bradley_terry_optimum(self) -> Expectimax:
+        """The teacher maximising the Bradley-Terry reward over all teachers (V* and the scripted optimum)."""
+        return Expectimax(lambda p, f: self.bradley_terry.of_criteria(f), self.rules)
 
     def optimal_value(self) -> float:
-        return self._optimal_value
+        return self.bradley_terry_optimum.value
 
     def dialogue_metrics(self, convs):
         out = super().dialogue_metrics(convs)
@@ -396,29 +399,21 @@ class MajorityTutorEnv(TutorEnv):
                     "eval/first_lesson_turn": float(f[:, 2].mean())})
         return out
 
-    def game(self) -> dict:
-        """solve_game's result (about 10 s; once)."""
-        if self._game is None:
-            self._game = solve_game(self.rules)
-        return self._game
-
     def scripted_policies(self):
         def nash(contexts, rng):
-            g = self.game()
+            g = solve_game(self.rules)  # about 5 s, then cached
             return play_teachers(self, contexts, g["teachers"], g["weights"], rng)
 
         def bradley_terry_optimal(contexts, rng):
-            teacher = Expectimax(lambda p, f: self.bradley_terry.of_criteria(f), self.rules).policy
-            return play_teachers(self, contexts, [teacher], [1.0], rng)
+            return play_teachers(self, contexts, [self.bradley_terry_optimum.policy], [1.0], rng)
 
         return {**super().scripted_policies(), "nash": nash, "bradley_terry_optimal": bradley_terry_optimal}
 
 
 def main() -> None:
-    rules = TutorRules()
-    game = solve_game(rules)
-    bt = BradleyTerryReward(rules)
-    names = game["names"]
+    env = MajorityTutorEnv()
+    rules, game, bt = env.rules, solve_game(env.rules), env.bradley_terry
+    names, nash = game["names"], game["nash"]
     print("P(row > column) among the teachers of the double oracle:")
     for n, row in zip(names, game["matrix"]):
         print(f"  {n:24s} " + " ".join(f"{x:.3f}" for x in row))
@@ -426,8 +421,7 @@ def main() -> None:
           f"; the best response to it wins {0.5 + game['exploitability']:.4f}")
     print(f"Bradley-Terry weights (learned, -asks, -first) {np.round(bt.weights, 4)}, accuracy on the reference's "
           f"untied pairs {bt.accuracy:.4f}")
-    nash = mixture_distribution(game["dists"], game["weights"])
-    bt_best = Expectimax(lambda p, f: bt.of_criteria(f), rules)
+    bt_best = env.bradley_terry_optimum
     d_bt = outcome_distribution(bt_best.policy, rules)
     ref = outcome_distribution(reference_teacher(rules), rules)
     print(f"its accuracy on the Nash's own pairs {ranking_accuracy(bt.of_criteria, nash, nash):.4f}, on pairs of "

@@ -69,7 +69,7 @@ def test_exact_distributions_match_the_students_dialogues():
     student (envs.tutor_task.student_reply) agree: criteria means within 4 standard errors on 4000 dialogues."""
     env = tj.MajorityTutorEnv()
     rng = np.random.default_rng(0)
-    bt_best = tj.Expectimax(lambda p, f: env.bradley_terry.of_criteria(f), env.rules).policy
+    bt_best = env.bradley_terry_optimum.policy
     for teacher in (tj.FAMILY["ask once"], bt_best, tj.reference_teacher(env.rules)):
         exact = tj.outcome_distribution(teacher, env.rules)
         convs = tj.play_teachers(env, env.contexts(4000, "eval", rng), [teacher], [1.0], rng)
