@@ -40,7 +40,8 @@ import torch
 
 import simulator as sim
 from envs.tutor_task import (ASK, ASLEEP, BORED, CONFUSED, LEARNED, NAMED, NEUTRAL, NOT_SURE, STYLES, TEACH,
-                             TutorEnv, TutorRules, _obs_model, _reference_policy, lessons_learned, parse_teacher)
+                             TutorEnv, TutorRules, _obs_model, _reference_policy, belief_branches, lessons_learned,
+                             parse_teacher)
 
 ACTIONS = (-1, 0, 1, 2, 3, -2)  # ask, teach style 0..3, neither (the student is confused): every teacher turn's kind
 OTHER_TEXT = "hello ."  # what a scripted teacher says for "neither"
@@ -177,14 +178,8 @@ class Expectimax:
     @functools.lru_cache(maxsize=None)
     def _branches(self, belief: tuple, action: int) -> dict:
         """{observation: (probability, posterior)} after an action (the same for every criteria so far: cached)."""
-        obs = {}
-        for (s, p, left), b in zip(self.states, belief):
-            if b > 0:
-                for o, q, nxt in _observations(self.rules, s, left, action):
-                    post, tot = obs.setdefault(o, ([0.0] * len(self.states), [0.0]))
-                    post[self.states.index((s, p, nxt))] += b * q
-                    tot[0] += b * q
-        return {o: (tot[0], tuple(round(x / tot[0], 12) for x in post)) for o, (post, tot) in obs.items()}
+        return belief_branches(self.states, belief, lambda st: [(o, q, (st[0], st[1], left)) for o, q, left in
+                                                               _observations(self.rules, st[0], st[2], action)])
 
     @functools.lru_cache(maxsize=None)
     def _q(self, belief: tuple, t: int, learned: int, asks: int, first: int, action: int) -> float:

@@ -204,6 +204,19 @@ def _obs_model(rules: TutorRules, state: tuple, action: int) -> list:
     return [("learned", pl, nxt), ("bored", (1 - pl) * pb, nxt), ("neutral", (1 - pl) * (1 - pb), nxt)]
 
 
+def belief_branches(states: list, belief: tuple, transitions) -> dict:
+    """{observation: (probability, posterior belief)} of one teacher action: transitions(state) gives
+    [(observation, probability, next state)] (posteriors rounded to 12 digits, so equal beliefs cache as one)."""
+    obs = {}
+    for st, b in zip(states, belief):
+        if b > 0:
+            for o, p, nxt in transitions(st):
+                post, tot = obs.setdefault(o, ([0.0] * len(states), [0.0]))
+                post[states.index(nxt)] += b * p
+                tot[0] += b * p
+    return {o: (tot[0], tuple(round(x / tot[0], 12) for x in post)) for o, (post, tot) in obs.items()}
+
+
 def _reference_policy(rules: TutorRules, t: int, memory: tuple) -> dict:
     """Action distribution of the scripted reference at turn t; memory = (turn-1 named style, last action, obs)."""
     named, last_a, last_o = memory
@@ -231,18 +244,10 @@ def tutor_value(rules: TutorRules = TutorRules(), policy: str = "optimal") -> fl
             return 0.0
 
         def q(a):  # expected learned lessons from action a onwards
-            obs = {}
-            for (st, b) in zip(states, belief):
-                if b > 0:
-                    for o, p, nxt in _obs_model(rules, st, a):
-                        post, tot = obs.setdefault(o, ([0.0] * len(states), [0.0]))
-                        post[states.index(nxt)] += b * p
-                        tot[0] += b * p
             total = 0.0
-            for o, (post, tot) in obs.items():
-                nb = tuple(round(x / tot[0], 12) for x in post)
+            for o, (p_o, nb) in belief_branches(states, belief, lambda st: _obs_model(rules, st, a)).items():
                 named = int(o[5:]) if (t == 1 and o.startswith("named")) else memory[0]
-                total += tot[0] * ((o == "learned") + value(nb, t + 1, (named, a, o)))
+                total += p_o * ((o == "learned") + value(nb, t + 1, (named, a, o)))
             return total
 
         teach = range(len(STYLES))
